@@ -1,0 +1,43 @@
+# chatd — the two commands of the README, and the rest.
+#   make run    install into .venv and run chatd on the embedded defaults
+#   make test   install everything the tests need (system packages too) and run them all
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   ?= chatd-data
+
+.PHONY: run test venv venv-test system-deps lint format check-docs loadtest bench dist clean
+
+$(VENV)/.base: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.base
+venv-test: $(VENV)/.test
+
+run: venv
+	$(VENV)/bin/chatd serve --data-dir $(DATA) --log-format text
+
+system-deps:
+	./scripts/install-system-deps
+
+lint: venv-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv-test
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: system-deps venv-test lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

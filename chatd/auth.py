@@ -1,0 +1,89 @@
+"""Passwords (argon2id) and tokens (JWT, HS256 pinned).
+
+Both are CPU-bound and blocking; callers run them in worker threads.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from chatd.core.errors import Unauthorized
+from chatd.files import create_secret_file
+
+MIN_PASSWORD = 8
+MAX_PASSWORD = 1024
+_ALGORITHM = "HS256"
+_ISSUER = "chatd"
+
+
+class Passwords:
+    def __init__(self, hasher: PasswordHasher | None = None) -> None:
+        # argon2-cffi's defaults are RFC 9106's "low memory" argon2id profile.
+        self._hasher = hasher or PasswordHasher()
+        self._dummy = self._hasher.hash(secrets.token_hex(16))
+
+    def hash(self, password: str) -> str:
+        return self._hasher.hash(password)
+
+    def verify(self, password_hash: str | None, password: str) -> bool:
+        """Check a password. With no hash (unknown user) it still does the work,
+        so response times do not tell which usernames exist."""
+        try:
+            return self._hasher.verify(password_hash or self._dummy, password) and bool(
+                password_hash
+            )
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+
+@dataclass(frozen=True)
+class Claims:
+    user: str
+    expires_at: float
+
+
+class Tokens:
+    def __init__(self, secret: str, ttl_seconds: int) -> None:
+        if len(secret) < 16:
+            raise ValueError("the JWT secret must be at least 16 characters")
+        self._secret = secret
+        self.ttl = ttl_seconds
+
+    def __repr__(self) -> str:
+        return f"Tokens(ttl={self.ttl})"
+
+    def issue(self, user: str, now: float) -> str:
+        claims = {"sub": user, "iat": int(now), "exp": int(now) + self.ttl, "iss": _ISSUER}
+        return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
+
+    def verify(self, token: str) -> Claims:
+        """Raises Unauthorized for a bad, forged or expired token."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[_ALGORITHM],
+                issuer=_ISSUER,
+                options={"require": ["sub", "exp", "iat"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("token expired") from None
+        except jwt.InvalidTokenError:
+            raise Unauthorized("invalid token") from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str):
+            raise Unauthorized("invalid token")
+        return Claims(user=sub, expires_at=float(claims["exp"]))
+
+
+def load_or_create_secret(path: Path) -> str:
+    """The embedded-mode JWT secret: read it, or create it with mode 0600."""
+    if not path.exists():
+        create_secret_file(path, secrets.token_urlsafe(48) + "\n")
+    return path.read_text().strip()

@@ -1,0 +1,1 @@
+"""Broker implementations. Pick one through :mod:`chatd.wiring`."""

@@ -1,0 +1,267 @@
+"""One frozen configuration, from flags, then the environment, then defaults.
+
+Every setting is a row of :data:`SETTINGS`; the CLI flags, the environment
+names and ``docs/configuration.md`` all come from that table. An unknown
+``CHATD_*`` environment variable is an error (a typo must not silently fall
+back to a default); ``CHATD_TEST_*`` is left to the test suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says which setting and why."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    type: type
+    default: Any
+    env: tuple[str, ...]
+    help: str
+    flag: bool = True  # also a command-line flag (secrets are environment-only)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", str, "127.0.0.1", ("CHATD_HOST",), "Address both listeners bind to."),
+    Setting(
+        "http_port", int, 8080, ("CHATD_HTTP_PORT", "PORT"), "HTTP API port (0: any free port)."
+    ),
+    Setting(
+        "ws_port", int, 8081, ("CHATD_WS_PORT",), "WebSocket port, path /ws (0: any free port)."
+    ),
+    Setting(
+        "data_dir",
+        Path,
+        Path("chatd-data"),
+        ("CHATD_DATA_DIR",),
+        "Directory for the SQLite store and the generated secrets.",
+    ),
+    Setting(
+        "node_id",
+        str,
+        "",
+        ("CHATD_NODE_ID",),
+        "This replica's name, shown in 'ready' (default: <hostname>-<http port>).",
+    ),
+    Setting(
+        "store",
+        str,
+        "",
+        ("CHATD_STORE",),
+        "Store: sqlite or mongo (default: mongo when a Mongo URI is set, else sqlite).",
+    ),
+    Setting(
+        "broker",
+        str,
+        "",
+        ("CHATD_BROKER",),
+        "Broker: memory or redis (default: redis when a Redis URL is set, else memory).",
+    ),
+    Setting(
+        "redis_url", str, "", ("CHATD_REDIS_URL", "REDIS_URL"), "Redis URL for the redis broker."
+    ),
+    Setting(
+        "mongo_uri", str, "", ("CHATD_MONGO_URI", "MONGO_URI"), "MongoDB URI for the mongo store."
+    ),
+    Setting(
+        "jwt_secret",
+        str,
+        "",
+        ("CHATD_JWT_SECRET", "JWT_SECRET"),
+        "HS256 secret for tokens (default: generated into the data dir).",
+        flag=False,
+    ),
+    Setting("token_ttl", int, 3600, ("CHATD_TOKEN_TTL",), "Token lifetime in seconds."),
+    Setting(
+        "keys",
+        str,
+        "",
+        ("CHATD_KEYS",),
+        "Encryption keyring 'kid:base64key,...' (default: the key file).",
+        flag=False,
+    ),
+    Setting(
+        "active_key",
+        str,
+        "",
+        ("CHATD_ACTIVE_KEY",),
+        "Key id that seals new messages (default: the keyring's own choice).",
+        flag=False,
+    ),
+    Setting(
+        "key_file",
+        Path,
+        None,
+        ("CHATD_KEY_FILE",),
+        "Keyring file (default: <data dir>/keys.json, created on first run).",
+    ),
+    Setting(
+        "web_dir",
+        Path,
+        None,
+        ("CHATD_WEB_DIR",),
+        "Static web client served at / (default: the repository's web/).",
+    ),
+    Setting(
+        "rate",
+        float,
+        30.0,
+        ("CHATD_RATE",),
+        "Sends and typing frames per second per connection (0: unlimited).",
+    ),
+    Setting("burst", float, 60.0, ("CHATD_BURST",), "Frames a connection may send at once."),
+    Setting(
+        "auth_timeout",
+        float,
+        10.0,
+        ("CHATD_AUTH_TIMEOUT",),
+        "Seconds a new WebSocket has to send 'auth'.",
+    ),
+    Setting(
+        "shutdown_grace",
+        float,
+        5.0,
+        ("CHATD_SHUTDOWN_GRACE",),
+        "Seconds connections get to finish on SIGTERM/SIGINT.",
+    ),
+    Setting("log_level", str, "info", ("CHATD_LOG_LEVEL",), "debug, info, warning or error."),
+    Setting("log_format", str, "json", ("CHATD_LOG_FORMAT",), "json (one object a line) or text."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+_KNOWN_ENV = {name for s in SETTINGS for name in s.env if name.startswith("CHATD_")}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    ws_port: int = 8081
+    data_dir: Path = Path("chatd-data")
+    node_id: str = ""
+    store: str = ""
+    broker: str = ""
+    redis_url: str = ""
+    mongo_uri: str = ""
+    jwt_secret: str = dataclasses.field(default="", repr=False)
+    token_ttl: int = 3600
+    keys: str = dataclasses.field(default="", repr=False)
+    active_key: str = ""
+    key_file: Path | None = None
+    web_dir: Path | None = None
+    public_ws_url: str = ""
+    rate: float = 30.0
+    burst: float = 60.0
+    auth_timeout: float = 10.0
+    shutdown_grace: float = 5.0
+    log_level: str = "info"
+    log_format: str = "json"
+
+    @property
+    def store_kind(self) -> str:
+        return self.store or ("mongo" if self.mongo_uri else "sqlite")
+
+    @property
+    def broker_kind(self) -> str:
+        return self.broker or ("redis" if self.redis_url else "memory")
+
+    @property
+    def node(self) -> str:
+        return self.node_id or f"{socket.gethostname()}-{self.http_port}"
+
+    @property
+    def key_path(self) -> Path:
+        return self.key_file or self.data_dir / "keys.json"
+
+    @property
+    def secret_path(self) -> Path:
+        return self.data_dir / "jwt.secret"
+
+
+def _convert(setting: Setting, raw: Any, source: str) -> Any:
+    if raw is None:
+        return None
+    try:
+        if setting.type is Path:
+            return Path(raw) if str(raw) else None
+        if setting.type is int:
+            return int(raw)
+        if setting.type is float:
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: '{raw}' is not a valid {setting.type.__name__}") from None
+
+
+def load(env: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> Config:
+    """Build the config: a flag beats the environment, which beats the default.
+
+    Raises ConfigError for unknown CHATD_* variables, unknown flag names and
+    invalid values.
+    """
+    flags = dict(flags or {})
+    unknown_env = sorted(
+        k
+        for k in env
+        if k.startswith("CHATD_") and not k.startswith("CHATD_TEST_") and k not in _KNOWN_ENV
+    )
+    if unknown_env:
+        raise ConfigError(f"unknown setting(s) in the environment: {', '.join(unknown_env)}")
+    unknown_flags = sorted(k for k in flags if k not in _BY_NAME)
+    if unknown_flags:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown_flags)}")
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value = setting.default
+        for name in reversed(setting.env):  # the first name listed wins
+            if env.get(name, "") != "":
+                value = _convert(setting, env[name], name)
+        if flags.get(setting.name) is not None:
+            value = _convert(setting, flags[setting.name], "--" + setting.name.replace("_", "-"))
+        values[setting.name] = value
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    for name in ("http_port", "ws_port"):
+        port = getattr(config, name)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{name}: {port} is not a port number")
+    if config.http_port and config.http_port == config.ws_port:
+        raise ConfigError("http_port and ws_port must differ")
+    if config.token_ttl < 10:
+        raise ConfigError("token_ttl must be at least 10 seconds")
+    if config.log_level not in _LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+    if config.log_format not in ("json", "text"):
+        raise ConfigError("log_format must be json or text")
+    if config.rate < 0 or config.burst < 1:
+        raise ConfigError("rate must be >= 0 and burst >= 1")
+    if config.auth_timeout <= 0 or config.shutdown_grace < 0:
+        raise ConfigError("auth_timeout must be > 0 and shutdown_grace >= 0")
+    if config.jwt_secret and len(config.jwt_secret) < 16:
+        raise ConfigError("JWT secret must be at least 16 characters")
+
+
+def settings_table() -> str:
+    """The configuration table in Markdown (docs/configuration.md embeds it)."""
+    lines = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        flag = "--" + s.name.replace("_", "-") if s.flag else "(environment only)"
+        default = "" if s.default in (None, "") else str(s.default)
+        env = ", ".join(f"`{e}`" for e in s.env)
+        lines.append(f"| `{flag}` | {env} | {default or '—'} | {s.help} |")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""What travels through the broker: compact JSON strings, bodies still sealed.
+
+The broker never sees a plaintext body: a message envelope carries the same
+AES-GCM ciphertext the store holds, and the replica that hands it to a
+socket opens it. Receipts, typing and presence carry no body at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+
+from chatd.core.model import Receipt, Sealed, Status, StoredMessage
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnvelope:
+    message: StoredMessage
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptEnvelope:
+    receipt: Receipt
+
+
+@dataclass(frozen=True, slots=True)
+class TypingEnvelope:
+    conversation: str
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEnvelope:
+    user: str
+    online: bool
+    last_seen: int | None
+
+
+Envelope = MessageEnvelope | ReceiptEnvelope | TypingEnvelope | PresenceEnvelope
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def encode(env: Envelope) -> str:
+    match env:
+        case MessageEnvelope(message=m):
+            obj = {
+                "k": "m",
+                "id": m.id,
+                "c": m.conversation,
+                "q": m.seq,
+                "f": m.sender,
+                "t": m.ts,
+                "kid": m.body.key_id,
+                "n": _b64(m.body.nonce),
+                "x": _b64(m.body.ciphertext),
+            }
+        case ReceiptEnvelope(receipt=r):
+            obj = {
+                "k": "r",
+                "id": r.message_id,
+                "c": r.conversation,
+                "f": r.sender,
+                "by": r.member,
+                "s": r.status.value,
+                "t": r.ts,
+            }
+        case TypingEnvelope():
+            obj = {"k": "t", "c": env.conversation, "f": env.sender}
+        case PresenceEnvelope():
+            obj = {"k": "p", "u": env.user, "on": env.online, "ls": env.last_seen}
+        case _:
+            raise TypeError(f"not an envelope: {env!r}")
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def decode(payload: str | bytes) -> Envelope:
+    """Decode a broker payload; raises ValueError when it is not one."""
+    try:
+        obj = json.loads(payload)
+        kind = obj["k"]
+        if kind == "m":
+            return MessageEnvelope(
+                StoredMessage(
+                    id=obj["id"],
+                    conversation=obj["c"],
+                    seq=int(obj["q"]),
+                    sender=obj["f"],
+                    ts=int(obj["t"]),
+                    body=Sealed(
+                        key_id=obj["kid"],
+                        nonce=base64.b64decode(obj["n"]),
+                        ciphertext=base64.b64decode(obj["x"]),
+                    ),
+                )
+            )
+        if kind == "r":
+            return ReceiptEnvelope(
+                Receipt(
+                    message_id=obj["id"],
+                    conversation=obj["c"],
+                    sender=obj["f"],
+                    member=obj["by"],
+                    status=Status(obj["s"]),
+                    ts=int(obj["t"]),
+                )
+            )
+        if kind == "t":
+            return TypingEnvelope(conversation=obj["c"], sender=obj["f"])
+        if kind == "p":
+            return PresenceEnvelope(user=obj["u"], online=bool(obj["on"]), last_seen=obj["ls"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a broker envelope: {exc}") from None
+    raise ValueError(f"unknown envelope kind {kind!r}")

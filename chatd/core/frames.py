@@ -1,0 +1,239 @@
+"""Wire frames: parse what a client sends, build what the server sends.
+
+Parsing is done once, here, into small frozen dataclasses; everything after
+this module works with those. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from chatd.core.errors import BadRequest, TooLarge
+from chatd.core.names import check_cid
+
+MAX_FRAME_BYTES = 64 * 1024
+MAX_BODY_CHARS = 4000
+MAX_IDS_PER_FRAME = 1000
+MAX_ID_LEN = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    cid: str
+    body: str
+    to: str | None = None
+    conversation: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    ids: tuple[str, ...] = ()
+    receipts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    conversation: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+ClientFrame = Auth | Send | Ack | Seen | Typing | Ping
+
+
+def frame_size(raw: str | bytes) -> int:
+    """Size of a frame in bytes on the wire (UTF-8 for text)."""
+    if isinstance(raw, bytes):
+        return len(raw)
+    if len(raw) * 4 <= MAX_FRAME_BYTES:
+        return len(raw)  # cannot be over the limit; skip the encode
+    return len(raw.encode("utf-8", "surrogatepass"))
+
+
+def _str(obj: dict[str, Any], key: str, *, cid: str | None = None) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise BadRequest(f"'{key}' must be a string", cid=cid)
+    return value
+
+
+def _ids(obj: dict[str, Any], key: str, *, required: bool) -> tuple[str, ...]:
+    if key not in obj or (obj[key] is None and not required):
+        if required:
+            raise BadRequest(f"'{key}' is required")
+        return ()
+    value = obj[key]
+    if not isinstance(value, list):
+        raise BadRequest(f"'{key}' must be a list of strings")
+    if len(value) > MAX_IDS_PER_FRAME:
+        raise TooLarge(f"'{key}' holds more than {MAX_IDS_PER_FRAME} ids")
+    for item in value:
+        if not isinstance(item, str) or not 1 <= len(item) <= MAX_ID_LEN:
+            raise BadRequest(f"'{key}' must be a list of non-empty strings")
+    # Keep the order, drop repeats: a client may list an id twice.
+    return tuple(dict.fromkeys(value))
+
+
+def parse_client_frame(raw: str | bytes) -> ClientFrame:
+    """Parse one client frame; raises :class:`BadRequest` or :class:`TooLarge`.
+
+    The raised error carries the frame's ``cid`` when one could be read, so
+    the client knows which message was refused.
+    """
+    if isinstance(raw, bytes):
+        raise BadRequest("binary frames are not accepted; send JSON text frames")
+    if frame_size(raw) > MAX_FRAME_BYTES:
+        raise TooLarge(f"frame is over {MAX_FRAME_BYTES} bytes")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("frame must be a JSON object")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise BadRequest("frame has no 'type'")
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise BadRequest(f"unknown frame type '{kind[:32]}'")
+    return parser(obj)
+
+
+def _parse_auth(obj: dict[str, Any]) -> Auth:
+    token = _str(obj, "token")
+    if not token:
+        raise BadRequest("'token' must not be empty")
+    return Auth(token=token)
+
+
+def _parse_send(obj: dict[str, Any]) -> Send:
+    raw_cid = obj.get("cid")
+    cid = raw_cid if isinstance(raw_cid, str) and 1 <= len(raw_cid) <= 64 else None
+    try:
+        cid = check_cid(raw_cid)
+    except BadRequest as exc:
+        raise exc.with_cid(cid) from None
+    body = _str(obj, "body", cid=cid)
+    if len(body) > MAX_BODY_CHARS:
+        raise TooLarge(f"body is over {MAX_BODY_CHARS} characters", cid=cid)
+    if not body.strip():
+        raise BadRequest("body must not be empty", cid=cid)
+    to = obj.get("to")
+    conversation = obj.get("conversation")
+    if (to is None) == (conversation is None):
+        raise BadRequest("send needs exactly one of 'to' or 'conversation'", cid=cid)
+    if to is not None and not isinstance(to, str):
+        raise BadRequest("'to' must be a username", cid=cid)
+    if conversation is not None and not isinstance(conversation, str):
+        raise BadRequest("'conversation' must be a conversation id", cid=cid)
+    return Send(cid=cid, body=body, to=to, conversation=conversation)
+
+
+def _parse_ack(obj: dict[str, Any]) -> Ack:
+    return Ack(ids=_ids(obj, "ids", required=False), receipts=_ids(obj, "receipts", required=False))
+
+
+def _parse_seen(obj: dict[str, Any]) -> Seen:
+    return Seen(ids=_ids(obj, "ids", required=True))
+
+
+def _parse_typing(obj: dict[str, Any]) -> Typing:
+    return Typing(conversation=_str(obj, "conversation"))
+
+
+def _parse_ping(obj: dict[str, Any]) -> Ping:
+    return Ping()
+
+
+_PARSERS = {
+    "auth": _parse_auth,
+    "send": _parse_send,
+    "ack": _parse_ack,
+    "seen": _parse_seen,
+    "typing": _parse_typing,
+    "ping": _parse_ping,
+}
+
+
+# --- server frames ------------------------------------------------------------
+# Built as dicts; ``encode`` turns one into the text frame.
+
+
+def encode(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+def ready(user: str, node: str) -> dict[str, Any]:
+    return {"type": "ready", "user": user, "node": node}
+
+
+def sent(cid: str, id: str, conversation: str, seq: int, ts: int) -> dict[str, Any]:
+    return {
+        "type": "sent",
+        "cid": cid,
+        "id": id,
+        "conversation": conversation,
+        "seq": seq,
+        "ts": ts,
+    }
+
+
+def message(
+    id: str, conversation: str, seq: int, sender: str, body: str, ts: int
+) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "id": id,
+        "conversation": conversation,
+        "seq": seq,
+        "from": sender,
+        "body": body,
+        "ts": ts,
+    }
+
+
+def receipt(rid: str, id: str, conversation: str, status: str, by: str, ts: int) -> dict[str, Any]:
+    return {
+        "type": "receipt",
+        "rid": rid,
+        "id": id,
+        "conversation": conversation,
+        "status": status,
+        "by": by,
+        "ts": ts,
+    }
+
+
+def typing(conversation: str, sender: str) -> dict[str, Any]:
+    return {"type": "typing", "conversation": conversation, "from": sender}
+
+
+def presence(user: str, online: bool, last_seen: int | None) -> dict[str, Any]:
+    return {"type": "presence", "user": user, "online": online, "last_seen": last_seen}
+
+
+def pong() -> dict[str, Any]:
+    return {"type": "pong"}
+
+
+def error(code: str, message: str, cid: str | None = None, **extra: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if cid is not None:
+        frame["cid"] = cid
+    frame.update(extra)
+    return frame

@@ -1,0 +1,113 @@
+"""The local connection registry of one node, and how broker payloads become
+frames for devices.
+
+The broker calls :meth:`Hub.dispatch` for every item addressed to a user
+with a connection here; the hub renders the payload once (opening sealed
+bodies with the keyring) and offers it to each of that user's connections.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from chatd import crypto
+from chatd.core import frames
+from chatd.core.delivery import message_order, receipt_order, rid
+from chatd.core.envelope import (
+    Envelope,
+    MessageEnvelope,
+    PresenceEnvelope,
+    ReceiptEnvelope,
+    TypingEnvelope,
+    decode,
+)
+from chatd.core.session import Outbound
+from chatd.ports import Inbound
+
+log = logging.getLogger("chatd.hub")
+
+
+class Connection(Protocol):
+    id: str
+    user: str | None
+
+    def offer(self, item: Outbound) -> None:
+        """Take a live item; must not block (a full connection closes itself)."""
+        ...
+
+    def close_soon(self, code: int, reason: str) -> None: ...
+
+
+def render(env: Envelope, keyring: crypto.Keyring, owed: bool) -> Outbound | None:
+    """The frame a device gets for an envelope; None if it cannot be opened."""
+    match env:
+        case MessageEnvelope(message=m):
+            try:
+                body = keyring.open(m.body, m.id, m.conversation)
+            except crypto.KeyringError as exc:
+                # An operator problem (a key missing from the keyring); the
+                # message stays owed and is offered again once the key is back.
+                log.error("cannot open message body", extra={"id": m.id, "reason": str(exc)})
+                return None
+            text = frames.encode(frames.message(m.id, m.conversation, m.seq, m.sender, body, m.ts))
+            return Outbound(text, m.id if owed else None, message_order(m.conversation, m.seq))
+        case ReceiptEnvelope(receipt=r):
+            receipt_id = rid(r.message_id, r.member, r.status)
+            frame = frames.receipt(
+                receipt_id, r.message_id, r.conversation, r.status.value, r.member, r.ts
+            )
+            return Outbound(
+                frames.encode(frame), receipt_id if owed else None, receipt_order(r.ts, receipt_id)
+            )
+        case TypingEnvelope():
+            return Outbound(frames.encode(frames.typing(env.conversation, env.sender)))
+        case PresenceEnvelope():
+            return Outbound(frames.encode(frames.presence(env.user, env.online, env.last_seen)))
+    return None
+
+
+class Hub:
+    def __init__(self, keyring: crypto.Keyring) -> None:
+        self.keyring = keyring
+        self._by_user: dict[str, dict[str, Connection]] = {}
+
+    def add(self, conn: Connection) -> None:
+        assert conn.user is not None
+        self._by_user.setdefault(conn.user, {})[conn.id] = conn
+
+    def remove(self, conn: Connection) -> None:
+        if conn.user is None:
+            return
+        conns = self._by_user.get(conn.user)
+        if conns is not None:
+            conns.pop(conn.id, None)
+            if not conns:
+                del self._by_user[conn.user]
+
+    def connections(self, user: str) -> list[Connection]:
+        return list(self._by_user.get(user, {}).values())
+
+    def all(self) -> list[Connection]:
+        return [c for conns in self._by_user.values() for c in conns.values()]
+
+    def count(self) -> int:
+        return sum(len(c) for c in self._by_user.values())
+
+    def dispatch(self, item: Inbound) -> None:
+        conns = self._by_user.get(item.user)
+        if not conns:
+            return
+        targets = [c for c in conns.values() if c.id != item.exclude]
+        if not targets:
+            return
+        try:
+            env = decode(item.payload)
+        except ValueError as exc:
+            log.error("dropping an undecodable broker payload", extra={"reason": str(exc)})
+            return
+        out = render(env, self.keyring, item.owed)
+        if out is None:
+            return
+        for conn in targets:
+            conn.offer(out)

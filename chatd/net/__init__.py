@@ -1,0 +1,1 @@
+"""Thin I/O adapters: WebSocket (trio-websocket) and HTTP (Starlette on hypercorn)."""

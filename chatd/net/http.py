@@ -1,0 +1,192 @@
+"""The HTTP adapter: a small Starlette app served by hypercorn's trio worker.
+
+Every route is a thin shell: read the request, call the service, shape the
+JSON. Every error, including unknown routes and wrong methods, answers
+``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from chatd import __version__
+from chatd.core.errors import BadRequest, ChatError, TooLarge, Unauthorized
+from chatd.service import ChatService
+
+log = logging.getLogger("chatd.http")
+
+MAX_BODY = 64 * 1024
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+
+
+async def _chat_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ChatError)
+    return error_response(exc.http_status, exc.code, exc.message)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "internal" if exc.status_code >= 500 else "bad_request")
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
+async def _crash(request: Request, exc: Exception) -> Response:
+    log.error("request failed", exc_info=exc, extra={"path": request.url.path})
+    return error_response(500, "internal", "internal error")
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+        raise TooLarge(f"request body is over {MAX_BODY} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise TooLarge(f"request body is over {MAX_BODY} bytes")
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        raise BadRequest("request body must be JSON") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("request body must be a JSON object")
+    return obj
+
+
+def _int_param(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadRequest(f"'{name}' must be an integer") from None
+
+
+def create_app(
+    service: ChatService,
+    *,
+    web_dir: Path | None,
+    http_port: int,
+    ws_port: int,
+    public_ws_url: str | None = None,
+) -> Starlette:
+    async def caller(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing bearer token")
+        user, _ = await service.authenticate(token.strip())
+        return user
+
+    async def register(request: Request) -> Response:
+        body = await _json(request)
+        name = await service.register(body.get("username"), body.get("password"))
+        return JSONResponse({"username": name}, 201)
+
+    async def login(request: Request) -> Response:
+        body = await _json(request)
+        token, ttl = await service.login(body.get("username"), body.get("password"))
+        return JSONResponse({"token": token, "expires_in": ttl})
+
+    async def conversations(request: Request) -> Response:
+        user = await caller(request)
+        if request.method == "POST":
+            body = await _json(request)
+            conv = await service.create_group(user, body.get("members"), body.get("title"))
+            return JSONResponse(
+                {
+                    "id": conv.id,
+                    "kind": conv.kind,
+                    "members": list(conv.members),
+                    "title": conv.title,
+                },
+                201,
+            )
+        return JSONResponse({"conversations": await service.conversations(user)})
+
+    async def messages(request: Request) -> Response:
+        user = await caller(request)
+        out = await service.history(
+            user,
+            request.path_params["id"],
+            _int_param(request, "before"),
+            _int_param(request, "limit"),
+        )
+        return JSONResponse({"messages": out})
+
+    async def user_info(request: Request) -> Response:
+        user = await caller(request)
+        return JSONResponse(await service.user_info(user, request.path_params["name"]))
+
+    async def info(request: Request) -> Response:
+        # How the web client finds the WebSocket: ``ws_url`` when the operator
+        # set one (behind a proxy: "/ws"); otherwise the page compares its own
+        # port with ``http_port`` to tell a direct visit from a proxied one.
+        return JSONResponse(
+            {
+                "node": service.node,
+                "version": __version__,
+                "http_port": http_port,
+                "ws_port": ws_port,
+                "ws_path": "/ws",
+                "ws_url": public_ws_url or None,
+            }
+        )
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "node": service.node})
+
+    async def readyz(request: Request) -> Response:
+        ready = await service.readiness()
+        return JSONResponse(
+            {"status": "ready" if ready.ok else "unavailable", "checks": ready.checks},
+            200 if ready.ok else 503,
+        )
+
+    routes: list[Any] = [
+        Route("/api/register", register, methods=["POST"]),
+        Route("/api/login", login, methods=["POST"]),
+        Route("/api/conversations", conversations, methods=["GET", "POST"]),
+        Route("/api/conversations/{id}/messages", messages, methods=["GET"]),
+        Route("/api/users/{name}", user_info, methods=["GET"]),
+        Route("/api/info", info, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]
+    if web_dir is not None and (web_dir / "index.html").is_file():
+        routes.append(Mount("/", StaticFiles(directory=web_dir, html=True), name="web"))
+
+    return Starlette(
+        routes=routes,
+        exception_handlers={
+            ChatError: _chat_error,
+            HTTPException: _http_error,
+            Exception: _crash,
+        },
+    )

@@ -1,0 +1,470 @@
+"""The chat service: one place where a request meets the rules and the ports.
+
+Both adapters (HTTP in :mod:`chatd.net.http`, WebSocket in :mod:`chatd.net.ws`)
+call into :class:`ChatService`; it applies the core rules, talks to the
+store and the broker, and never touches a socket. Follow one message:
+:meth:`ChatService.send` → store (group-committed) → ``sent`` to the
+sender → :meth:`Broker.route` → :meth:`Hub.dispatch` on every node holding
+a recipient → the recipient's connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from chatd import crypto
+from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Passwords, Tokens
+from chatd.batching import Batcher
+from chatd.core import frames
+from chatd.core.delivery import parse_rid, recipients, rid, settled_rids, target_of
+from chatd.core.envelope import (
+    MessageEnvelope,
+    PresenceEnvelope,
+    ReceiptEnvelope,
+    TypingEnvelope,
+    decode,
+    encode,
+)
+from chatd.core.errors import (
+    BadRequest,
+    ChatError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
+from chatd.core.ids import UlidFactory
+from chatd.core.model import (
+    Appended,
+    Conversation,
+    Mark,
+    MarkResult,
+    NewMessage,
+    Receipt,
+    ReceiptKey,
+    Status,
+    StoredMessage,
+    User,
+)
+from chatd.core.names import (
+    GROUP_PREFIX,
+    MAX_GROUP_MEMBERS,
+    MAX_TITLE,
+    is_conversation_id,
+    normalize_username,
+)
+from chatd.core.session import Outbound
+from chatd.hub import Connection, Hub, render
+from chatd.ports import Broker, Clock, Routed, Store
+
+log = logging.getLogger("chatd.service")
+
+#: How much of a backlog one ``ready`` offers at most; the rest stays owed and
+#: comes with the next connection (documented in docs/protocol.md).
+BACKLOG_LIMIT = 5000
+HISTORY_DEFAULT = 50
+HISTORY_MAX = 200
+
+
+class SystemClock:
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ok: bool
+    checks: dict[str, str]
+
+
+class ChatService:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        broker: Broker,
+        keyring: crypto.Keyring,
+        tokens: Tokens,
+        passwords: Passwords,
+        node: str,
+        clock: Clock | None = None,
+        cpu_threads: int = 2,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.keyring = keyring
+        self.tokens = tokens
+        self.passwords = passwords
+        self.node = node
+        self.clock = clock or SystemClock()
+        self.hub = Hub(keyring)
+        self.ids = UlidFactory(clock_ms=self.clock.now_ms)
+        # argon2 is CPU-bound: a small limiter keeps logins from starving the
+        # worker threads the store needs.
+        self._cpu = trio.CapacityLimiter(cpu_threads)
+        # Conversation membership never changes in protocol v1, so it is safe
+        # to cache; this saves a store round trip on every send and typing.
+        self._conversations: OrderedDict[str, Conversation] = OrderedDict()
+        self._conversation_cache = 10_000
+        self._append: Batcher[NewMessage, Appended] = Batcher("append", store.append)
+        self._mark: Batcher[Mark, MarkResult] = Batcher("mark", store.mark)
+        self._receipt_acks: Batcher[tuple[str, ReceiptKey], None] = Batcher(
+            "ack_receipts", store.ack_receipts
+        )
+        self._stop = trio.Event()
+        self.stopped = trio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the writers and the broker's delivery until :meth:`stop`.
+
+        On stop, the writers finish what is queued before returning, so every
+        ``send`` in flight is stored.
+        """
+        try:
+            async with trio.open_nursery() as outer:
+                await outer.start(self.broker.run, self.node, self.hub.dispatch)
+                async with trio.open_nursery() as writers:
+                    for batcher in (self._append, self._mark, self._receipt_acks):
+                        await writers.start(batcher.run)
+                    task_status.started()
+                    await self._stop.wait()
+                    for batcher in (self._append, self._mark, self._receipt_acks):
+                        batcher.close()
+                outer.cancel_scope.cancel()
+        finally:
+            self.stopped.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def readiness(self) -> Readiness:
+        checks: dict[str, str] = {}
+        for name, port in (("store", self.store), ("broker", self.broker)):
+            try:
+                with trio.fail_after(2):
+                    await port.ping()
+                checks[name] = "ok"
+            except (ChatError, trio.TooSlowError) as exc:
+                checks[name] = f"unavailable: {getattr(exc, 'message', 'timeout')}"
+        return Readiness(all(v == "ok" for v in checks.values()), checks)
+
+    # -- accounts --------------------------------------------------------------------
+
+    async def register(self, username: object, password: object) -> str:
+        name = normalize_username(username)
+        if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+            raise BadRequest(f"password must be {MIN_PASSWORD}-{MAX_PASSWORD} characters")
+        if await self.store.get_user(name) is not None:
+            raise Conflict(f"username '{name}' is taken")
+        pw_hash = await trio.to_thread.run_sync(self.passwords.hash, password, limiter=self._cpu)
+        await self.store.create_user(User(name, pw_hash, self.clock.now_ms()))
+        log.info("user registered", extra={"user": name})
+        return name
+
+    async def login(self, username: object, password: object) -> tuple[str, int]:
+        if not isinstance(username, str) or not isinstance(password, str):
+            raise BadRequest("username and password must be strings")
+        try:
+            name = normalize_username(username)
+        except BadRequest:
+            name = ""
+        user = await self.store.get_user(name) if name else None
+        ok = await trio.to_thread.run_sync(
+            self.passwords.verify,
+            user.password_hash if user else None,
+            password[:MAX_PASSWORD],
+            limiter=self._cpu,
+        )
+        if not ok or user is None or user.disabled:
+            raise Unauthorized("wrong username or password")
+        token = self.tokens.issue(user.username, self.clock.now_ms() / 1000)
+        return token, self.tokens.ttl
+
+    async def authenticate(self, token: str) -> tuple[str, float]:
+        """The user a token names, and when it expires (epoch seconds)."""
+        claims = self.tokens.verify(token)
+        user = await self.store.get_user(claims.user)
+        if user is None or user.disabled:
+            raise Unauthorized("unknown or disabled user")
+        return user.username, claims.expires_at
+
+    # -- conversations ---------------------------------------------------------------
+
+    def _remember(self, conv: Conversation) -> Conversation:
+        self._conversations[conv.id] = conv
+        self._conversations.move_to_end(conv.id)
+        while len(self._conversations) > self._conversation_cache:
+            self._conversations.popitem(last=False)
+        return conv
+
+    async def _conversation(self, id: str) -> Conversation | None:
+        conv = self._conversations.get(id)
+        if conv is None:
+            conv = await self.store.get_conversation(id)
+            if conv is not None:
+                self._remember(conv)
+        return conv
+
+    async def member_conversation(self, user: str, id: str, cid: str | None = None) -> Conversation:
+        """The conversation, if ``user`` is a member: NotFound / Forbidden otherwise."""
+        if not is_conversation_id(id):
+            raise NotFound("no such conversation", cid=cid)
+        conv = await self._conversation(id)
+        if conv is None:
+            raise NotFound("no such conversation", cid=cid)
+        if user not in conv.members:
+            raise Forbidden("not a member of this conversation", cid=cid)
+        return conv
+
+    async def conversations(self, user: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": s.id,
+                "kind": s.kind,
+                "title": s.title,
+                "members": list(s.members),
+                "last_seq": s.last_seq,
+                "last_ts": s.last_ts,
+                "unread": s.unread,
+                "last_message": self._message_json(s.last_message) if s.last_message else None,
+            }
+            for s in await self.store.conversations_of(user)
+        ]
+
+    def _message_json(self, m: StoredMessage) -> dict[str, Any]:
+        return {
+            "id": m.id,
+            "conversation": m.conversation,
+            "seq": m.seq,
+            "from": m.sender,
+            "body": self._open(m),
+            "ts": m.ts,
+            "delivered_to": list(m.delivered_to),
+            "seen_by": list(m.seen_by),
+        }
+
+    async def create_group(self, user: str, members: object, title: object) -> Conversation:
+        if not isinstance(members, list) or not members:
+            raise BadRequest("'members' must be a non-empty list of usernames")
+        if title is not None and (not isinstance(title, str) or len(title) > MAX_TITLE):
+            raise BadRequest(f"'title' must be a string of at most {MAX_TITLE} characters")
+        names = {normalize_username(m) for m in members} | {user}
+        if len(names) > MAX_GROUP_MEMBERS:
+            raise BadRequest(f"a group has at most {MAX_GROUP_MEMBERS} members")
+        if len(names) < 2:
+            raise BadRequest("a group needs at least one other member")
+        for name in sorted(names - {user}):
+            if await self.store.get_user(name) is None:
+                raise NotFound(f"no user '{name}'")
+        conv = await self.store.create_group(
+            GROUP_PREFIX + self.ids.new(),
+            title.strip() if isinstance(title, str) else None,
+            sorted(names),
+            self.clock.now_ms(),
+        )
+        return self._remember(conv)
+
+    async def history(
+        self, user: str, id: str, before: int | None, limit: int | None
+    ) -> list[dict[str, Any]]:
+        await self.member_conversation(user, id)
+        if before is not None and before < 1:
+            raise BadRequest("'before' must be a positive seq")
+        limit = HISTORY_DEFAULT if limit is None else limit
+        if not 1 <= limit <= HISTORY_MAX:
+            raise BadRequest(f"'limit' must be 1-{HISTORY_MAX}")
+        return [self._message_json(m) for m in await self.store.history(id, before, limit)]
+
+    def _open(self, m: StoredMessage) -> str | None:
+        try:
+            return self.keyring.open(m.body, m.id, m.conversation)
+        except crypto.KeyringError as exc:
+            log.error("cannot open message body", extra={"id": m.id, "reason": str(exc)})
+            return None
+
+    async def user_info(self, caller: str, name: str) -> dict[str, Any]:
+        try:
+            name = normalize_username(name)
+        except BadRequest:
+            raise NotFound("no such user") from None
+        user = await self.store.get_user(name)
+        if user is None or (
+            name != caller and not await self.store.shares_conversation(caller, name)
+        ):
+            raise NotFound("no such user")
+        presence = (await self.broker.presence([name]))[name]
+        seen = [t for t in (presence.last_seen, user.last_seen) if t is not None]
+        return {
+            "username": name,
+            "online": presence.online,
+            "last_seen": max(seen) if seen else None,
+        }
+
+    # -- connections -----------------------------------------------------------------
+
+    async def attach(self, conn: Connection) -> None:
+        """Register a connection here and in presence; announce a first device."""
+        assert conn.user is not None
+        self.hub.add(conn)
+        first = await self.broker.attach(conn.user, self.node, conn.id)
+        if first:
+            await self._announce(conn.user, online=True, last_seen=None)
+
+    async def detach(self, conn: Connection) -> None:
+        if conn.user is None:
+            return
+        self.hub.remove(conn)
+        now = self.clock.now_ms()
+        last = await self.broker.detach(conn.user, self.node, conn.id, now)
+        if last:
+            await self.store.set_last_seen(conn.user, now)
+            await self._announce(conn.user, online=False, last_seen=now)
+
+    async def _announce(self, user: str, online: bool, last_seen: int | None) -> None:
+        peers = await self.store.dm_peers(user)
+        if peers:
+            payload = encode(PresenceEnvelope(user, online, last_seen))
+            await self.broker.route([Routed(p, "presence", payload, owed=False) for p in peers])
+
+    async def backlog(self, user: str) -> list[Outbound]:
+        """Everything owed to ``user``: the broker's queue and the store's record,
+        merged by key (the store is the authority; the queue is the fast path)."""
+        queued = await self.broker.owed(user)
+        stored = await self.store.owed_messages(user, BACKLOG_LIMIT)
+        receipts = await self.store.owed_receipts(user, BACKLOG_LIMIT)
+        items: dict[str, Outbound] = {}
+        for m in stored:
+            out = render(MessageEnvelope(m), self.keyring, owed=True)
+            if out is not None:
+                items[m.id] = out
+        for r in receipts:
+            out = render(ReceiptEnvelope(r), self.keyring, owed=True)
+            if out is not None and out.key is not None:
+                items[out.key] = out
+        for entry in queued:
+            if entry.key in items:
+                continue
+            out = self.hub_render(entry.payload)
+            if out is not None:
+                items[entry.key] = out
+        return list(items.values())
+
+    def hub_render(self, payload: str) -> Outbound | None:
+        try:
+            return render(decode(payload), self.keyring, owed=True)
+        except ValueError:
+            log.error("dropping an undecodable queue entry")
+            return None
+
+    # -- frames ----------------------------------------------------------------------
+
+    async def send(self, conn: Connection, frame: frames.Send) -> None:
+        """Store a message, answer ``sent`` on ``conn``, then route it.
+
+        ``sent`` is pushed before routing so that it always precedes the
+        receipts of the same message on the sender's connection.
+        """
+        assert conn.user is not None
+        sender = conn.user
+        target = target_of(frame, sender)
+        if target.peer is not None:
+            conv = self._conversations.get(target.conversation)
+            if conv is None:
+                if await self.store.get_user(target.peer) is None:
+                    raise NotFound(f"no user '{target.peer}'", cid=frame.cid)
+                conv = self._remember(
+                    await self.store.ensure_dm(sender, target.peer, self.clock.now_ms())
+                )
+        else:
+            conv = await self.member_conversation(sender, target.conversation, frame.cid)
+        to = recipients(conv.members, sender)
+        mid = self.ids.new()
+        ts = self.clock.now_ms()
+        sealed = self.keyring.seal(frame.body, mid, conv.id)
+        try:
+            done = await self._append.submit(
+                NewMessage(mid, conv.id, sender, frame.cid, ts, sealed, to)
+            )
+        except ChatError as exc:
+            raise exc.with_cid(frame.cid) from None
+        conn.offer(
+            Outbound(
+                frames.encode(frames.sent(frame.cid, done.id, done.conversation, done.seq, done.ts))
+            )
+        )
+        if done.duplicate:
+            # Stored (and routed) the first time; the store keeps it owed.
+            return
+        stored = StoredMessage(done.id, conv.id, done.seq, sender, done.ts, sealed)
+        payload = encode(MessageEnvelope(stored))
+        items = [Routed(r, done.id, payload, owed=True) for r in to]
+        items.append(Routed(sender, done.id, payload, owed=False, exclude=conn.id))
+        await self._route(items)
+
+    async def _route(self, items: list[Routed]) -> None:
+        try:
+            await self.broker.route(items)
+        except Unavailable as exc:
+            # Already stored: the store keeps it owed and the next ``ready``
+            # offers it. Live delivery waits for the broker to come back.
+            log.warning("broker unavailable; delivery deferred", extra={"reason": exc.message})
+
+    async def ack(self, conn: Connection, frame: frames.Ack) -> list[str]:
+        """Apply an ``ack``; returns the message ids the user may not ack."""
+        assert conn.user is not None
+        unknown: list[str] = []
+        if frame.ids:
+            unknown = await self._mark_many(conn.user, frame.ids, Status.DELIVERED)
+        if frame.receipts:
+            keys = [parse_rid(r) for r in frame.receipts]
+            await self._receipt_acks.submit_many([(conn.user, k) for k in keys])
+            settled = [r for k in keys for r in settled_rids(k)]
+            await self._settle(conn.user, settled)
+        return unknown
+
+    async def seen(self, conn: Connection, frame: frames.Seen) -> list[str]:
+        assert conn.user is not None
+        return await self._mark_many(conn.user, frame.ids, Status.SEEN)
+
+    async def _mark_many(self, user: str, ids: Sequence[str], status: Status) -> list[str]:
+        now = self.clock.now_ms()
+        results = await self._mark.submit_many([Mark(user, i, status, now) for i in ids])
+        unknown = [i for i, r in zip(ids, results, strict=True) if not r.known]
+        routed: list[Routed] = []
+        for result in results:
+            for t in result.transitions:
+                receipt = Receipt(t.message_id, t.conversation, t.sender, t.member, t.status, t.ts)
+                key = rid(t.message_id, t.member, t.status)
+                routed.append(Routed(t.sender, key, encode(ReceiptEnvelope(receipt)), owed=True))
+        await self._settle(user, [i for i in ids if i not in set(unknown)])
+        if routed:
+            await self._route(routed)
+        return unknown
+
+    async def _settle(self, user: str, keys: list[str]) -> None:
+        if not keys:
+            return
+        try:
+            await self.broker.settle(user, keys)
+        except Unavailable as exc:
+            # The store already records the ack; a stale queue entry is only
+            # offered again and acked again.
+            log.warning("broker unavailable; queue settle skipped", extra={"reason": exc.message})
+
+    async def typing(self, conn: Connection, frame: frames.Typing) -> None:
+        assert conn.user is not None
+        conv = await self.member_conversation(conn.user, frame.conversation)
+        payload = encode(TypingEnvelope(conv.id, conn.user))
+        others = [m for m in conv.members if m != conn.user]
+        if others:
+            await self._route([Routed(m, "typing", payload, owed=False) for m in others])

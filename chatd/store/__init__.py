@@ -1,0 +1,1 @@
+"""Store implementations. Pick one through :mod:`chatd.wiring`."""

@@ -1,0 +1,569 @@
+"""The embedded store: SQLite in the data dir.
+
+Blocking sqlite3 calls run in worker threads behind a limiter; each thread
+borrows one connection from a small pool. The database runs in WAL mode so
+readers never block the writer, and every write transaction starts with
+``BEGIN IMMEDIATE`` under a busy timeout, which makes seq assignment and the
+(sender, cid) idempotency index atomic across threads *and* processes (the
+tests run several replicas on one data dir). Production uses MongoDB.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from chatd.core.delivery import SETTLED_BY_ACK, apply_mark
+from chatd.core.errors import Conflict, Unavailable
+from chatd.core.model import (
+    Appended,
+    Conversation,
+    ConversationSummary,
+    Mark,
+    MarkResult,
+    NewMessage,
+    Receipt,
+    ReceiptKey,
+    Sealed,
+    Status,
+    StoredMessage,
+    Transition,
+    User,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    username    TEXT PRIMARY KEY,
+    pw_hash     TEXT NOT NULL,
+    created_ts  INTEGER NOT NULL,
+    last_seen   INTEGER,
+    disabled    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    title       TEXT,
+    created_ts  INTEGER NOT NULL,
+    last_seq    INTEGER NOT NULL DEFAULT 0,
+    last_ts     INTEGER
+);
+CREATE TABLE IF NOT EXISTS members (
+    conversation TEXT NOT NULL,
+    username     TEXT NOT NULL,
+    PRIMARY KEY (conversation, username)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS members_by_user ON members (username, conversation);
+CREATE TABLE IF NOT EXISTS messages (
+    id           TEXT PRIMARY KEY,
+    conversation TEXT NOT NULL,
+    seq          INTEGER NOT NULL,
+    sender       TEXT NOT NULL,
+    cid          TEXT NOT NULL,
+    ts           INTEGER NOT NULL,
+    key_id       TEXT NOT NULL,
+    nonce        BLOB NOT NULL,
+    ciphertext   BLOB NOT NULL,
+    UNIQUE (conversation, seq),
+    UNIQUE (sender, cid)
+);
+-- One row per (message, recipient): the receipt state and whether the
+-- sender has acked each receipt.
+CREATE TABLE IF NOT EXISTS receipts (
+    message_id   TEXT NOT NULL,
+    username     TEXT NOT NULL,
+    conversation TEXT NOT NULL,
+    seq          INTEGER NOT NULL,
+    sender       TEXT NOT NULL,
+    delivered_ts INTEGER,
+    seen_ts      INTEGER,
+    d_acked      INTEGER NOT NULL DEFAULT 0,
+    s_acked      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (message_id, username)
+) WITHOUT ROWID;
+-- "owed to user": messages not yet delivered, in conversation/seq order.
+CREATE INDEX IF NOT EXISTS owed_messages ON receipts (username, conversation, seq)
+    WHERE delivered_ts IS NULL;
+-- "unread per conversation".
+CREATE INDEX IF NOT EXISTS unseen ON receipts (username, conversation)
+    WHERE seen_ts IS NULL;
+-- "receipts owed to the sender".
+CREATE INDEX IF NOT EXISTS owed_receipts ON receipts (sender)
+    WHERE (delivered_ts IS NOT NULL AND d_acked = 0) OR (seen_ts IS NOT NULL AND s_acked = 0);
+"""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=OFF")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class _Tx:
+    """``with _Tx(conn):`` runs a BEGIN IMMEDIATE … COMMIT/ROLLBACK block."""
+
+    def __init__(self, conn: sqlite3.Connection, immediate: bool = True) -> None:
+        self.conn = conn
+        self.immediate = immediate
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+
+
+def _message(row: sqlite3.Row | tuple) -> StoredMessage:
+    id_, conversation, seq, sender, ts, key_id, nonce, ct = row
+    return StoredMessage(
+        id=id_,
+        conversation=conversation,
+        seq=seq,
+        sender=sender,
+        ts=ts,
+        body=Sealed(key_id=key_id, nonce=bytes(nonce), ciphertext=bytes(ct)),
+    )
+
+
+_MSG_COLS = "m.id, m.conversation, m.seq, m.sender, m.ts, m.key_id, m.nonce, m.ciphertext"
+
+
+class SqliteStore:
+    """The Store port on SQLite. Open with :meth:`open`; close with :meth:`aclose`."""
+
+    def __init__(self, path: Path, pool_size: int = 4) -> None:
+        self.path = path
+        self._pool = [_connect(path) for _ in range(pool_size)]
+        self._free = list(self._pool)
+        self._lock = threading.Lock()
+        self._limiter = trio.CapacityLimiter(pool_size)
+        # CREATE ... IF NOT EXISTS throughout: safe when several replicas
+        # sharing the data dir start at once (the busy timeout serialises them).
+        self._pool[0].executescript(SCHEMA)
+
+    @classmethod
+    def open(cls, data_dir: Path, pool_size: int = 4) -> SqliteStore:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(data_dir / "chatd.sqlite3", pool_size=pool_size)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        async with self._limiter:
+            with self._lock:
+                conn = self._free.pop()
+            try:
+                return await trio.to_thread.run_sync(_guard, fn, conn, *args)
+            finally:
+                with self._lock:
+                    self._free.append(conn)
+
+    async def aclose(self) -> None:
+        for conn in self._pool:
+            conn.close()
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    # -- users ---------------------------------------------------------------------
+
+    async def create_user(self, user: User) -> None:
+        def fn(db: sqlite3.Connection) -> None:
+            try:
+                with _Tx(db):
+                    db.execute(
+                        "INSERT INTO users (username, pw_hash, created_ts, disabled)"
+                        " VALUES (?, ?, ?, ?)",
+                        (user.username, user.password_hash, user.created_ts, int(user.disabled)),
+                    )
+            except sqlite3.IntegrityError:
+                raise Conflict(f"username '{user.username}' is taken") from None
+
+        await self._run(fn)
+
+    async def get_user(self, username: str) -> User | None:
+        def fn(db: sqlite3.Connection) -> User | None:
+            row = db.execute(
+                "SELECT username, pw_hash, created_ts, last_seen, disabled FROM users"
+                " WHERE username = ?",
+                (username,),
+            ).fetchone()
+            if row is None:
+                return None
+            return User(row[0], row[1], row[2], row[3], bool(row[4]))
+
+        return await self._run(fn)
+
+    async def set_last_seen(self, username: str, ts: int) -> None:
+        def fn(db: sqlite3.Connection) -> None:
+            with _Tx(db):
+                db.execute(
+                    "UPDATE users SET last_seen = max(coalesce(last_seen, 0), ?)"
+                    " WHERE username = ?",
+                    (ts, username),
+                )
+
+        await self._run(fn)
+
+    # -- conversations -------------------------------------------------------------
+
+    @staticmethod
+    def _conversation(db: sqlite3.Connection, id: str) -> Conversation | None:
+        row = db.execute(
+            "SELECT id, kind, title, created_ts FROM conversations WHERE id = ?", (id,)
+        ).fetchone()
+        if row is None:
+            return None
+        members = tuple(
+            r[0]
+            for r in db.execute(
+                "SELECT username FROM members WHERE conversation = ? ORDER BY username", (id,)
+            )
+        )
+        return Conversation(
+            id=row[0], kind=row[1], members=members, title=row[2], created_ts=row[3]
+        )
+
+    async def ensure_dm(self, a: str, b: str, ts: int) -> Conversation:
+        first, second = sorted((a, b))
+        id = f"dm:{first}:{second}"
+
+        def fn(db: sqlite3.Connection) -> Conversation:
+            conv = self._conversation(db, id)
+            if conv is not None:
+                return conv
+            with _Tx(db):
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO conversations (id, kind, title, created_ts)"
+                    " VALUES (?, 'dm', NULL, ?)",
+                    (id, ts),
+                )
+                if cur.rowcount:
+                    db.executemany(
+                        "INSERT INTO members (conversation, username) VALUES (?, ?)",
+                        [(id, first), (id, second)],
+                    )
+            conv = self._conversation(db, id)
+            assert conv is not None
+            return conv
+
+        return await self._run(fn)
+
+    async def create_group(
+        self, id: str, title: str | None, members: Sequence[str], ts: int
+    ) -> Conversation:
+        def fn(db: sqlite3.Connection) -> Conversation:
+            with _Tx(db):
+                db.execute(
+                    "INSERT INTO conversations (id, kind, title, created_ts)"
+                    " VALUES (?, 'group', ?, ?)",
+                    (id, title, ts),
+                )
+                db.executemany(
+                    "INSERT INTO members (conversation, username) VALUES (?, ?)",
+                    [(id, m) for m in sorted(set(members))],
+                )
+            conv = self._conversation(db, id)
+            assert conv is not None
+            return conv
+
+        return await self._run(fn)
+
+    async def get_conversation(self, id: str) -> Conversation | None:
+        return await self._run(self._conversation, id)
+
+    async def conversations_of(self, username: str) -> list[ConversationSummary]:
+        def fn(db: sqlite3.Connection) -> list[ConversationSummary]:
+            rows = db.execute(
+                "SELECT c.id, c.kind, c.title, c.last_seq, c.last_ts, c.created_ts"
+                " FROM members m JOIN conversations c ON c.id = m.conversation"
+                " WHERE m.username = ?",
+                (username,),
+            ).fetchall()
+            unread = dict(
+                db.execute(
+                    "SELECT conversation, count(*) FROM receipts"
+                    " WHERE username = ? AND seen_ts IS NULL GROUP BY conversation",
+                    (username,),
+                ).fetchall()
+            )
+            members: dict[str, list[str]] = {}
+            for conv, member in db.execute(
+                "SELECT m2.conversation, m2.username FROM members m1"
+                " JOIN members m2 ON m2.conversation = m1.conversation"
+                " WHERE m1.username = ? ORDER BY m2.username",
+                (username,),
+            ):
+                members.setdefault(conv, []).append(member)
+            last: dict[str, StoredMessage] = {}
+            for row in db.execute(
+                f"SELECT {_MSG_COLS} FROM members mb"
+                " JOIN conversations c ON c.id = mb.conversation"
+                " JOIN messages m ON m.conversation = c.id AND m.seq = c.last_seq"
+                " WHERE mb.username = ?",
+                (username,),
+            ):
+                msg = _message(row)
+                last[msg.conversation] = msg
+            out = [
+                ConversationSummary(
+                    id=r[0],
+                    kind=r[1],
+                    title=r[2],
+                    members=tuple(members.get(r[0], ())),
+                    last_seq=r[3],
+                    unread=unread.get(r[0], 0),
+                    last_ts=r[4],
+                    last_message=last.get(r[0]),
+                )
+                for r in rows
+            ]
+            created = {r[0]: r[5] for r in rows}
+            out.sort(key=lambda s: (s.last_ts or created[s.id], s.id), reverse=True)
+            return out
+
+        return await self._run(fn)
+
+    async def shares_conversation(self, a: str, b: str) -> bool:
+        def fn(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM members m1 JOIN members m2 ON m1.conversation = m2.conversation"
+                " WHERE m1.username = ? AND m2.username = ? LIMIT 1",
+                (a, b),
+            ).fetchone()
+            return row is not None
+
+        return await self._run(fn)
+
+    async def dm_peers(self, username: str) -> list[str]:
+        def fn(db: sqlite3.Connection) -> list[str]:
+            return [
+                r[0]
+                for r in db.execute(
+                    "SELECT m2.username FROM members m1"
+                    " JOIN conversations c ON c.id = m1.conversation AND c.kind = 'dm'"
+                    " JOIN members m2 ON m2.conversation = m1.conversation AND m2.username != ?"
+                    " WHERE m1.username = ?",
+                    (username, username),
+                )
+            ]
+
+        return await self._run(fn)
+
+    # -- messages ------------------------------------------------------------------
+
+    async def append(self, batch: Sequence[NewMessage]) -> list[Appended]:
+        def fn(db: sqlite3.Connection) -> list[Appended]:
+            out: list[Appended] = []
+            with _Tx(db):
+                for msg in batch:
+                    row = db.execute(
+                        "SELECT id, conversation, seq, ts FROM messages"
+                        " WHERE sender = ? AND cid = ?",
+                        (msg.sender, msg.cid),
+                    ).fetchone()
+                    if row is not None:
+                        out.append(Appended(row[0], row[1], row[2], row[3], duplicate=True))
+                        continue
+                    seq_row = db.execute(
+                        "UPDATE conversations SET last_seq = last_seq + 1, last_ts = ?"
+                        " WHERE id = ? RETURNING last_seq",
+                        (msg.ts, msg.conversation),
+                    ).fetchone()
+                    if seq_row is None:
+                        raise LookupError(f"conversation {msg.conversation} does not exist")
+                    seq = seq_row[0]
+                    db.execute(
+                        "INSERT INTO messages (id, conversation, seq, sender, cid, ts, key_id,"
+                        " nonce, ciphertext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            msg.id,
+                            msg.conversation,
+                            seq,
+                            msg.sender,
+                            msg.cid,
+                            msg.ts,
+                            msg.body.key_id,
+                            msg.body.nonce,
+                            msg.body.ciphertext,
+                        ),
+                    )
+                    db.executemany(
+                        "INSERT INTO receipts (message_id, username, conversation, seq, sender)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        [(msg.id, r, msg.conversation, seq, msg.sender) for r in msg.recipients],
+                    )
+                    out.append(Appended(msg.id, msg.conversation, seq, msg.ts, duplicate=False))
+            return out
+
+        return await self._run(fn)
+
+    @staticmethod
+    def _with_receipts(
+        db: sqlite3.Connection, messages: list[StoredMessage]
+    ) -> list[StoredMessage]:
+        if not messages:
+            return messages
+        marks = ",".join("?" * len(messages))
+        delivered: dict[str, list[str]] = {}
+        seen: dict[str, list[str]] = {}
+        for mid, user, d_ts, s_ts in db.execute(
+            f"SELECT message_id, username, delivered_ts, seen_ts FROM receipts"
+            f" WHERE message_id IN ({marks}) ORDER BY username",
+            [m.id for m in messages],
+        ):
+            if d_ts is not None:
+                delivered.setdefault(mid, []).append(user)
+            if s_ts is not None:
+                seen.setdefault(mid, []).append(user)
+        return [
+            StoredMessage(
+                id=m.id,
+                conversation=m.conversation,
+                seq=m.seq,
+                sender=m.sender,
+                ts=m.ts,
+                body=m.body,
+                delivered_to=tuple(delivered.get(m.id, ())),
+                seen_by=tuple(seen.get(m.id, ())),
+            )
+            for m in messages
+        ]
+
+    async def history(
+        self, conversation: str, before: int | None, limit: int
+    ) -> list[StoredMessage]:
+        def fn(db: sqlite3.Connection) -> list[StoredMessage]:
+            rows = db.execute(
+                f"SELECT {_MSG_COLS} FROM messages m WHERE m.conversation = ? AND m.seq < ?"
+                " ORDER BY m.seq DESC LIMIT ?",
+                (conversation, before if before is not None else 2**62, limit),
+            ).fetchall()
+            msgs = [_message(r) for r in reversed(rows)]
+            return self._with_receipts(db, msgs)
+
+        return await self._run(fn)
+
+    async def get_messages(self, ids: Sequence[str]) -> list[StoredMessage]:
+        def fn(db: sqlite3.Connection) -> list[StoredMessage]:
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            rows = db.execute(
+                f"SELECT {_MSG_COLS} FROM messages m WHERE m.id IN ({marks})"
+                " ORDER BY m.conversation, m.seq",
+                list(ids),
+            ).fetchall()
+            return self._with_receipts(db, [_message(r) for r in rows])
+
+        return await self._run(fn)
+
+    # -- receipts ------------------------------------------------------------------
+
+    async def mark(self, batch: Sequence[Mark]) -> list[MarkResult]:
+        def fn(db: sqlite3.Connection) -> list[MarkResult]:
+            out: list[MarkResult] = []
+            with _Tx(db):
+                for mark in batch:
+                    row = db.execute(
+                        "SELECT conversation, sender, delivered_ts, seen_ts FROM receipts"
+                        " WHERE message_id = ? AND username = ?",
+                        (mark.message_id, mark.user),
+                    ).fetchone()
+                    if row is None:
+                        own = db.execute(
+                            "SELECT 1 FROM messages WHERE id = ? AND sender = ?",
+                            (mark.message_id, mark.user),
+                        ).fetchone()
+                        out.append(MarkResult((), known=own is not None))
+                        continue
+                    conversation, sender, d_ts, s_ts = row
+                    ts = mark.ts
+                    new_d, new_s, made = apply_mark(d_ts, s_ts, mark.status, ts)
+                    if made:
+                        db.execute(
+                            "UPDATE receipts SET delivered_ts = ?, seen_ts = ?"
+                            " WHERE message_id = ? AND username = ?",
+                            (new_d, new_s, mark.message_id, mark.user),
+                        )
+                    out.append(
+                        MarkResult(
+                            tuple(
+                                Transition(mark.message_id, conversation, sender, mark.user, s, ts)
+                                for s in made
+                            ),
+                            known=True,
+                        )
+                    )
+            return out
+
+        return await self._run(fn)
+
+    async def ack_receipts(self, acks: Sequence[tuple[str, ReceiptKey]]) -> list[None]:
+        def fn(db: sqlite3.Connection) -> list[None]:
+            updates = []
+            for sender, key in acks:
+                for status in SETTLED_BY_ACK[key.status]:
+                    column = "d_acked" if status is Status.DELIVERED else "s_acked"
+                    updates.append((column, key.message_id, key.member, sender))
+            with _Tx(db):
+                for column, mid, member, sender in updates:
+                    db.execute(
+                        f"UPDATE receipts SET {column} = 1"
+                        " WHERE message_id = ? AND username = ? AND sender = ?",
+                        (mid, member, sender),
+                    )
+            return [None] * len(acks)
+
+        return await self._run(fn)
+
+    async def owed_messages(self, username: str, limit: int) -> list[StoredMessage]:
+        def fn(db: sqlite3.Connection) -> list[StoredMessage]:
+            rows = db.execute(
+                f"SELECT {_MSG_COLS} FROM receipts r JOIN messages m ON m.id = r.message_id"
+                " WHERE r.username = ? AND r.delivered_ts IS NULL"
+                " ORDER BY r.conversation, r.seq LIMIT ?",
+                (username, limit),
+            ).fetchall()
+            return [_message(r) for r in rows]
+
+        return await self._run(fn)
+
+    async def owed_receipts(self, username: str, limit: int) -> list[Receipt]:
+        def fn(db: sqlite3.Connection) -> list[Receipt]:
+            out: list[Receipt] = []
+            for mid, member, conv, d_ts, s_ts, d_acked, s_acked in db.execute(
+                "SELECT message_id, username, conversation, delivered_ts, seen_ts, d_acked,"
+                " s_acked FROM receipts WHERE sender = ? AND ((delivered_ts IS NOT NULL AND"
+                " d_acked = 0) OR (seen_ts IS NOT NULL AND s_acked = 0))"
+                " ORDER BY coalesce(delivered_ts, seen_ts) LIMIT ?",
+                (username, limit),
+            ):
+                if d_ts is not None and not d_acked:
+                    out.append(Receipt(mid, conv, username, member, Status.DELIVERED, d_ts))
+                if s_ts is not None and not s_acked:
+                    out.append(Receipt(mid, conv, username, member, Status.SEEN, s_ts))
+            return out
+
+        return await self._run(fn)
+
+
+def _guard(fn: Callable[..., T], *args: object) -> T:
+    """Run a store call; a SQLite failure becomes Unavailable (nothing else leaks)."""
+    try:
+        return fn(*args)
+    except sqlite3.IntegrityError as exc:
+        raise Unavailable(f"store refused a write: {exc}") from None
+    except sqlite3.Error as exc:
+        raise Unavailable(f"store error: {exc}") from None

@@ -1,0 +1,194 @@
+"""The Broker port's contract, as a test suite any implementation runs unchanged.
+
+Subclass it and provide ``brokers``: an async fixture yielding a factory
+``make() -> Broker`` whose brokers all share one backend (for the memory
+broker, the same instance every time; for Redis, a new client on the same
+server), so the suite can play several nodes::
+
+    class TestMemoryBroker(BrokerContract):
+        @pytest.fixture
+        async def brokers(self):
+            shared = MemoryBroker()
+            yield lambda: shared
+
+Each test states one guarantee from :class:`chatd.ports.Broker`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import trio
+import trio.lowlevel
+
+from chatd.ports import Broker, Inbound, Routed
+
+Make = Callable[[], Broker]
+
+
+class Node:
+    """A node as the service runs it: ``broker.run`` delivering into a list."""
+
+    def __init__(self, broker: Broker, name: str) -> None:
+        self.broker = broker
+        self.name = name
+        self.got: list[Inbound] = []
+        self._arrived = trio.Event()
+
+    def deliver(self, item: Inbound) -> None:
+        self.got.append(item)
+        self._arrived.set()
+        self._arrived = trio.Event()
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Inbound]:
+        with trio.fail_after(timeout):
+            while len(self.got) < count:
+                await self._arrived.wait()
+        return self.got
+
+    async def settle_down(self, seconds: float = 0.2) -> None:
+        """Give in-flight deliveries time to arrive (for asserting absence)."""
+        await trio.sleep(seconds)
+
+
+async def start_node(nursery: trio.Nursery, broker: Broker, name: str) -> Node:
+    node = Node(broker, name)
+    await nursery.start(broker.run, name, node.deliver)
+    return node
+
+
+class BrokerContract:
+    @pytest.fixture
+    async def brokers(self) -> Make:  # pragma: no cover - provided by subclasses
+        raise NotImplementedError
+
+    # -- owed queue --------------------------------------------------------------
+
+    async def test_owed_items_wait_until_settled(self, brokers: Make) -> None:
+        b = brokers()
+        await b.route([Routed("bob", "m1", "p1", owed=True), Routed("bob", "m2", "p2", owed=True)])
+        assert [(o.key, o.payload) for o in await b.owed("bob")] == [("m1", "p1"), ("m2", "p2")]
+        # Reading does not remove.
+        assert len(await b.owed("bob")) == 2
+        await b.settle("bob", ["m1"])
+        assert [o.key for o in await b.owed("bob")] == ["m2"]
+        await b.settle("bob", ["m2", "never-there"])
+        assert await b.owed("bob") == []
+
+    async def test_one_entry_per_key(self, brokers: Make) -> None:
+        b = brokers()
+        await b.route([Routed("bob", "m1", "p1", owed=True)])
+        await b.route([Routed("bob", "m1", "p1", owed=True)])
+        assert [o.key for o in await b.owed("bob")] == ["m1"]
+
+    async def test_not_owed_items_are_not_queued(self, brokers: Make) -> None:
+        b = brokers()
+        await b.route([Routed("bob", "typing", "t", owed=False)])
+        assert await b.owed("bob") == []
+
+    async def test_queues_are_per_user(self, brokers: Make) -> None:
+        b = brokers()
+        await b.route([Routed("bob", "m1", "p", owed=True), Routed("carol", "m1", "p", owed=True)])
+        await b.settle("bob", ["m1"])
+        assert await b.owed("bob") == []
+        assert [o.key for o in await b.owed("carol")] == ["m1"]
+
+    async def test_settle_while_routing_loses_nothing(self, brokers: Make) -> None:
+        b = brokers()
+        settled: set[str] = set()
+
+        async def producer() -> None:
+            for i in range(200):
+                await b.route([Routed("bob", f"m{i}", "p", owed=True)])
+
+        async def consumer() -> None:
+            for _ in range(40):
+                keys = [o.key for o in await b.owed("bob")]
+                await b.settle("bob", keys[:3])
+                settled.update(keys[:3])
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(producer)
+            n.start_soon(consumer)
+        left = {o.key for o in await b.owed("bob")}
+        assert left | settled == {f"m{i}" for i in range(200)}
+        assert not left & settled
+
+    # -- delivery ----------------------------------------------------------------
+
+    async def test_route_reaches_the_node_holding_the_user(self, brokers: Make, nursery) -> None:
+        n1 = await start_node(nursery, brokers(), "n1")
+        n2 = await start_node(nursery, brokers(), "n2")
+        await n1.broker.attach("bob", "n1", "c1")
+        await n2.broker.route([Routed("bob", "m1", "hello", owed=True, exclude="c9")])
+        [got] = await n1.wait_for(1)
+        assert (got.user, got.key, got.payload, got.owed, got.exclude) == (
+            "bob",
+            "m1",
+            "hello",
+            True,
+            "c9",
+        )
+        await n2.settle_down()
+        assert n2.got == []
+        # Delivered live and still owed until settled.
+        assert [o.key for o in await n2.broker.owed("bob")] == ["m1"]
+
+    async def test_every_node_of_a_user_gets_it(self, brokers: Make, nursery) -> None:
+        n1 = await start_node(nursery, brokers(), "n1")
+        n2 = await start_node(nursery, brokers(), "n2")
+        await n1.broker.attach("bob", "n1", "c1")
+        await n2.broker.attach("bob", "n2", "c2")
+        await n1.broker.route([Routed("bob", "m1", "x", owed=False)])
+        await n1.wait_for(1)
+        await n2.wait_for(1)
+        await n1.settle_down()
+        assert len(n1.got) == len(n2.got) == 1
+
+    async def test_offline_user_is_only_queued(self, brokers: Make, nursery) -> None:
+        n1 = await start_node(nursery, brokers(), "n1")
+        await n1.broker.route([Routed("bob", "m1", "x", owed=True)])
+        await n1.settle_down()
+        assert n1.got == []
+        assert [o.key for o in await n1.broker.owed("bob")] == ["m1"]
+
+    async def test_many_items_one_call(self, brokers: Make, nursery) -> None:
+        n1 = await start_node(nursery, brokers(), "n1")
+        for u in ("bob", "carol"):
+            await n1.broker.attach(u, "n1", f"c-{u}")
+        items = [
+            Routed(u, f"m{i}", f"p{i}", owed=True) for i in range(50) for u in ("bob", "carol")
+        ]
+        await n1.broker.route(items)
+        got = await n1.wait_for(100)
+        assert sorted((g.user, g.key) for g in got) == sorted((i.user, i.key) for i in items)
+        assert len(await n1.broker.owed("bob")) == 50
+
+    # -- presence ----------------------------------------------------------------
+
+    async def test_first_attach_and_last_detach(self, brokers: Make) -> None:
+        a, b = brokers(), brokers()
+        assert await a.attach("bob", "n1", "c1") is True
+        assert await b.attach("bob", "n2", "c2") is False
+        p = (await a.presence(["bob"]))["bob"]
+        assert p.online and p.nodes == ("n1", "n2")
+        assert await a.detach("bob", "n1", "c1", 100) is False
+        assert await b.detach("bob", "n2", "c2", 200) is True
+        p = (await b.presence(["bob"]))["bob"]
+        assert not p.online and p.nodes == () and p.last_seen == 200
+
+    async def test_detach_of_unknown_connection_is_harmless(self, brokers: Make) -> None:
+        b = brokers()
+        assert await b.detach("bob", "n1", "nope", 5) is False
+        await b.attach("bob", "n1", "c1")
+        assert await b.detach("bob", "n1", "nope", 5) is False
+        assert (await b.presence(["bob"]))["bob"].online
+
+    async def test_presence_of_unknown_user(self, brokers: Make) -> None:
+        p = (await brokers().presence(["ghost"]))["ghost"]
+        assert not p.online and p.nodes == () and p.last_seen is None
+
+    async def test_ping(self, brokers: Make) -> None:
+        await brokers().ping()

@@ -1,0 +1,194 @@
+"""A small trio WebSocket client that speaks the wire contract, for tests.
+
+It keeps every frame it receives, so a test can wait for one that matches
+and still look at what came before. ``expect`` fails with the frames seen
+so far, which makes a failing end-to-end test readable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+Frame = dict[str, Any]
+_cids = itertools.count(1)
+
+
+class ExpectTimeout(AssertionError):
+    pass
+
+
+class ChatClient:
+    def __init__(self, ws: WebSocketConnection, name: str = "") -> None:
+        self.ws = ws
+        self.name = name
+        self.frames: list[Frame] = []
+        self._cursor = 0
+        self.closed: tuple[int, str | None] | None = None
+        self._consumed: set[int] = set()
+        self._arrived = trio.Event()
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                raw = await self.ws.get_message()
+                self.frames.append(json.loads(raw))
+                self._arrived.set()
+                self._arrived = trio.Event()
+        except ConnectionClosed as exc:
+            reason = exc.reason
+            self.closed = (reason.code, reason.reason)
+            self._arrived.set()
+
+    async def send_json(self, frame: Frame | str | bytes) -> None:
+        text = frame if isinstance(frame, (str, bytes)) else json.dumps(frame)
+        await self.ws.send_message(text)
+
+    async def auth(self, token: str) -> Frame:
+        await self.send_json({"type": "auth", "token": token})
+        return await self.expect("ready")
+
+    async def send(
+        self,
+        body: str,
+        *,
+        to: str | None = None,
+        conversation: str | None = None,
+        cid: str | None = None,
+    ) -> str:
+        cid = cid or f"c{next(_cids)}"
+        frame: Frame = {"type": "send", "cid": cid, "body": body}
+        if to is not None:
+            frame["to"] = to
+        if conversation is not None:
+            frame["conversation"] = conversation
+        await self.send_json(frame)
+        return cid
+
+    async def ack(self, ids: list[str] | None = None, receipts: list[str] | None = None) -> None:
+        frame: Frame = {"type": "ack"}
+        if ids is not None:
+            frame["ids"] = ids
+        if receipts is not None:
+            frame["receipts"] = receipts
+        await self.send_json(frame)
+
+    async def seen(self, ids: list[str]) -> None:
+        await self.send_json({"type": "seen", "ids": ids})
+
+    def seen_frames(self, type: str | None = None) -> list[Frame]:
+        return [f for f in self.frames if type is None or f.get("type") == type]
+
+    async def expect(
+        self,
+        type: str,
+        where: Callable[[Frame], bool] | None = None,
+        *,
+        timeout: float = 5.0,
+        **fields: Any,
+    ) -> Frame:
+        """The next unconsumed frame of ``type`` matching ``fields`` and ``where``.
+
+        Frames before it stay available to later ``expect`` calls of other
+        types; the matched one is consumed.
+        """
+
+        def match(f: Frame) -> bool:
+            return (
+                f.get("type") == type
+                and all(f.get(k) == v for k, v in fields.items())
+                and (where is None or where(f))
+            )
+
+        with trio.move_on_after(timeout):
+            while True:
+                for i, frame in enumerate(self.frames):
+                    if i in self._consumed:
+                        continue
+                    if match(frame):
+                        self._consumed.add(i)
+                        return frame
+                if self.closed is not None:
+                    break
+                await self._arrived.wait()
+        raise ExpectTimeout(
+            f"{self.name}: no {type} frame matching {fields or ''} within {timeout}s;"
+            f" closed={self.closed}; got {self.frames!r}"
+        )
+
+    async def expect_closed(self, timeout: float = 5.0) -> tuple[int, str | None]:
+        with trio.move_on_after(timeout):
+            while self.closed is None:
+                await self._arrived.wait()
+            return self.closed
+        raise ExpectTimeout(f"{self.name}: still open after {timeout}s; got {self.frames!r}")
+
+    async def quiet(self, type: str, seconds: float = 0.3, **fields: Any) -> None:
+        """Assert that no (unconsumed) frame of ``type`` arrives within ``seconds``."""
+        try:
+            frame = await self.expect(type, timeout=seconds, **fields)
+        except ExpectTimeout:
+            return
+        raise AssertionError(f"{self.name}: unexpected {type} frame {frame!r}")
+
+
+@asynccontextmanager
+async def connect(url: str, name: str = "") -> AsyncIterator[ChatClient]:
+    """``async with connect(url) as client``: a client whose reader runs until
+    the block ends; the socket is closed on exit."""
+    async with open_websocket_url(url) as ws, trio.open_nursery() as nursery:
+        client = ChatClient(ws, name)
+        nursery.start_soon(client._reader)
+        try:
+            yield client
+        finally:
+            await ws.aclose()
+
+
+class Api:
+    """The HTTP API, for tests: thin calls that return (status, json)."""
+
+    def __init__(self, base_url: str) -> None:
+        import httpx
+
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=10.0)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def call(
+        self, method: str, path: str, token: str | None = None, **kwargs: Any
+    ) -> tuple[int, Any]:
+        headers = kwargs.pop("headers", {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        resp = await self.http.request(method, path, headers=headers, **kwargs)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = resp.text
+        return resp.status_code, body
+
+    async def register(self, username: str, password: str = "correct horse") -> tuple[int, Any]:
+        return await self.call(
+            "POST", "/api/register", json={"username": username, "password": password}
+        )
+
+    async def login(self, username: str, password: str = "correct horse") -> str:
+        status, body = await self.call(
+            "POST", "/api/login", json={"username": username, "password": password}
+        )
+        assert status == 200, body
+        return body["token"]
+
+    async def user(self, username: str, password: str = "correct horse") -> str:
+        """Register and log in; returns the token."""
+        status, body = await self.register(username, password)
+        assert status == 201, body
+        return await self.login(username, password)

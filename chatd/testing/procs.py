@@ -1,0 +1,113 @@
+"""Run real ``chatd serve`` processes for tests, on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s: {last}")
+
+
+@dataclass
+class ChatdProcess:
+    """One ``chatd serve`` process. ``start()`` returns once /healthz answers."""
+
+    data_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    http_port: int = 0
+    ws_port: int = 0
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.ws_port}/ws"
+
+    def start(self, timeout: float = 20.0) -> ChatdProcess:
+        self.http_port = self.http_port or free_port()
+        self.ws_port = self.ws_port or free_port()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.log_path or self.data_dir / f"chatd-{self.http_port}.log"
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("CHATD_") or k.startswith("CHATD_TEST_")
+        }
+        env.update(self.env)
+        cmd = [
+            sys.executable,
+            "-m",
+            "chatd",
+            "serve",
+            "--host",
+            self.host,
+            "--http-port",
+            str(self.http_port),
+            "--ws-port",
+            str(self.ws_port),
+            "--data-dir",
+            str(self.data_dir),
+            *self.args,
+        ]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process's lifetime
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        try:
+            wait_http(self.http_url + "/healthz", timeout, self.proc)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""

@@ -1,0 +1,352 @@
+"""The Store port's contract, as a test suite any implementation runs unchanged.
+
+Use it by subclassing in a test module and providing a ``store`` fixture
+that yields a fresh, empty store::
+
+    class TestSqliteStore(StoreContract):
+        @pytest.fixture
+        async def store(self, tmp_path):
+            s = SqliteStore.open(tmp_path)
+            yield s
+            await s.aclose()
+
+Each test states one guarantee from :class:`chatd.ports.Store`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from chatd.core.errors import Conflict
+from chatd.core.ids import UlidFactory
+from chatd.core.model import Mark, NewMessage, ReceiptKey, Sealed, Status, User
+from chatd.ports import Store
+
+_ids = UlidFactory()
+
+
+def sealed(tag: str = "x") -> Sealed:
+    return Sealed(key_id="k1", nonce=os.urandom(12), ciphertext=f"ct-{tag}".encode())
+
+
+def new_message(
+    conversation: str, sender: str, recipients: tuple[str, ...], cid: str | None = None, ts: int = 1
+) -> NewMessage:
+    mid = _ids.new()
+    return NewMessage(mid, conversation, sender, cid or mid, ts, sealed(mid), recipients)
+
+
+async def users(store: Store, *names: str) -> None:
+    for n in names:
+        await store.create_user(User(n, "hash-" + n, 1))
+
+
+class StoreContract:
+    @pytest.fixture
+    async def store(self) -> Store:  # pragma: no cover - provided by subclasses
+        raise NotImplementedError
+
+    # -- users -------------------------------------------------------------------
+
+    async def test_create_and_get_user(self, store: Store) -> None:
+        await store.create_user(User("alice", "h1", 10))
+        got = await store.get_user("alice")
+        assert got is not None
+        assert (got.username, got.password_hash, got.created_ts, got.disabled) == (
+            "alice",
+            "h1",
+            10,
+            False,
+        )
+        assert await store.get_user("nobody") is None
+
+    async def test_username_taken_is_conflict(self, store: Store) -> None:
+        await store.create_user(User("alice", "h1", 10))
+        with pytest.raises(Conflict):
+            await store.create_user(User("alice", "h2", 11))
+        got = await store.get_user("alice")
+        assert got is not None and got.password_hash == "h1"
+
+    async def test_last_seen_only_moves_forward(self, store: Store) -> None:
+        await users(store, "alice")
+        await store.set_last_seen("alice", 500)
+        await store.set_last_seen("alice", 300)
+        got = await store.get_user("alice")
+        assert got is not None and got.last_seen == 500
+
+    # -- conversations -----------------------------------------------------------
+
+    async def test_ensure_dm_is_idempotent_and_deterministic(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        c1 = await store.ensure_dm("bob", "alice", 5)
+        c2 = await store.ensure_dm("alice", "bob", 6)
+        assert c1.id == c2.id == "dm:alice:bob"
+        assert c1.members == ("alice", "bob") and c1.kind == "dm"
+
+    async def test_concurrent_ensure_dm_makes_one(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        out = []
+
+        async def one() -> None:
+            out.append(await store.ensure_dm("alice", "bob", 5))
+
+        async with trio.open_nursery() as n:
+            for _ in range(8):
+                n.start_soon(one)
+        assert {c.id for c in out} == {"dm:alice:bob"}
+        conv = await store.get_conversation("dm:alice:bob")
+        assert conv is not None and conv.members == ("alice", "bob")
+
+    async def test_group_and_membership(self, store: Store) -> None:
+        await users(store, "alice", "bob", "carol", "dave")
+        g = await store.create_group("g:1", "team", ["carol", "alice", "bob"], 7)
+        assert g.members == ("alice", "bob", "carol") and g.title == "team" and g.kind == "group"
+        assert await store.get_conversation("g:1") == g
+        assert await store.get_conversation("g:nope") is None
+        assert await store.shares_conversation("alice", "carol")
+        assert not await store.shares_conversation("alice", "dave")
+
+    async def test_empty_conversation_has_no_last_message(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        await store.ensure_dm("alice", "bob", 3)
+        [summary] = await store.conversations_of("alice")
+        assert summary.last_seq == 0 and summary.unread == 0 and summary.last_message is None
+        assert summary.last_ts is None
+
+    async def test_dm_peers_lists_only_one_to_one(self, store: Store) -> None:
+        await users(store, "alice", "bob", "carol")
+        await store.ensure_dm("alice", "bob", 1)
+        await store.create_group("g:1", None, ["alice", "carol"], 1)
+        assert await store.dm_peers("alice") == ["bob"]
+        assert await store.dm_peers("carol") == []
+
+    async def test_conversations_of_with_unread_and_last_seq(self, store: Store) -> None:
+        await users(store, "alice", "bob", "carol")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        g = await store.create_group("g:1", "g", ["alice", "bob", "carol"], 2)
+        await store.append([new_message(dm.id, "alice", ("bob",), ts=10)])
+        await store.append([new_message(dm.id, "alice", ("bob",), ts=11)])
+        done = await store.append([new_message(g.id, "carol", ("alice", "bob"), ts=20)])
+        summaries = {s.id: s for s in await store.conversations_of("bob")}
+        assert set(summaries) == {dm.id, g.id}
+        assert summaries[dm.id].last_seq == 2 and summaries[dm.id].unread == 2
+        assert summaries[g.id].last_seq == 1 and summaries[g.id].unread == 1
+        assert summaries[g.id].members == ("alice", "bob", "carol")
+        last = summaries[dm.id].last_message
+        assert last is not None and last.seq == 2 and last.ts == 11 and last.sender == "alice"
+        assert summaries[g.id].last_message is not None
+        assert summaries[g.id].last_message.id == done[0].id
+        # Most recent activity first.
+        assert [s.id for s in await store.conversations_of("bob")] == [g.id, dm.id]
+        await store.mark([Mark("bob", done[0].id, Status.SEEN, 30)])
+        assert {s.id: s.unread for s in await store.conversations_of("bob")}[g.id] == 0
+        # The sender has nothing unread of their own.
+        assert {s.id: s.unread for s in await store.conversations_of("alice")}[dm.id] == 0
+
+    # -- messages ----------------------------------------------------------------
+
+    async def test_seq_per_conversation(self, store: Store) -> None:
+        await users(store, "alice", "bob", "carol")
+        ab = await store.ensure_dm("alice", "bob", 1)
+        ac = await store.ensure_dm("alice", "carol", 1)
+        out = await store.append(
+            [
+                new_message(ab.id, "alice", ("bob",)),
+                new_message(ac.id, "alice", ("carol",)),
+                new_message(ab.id, "bob", ("alice",)),
+            ]
+        )
+        assert [(a.conversation, a.seq) for a in out] == [(ab.id, 1), (ac.id, 1), (ab.id, 2)]
+        assert not any(a.duplicate for a in out)
+
+    async def test_idempotent_by_sender_and_cid(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        first = new_message(dm.id, "alice", ("bob",), cid="same", ts=5)
+        [a1] = await store.append([first])
+        again = new_message(dm.id, "alice", ("bob",), cid="same", ts=9)
+        [a2] = await store.append([again])
+        assert a2.duplicate and (a2.id, a2.seq, a2.ts) == (a1.id, a1.seq, 5)
+        # The same cid from another sender is another message.
+        [b1] = await store.append([new_message(dm.id, "bob", ("alice",), cid="same")])
+        assert not b1.duplicate and b1.seq == 2
+        history = await store.history(dm.id, None, 10)
+        assert [m.id for m in history] == [a1.id, b1.id]
+
+    async def test_idempotent_within_one_batch(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        out = await store.append(
+            [
+                new_message(dm.id, "alice", ("bob",), cid="c"),
+                new_message(dm.id, "alice", ("bob",), cid="c"),
+            ]
+        )
+        assert [a.duplicate for a in out] == [False, True]
+        assert out[0].id == out[1].id and out[0].seq == out[1].seq == 1
+
+    async def test_concurrent_appends_have_no_gaps(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        seqs: list[int] = []
+
+        async def writer(i: int) -> None:
+            for j in range(10):
+                [done] = await store.append([new_message(dm.id, "alice", ("bob",), f"{i}-{j}")])
+                seqs.append(done.seq)
+
+        async with trio.open_nursery() as n:
+            for i in range(5):
+                n.start_soon(writer, i)
+        assert sorted(seqs) == list(range(1, 51))
+
+    async def test_bodies_are_stored_as_given(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        msg = new_message(dm.id, "alice", ("bob",))
+        await store.append([msg])
+        [got] = await store.get_messages([msg.id])
+        assert got.body == msg.body and got.sender == "alice" and got.ts == msg.ts
+
+    async def test_history_pages_oldest_first(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        for _ in range(7):
+            await store.append([new_message(dm.id, "alice", ("bob",))])
+        last3 = await store.history(dm.id, None, 3)
+        assert [m.seq for m in last3] == [5, 6, 7]
+        before5 = await store.history(dm.id, 5, 3)
+        assert [m.seq for m in before5] == [2, 3, 4]
+        assert [m.seq for m in await store.history(dm.id, 2, 10)] == [1]
+        assert await store.history(dm.id, 1, 10) == []
+        assert await store.history("dm:nobody:other", None, 10) == []
+
+    # -- receipts ----------------------------------------------------------------
+
+    async def test_delivered_then_seen_reported_once(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        msg = new_message(dm.id, "alice", ("bob",))
+        await store.append([msg])
+        [r1] = await store.mark([Mark("bob", msg.id, Status.DELIVERED, 100)])
+        assert r1.known and [(t.status, t.member, t.sender, t.ts) for t in r1.transitions] == [
+            (Status.DELIVERED, "bob", "alice", 100)
+        ]
+        [r2] = await store.mark([Mark("bob", msg.id, Status.DELIVERED, 101)])
+        assert r2.known and r2.transitions == ()
+        [r3] = await store.mark([Mark("bob", msg.id, Status.SEEN, 102)])
+        assert [t.status for t in r3.transitions] == [Status.SEEN]
+        [r4] = await store.mark([Mark("bob", msg.id, Status.SEEN, 103)])
+        assert r4.transitions == ()
+        [got] = await store.history(dm.id, None, 1)
+        assert got.delivered_to == ("bob",) and got.seen_by == ("bob",)
+
+    async def test_seen_first_makes_both_receipts(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        msg = new_message(dm.id, "alice", ("bob",))
+        await store.append([msg])
+        [r] = await store.mark([Mark("bob", msg.id, Status.SEEN, 100)])
+        assert [t.status for t in r.transitions] == [Status.DELIVERED, Status.SEEN]
+        [r2] = await store.mark([Mark("bob", msg.id, Status.DELIVERED, 101)])
+        assert r2.transitions == ()
+
+    async def test_marks_by_strangers_and_senders(self, store: Store) -> None:
+        await users(store, "alice", "bob", "eve")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        msg = new_message(dm.id, "alice", ("bob",))
+        await store.append([msg])
+        eve, own, unknown = await store.mark(
+            [
+                Mark("eve", msg.id, Status.SEEN, 1),
+                Mark("alice", msg.id, Status.SEEN, 1),
+                Mark("bob", "no-such-id", Status.SEEN, 1),
+            ]
+        )
+        assert not eve.known and eve.transitions == ()
+        assert own.known and own.transitions == ()
+        assert not unknown.known
+        [got] = await store.history(dm.id, None, 1)
+        assert got.delivered_to == () and got.seen_by == ()
+
+    async def test_concurrent_marks_report_one_transition(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        msg = new_message(dm.id, "alice", ("bob",))
+        await store.append([msg])
+        made = []
+
+        async def marker() -> None:
+            [r] = await store.mark([Mark("bob", msg.id, Status.DELIVERED, 5)])
+            made.extend(r.transitions)
+
+        async with trio.open_nursery() as n:
+            for _ in range(6):
+                n.start_soon(marker)
+        assert len(made) == 1
+
+    async def test_group_receipts_are_per_member(self, store: Store) -> None:
+        await users(store, "alice", "bob", "carol")
+        g = await store.create_group("g:1", None, ["alice", "bob", "carol"], 1)
+        msg = new_message(g.id, "alice", ("bob", "carol"))
+        await store.append([msg])
+        await store.mark([Mark("bob", msg.id, Status.SEEN, 5)])
+        await store.mark([Mark("carol", msg.id, Status.DELIVERED, 6)])
+        [got] = await store.history(g.id, None, 1)
+        assert got.delivered_to == ("bob", "carol") and got.seen_by == ("bob",)
+
+    async def test_owed_messages_until_delivered(self, store: Store) -> None:
+        await users(store, "alice", "bob", "carol")
+        ab = await store.ensure_dm("alice", "bob", 1)
+        g = await store.create_group("g:1", None, ["alice", "bob", "carol"], 1)
+        m1 = new_message(ab.id, "alice", ("bob",))
+        m2 = new_message(g.id, "carol", ("alice", "bob"))
+        m3 = new_message(ab.id, "alice", ("bob",))
+        await store.append([m1, m2, m3])
+        owed = await store.owed_messages("bob", 100)
+        # Ordered by conversation, then seq.
+        assert [(m.conversation, m.seq) for m in owed] == sorted(
+            (m.conversation, m.seq) for m in owed
+        )
+        assert {m.id for m in owed} == {m1.id, m2.id, m3.id}
+        assert [m.id for m in await store.owed_messages("alice", 100)] == [m2.id]
+        await store.mark([Mark("bob", m1.id, Status.DELIVERED, 5)])
+        await store.mark([Mark("bob", m2.id, Status.SEEN, 5)])
+        assert [m.id for m in await store.owed_messages("bob", 100)] == [m3.id]
+        assert len(await store.owed_messages("bob", 0)) == 0
+
+    async def test_owed_receipts_until_acked(self, store: Store) -> None:
+        await users(store, "alice", "bob", "carol")
+        g = await store.create_group("g:1", None, ["alice", "bob", "carol"], 1)
+        msg = new_message(g.id, "alice", ("bob", "carol"))
+        await store.append([msg])
+        assert await store.owed_receipts("alice", 100) == []
+        await store.mark([Mark("bob", msg.id, Status.SEEN, 5)])
+        await store.mark([Mark("carol", msg.id, Status.DELIVERED, 6)])
+        owed = await store.owed_receipts("alice", 100)
+        assert sorted((r.member, r.status.value, r.ts) for r in owed) == [
+            ("bob", "delivered", 5),
+            ("bob", "seen", 5),
+            ("carol", "delivered", 6),
+        ]
+        assert all(r.message_id == msg.id and r.sender == "alice" for r in owed)
+        # Someone else acking alice's receipts changes nothing.
+        await store.ack_receipts([("bob", ReceiptKey(msg.id, "carol", Status.DELIVERED))])
+        assert len(await store.owed_receipts("alice", 100)) == 3
+        # A seen ack settles the delivered receipt of the same member too.
+        await store.ack_receipts([("alice", ReceiptKey(msg.id, "bob", Status.SEEN))])
+        owed = await store.owed_receipts("alice", 100)
+        assert [(r.member, r.status.value) for r in owed] == [("carol", "delivered")]
+        await store.ack_receipts([("alice", ReceiptKey(msg.id, "carol", Status.DELIVERED))])
+        assert await store.owed_receipts("alice", 100) == []
+        # A later seen by carol is owed again (a new receipt).
+        await store.mark([Mark("carol", msg.id, Status.SEEN, 9)])
+        assert [(r.member, r.status.value) for r in await store.owed_receipts("alice", 100)] == [
+            ("carol", "seen")
+        ]
+
+    async def test_ping(self, store: Store) -> None:
+        await store.ping()

@@ -1,0 +1,45 @@
+"""The one place that picks implementations from the configuration.
+
+An unknown store or broker name is an error, never a silent default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from chatd.config import Config, ConfigError
+from chatd.ports import Broker, Store
+
+
+def _sqlite(config: Config) -> Store:
+    from chatd.store.sqlite import SqliteStore
+
+    return SqliteStore.open(config.data_dir)
+
+
+def _memory(config: Config) -> Broker:
+    from chatd.broker.memory import MemoryBroker
+
+    return MemoryBroker()
+
+
+STORES: dict[str, Callable[[Config], Store]] = {"sqlite": _sqlite}
+BROKERS: dict[str, Callable[[Config], Broker]] = {"memory": _memory}
+
+
+def open_store(config: Config) -> Store:
+    factory = STORES.get(config.store_kind)
+    if factory is None:
+        raise ConfigError(
+            f"unknown store '{config.store_kind}' (available: {', '.join(sorted(STORES))})"
+        )
+    return factory(config)
+
+
+def open_broker(config: Config) -> Broker:
+    factory = BROKERS.get(config.broker_kind)
+    if factory is None:
+        raise ConfigError(
+            f"unknown broker '{config.broker_kind}' (available: {', '.join(sorted(BROKERS))})"
+        )
+    return factory(config)
