@@ -88,6 +88,9 @@ class Hub:
     def connections(self, user: str) -> list[Connection]:
         return list(self._by_user.get(user, {}).values())
 
+    def users(self) -> list[str]:
+        return list(self._by_user)
+
     def all(self) -> list[Connection]:
         return [c for conns in self._by_user.values() for c in conns.values()]
 

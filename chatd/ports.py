@@ -169,6 +169,12 @@ class Owed:
 #: user with a connection on this node. Must not block.
 Deliver = Callable[[Inbound], None]
 
+#: Called by the broker when live delivery to this node was interrupted and
+#: is back (a lost subscription, a backend restart): items routed meanwhile
+#: may not have arrived, so the service re-offers what is owed from the
+#: store. Must not block.
+Resync = Callable[[], None]
+
 
 class Broker(Protocol):
     """Presence, the owed queue per user, and fan-out to the nodes that hold
@@ -193,11 +199,18 @@ class Broker(Protocol):
       with one process are exempt: they die with their connections).
     * :meth:`run` delivers inbound items for this node's users until
       cancelled; ``task_status.started()`` is called only once delivery is
-      live.
+      live. It survives its backend going away: it keeps retrying (with
+      backoff, bounded memory) and calls ``resync`` once delivery is live
+      again. Other methods raise Unavailable while the backend is away.
     """
 
     async def run(
-        self, node: str, deliver: Deliver, *, task_status: trio.TaskStatus[None] = ...
+        self,
+        node: str,
+        deliver: Deliver,
+        resync: Resync,
+        *,
+        task_status: trio.TaskStatus[None] = ...,
     ) -> None: ...
 
     async def route(self, items: Sequence[Routed]) -> None: ...

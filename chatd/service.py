@@ -120,6 +120,7 @@ class ChatService:
             "ack_receipts", store.ack_receipts
         )
         self._stop = trio.Event()
+        self._resync_wanted = trio.Event()
         self.stopped = trio.Event()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -132,7 +133,8 @@ class ChatService:
         """
         try:
             async with trio.open_nursery() as outer:
-                await outer.start(self.broker.run, self.node, self.hub.dispatch)
+                await outer.start(self.broker.run, self.node, self.hub.dispatch, self.resync)
+                outer.start_soon(self._resync_loop)
                 async with trio.open_nursery() as writers:
                     for batcher in (self._append, self._mark, self._receipt_acks):
                         await writers.start(batcher.run)
@@ -146,6 +148,28 @@ class ChatService:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def resync(self) -> None:
+        """The broker lost live delivery for a while: re-offer what is owed."""
+        self._resync_wanted.set()
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await self._resync_wanted.wait()
+            self._resync_wanted = trio.Event()
+            log.info("resync: offering owed items again", extra={"users": len(self.hub.users())})
+            for user in self.hub.users():
+                try:
+                    items = await self.backlog(user)
+                except ChatError as exc:
+                    log.warning("resync failed; retrying", extra={"reason": exc.message})
+                    await trio.sleep(1)
+                    self._resync_wanted.set()
+                    break
+                items.sort(key=lambda i: i.order)
+                for conn in self.hub.connections(user):
+                    for item in items:
+                        conn.offer(item)
 
     async def readiness(self) -> Readiness:
         checks: dict[str, str] = {}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import trio
 
 from chatd.core.model import Presence
-from chatd.ports import Deliver, Inbound, Owed, Routed
+from chatd.ports import Deliver, Inbound, Owed, Resync, Routed
 
 DEFAULT_QUEUE_LIMIT = 10_000
 

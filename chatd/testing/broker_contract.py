@@ -34,12 +34,16 @@ class Node:
         self.broker = broker
         self.name = name
         self.got: list[Inbound] = []
+        self.resyncs = 0
         self._arrived = trio.Event()
 
     def deliver(self, item: Inbound) -> None:
         self.got.append(item)
         self._arrived.set()
         self._arrived = trio.Event()
+
+    def resync(self) -> None:
+        self.resyncs += 1
 
     async def wait_for(self, count: int, timeout: float = 5.0) -> list[Inbound]:
         with trio.fail_after(timeout):
@@ -54,7 +58,7 @@ class Node:
 
 async def start_node(nursery: trio.Nursery, broker: Broker, name: str) -> Node:
     node = Node(broker, name)
-    await nursery.start(broker.run, name, node.deliver)
+    await nursery.start(broker.run, name, node.deliver, node.resync)
     return node
 
 
