@@ -31,9 +31,11 @@ class MemoryBroker:
         self,
         node: str,
         deliver: Deliver,
+        resync: Resync,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        # Delivery never breaks inside one process: ``resync`` is never called.
         if node in self._nodes:
             raise RuntimeError(f"node '{node}' is already running on this broker")
         self._nodes[node] = deliver
