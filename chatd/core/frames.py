@@ -122,12 +122,8 @@ def _parse_auth(obj: dict[str, Any]) -> Auth:
 
 
 def _parse_send(obj: dict[str, Any]) -> Send:
-    raw_cid = obj.get("cid")
-    cid = raw_cid if isinstance(raw_cid, str) and 1 <= len(raw_cid) <= 64 else None
-    try:
-        cid = check_cid(raw_cid)
-    except BadRequest as exc:
-        raise exc.with_cid(cid) from None
+    # A cid that is not valid is not echoed back: the error then has no cid.
+    cid = check_cid(obj.get("cid"))
     body = _str(obj, "body", cid=cid)
     if len(body) > MAX_BODY_CHARS:
         raise TooLarge(f"body is over {MAX_BODY_CHARS} characters", cid=cid)

@@ -1,0 +1,223 @@
+"""Every bad-input class of the contract gets its defined answer, the
+connection keeps working where the contract says so, and nothing already
+stored is lost or altered."""
+
+import json
+
+import pytest
+import trio
+
+from chatd.testing.client import connect
+
+pytestmark = pytest.mark.e2e
+
+
+async def pair(api, names):
+    alice, bob = names("alice"), names("bob")
+    return alice, bob, await api.user(alice), await api.user(bob)
+
+
+async def test_malformed_frames_get_errors_and_the_connection_stays(server, api, names):
+    alice, bob, ta, _ = await pair(api, names)
+    async with connect(server.ws_url, alice) as a:
+        await a.auth(ta)
+        cases = [
+            ("not json", "bad_request"),
+            ("[1,2,3]", "bad_request"),
+            ('"just a string"', "bad_request"),
+            (json.dumps({"no": "type"}), "bad_request"),
+            (json.dumps({"type": "launch"}), "bad_request"),
+            (json.dumps({"type": "send", "cid": "c", "to": "x"}), "bad_request"),
+            (json.dumps({"type": "send", "cid": 5, "to": bob, "body": "x"}), "bad_request"),
+            (json.dumps({"type": "ack", "ids": "nope"}), "bad_request"),
+            (json.dumps({"type": "seen"}), "bad_request"),
+            (json.dumps({"type": "auth", "token": ta}), "bad_request"),  # already authenticated
+            (b'{"type": "ping"}', "bad_request"),  # binary frame
+        ]
+        for raw, code in cases:
+            await a.send_json(raw)
+            err = await a.expect("error")
+            assert err["code"] == code, (raw, err)
+            assert err["message"]
+        # Still usable.
+        await a.send_json({"type": "ping"})
+        await a.expect("pong")
+        cid = await a.send("still here", to=bob)
+        await a.expect("sent", cid=cid)
+
+
+async def test_oversize_frame_and_body(server, api, names):
+    alice, bob, ta, tb = await pair(api, names)
+    async with connect(server.ws_url, alice) as a, connect(server.ws_url, bob) as b:
+        await a.auth(ta)
+        await b.auth(tb)
+        big = json.dumps({"type": "send", "cid": "big", "to": bob, "body": "x" * 70_000})
+        await a.send_json(big)
+        err = await a.expect("error")
+        assert err["code"] == "too_large"
+        await a.send_json({"type": "send", "cid": "long", "to": bob, "body": "y" * 4001})
+        err = await a.expect("error", cid="long")
+        assert err["code"] == "too_large"
+        cid = await a.send("z" * 4000, to=bob)  # exactly at the limit is fine
+        sent = await a.expect("sent", cid=cid)
+        msg = await b.expect("message", id=sent["id"])
+        assert len(msg["body"]) == 4000
+        await b.quiet("message", 0.3)  # the refused ones were not delivered
+        # A frame over the 1 MiB transport limit closes the socket with 1009.
+        await a.send_json("x" * (1024 * 1024 + 10))
+        code, _ = await a.expect_closed()
+        assert code == 1009
+
+
+async def test_frames_before_auth_are_refused_but_connection_stays(server, api, names):
+    alice, _, ta, _ = await pair(api, names)
+    async with connect(server.ws_url, alice) as a:
+        await a.send_json({"type": "ping"})
+        err = await a.expect("error")
+        assert err["code"] == "unauthorized"
+        await a.send_json({"type": "send", "cid": "c", "to": "bob", "body": "x"})
+        assert (await a.expect("error"))["code"] == "unauthorized"
+        await a.send_json("garbage")
+        assert (await a.expect("error"))["code"] == "bad_request"
+        await a.auth(ta)
+        await a.send_json({"type": "ping"})
+        await a.expect("pong")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not-a-jwt",
+        # A well-formed token signed with another secret.
+        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsImlhdCI6MTcwMDAwMDAwMCwi"
+        "ZXhwIjo0MTAwMDAwMDAwLCJpc3MiOiJjaGF0ZCJ9.qH0xVg0nkrkP1t0s6wTlh6f2Yy2wYkQ8oQ8Cj3Ckq9Y",
+    ],
+)
+async def test_bad_token_closes_4001(server, token):
+    async with connect(server.ws_url) as a:
+        await a.send_json({"type": "auth", "token": token})
+        err = await a.expect("error")
+        assert err["code"] == "unauthorized"
+        code, _ = await a.expect_closed()
+        assert code == 4001
+
+
+async def test_token_of_unknown_user_closes_4001(tmp_path):
+    """A token that verifies but names no user (e.g. a deleted one)."""
+    import jwt
+
+    from chatd.testing.procs import ChatdProcess
+
+    secret = "s" * 40
+    proc = ChatdProcess(tmp_path, env={"JWT_SECRET": secret}).start()
+    try:
+        token = jwt.encode(
+            {"sub": "ghost", "iat": 1, "exp": 2**33, "iss": "chatd"}, secret, algorithm="HS256"
+        )
+        async with connect(proc.ws_url) as a:
+            await a.send_json({"type": "auth", "token": token})
+            assert (await a.expect("error"))["code"] == "unauthorized"
+            assert (await a.expect_closed())[0] == 4001
+    finally:
+        assert proc.stop() == 0
+
+
+async def test_unknown_users_and_foreign_conversations(server, api, names):
+    alice, bob, ta, tb = await pair(api, names)
+    carol = names("carol")
+    tc = await api.user(carol)
+    async with connect(server.ws_url, alice) as a, connect(server.ws_url, carol) as c:
+        await a.auth(ta)
+        await c.auth(tc)
+        cid = await a.send("hi", to=bob)
+        sent = await a.expect("sent", cid=cid)
+
+        cid = await a.send("hello?", to=names("nobody"))
+        assert (await a.expect("error", cid=cid))["code"] == "not_found"
+        cid = await a.send("me", to=alice)
+        assert (await a.expect("error", cid=cid))["code"] == "bad_request"
+        # carol writes into alice and bob's conversation: forbidden.
+        cid = await c.send("let me in", conversation=sent["conversation"])
+        assert (await c.expect("error", cid=cid))["code"] == "forbidden"
+        cid = await c.send("nope", conversation="g:01NOSUCHGROUP")
+        assert (await c.expect("error", cid=cid))["code"] == "not_found"
+        await c.send_json({"type": "typing", "conversation": sent["conversation"]})
+        assert (await c.expect("error"))["code"] == "forbidden"
+        # carol acks or marks seen a message that is not hers: not_found, no receipt.
+        await c.seen([sent["id"]])
+        err = await c.expect("error")
+        assert err["code"] == "not_found" and err["ids"] == [sent["id"]]
+        await a.quiet("receipt", 0.3)
+        # Her HTTP view of it is refused too.
+        status, body = await api.call(
+            "GET", f"/api/conversations/{sent['conversation']}/messages", tc
+        )
+        assert status == 403 and body["error"]["code"] == "forbidden"
+        status, body = await api.call("GET", f"/api/users/{alice}", tc)
+        assert status == 404
+    # Nothing stored was altered: bob still owes one unread message.
+    status, body = await api.call("GET", "/api/conversations", tb)
+    [conv] = body["conversations"]
+    assert conv["unread"] == 1 and conv["last_seq"] == 1
+    status, body = await api.call("GET", f"/api/conversations/{conv['id']}/messages", tb)
+    assert [m["body"] for m in body["messages"]] == ["hi"]
+    assert body["messages"][0]["seen_by"] == []
+
+
+async def test_sender_is_always_the_authenticated_user(server, api, names):
+    alice, bob, ta, tb = await pair(api, names)
+    async with connect(server.ws_url, alice) as a, connect(server.ws_url, bob) as b:
+        await a.auth(ta)
+        await b.auth(tb)
+        await a.send_json(
+            {"type": "send", "cid": "spoof", "to": bob, "body": "hi", "from": bob, "sender": bob}
+        )
+        sent = await a.expect("sent", cid="spoof")
+        msg = await b.expect("message", id=sent["id"])
+        assert msg["from"] == alice
+
+
+async def test_rate_limited(tmp_path, names):
+    from chatd.testing.client import Api
+    from chatd.testing.procs import ChatdProcess
+
+    proc = ChatdProcess(tmp_path, args=["--rate", "1", "--burst", "3"]).start()
+    api = Api(proc.http_url)
+    try:
+        alice, bob = names("alice"), names("bob")
+        ta = await api.user(alice)
+        await api.user(bob)
+        async with connect(proc.ws_url, alice) as a:
+            await a.auth(ta)
+            cids = [await a.send(f"m{i}", to=bob) for i in range(6)]
+            results = {}
+            for cid in cids:
+                with trio.fail_after(5):
+                    while cid not in results:
+                        for f in a.frames:
+                            if f.get("cid") == cid:
+                                results[cid] = f["type"] if f["type"] == "sent" else f["code"]
+                        await trio.sleep(0.02)
+            assert list(results.values()).count("sent") >= 3
+            assert "rate_limited" in results.values()
+    finally:
+        await api.aclose()
+        assert proc.stop() == 0
+
+
+async def test_auth_deadline_closes_4001(server):
+    """The contract's 10 s: a connection that never authenticates is closed."""
+    async with connect(server.ws_url) as a:
+        with trio.fail_after(12):
+            code, _ = await a.expect_closed(timeout=12)
+        assert code == 4001
+        assert a.frames[-1]["code"] == "unauthorized"
+
+
+async def test_unknown_ws_path_is_refused(server):
+    from trio_websocket import ConnectionRejected, open_websocket_url
+
+    with pytest.raises(ConnectionRejected) as info:
+        async with open_websocket_url(server.ws_url.replace("/ws", "/other")):
+            pass
+    assert info.value.status_code == 404

@@ -1,0 +1,117 @@
+"""Restarts, shutdown and what lands on disk, with real processes."""
+
+import signal
+import sqlite3
+import time
+
+import pytest
+import trio
+
+from chatd.testing.client import Api, connect
+from chatd.testing.procs import ChatdProcess
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_restart_with_same_data_dir_loses_nothing_owed(tmp_path, names):
+    proc = ChatdProcess(tmp_path).start()
+    api = Api(proc.http_url)
+    alice, bob = names("alice"), names("bob")
+    ta, tb = await api.user(alice), await api.user(bob)
+    async with connect(proc.ws_url, alice) as a:
+        await a.auth(ta)
+        sent = []
+        for i in range(3):
+            cid = await a.send(f"before restart {i}", to=bob)
+            sent.append(await a.expect("sent", cid=cid))
+    async with connect(proc.ws_url, bob) as b:
+        await b.auth(tb)
+        first = await b.expect("message", id=sent[0]["id"])
+        await b.seen([first["id"]])  # alice is offline: receipts are owed to her
+        await trio.sleep(0.2)
+    await api.aclose()
+    assert proc.stop() == 0
+
+    proc = ChatdProcess(tmp_path, http_port=proc.http_port, ws_port=proc.ws_port).start()
+    api = Api(proc.http_url)
+    try:
+        # The same token still works: the secret is kept in the data dir.
+        async with connect(proc.ws_url, bob) as b:
+            await b.auth(tb)
+            rest = [await b.expect("message") for _ in range(2)]
+            assert [m["id"] for m in rest] == [s["id"] for s in sent[1:]]
+            assert rest[0]["body"] == "before restart 1"
+        async with connect(proc.ws_url, alice) as a:
+            await a.auth(ta)
+            got = {(r["id"], r["status"]) for r in [await a.expect("receipt") for _ in range(2)]}
+            assert got == {(sent[0]["id"], "delivered"), (sent[0]["id"], "seen")}
+    finally:
+        await api.aclose()
+        assert proc.stop() == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_shutdown_closes_1001_and_exits_0(tmp_path, names, signum):
+    proc = ChatdProcess(tmp_path).start()
+    api = Api(proc.http_url)
+    alice, bob = names("alice"), names("bob")
+    ta, _ = await api.user(alice), await api.user(bob)
+    await api.aclose()
+    async with connect(proc.ws_url, alice) as a:
+        await a.auth(ta)
+        # A burst of sends in flight when the signal lands.
+        cids = [await a.send(f"m{i}", to=bob) for i in range(20)]
+        proc.proc.send_signal(signum)
+        started = time.monotonic()
+        code, _ = await a.expect_closed(timeout=10)
+        assert code == 1001
+    rc = await trio.to_thread.run_sync(proc.proc.wait, 10)
+    assert rc == 0
+    assert time.monotonic() - started < 8
+    # Every send answered with `sent` before the close is in the store.
+    answered = {f["cid"]: f for f in a.frames if f["type"] == "sent"}
+    proc = ChatdProcess(tmp_path).start()
+    api = Api(proc.http_url)
+    try:
+        if answered:
+            conv = next(iter(answered.values()))["conversation"]
+            status, body = await api.call("GET", f"/api/conversations/{conv}/messages", ta)
+            stored_ids = {m["id"] for m in body["messages"]}
+            assert {f["id"] for f in answered.values()} <= stored_ids
+        assert set(answered) <= set(cids)
+    finally:
+        await api.aclose()
+        assert proc.stop() == 0
+
+
+async def test_no_plaintext_at_rest(tmp_path, names):
+    secret_words = "purple elephants dance at midnight"
+    proc = ChatdProcess(tmp_path).start()
+    api = Api(proc.http_url)
+    alice, bob = names("alice"), names("bob")
+    ta, tb = await api.user(alice), await api.user(bob)
+    try:
+        async with connect(proc.ws_url, alice) as a, connect(proc.ws_url, bob) as b:
+            await a.auth(ta)
+            await b.auth(tb)
+            cid = await a.send(secret_words, to=bob)
+            sent = await a.expect("sent", cid=cid)
+            msg = await b.expect("message", id=sent["id"])
+            assert msg["body"] == secret_words
+    finally:
+        await api.aclose()
+        assert proc.stop() == 0
+    needle = secret_words.encode()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "chatd.sqlite3" for p in files)
+    for path in files:  # database, WAL, logs, key files: nowhere in plaintext
+        assert needle not in path.read_bytes(), path
+        assert b"purple" not in path.read_bytes(), path
+    db = sqlite3.connect(tmp_path / "chatd.sqlite3")
+    [(key_id, nonce, ct)] = db.execute(
+        "SELECT key_id, nonce, ciphertext FROM messages WHERE id = ?", (sent["id"],)
+    ).fetchall()
+    assert key_id and len(nonce) == 12 and len(ct) == len(needle) + 16  # GCM tag
+    # Passwords are argon2id hashes, never the password.
+    for (pw_hash,) in db.execute("SELECT pw_hash FROM users"):
+        assert pw_hash.startswith("$argon2id$") and "correct horse" not in pw_hash
