@@ -340,7 +340,13 @@ class ChatService:
         """Register a connection here and in presence; announce a first device."""
         assert conn.user is not None
         self.hub.add(conn)
-        first = await self.broker.attach(conn.user, self.node, conn.id)
+        try:
+            first = await self.broker.attach(conn.user, self.node, conn.id)
+        except Unavailable as exc:
+            # The device still gets live traffic routed to this node by
+            # whoever can reach it; the broker re-asserts presence once back.
+            log.warning("broker unavailable; presence deferred", extra={"reason": exc.message})
+            return
         if first:
             await self._announce(conn.user, online=True, last_seen=None)
 
@@ -349,7 +355,11 @@ class ChatService:
             return
         self.hub.remove(conn)
         now = self.clock.now_ms()
-        last = await self.broker.detach(conn.user, self.node, conn.id, now)
+        try:
+            last = await self.broker.detach(conn.user, self.node, conn.id, now)
+        except Unavailable as exc:
+            log.warning("broker unavailable; presence deferred", extra={"reason": exc.message})
+            return
         if last:
             await self.store.set_last_seen(conn.user, now)
             await self._announce(conn.user, online=False, last_seen=now)
@@ -358,12 +368,17 @@ class ChatService:
         peers = await self.store.dm_peers(user)
         if peers:
             payload = encode(PresenceEnvelope(user, online, last_seen))
-            await self.broker.route([Routed(p, "presence", payload, owed=False) for p in peers])
+            await self._route([Routed(p, "presence", payload, owed=False) for p in peers])
 
     async def backlog(self, user: str) -> list[Outbound]:
         """Everything owed to ``user``: the broker's queue and the store's record,
         merged by key (the store is the authority; the queue is the fast path)."""
-        queued = await self.broker.owed(user)
+        try:
+            queued = await self.broker.owed(user)
+        except Unavailable as exc:
+            # The store alone still knows everything that is owed.
+            log.warning("broker unavailable; backlog from the store", extra={"reason": exc.message})
+            queued = []
         stored = await self.store.owed_messages(user, BACKLOG_LIMIT)
         receipts = await self.store.owed_receipts(user, BACKLOG_LIMIT)
         items: dict[str, Outbound] = {}

@@ -29,6 +29,9 @@ from chatd.service import ChatService
 log = logging.getLogger("chatd.ws")
 
 OUTBOX = 1024
+#: Seconds between WebSocket pings; a peer that does not answer within the
+#: next interval is dropped. Proxies need read timeouts above this.
+PING_INTERVAL = 30.0
 TRANSPORT_LIMIT = 1024 * 1024
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_TOO_SLOW = 4008
@@ -90,6 +93,7 @@ class WsConnection:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write_loop, nursery.cancel_scope)
+                    nursery.start_soon(self._keepalive, nursery.cancel_scope)
                     try:
                         await self._read_loop()
                     finally:
@@ -106,11 +110,33 @@ class WsConnection:
                     await self.ws.aclose(*self._close)
 
     async def _write_loop(self, scope: trio.CancelScope) -> None:
+        """Drain the outbox onto the socket. It ends the connection's nursery
+        when the outbox is closed and empty, or when the socket is gone."""
         try:
             async for text in self._out_recv:
                 await self.ws.send_message(text)
         except ConnectionClosed:
+            pass
+        finally:
             scope.cancel()
+
+    async def _keepalive(self, scope: trio.CancelScope) -> None:
+        """WebSocket pings: keep proxies from timing out an idle connection and
+        find peers that vanished without closing (a dead phone, a cut cable)."""
+        while True:
+            await trio.sleep(PING_INTERVAL)
+            with trio.move_on_after(PING_INTERVAL) as wait:
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed:
+                    return
+            if wait.cancelled_caught:
+                log.info(
+                    "closing a connection that stopped answering pings", extra={"conn": self.id}
+                )
+                self._close = (CLOSE_GOING_AWAY, "no pong")
+                scope.cancel()
+                return
 
     def _push(self, frame: dict) -> None:
         try:
@@ -280,6 +306,10 @@ async def serve_ws(
             handler_nursery=handler_nursery,
             max_message_size=TRANSPORT_LIMIT,
             message_queue_size=8,
+            # A TCP connection that never finishes the handshake, or never
+            # answers our close, must not hold a handler for long.
+            connect_timeout=10,
+            disconnect_timeout=5,
             task_status=task_status,
         )
 

@@ -150,6 +150,7 @@ class SqliteStore:
         self._free = list(self._pool)
         self._lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(pool_size)
+        self._write_lock = trio.Lock()
         # CREATE ... IF NOT EXISTS throughout: safe when several replicas
         # sharing the data dir start at once (the busy timeout serialises them).
         self._pool[0].executescript(SCHEMA)
@@ -168,6 +169,12 @@ class SqliteStore:
             finally:
                 with self._lock:
                     self._free.append(conn)
+
+    async def _write(self, fn: Callable[..., T], *args: object) -> T:
+        # One writer at a time inside this process: SQLite would serialise
+        # the transactions anyway, but through its busy handler, which sleeps.
+        async with self._write_lock:
+            return await self._run(fn, *args)
 
     async def aclose(self) -> None:
         for conn in self._pool:
@@ -190,7 +197,7 @@ class SqliteStore:
             except sqlite3.IntegrityError:
                 raise Conflict(f"username '{user.username}' is taken") from None
 
-        await self._run(fn)
+        await self._write(fn)
 
     async def get_user(self, username: str) -> User | None:
         def fn(db: sqlite3.Connection) -> User | None:
@@ -214,7 +221,7 @@ class SqliteStore:
                     (ts, username),
                 )
 
-        await self._run(fn)
+        await self._write(fn)
 
     # -- conversations -------------------------------------------------------------
 
@@ -258,7 +265,7 @@ class SqliteStore:
             assert conv is not None
             return conv
 
-        return await self._run(fn)
+        return await self._write(fn)
 
     async def create_group(
         self, id: str, title: str | None, members: Sequence[str], ts: int
@@ -278,7 +285,7 @@ class SqliteStore:
             assert conv is not None
             return conv
 
-        return await self._run(fn)
+        return await self._write(fn)
 
     async def get_conversation(self, id: str) -> Conversation | None:
         return await self._run(self._conversation, id)
@@ -407,7 +414,7 @@ class SqliteStore:
                     out.append(Appended(msg.id, msg.conversation, seq, msg.ts, duplicate=False))
             return out
 
-        return await self._run(fn)
+        return await self._write(fn)
 
     @staticmethod
     def _with_receipts(
@@ -508,7 +515,7 @@ class SqliteStore:
                     )
             return out
 
-        return await self._run(fn)
+        return await self._write(fn)
 
     async def ack_receipts(self, acks: Sequence[tuple[str, ReceiptKey]]) -> list[None]:
         def fn(db: sqlite3.Connection) -> list[None]:
@@ -526,7 +533,7 @@ class SqliteStore:
                     )
             return [None] * len(acks)
 
-        return await self._run(fn)
+        return await self._write(fn)
 
     async def owed_messages(self, username: str, limit: int) -> list[StoredMessage]:
         def fn(db: sqlite3.Connection) -> list[StoredMessage]:

@@ -1,0 +1,798 @@
+"""The Redis broker: presence, owed queues and fan-out shared by many nodes.
+
+One Redis (or Redis Cluster: every script touches one hash slot) serves all
+``chatd`` processes. docs/redis.md has the key layout, the scripts' logic,
+the outage behaviour and the client measurements; in short:
+
+* **Incarnations.** Each broker instance draws a random token; a node it
+  serves is known to Redis as the *incarnation* ``<node>#<token>``. A node
+  restarted under the same name is a new incarnation, so the connections of
+  the one that died are never mistaken for live ones.
+* **Presence.** ``chatd:{u:<user>}:conns`` maps a user's connection ids to
+  incarnations. An incarnation is alive while its heartbeat key
+  ``chatd:hb:<incarnation>`` exists (TTL ``presence_ttl``, refreshed by
+  :meth:`RedisBroker.run` every ``heartbeat_interval``). Reads ignore the
+  connections of dead incarnations and remove them, so a node that was
+  killed leaves presence within ``presence_ttl`` seconds. The broker keeps
+  the connections attached through it and writes them again whenever Redis
+  lost them (a restart without persistence, FLUSHALL, an expired
+  heartbeat), and every ``reassert_interval`` for good measure.
+* **Owed queue.** ``chatd:{u:<user>}:q`` (hash key → payload) and
+  ``chatd:{u:<user>}:qo`` (sorted set key → arrival number). Entries leave
+  only through :meth:`RedisBroker.settle`; the queue keeps at most
+  ``queue_limit`` entries per user (the oldest go first; the store
+  re-supplies them) and expires ``queue_ttl`` seconds after its last write.
+* **Routing.** :meth:`RedisBroker.route` runs one Lua script per user,
+  pipelined, so the whole batch costs one round trip. The script queues the
+  owed items and PUBLISHes the user's items once to the channel
+  ``chatd:node:<incarnation>`` of each incarnation holding a connection of
+  the user; :meth:`RedisBroker.run` subscribes to its own channel.
+* **Outage.** Every method but :meth:`RedisBroker.run` raises
+  :class:`~chatd.core.errors.Unavailable` within ``op_timeout`` seconds
+  (at once when the server refuses connections). :meth:`RedisBroker.run`
+  keeps retrying with capped exponential backoff; once subscribed again it
+  re-asserts the heartbeat and the connections, then calls ``resync``.
+
+The client is coredis (it runs on trio through anyio). Its connection pool
+must be entered as an async context manager by a task that outlives every
+use; the broker enters it lazily in a trio *system task*, so callers need
+no extra setup: create with :meth:`RedisBroker.from_url`, use, then
+:meth:`RedisBroker.aclose`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import coredis
+import coredis.exceptions
+import trio
+from coredis.retry import NoRetryPolicy
+
+from chatd.core.errors import Unavailable
+from chatd.core.model import Presence
+from chatd.ports import Deliver, Inbound, Owed, Resync, Routed
+
+log = logging.getLogger("chatd.broker.redis")
+
+T = TypeVar("T")
+
+DAY = 86_400
+
+#: Tuning defaults (seconds unless stated); every one is a keyword of
+#: :meth:`RedisBroker.from_url`.
+DEFAULTS: dict[str, Any] = {
+    "prefix": "chatd",
+    "queue_limit": 10_000,  # entries per user
+    "queue_ttl": 30 * DAY,  # refreshed on every write to the queue
+    "last_seen_ttl": 30 * DAY,
+    "presence_ttl": 10.0,  # heartbeat key lifetime: how long a dead node lingers
+    "heartbeat_interval": 3.0,
+    "conns_ttl": DAY,  # a user's connection hash, refreshed by attach and re-assert
+    "reassert_interval": 600.0,  # re-write this node's connections even if nothing was lost
+    "op_timeout": 2.0,  # hard ceiling per call; the socket timeouts below come first
+    "connect_timeout": 0.5,
+    "stream_timeout": 1.0,
+    "backoff_min": 0.1,
+    "backoff_max": 5.0,
+    "max_connections": 64,
+    "tombstone_limit": 100_000,  # failed detaches kept for retry
+    "reassert_chunk": 500,  # users per pipeline when re-asserting
+}
+
+# -- Lua -----------------------------------------------------------------------------------
+#
+# Every script touches the keys of one user only (one hash tag, one slot).
+
+_SET_SEEN = """
+local function set_seen(key, ts, ttl)
+  local cur = redis.call('GET', key)
+  if (not cur) or ts > tonumber(cur) then
+    redis.call('SET', key, ts, 'EX', ttl)
+  end
+end
+"""
+
+#: KEYS: conns, q, qo. ARGV: channel prefix, queue limit, queue ttl, user, then
+#: per item: key, payload, owed ("1"/"0"), exclude ("" for none).
+#: Queues the owed items (once per key, oldest dropped beyond the limit) and
+#: publishes the items once to each incarnation holding a connection of the
+#: user. Returns the number of channels published to.
+ROUTE = """
+local limit = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local queued = false
+local top = nil
+for i = 5, #ARGV, 4 do
+  if ARGV[i + 2] == '1' then
+    if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
+      if top == nil then
+        local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+        top = tonumber(last[2] or '0')
+      end
+      top = top + 1
+      redis.call('ZADD', KEYS[3], top, ARGV[i])
+    end
+    queued = true
+  end
+end
+if queued then
+  local over = redis.call('ZCARD', KEYS[3]) - limit
+  if over > 0 then
+    local gone = redis.call('ZPOPMIN', KEYS[3], over)
+    for j = 1, #gone, 2 do
+      redis.call('HDEL', KEYS[2], gone[j])
+    end
+  end
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+local incs = redis.call('HVALS', KEYS[1])
+if #incs == 0 then
+  return 0
+end
+local items = {}
+for i = 5, #ARGV, 4 do
+  items[#items + 1] = {ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]}
+end
+local message = cjson.encode({u = ARGV[4], i = items})
+local done = {}
+local count = 0
+for _, inc in ipairs(incs) do
+  if not done[inc] then
+    done[inc] = true
+    redis.call('PUBLISH', ARGV[1] .. inc, message)
+    count = count + 1
+  end
+end
+return count
+"""
+
+#: KEYS: q, qo. The queue, oldest first, as a flat list key, payload, ...
+OWED = """
+local keys = redis.call('ZRANGE', KEYS[2], 0, -1)
+local out = {}
+for i = 1, #keys, 500 do
+  local chunk = {}
+  for j = i, math.min(i + 499, #keys) do
+    chunk[#chunk + 1] = keys[j]
+  end
+  local values = redis.call('HMGET', KEYS[1], unpack(chunk))
+  for j = 1, #chunk do
+    if values[j] then
+      out[#out + 1] = chunk[j]
+      out[#out + 1] = values[j]
+    end
+  end
+end
+return out
+"""
+
+#: KEYS: q, qo. ARGV: keys to remove.
+SETTLE = """
+for i = 1, #ARGV do
+  redis.call('ZREM', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[1], ARGV[i])
+end
+return 0
+"""
+
+#: KEYS: conns. ARGV: conn, incarnation, conns ttl.
+#: Adds the connection; returns the hash as it was before (flat field, value).
+ATTACH = """
+local before = redis.call('HGETALL', KEYS[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return before
+"""
+
+#: KEYS: conns, seen. ARGV: conn, ts, last-seen ttl.
+#: {0} if the connection was unknown; otherwise {1, field, value, ...} with the
+#: connections left (none: this was the last, and ts became last-seen).
+DETACH = (
+    _SET_SEEN
+    + """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
+  return {0}
+end
+local rest = redis.call('HGETALL', KEYS[1])
+if #rest == 0 then
+  set_seen(KEYS[2], tonumber(ARGV[2]), ARGV[3])
+end
+table.insert(rest, 1, 1)
+return rest
+"""
+)
+
+#: KEYS: conns, seen. ARGV: ts, last-seen ttl, then field, expected value, ...
+#: Removes each field still holding the expected value (a connection of a dead
+#: incarnation, or one whose detach failed); when that empties the hash and ts
+#: is positive, ts becomes last-seen. Returns the connections left.
+PRUNE = (
+    _SET_SEEN
+    + """
+local removed = 0
+for i = 3, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    removed = removed + 1
+  end
+end
+local left = redis.call('HLEN', KEYS[1])
+local ts = tonumber(ARGV[1])
+if removed > 0 and left == 0 and ts > 0 then
+  set_seen(KEYS[2], ts, ARGV[2])
+end
+return left
+"""
+)
+
+
+class _Script:
+    def __init__(self, name: str, source: str) -> None:
+        import hashlib
+
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+SCRIPTS = {
+    name: _Script(name, src)
+    for name, src in (
+        ("route", ROUTE),
+        ("owed", OWED),
+        ("settle", SETTLE),
+        ("attach", ATTACH),
+        ("detach", DETACH),
+        ("prune", PRUNE),
+    )
+}
+
+_Call = tuple[_Script, list[str], list[str | int]]
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+def node_of(incarnation: str) -> str:
+    return incarnation.rpartition("#")[0]
+
+
+class _Host:
+    """Owns one coredis client: enters its pool in a trio system task (coredis
+    needs a task that outlives every use) and leaves it on :meth:`close`."""
+
+    def __init__(self, client: coredis.Redis[str]) -> None:
+        self.client = client
+        self.opened = trio.Event()
+        self.closing = trio.Event()
+        self.done = trio.Event()
+        self.dead = False
+
+    async def run(self) -> None:
+        try:
+            async with self.client:
+                self.opened.set()
+                await self.closing.wait()
+        except Exception:
+            log.exception("redis client host failed; a new client is made on next use")
+        finally:
+            self.dead = True
+            self.opened.set()
+            self.done.set()
+
+    async def close(self) -> None:
+        self.closing.set()
+        await self.done.wait()
+
+
+class RedisBroker:
+    """The :class:`chatd.ports.Broker` on Redis; see the module docstring."""
+
+    def __init__(self, url: str, **tuning: Any) -> None:
+        unknown = set(tuning) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown RedisBroker tuning: {', '.join(sorted(unknown))}")
+        opts = {**DEFAULTS, **tuning}
+        self.url = url
+        self.prefix: str = opts["prefix"]
+        self.queue_limit = int(opts["queue_limit"])
+        self.queue_ttl = max(1, int(opts["queue_ttl"]))
+        self.last_seen_ttl = max(1, int(opts["last_seen_ttl"]))
+        self.presence_ttl = float(opts["presence_ttl"])
+        self.heartbeat_interval = float(opts["heartbeat_interval"])
+        self.conns_ttl = max(1, int(opts["conns_ttl"]))
+        self.reassert_interval = float(opts["reassert_interval"])
+        self.op_timeout = float(opts["op_timeout"])
+        self.connect_timeout = float(opts["connect_timeout"])
+        self.stream_timeout = float(opts["stream_timeout"])
+        self.backoff_min = float(opts["backoff_min"])
+        self.backoff_max = float(opts["backoff_max"])
+        self.max_connections = int(opts["max_connections"])
+        self.tombstone_limit = int(opts["tombstone_limit"])
+        self.reassert_chunk = max(1, int(opts["reassert_chunk"]))
+        if self.heartbeat_interval >= self.presence_ttl:
+            raise ValueError("heartbeat_interval must be shorter than presence_ttl")
+
+        #: This instance's token: its nodes are the incarnations ``<node>#<token>``.
+        self.token = secrets.token_hex(8)
+        self._host: _Host | None = None
+        self._closed = False
+        #: (user, conn) -> incarnation, for every connection attached through here.
+        self._local: dict[tuple[str, str], str] = {}
+        #: (user, conn) -> (incarnation, ts): detaches Redis may not have seen.
+        self._tombstones: dict[tuple[str, str], tuple[str, int]] = {}
+        #: incarnation -> monotonic time until which its heartbeat key is known fresh.
+        self._fresh_until: dict[str, float] = {}
+        self._running: dict[str, trio.CancelScope] = {}
+
+    @classmethod
+    def from_url(cls, url: str, **tuning: Any) -> RedisBroker:
+        """A broker on the Redis at ``url`` (``redis://``, ``rediss://`` or
+        ``unix://``); ``tuning`` overrides :data:`DEFAULTS`."""
+        return cls(url, **tuning)
+
+    # -- names ---------------------------------------------------------------------------
+
+    def incarnation(self, node: str) -> str:
+        return f"{node}#{self.token}"
+
+    def user_key(self, user: str, kind: str) -> str:
+        """A per-user key; ``{u:<user>}`` is its Redis Cluster hash tag."""
+        return f"{self.prefix}:{{u:{user}}}:{kind}"
+
+    def heartbeat_key(self, incarnation: str) -> str:
+        return f"{self.prefix}:hb:{incarnation}"
+
+    def channel(self, incarnation: str) -> str:
+        return f"{self.prefix}:node:{incarnation}"
+
+    # -- the client ------------------------------------------------------------------------
+
+    def _new_client(self) -> coredis.Redis[str]:
+        return coredis.Redis.from_url(
+            self.url,
+            decode_responses=True,
+            connect_timeout=self.connect_timeout,
+            stream_timeout=self.stream_timeout,
+            max_connections=self.max_connections,
+            retry_policy=NoRetryPolicy(),
+        )
+
+    async def _client(self) -> coredis.Redis[str]:
+        if self._closed:
+            raise Unavailable("the redis broker is closed")
+        host = self._host
+        if host is None or host.dead:
+            host = self._host = _Host(self._new_client())
+            trio.lowlevel.spawn_system_task(host.run, name=f"redis-broker-{self.token}")
+        await host.opened.wait()
+        if host.dead:
+            raise Unavailable("redis client could not start")
+        return host.client
+
+    async def _do(self, what: str, fn: Callable[[coredis.Redis[str]], Awaitable[T]]) -> T:
+        """Run ``fn`` with the client; every failure becomes Unavailable, fast."""
+        try:
+            with trio.fail_after(self.op_timeout):
+                return await fn(await self._client())
+        except trio.TooSlowError:
+            raise Unavailable(f"redis did not answer {what} within {self.op_timeout:g} s") from None
+        except Unavailable:
+            raise
+        except (coredis.exceptions.ConnectionError, TimeoutError, OSError) as exc:
+            raise Unavailable(f"redis unavailable ({what}): {exc}") from None
+        except Exception as exc:
+            log.error("redis %s failed", what, exc_info=True)
+            raise Unavailable(f"redis error ({what}): {exc}") from None
+
+    async def _eval(self, client: coredis.Redis[str], call: _Call) -> Any:
+        script, keys, args = call
+        try:
+            return await client.evalsha(script.sha, keys, args)
+        except coredis.exceptions.NoScriptError:
+            await client.script_load(script.source)
+            return await client.evalsha(script.sha, keys, args)
+
+    async def _eval_many(self, client: coredis.Redis[str], calls: Sequence[_Call]) -> list[Any]:
+        """Run scripts in one pipelined round trip (a second one only after
+        Redis lost its script cache); results in order."""
+        if len(calls) == 1:
+            return [await self._eval(client, calls[0])]
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
+                for i in todo:
+                    script, keys, args = calls[i]
+                    pipe.evalsha(script.sha, keys, args)
+            missing: list[int] = []
+            for i, result in zip(todo, pipe.results or (), strict=True):
+                if isinstance(result, coredis.exceptions.NoScriptError) and attempt == 0:
+                    missing.append(i)
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    results[i] = result
+            if not missing:
+                break
+            for script in {calls[i][0].name: calls[i][0] for i in missing}.values():
+                await client.script_load(script.source)
+            todo = missing
+        return results
+
+    # -- the owed queue and routing -----------------------------------------------------------
+
+    async def route(self, items: Sequence[Routed]) -> None:
+        by_user: dict[str, list[str | int]] = {}
+        for item in items:
+            args = by_user.get(item.user)
+            if args is None:
+                args = by_user[item.user] = [
+                    self.channel(""),
+                    self.queue_limit,
+                    self.queue_ttl,
+                    item.user,
+                ]
+            args += [item.key, item.payload, "1" if item.owed else "0", item.exclude or ""]
+        if not by_user:
+            return
+        calls: list[_Call] = [
+            (
+                SCRIPTS["route"],
+                [self.user_key(u, "conns"), self.user_key(u, "q"), self.user_key(u, "qo")],
+                args,
+            )
+            for u, args in by_user.items()
+        ]
+        await self._do("route", lambda c: self._eval_many(c, calls))
+
+    async def owed(self, user: str) -> list[Owed]:
+        keys = [self.user_key(user, "q"), self.user_key(user, "qo")]
+        flat = await self._do("owed", lambda c: self._eval(c, (SCRIPTS["owed"], keys, [])))
+        return [Owed(str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat) - 1, 2)]
+
+    async def settle(self, user: str, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        names = [self.user_key(user, "q"), self.user_key(user, "qo")]
+        await self._do("settle", lambda c: self._eval(c, (SCRIPTS["settle"], names, list(keys))))
+
+    # -- presence ----------------------------------------------------------------------------
+
+    async def attach(self, user: str, node: str, conn: str) -> bool:
+        inc = self.incarnation(node)
+        self._local[(user, conn)] = inc
+        self._tombstones.pop((user, conn), None)
+        call: _Call = (
+            SCRIPTS["attach"],
+            [self.user_key(user, "conns")],
+            [conn, inc, self.conns_ttl],
+        )
+        beat = trio.current_time() >= self._fresh_until.get(inc, -1.0)
+
+        async def go(client: coredis.Redis[str]) -> list[Any]:
+            if not beat:
+                return await self._eval(client, call)
+            async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
+                pipe.set(self.heartbeat_key(inc), "1", px=self._ttl_ms())
+                pipe.evalsha(call[0].sha, call[1], call[2])
+            beat_result, result = pipe.results or (None, None)
+            if isinstance(beat_result, BaseException):
+                raise beat_result
+            self._mark_fresh(inc)
+            if isinstance(result, coredis.exceptions.NoScriptError):
+                return await self._eval(client, call)
+            if isinstance(result, BaseException):
+                raise result
+            return result
+
+        before = _pairs(await self._do("attach", go))
+        before.pop(conn, None)
+        if not before:
+            return True
+        return not await self._any_live(user, before, inc, ts=0)
+
+    async def detach(self, user: str, node: str, conn: str, ts: int) -> bool:
+        inc = self.incarnation(node)
+        self._local.pop((user, conn), None)
+        keys = [self.user_key(user, "conns"), self.user_key(user, "seen")]
+        call: _Call = (SCRIPTS["detach"], keys, [conn, ts, self.last_seen_ttl])
+        try:
+            reply = await self._do("detach", lambda c: self._eval(c, call))
+        except BaseException:
+            # Redis may or may not have seen it: retry from the heartbeat, so
+            # that a connection that is gone never stays in presence.
+            self._tombstone(user, conn, inc, ts)
+            raise
+        if not reply or int(reply[0]) == 0:
+            return False
+        rest = _pairs(reply[1:])
+        if not rest:
+            return True
+        return not await self._any_live(user, rest, inc, ts=ts)
+
+    async def presence(self, users: Sequence[str]) -> dict[str, Presence]:
+        users = list(dict.fromkeys(users))
+        if not users:
+            return {}
+
+        async def read(client: coredis.Redis[str]) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for user in users:
+                    pipe.hgetall(self.user_key(user, "conns"))
+                    pipe.get(self.user_key(user, "seen"))
+            return list(pipe.results or ())
+
+        replies = await self._do("presence", read)
+        conns = {
+            u: {str(k): str(v) for k, v in (replies[2 * i] or {}).items()}
+            for i, u in enumerate(users)
+        }
+        seen = {u: replies[2 * i + 1] for i, u in enumerate(users)}
+        live = await self._live_incarnations({inc for c in conns.values() for inc in c.values()})
+        now = time.time_ns() // 1_000_000
+        dead_calls: list[_Call] = []
+        for user, mapping in conns.items():
+            dead = {f: v for f, v in mapping.items() if v not in live}
+            if dead:
+                dead_calls.append(self._prune_call(user, dead, now))
+                if len(dead) == len(mapping) and mapping:
+                    seen[user] = max(int(seen[user] or 0), now)
+        if dead_calls:
+            await self._do("presence", lambda c: self._eval_many(c, dead_calls))
+        out: dict[str, Presence] = {}
+        for user in users:
+            nodes = tuple(sorted({node_of(v) for v in conns[user].values() if v in live}))
+            last = seen[user]
+            out[user] = Presence(
+                online=bool(nodes), nodes=nodes, last_seen=int(last) if last is not None else None
+            )
+        return out
+
+    async def ping(self) -> None:
+        await self._do("ping", lambda c: c.ping())
+
+    # -- liveness ------------------------------------------------------------------------------
+
+    def _ttl_ms(self) -> int:
+        return max(1, int(self.presence_ttl * 1000))
+
+    def _mark_fresh(self, inc: str) -> None:
+        # Half the TTL: an attach through an instance whose run() is not
+        # beating still refreshes the key long before it can expire.
+        self._fresh_until[inc] = trio.current_time() + self.presence_ttl / 2
+
+    def _prune_call(self, user: str, dead: dict[str, str], ts: int) -> _Call:
+        args: list[str | int] = [ts, self.last_seen_ttl]
+        for field, value in dead.items():
+            args += [field, value]
+        keys = [self.user_key(user, "conns"), self.user_key(user, "seen")]
+        return (SCRIPTS["prune"], keys, args)
+
+    async def _live_incarnations(self, incs: set[str], own: str | None = None) -> set[str]:
+        """Those of ``incs`` that are alive: ``own`` (the incarnation a call
+        goes through), the ones this instance runs or beat lately, and those
+        whose heartbeat key exists (one round trip to ask)."""
+        now = trio.current_time()
+        running = {self.incarnation(node) for node in self._running}
+        live = {
+            inc
+            for inc in incs
+            if inc == own or inc in running or self._fresh_until.get(inc, -1.0) > now
+        }
+        ask = sorted(incs - live)
+        if ask:
+
+            async def check(client: coredis.Redis[str]) -> list[Any]:
+                async with client.pipeline(transaction=False) as pipe:
+                    for inc in ask:
+                        pipe.exists([self.heartbeat_key(inc)])
+                return list(pipe.results or ())
+
+            found = await self._do("presence", check)
+            live |= {inc for inc, n in zip(ask, found, strict=True) if n}
+        return live
+
+    async def _any_live(self, user: str, conns: dict[str, str], own: str, ts: int) -> bool:
+        """Whether any of ``conns`` (field -> incarnation) is alive; the dead
+        ones are removed (ts > 0 becomes last-seen if that empties the hash)."""
+        live = await self._live_incarnations(set(conns.values()), own)
+        dead = {f: v for f, v in conns.items() if v not in live}
+        if dead:
+            call = self._prune_call(user, dead, ts)
+            await self._do("prune", lambda c: self._eval(c, call))
+        return len(dead) < len(conns)
+
+    def _tombstone(self, user: str, conn: str, inc: str, ts: int) -> None:
+        if len(self._tombstones) >= self.tombstone_limit:
+            self._tombstones.pop(next(iter(self._tombstones)))
+        self._tombstones[(user, conn)] = (inc, ts)
+
+    async def _beat(self, inc: str) -> bool:
+        """Refresh the heartbeat key; True if it had been lost."""
+        old = await self._do(
+            "heartbeat", lambda c: c.set(self.heartbeat_key(inc), "1", px=self._ttl_ms(), get=True)
+        )
+        self._mark_fresh(inc)
+        return old is None
+
+    async def _reassert(self, inc: str) -> None:
+        """Write every local connection of ``inc`` again (idempotent), then
+        remove any that were detached meanwhile."""
+        snapshot: dict[str, dict[str, str]] = {}
+        for (user, conn), owner in list(self._local.items()):
+            if owner == inc:
+                snapshot.setdefault(user, {})[conn] = inc
+        users = list(snapshot)
+        for start in range(0, len(users), self.reassert_chunk):
+            chunk = users[start : start + self.reassert_chunk]
+
+            async def write(client: coredis.Redis[str], chunk: list[str] = chunk) -> None:
+                async with client.pipeline(transaction=False) as pipe:
+                    for user in chunk:
+                        key = self.user_key(user, "conns")
+                        pipe.hset(key, snapshot[user])
+                        pipe.expire(key, self.conns_ttl)
+
+            await self._do("re-assert", write)
+        now = time.time_ns() // 1_000_000
+        for user, conns in snapshot.items():
+            for conn in conns:
+                if (user, conn) not in self._local and (user, conn) not in self._tombstones:
+                    self._tombstone(user, conn, inc, now)
+        await self._retry_tombstones()
+
+    async def _retry_tombstones(self) -> None:
+        if not self._tombstones:
+            return
+        items = list(self._tombstones.items())[: self.reassert_chunk]
+        calls = [self._prune_call(user, {conn: inc}, ts) for (user, conn), (inc, ts) in items]
+        await self._do("detach", lambda c: self._eval_many(c, calls))
+        for key, value in items:
+            if self._tombstones.get(key) == value:
+                del self._tombstones[key]
+
+    # -- delivery --------------------------------------------------------------------------
+
+    async def run(
+        self,
+        node: str,
+        deliver: Deliver,
+        resync: Resync,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        if node in self._running:
+            raise RuntimeError(f"node '{node}' is already running on this broker")
+        inc = self.incarnation(node)
+        state = _RunState()
+        backoff = self.backoff_min
+        with trio.CancelScope() as scope:
+            self._running[node] = scope
+            try:
+                while not self._closed:
+                    try:
+                        await self._session(inc, deliver, resync, task_status, state)
+                    except Exception as exc:
+                        log.warning(
+                            "redis subscription lost; retrying"
+                            if state.started
+                            else "redis not reachable; retrying",
+                            extra={"node": node, "reason": _reason(exc)},
+                        )
+                    if (
+                        state.live_since is not None
+                        and trio.current_time() - state.live_since > self.backoff_max
+                    ):
+                        backoff = self.backoff_min  # it had been up for a while
+                    state.live_since = None
+                    await trio.sleep(backoff * random.uniform(0.5, 1.0))
+                    backoff = min(self.backoff_max, backoff * 2)
+            finally:
+                del self._running[node]
+
+    async def _session(
+        self,
+        inc: str,
+        deliver: Deliver,
+        resync: Resync,
+        task_status: trio.TaskStatus[None],
+        state: _RunState,
+    ) -> None:
+        """One subscription, from connect to loss."""
+        client = await self._client()
+        async with client.pubsub(
+            channels=[self.channel(inc)],
+            ignore_subscribe_messages=True,
+            retry_policy=NoRetryPolicy(),
+            subscription_timeout=self.stream_timeout,
+            max_idle_seconds=self.heartbeat_interval,
+        ) as pubsub:
+            # Subscribed: anything routed from now on reaches us. Put our
+            # presence back (Redis may have lost it), then re-offer what may
+            # have been missed while we were away.
+            await self._beat(inc)
+            await self._reassert(inc)
+            state.live_since = trio.current_time()
+            if not state.started:
+                state.started = True
+                task_status.started()
+            else:
+                log.info("redis subscription back; resync", extra={"incarnation": inc})
+                resync()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat, inc, resync)
+                async for message in pubsub:
+                    if message["type"] == "message":
+                        self._dispatch(message["data"], deliver)
+                nursery.cancel_scope.cancel()
+
+    def _dispatch(self, data: Any, deliver: Deliver) -> None:
+        try:
+            doc = json.loads(data)
+            user = doc["u"]
+            items = [
+                Inbound(user, str(key), str(payload), owed == "1", exclude or None)
+                for key, payload, owed, exclude in doc["i"]
+            ]
+        except (ValueError, KeyError, TypeError):
+            log.error("dropping an undecodable broker message")
+            return
+        for item in items:
+            try:
+                deliver(item)
+            except Exception:
+                log.exception("deliver failed", extra={"user": item.user, "key": item.key})
+
+    async def _heartbeat(self, inc: str, resync: Resync) -> None:
+        last_reassert = trio.current_time()
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            try:
+                lost = await self._beat(inc)
+                if lost or trio.current_time() - last_reassert >= self.reassert_interval:
+                    if lost:
+                        log.warning(
+                            "redis lost this node's presence; re-asserting",
+                            extra={"incarnation": inc},
+                        )
+                    await self._reassert(inc)
+                    last_reassert = trio.current_time()
+                    if lost:
+                        resync()
+                else:
+                    await self._retry_tombstones()
+            except Unavailable as exc:
+                # The subscription's keepalive notices a dead server; a slow
+                # answer here only skips one beat.
+                log.warning("redis heartbeat failed", extra={"reason": exc.message})
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for scope in list(self._running.values()):
+            scope.cancel()
+        host, self._host = self._host, None
+        if host is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await host.close()
+
+
+class _RunState:
+    def __init__(self) -> None:
+        self.started = False
+        self.live_since: float | None = None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_reason(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"

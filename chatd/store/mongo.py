@@ -1,0 +1,882 @@
+"""The production store: MongoDB, through pymongo's blocking client.
+
+Every call runs in a worker thread (``trio.to_thread.run_sync``) behind a
+bounded :class:`trio.CapacityLimiter`; one store call is one thread hop, and
+inside it batches travel as one ``insert_many`` / ``bulk_write`` where the
+outcome can still be known per item.
+
+No multi-document transactions are needed (``docs/mongo.md`` has the full
+argument). Every guarantee rests on what a single MongoDB write does
+atomically:
+
+* **seq and idempotency** are claimed by one and the same insert: a message
+  document carries ``(conversation, seq)`` and ``(sender, cid)``, both under
+  unique indexes. A seq exists only as part of a stored message, so no crash
+  and no losing duplicate can burn one (no gaps), and the unique index makes
+  a second writer of the same seq fail and retry with the next one (no
+  repeats). The ``last_seq`` counter of a conversation is advanced with
+  ``$max`` after the insert; it is the allocator's first guess, never its
+  authority.
+* **receipts** live in the message document (``receipts``: one element per
+  recipient, at the recipient's index in ``recipients``). A mark is a
+  compare-and-set on that element's ``(delivered_ts, seen_ts)``, computed by
+  :func:`chatd.core.delivery.apply_mark`; only the write that wins the
+  compare reports the transition, and it stamps its own token on the
+  element so that the winner is known even when a ``bulk_write`` only says
+  how many of its updates matched.
+* **owed receipts** are counted in ``rpending`` by the same atomic updates
+  (``+n`` on a transition, ``-1`` on an ack that settles one), so "which
+  messages owe their sender a receipt" is an indexed query.
+
+Errors: every pymongo/BSON failure becomes :class:`Unavailable`; a taken
+username (and a taken group id) is :class:`Conflict`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote
+
+import bson.errors
+import pymongo
+import trio
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
+from pymongo.errors import (
+    AutoReconnect,
+    BulkWriteError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    ExecutionTimeout,
+    NetworkTimeout,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+    WTimeoutError,
+)
+
+from chatd.core.delivery import SETTLED_BY_ACK, apply_mark
+from chatd.core.errors import ChatError, Conflict, NotFound, Unavailable
+from chatd.core.model import (
+    Appended,
+    Conversation,
+    ConversationSummary,
+    Mark,
+    MarkResult,
+    NewMessage,
+    Receipt,
+    ReceiptKey,
+    Sealed,
+    Status,
+    StoredMessage,
+    Transition,
+    User,
+)
+
+T = TypeVar("T")
+
+DEFAULT_DATABASE = "chatd"
+
+#: Client options chatd sets unless the URI sets them itself. A short server
+#: selection timeout makes an outage answer ``unavailable`` within seconds;
+#: ``timeoutMS`` (client-side operation timeout) bounds every call, retries
+#: included, so a hung server cannot hold a writer forever; majority + journal
+#: makes "durable on return" hold on a replica set and on a single server.
+CLIENT_DEFAULTS: dict[str, Any] = {
+    "serverSelectionTimeoutMS": 3000,
+    "connectTimeoutMS": 3000,
+    "timeoutMS": 10000,
+    "w": "majority",
+    "journal": True,
+    "appname": "chatd",
+}
+
+#: Seconds an index build at startup may take (an existing large collection
+#: needs longer than an ordinary operation).
+INDEX_BUILD_TIMEOUT = 300.0
+
+#: Duplicate-key error codes (11000 is current; the others are legacy).
+_DUP_CODES = frozenset({11000, 11001, 12582})
+
+#: Bounds on optimistic retry loops. Appends retry only when another writer
+#: took the seq they planned (each retry re-reads the true maximum); marks
+#: only when another writer moved the same receipt, which happens at most
+#: twice per receipt. Hitting a bound means pathological contention.
+_APPEND_ROUNDS = 100
+_MARK_ROUNDS = 10
+
+USERS = "users"
+CONVERSATIONS = "conversations"
+MESSAGES = "messages"
+
+#: Every index chatd needs, by collection, each with the query it serves
+#: (docs/mongo.md lists the same). Names are fixed so that opening twice, or
+#: from several processes at once, is a no-op.
+INDEXES: dict[str, list[IndexModel]] = {
+    CONVERSATIONS: [
+        # conversations_of, shares_conversation ($all), dm_peers (+ kind).
+        IndexModel([("members", ASCENDING), ("kind", ASCENDING)], name="members_kind"),
+    ],
+    MESSAGES: [
+        # Idempotency: one message per (sender, cid); also the duplicate lookup.
+        IndexModel([("sender", ASCENDING), ("cid", ASCENDING)], name="sender_cid", unique=True),
+        # seq: one message per (conversation, seq); history paging, the last
+        # message of a conversation, the allocator's "highest seq".
+        IndexModel(
+            [("conversation", ASCENDING), ("seq", ASCENDING)], name="conversation_seq", unique=True
+        ),
+        # owed_messages: {undelivered: user} sorted by conversation, seq.
+        IndexModel(
+            [("undelivered", ASCENDING), ("conversation", ASCENDING), ("seq", ASCENDING)],
+            name="owed_messages",
+        ),
+        # Unread per conversation: {unseen: user} grouped by conversation.
+        IndexModel([("unseen", ASCENDING), ("conversation", ASCENDING)], name="unread"),
+        # owed_receipts: {sender, rpending > 0} sorted by _id; partial, so it
+        # only holds messages that owe their sender a receipt.
+        IndexModel(
+            [("sender", ASCENDING), ("_id", ASCENDING)],
+            name="owed_receipts",
+            partialFilterExpression={"rpending": {"$gt": 0}},
+        ),
+    ],
+}
+
+_MSG_FIELDS = {
+    "conversation": 1,
+    "seq": 1,
+    "sender": 1,
+    "ts": 1,
+    "body": 1,
+    "status": 1,
+}
+
+
+def _field(status: Status) -> str:
+    return "delivered" if status is Status.DELIVERED else "seen"
+
+
+def _uri_options(uri: str) -> tuple[str | None, set[str]]:
+    """The database named in the URI's path and the (lower-cased) option names
+    in its query, read without resolving anything (``mongodb+srv`` included)."""
+    rest = uri.split("://", 1)[1] if "://" in uri else uri
+    rest, _, query = rest.partition("?")
+    _, slash, path = rest.partition("/")
+    database = unquote(path) if slash and path else None
+    return database, {k.lower() for k, _ in parse_qsl(query, keep_blank_values=True)}
+
+
+def _message(doc: dict[str, Any]) -> StoredMessage:
+    body = doc["body"]
+    status = doc.get("status") or {}
+    return StoredMessage(
+        id=doc["_id"],
+        conversation=doc["conversation"],
+        seq=doc["seq"],
+        sender=doc["sender"],
+        ts=doc["ts"],
+        body=Sealed(
+            key_id=body["key_id"], nonce=bytes(body["nonce"]), ciphertext=bytes(body["ciphertext"])
+        ),
+        delivered_to=tuple(sorted(status.get("delivered_to", ()))),
+        seen_by=tuple(sorted(status.get("seen_by", ()))),
+    )
+
+
+def _conversation(doc: dict[str, Any]) -> Conversation:
+    return Conversation(
+        id=doc["_id"],
+        kind=doc["kind"],
+        members=tuple(sorted(doc["members"])),
+        title=doc.get("title"),
+        created_ts=doc["created_ts"],
+    )
+
+
+def _message_doc(msg: NewMessage, seq: int) -> dict[str, Any]:
+    recipients = list(dict.fromkeys(msg.recipients))  # unique, order kept
+    return {
+        "_id": msg.id,
+        "conversation": msg.conversation,
+        "seq": seq,
+        "sender": msg.sender,
+        "cid": msg.cid,
+        "ts": msg.ts,
+        "recipients": recipients,
+        "body": {
+            "key_id": msg.body.key_id,
+            "nonce": msg.body.nonce,
+            "ciphertext": msg.body.ciphertext,
+        },
+        "status": {"delivered_to": [], "seen_by": []},
+        # Per-recipient receipt state, element i belongs to recipients[i].
+        "receipts": [
+            {
+                "member": r,
+                "delivered_ts": None,
+                "seen_ts": None,
+                "delivered_acked": False,
+                "seen_acked": False,
+            }
+            for r in recipients
+        ],
+        # Index keys: who is still owed this message / has not seen it.
+        "undelivered": list(recipients),
+        "unseen": list(recipients),
+        # Receipts of this message its sender has not acked yet.
+        "rpending": 0,
+    }
+
+
+class MongoStore:
+    """The Store port on MongoDB. Open with :meth:`open`; close with :meth:`aclose`.
+
+    :meth:`open` does no I/O: the indexes are created (idempotently) before
+    the first operation runs, and again after a failed attempt, so a process
+    that starts while MongoDB is away comes up, answers ``unavailable``, and
+    recovers when the server is back. Nothing is written before the unique
+    indexes exist (the seq and idempotency guarantees rest on them).
+    """
+
+    def __init__(
+        self, client: Any, database: str, *, owns_client: bool, max_threads: int = 16
+    ) -> None:
+        self._client = client
+        self._owns_client = owns_client
+        self.database = database
+        self._db = client[database]
+        self._users = self._db.get_collection(USERS)
+        self._conversations = self._db.get_collection(CONVERSATIONS)
+        self._messages = self._db.get_collection(MESSAGES)
+        self._limiter = trio.CapacityLimiter(max_threads)
+        self._ready = False
+        self._ready_lock = trio.Lock()
+        self._close_lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        uri: str,
+        *,
+        database: str | None = None,
+        client: Any = None,
+        max_threads: int = 16,
+        **tuning: Any,
+    ) -> MongoStore:
+        """A store on ``uri``'s database (its path; ``chatd`` when it has none).
+
+        ``client`` injects a ready client (tests pass a ``mongomock.MongoClient``);
+        the store then leaves closing it to the caller. ``tuning`` is passed to
+        :class:`pymongo.MongoClient` and wins over :data:`CLIENT_DEFAULTS`;
+        options the URI sets win over the defaults too.
+        """
+        uri_db, uri_opts = _uri_options(uri)
+        name = database or uri_db or DEFAULT_DATABASE
+        if client is not None:
+            if tuning:
+                raise TypeError(f"client options {sorted(tuning)} given with an injected client")
+            return cls(client, name, owns_client=False, max_threads=max_threads)
+        options = {k: v for k, v in CLIENT_DEFAULTS.items() if k.lower() not in uri_opts}
+        options.update(tuning)
+        try:
+            made = pymongo.MongoClient(uri, **options)
+        except (PyMongoError, ValueError, TypeError) as exc:
+            raise Unavailable(f"bad MongoDB URI or options: {exc}") from None
+        return cls(made, name, owns_client=True, max_threads=max_threads)
+
+    # -- plumbing ----------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        if not self._ready:
+            await self._ensure_ready()
+        return await trio.to_thread.run_sync(_guard, fn, *args, limiter=self._limiter)
+
+    async def _ensure_ready(self) -> None:
+        async with self._ready_lock:
+            if self._ready:
+                return
+            await trio.to_thread.run_sync(_guard, self._create_indexes, limiter=self._limiter)
+            self._ready = True
+
+    def _create_indexes(self) -> None:
+        with pymongo.timeout(INDEX_BUILD_TIMEOUT):
+            for name, models in INDEXES.items():
+                self._db.get_collection(name).create_indexes(models)
+
+    async def ensure_indexes(self) -> None:
+        """Create the indexes now (the first operation does it otherwise)."""
+        await self._ensure_ready()
+
+    async def aclose(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._owns_client:
+            await trio.to_thread.run_sync(self._client.close)
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._db.command("ping"))
+
+    # -- users -------------------------------------------------------------------
+
+    async def create_user(self, user: User) -> None:
+        doc: dict[str, Any] = {
+            "_id": user.username,
+            "password_hash": user.password_hash,
+            "created_ts": user.created_ts,
+            "disabled": user.disabled,
+        }
+        if user.last_seen is not None:
+            doc["last_seen"] = user.last_seen
+
+        def fn() -> None:
+            try:
+                self._users.insert_one(doc)
+            except DuplicateKeyError:
+                raise Conflict(f"username '{user.username}' is taken") from None
+
+        await self._run(fn)
+
+    async def get_user(self, username: str) -> User | None:
+        def fn() -> User | None:
+            doc = self._users.find_one({"_id": username})
+            if doc is None:
+                return None
+            return User(
+                username=doc["_id"],
+                password_hash=doc["password_hash"],
+                created_ts=doc["created_ts"],
+                last_seen=doc.get("last_seen"),
+                disabled=bool(doc.get("disabled", False)),
+            )
+
+        return await self._run(fn)
+
+    async def set_last_seen(self, username: str, ts: int) -> None:
+        # $max: only ever forward, atomically. The field is absent until first
+        # set (a stored null would compare below every number anyway).
+        await self._run(
+            lambda: self._users.update_one({"_id": username}, {"$max": {"last_seen": ts}})
+        )
+
+    # -- conversations -----------------------------------------------------------
+
+    def _new_conversation(
+        self, id: str, kind: str, title: str | None, members: Iterable[str], ts: int
+    ) -> dict[str, Any]:
+        # last_ts stays absent until the first message ($max sets it then).
+        return {
+            "_id": id,
+            "kind": kind,
+            "title": title,
+            "members": sorted(set(members)),
+            "created_ts": ts,
+            "last_seq": 0,
+        }
+
+    async def ensure_dm(self, a: str, b: str, ts: int) -> Conversation:
+        first, second = sorted((a, b))
+        id = f"dm:{first}:{second}"
+        doc = self._new_conversation(id, "dm", None, (first, second), ts)
+
+        def fn() -> Conversation:
+            found = self._conversations.find_one({"_id": id})
+            if found is None:
+                try:
+                    self._conversations.insert_one(doc)
+                except DuplicateKeyError:
+                    pass  # a concurrent caller made it first: same conversation
+                found = self._conversations.find_one({"_id": id})
+            if found is None:
+                raise Unavailable(f"conversation {id} vanished")
+            return _conversation(found)
+
+        return await self._run(fn)
+
+    async def create_group(
+        self, id: str, title: str | None, members: Sequence[str], ts: int
+    ) -> Conversation:
+        doc = self._new_conversation(id, "group", title, members, ts)
+
+        def fn() -> Conversation:
+            try:
+                self._conversations.insert_one(doc)
+            except DuplicateKeyError:
+                raise Conflict(f"conversation id '{id}' is taken") from None
+            return _conversation(doc)
+
+        return await self._run(fn)
+
+    async def get_conversation(self, id: str) -> Conversation | None:
+        def fn() -> Conversation | None:
+            doc = self._conversations.find_one({"_id": id})
+            return None if doc is None else _conversation(doc)
+
+        return await self._run(fn)
+
+    async def conversations_of(self, username: str) -> list[ConversationSummary]:
+        def fn() -> list[ConversationSummary]:
+            convs = list(self._conversations.find({"members": username}))
+            if not convs:
+                return []
+            unread = {
+                row["_id"]: row["n"]
+                for row in self._messages.aggregate(
+                    [
+                        {"$match": {"unseen": username}},
+                        {"$group": {"_id": "$conversation", "n": {"$sum": 1}}},
+                    ]
+                )
+            }
+            wanted = [
+                {"conversation": c["_id"], "seq": c["last_seq"]}
+                for c in convs
+                if c.get("last_seq", 0) > 0
+            ]
+            last: dict[str, StoredMessage] = {}
+            if wanted:
+                for doc in self._messages.find({"$or": wanted}, _MSG_FIELDS):
+                    last[doc["conversation"]] = _message(doc)
+            out = [
+                ConversationSummary(
+                    id=c["_id"],
+                    kind=c["kind"],
+                    members=tuple(sorted(c["members"])),
+                    title=c.get("title"),
+                    last_seq=c.get("last_seq", 0),
+                    unread=unread.get(c["_id"], 0),
+                    last_ts=c.get("last_ts"),
+                    last_message=last.get(c["_id"]),
+                )
+                for c in convs
+            ]
+            created = {c["_id"]: c["created_ts"] for c in convs}
+            out.sort(key=lambda s: (s.last_ts or created[s.id], s.id), reverse=True)
+            return out
+
+        return await self._run(fn)
+
+    async def shares_conversation(self, a: str, b: str) -> bool:
+        def fn() -> bool:
+            found = self._conversations.find_one({"members": {"$all": [a, b]}}, {"_id": 1})
+            return found is not None
+
+        return await self._run(fn)
+
+    async def dm_peers(self, username: str) -> list[str]:
+        def fn() -> list[str]:
+            docs = self._conversations.find(
+                {"members": username, "kind": "dm"}, {"members": 1}, sort=[("_id", ASCENDING)]
+            )
+            return [m for doc in docs for m in doc["members"] if m != username]
+
+        return await self._run(fn)
+
+    # -- messages ----------------------------------------------------------------
+
+    async def append(self, batch: Sequence[NewMessage]) -> list[Appended]:
+        if not batch:
+            return []
+        return await self._run(self._append, list(batch))
+
+    def _append(self, batch: list[NewMessage]) -> list[Appended]:
+        results: list[Appended | None] = [None] * len(batch)
+        first_of: dict[tuple[str, str], int] = {}
+        unique: list[int] = []
+        for i, msg in enumerate(batch):
+            if (msg.sender, msg.cid) not in first_of:
+                first_of[(msg.sender, msg.cid)] = i
+                unique.append(i)
+
+        # Stored already (a client's retry): answer the first message.
+        stored = self._stored_by_key({(batch[i].sender, batch[i].cid) for i in unique})
+        pending: list[int] = []
+        for i in unique:
+            doc = stored.get((batch[i].sender, batch[i].cid))
+            if doc is not None:
+                results[i] = _duplicate(doc)
+            else:
+                pending.append(i)
+
+        # The allocator's first guess: each conversation's last_seq (also
+        # tells an unknown conversation apart before anything is written).
+        top: dict[str, int] = {}
+        if pending:
+            names = sorted({batch[i].conversation for i in pending})
+            for doc in self._conversations.find({"_id": {"$in": names}}, {"last_seq": 1}):
+                top[doc["_id"]] = doc.get("last_seq", 0)
+            missing = [c for c in names if c not in top]
+            if missing:
+                raise NotFound(f"conversation {missing[0]} does not exist")
+
+        rounds = 0
+        while pending:
+            rounds += 1
+            if rounds > _APPEND_ROUNDS:
+                raise Unavailable("too much contention appending messages")
+            planned: list[int] = []
+            docs: list[dict[str, Any]] = []
+            next_seq = dict(top)
+            for i in pending:
+                msg = batch[i]
+                next_seq[msg.conversation] += 1
+                planned.append(next_seq[msg.conversation])
+                docs.append(_message_doc(msg, next_seq[msg.conversation]))
+            try:
+                # Ordered: within one conversation the batch's order is the seq
+                # order, and a failure stops at the first item that failed.
+                self._messages.insert_many(docs, ordered=True)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors") or []
+                if not errors or any(e.get("code") not in _DUP_CODES for e in errors):
+                    raise Unavailable(f"store refused a write: {errors[:1]}") from None
+                failed = int(errors[0]["index"])
+            else:
+                failed = len(pending)
+            for k in range(failed):
+                msg = batch[pending[k]]
+                results[pending[k]] = Appended(
+                    msg.id, msg.conversation, planned[k], msg.ts, duplicate=False
+                )
+            if failed == len(pending):
+                break
+            # The item at ``failed`` lost either its (sender, cid) — a
+            # concurrent duplicate: answer the winner — or its seq — another
+            # writer took it: plan again from the true highest seq.
+            i = pending[failed]
+            msg = batch[i]
+            dup = self._messages.find_one(
+                {"sender": msg.sender, "cid": msg.cid}, {"conversation": 1, "seq": 1, "ts": 1}
+            )
+            rest = pending[failed + 1 :]
+            if dup is not None:
+                results[i] = _duplicate(dup)
+            else:
+                if self._messages.find_one({"_id": msg.id}, {"_id": 1}) is not None:
+                    raise Unavailable(f"message id {msg.id} is already taken")
+                rest = [i, *rest]
+            pending = rest
+            for conv in {batch[j].conversation for j in pending}:
+                highest = self._messages.find_one(
+                    {"conversation": conv}, {"seq": 1}, sort=[("seq", DESCENDING)]
+                )
+                top[conv] = max(top[conv], highest["seq"] if highest else 0)
+                # Never below what this call itself just stored.
+                for j, res in enumerate(results):
+                    if res is not None and not res.duplicate and batch[j].conversation == conv:
+                        top[conv] = max(top[conv], res.seq)
+
+        out: list[Appended] = []
+        for i, msg in enumerate(batch):
+            res = results[i]
+            if res is None:
+                res = replace(_need(results[first_of[(msg.sender, msg.cid)]]), duplicate=True)
+            out.append(res)
+
+        # Advance each conversation's counter and activity time. $max keeps
+        # this monotonic under any interleaving; duplicates are included so
+        # that a retry repairs a counter a crash left behind.
+        advance: dict[str, tuple[int, int]] = {}
+        for res in out:
+            seq, ts = advance.get(res.conversation, (0, 0))
+            advance[res.conversation] = (max(seq, res.seq), max(ts, res.ts))
+        self._conversations.bulk_write(
+            [
+                UpdateOne({"_id": conv}, {"$max": {"last_seq": seq, "last_ts": ts}})
+                for conv, (seq, ts) in sorted(advance.items())
+            ],
+            ordered=True,
+        )
+        return out
+
+    def _stored_by_key(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+        if not keys:
+            return {}
+        by_sender: dict[str, list[str]] = {}
+        for sender, cid in sorted(keys):
+            by_sender.setdefault(sender, []).append(cid)
+        query = {
+            "$or": [{"sender": s, "cid": {"$in": cids}} for s, cids in sorted(by_sender.items())]
+        }
+        fields = {"conversation": 1, "seq": 1, "ts": 1, "sender": 1, "cid": 1}
+        return {(d["sender"], d["cid"]): d for d in self._messages.find(query, fields)}
+
+    async def history(
+        self, conversation: str, before: int | None, limit: int
+    ) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+
+        def fn() -> list[StoredMessage]:
+            query: dict[str, Any] = {"conversation": conversation}
+            if before is not None:
+                query["seq"] = {"$lt": before}
+            docs = self._messages.find(
+                query, _MSG_FIELDS, sort=[("seq", DESCENDING)], limit=limit
+            )
+            return [_message(d) for d in reversed(list(docs))]
+
+        return await self._run(fn)
+
+    async def get_messages(self, ids: Sequence[str]) -> list[StoredMessage]:
+        if not ids:
+            return []
+
+        def fn() -> list[StoredMessage]:
+            docs = self._messages.find(
+                {"_id": {"$in": list(dict.fromkeys(ids))}},
+                _MSG_FIELDS,
+                sort=[("conversation", ASCENDING), ("seq", ASCENDING)],
+            )
+            return [_message(d) for d in docs]
+
+        return await self._run(fn)
+
+    # -- receipts ----------------------------------------------------------------
+
+    async def mark(self, batch: Sequence[Mark]) -> list[MarkResult]:
+        if not batch:
+            return []
+        return await self._run(self._mark, list(batch))
+
+    def _mark(self, batch: list[Mark]) -> list[MarkResult]:
+        results: list[MarkResult | None] = [None] * len(batch)
+        pending = list(range(len(batch)))
+        fields = {"sender": 1, "conversation": 1, "recipients": 1, "receipts": 1}
+        for _ in range(_MARK_ROUNDS):
+            if not pending:
+                break
+            ids = sorted({batch[i].message_id for i in pending})
+            docs = {d["_id"]: d for d in self._messages.find({"_id": {"$in": ids}}, fields)}
+            # The receipt state each planned update leaves behind, so that two
+            # marks of one (message, member) in one batch chain correctly.
+            state: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+            ops: list[UpdateOne] = []
+            planned: list[tuple[int, int, str, tuple[Status, ...]]] = []
+            for i in pending:
+                mark = batch[i]
+                doc = docs.get(mark.message_id)
+                if doc is None:
+                    results[i] = MarkResult((), known=False)
+                    continue
+                try:
+                    idx = doc["recipients"].index(mark.user)
+                except ValueError:
+                    results[i] = MarkResult((), known=doc["sender"] == mark.user)
+                    continue
+                key = (mark.message_id, mark.user)
+                if key not in state:
+                    receipt = doc["receipts"][idx]
+                    state[key] = (receipt["delivered_ts"], receipt["seen_ts"])
+                old_d, old_s = state[key]
+                new_d, new_s, made = apply_mark(old_d, old_s, mark.status, mark.ts)
+                if not made:
+                    results[i] = MarkResult((), known=True)
+                    continue
+                state[key] = (new_d, new_s)
+                token = str(ObjectId())
+                at = f"receipts.{idx}"
+                sets: dict[str, Any] = {}
+                add: dict[str, Any] = {}
+                pull: dict[str, Any] = {}
+                for status in made:
+                    f = _field(status)
+                    sets[f"{at}.{f}_ts"] = mark.ts
+                    sets[f"{at}.{f}_op"] = token
+                    if status is Status.DELIVERED:
+                        add["status.delivered_to"] = mark.user
+                        pull["undelivered"] = mark.user
+                    else:
+                        add["status.seen_by"] = mark.user
+                        pull["unseen"] = mark.user
+                ops.append(
+                    UpdateOne(
+                        # Compare-and-set on the state this plan started from.
+                        {
+                            "_id": mark.message_id,
+                            f"{at}.member": mark.user,
+                            f"{at}.delivered_ts": old_d,
+                            f"{at}.seen_ts": old_s,
+                        },
+                        {
+                            "$set": sets,
+                            "$addToSet": add,
+                            "$pull": pull,
+                            "$inc": {"rpending": len(made)},
+                        },
+                    )
+                )
+                planned.append((i, idx, token, made))
+            if not ops:
+                break
+            # Ordered: a later mark of the same receipt expects the earlier
+            # one's result, so it must run after it.
+            done = self._messages.bulk_write(ops, ordered=True)
+            won = {i for i, *_ in planned}
+            if done.modified_count != len(ops):
+                # Some compares lost to a concurrent writer: the tokens say
+                # which updates are ours. The others plan again from fresh state.
+                again = sorted({batch[i].message_id for i, *_ in planned})
+                fresh = {
+                    d["_id"]: d
+                    for d in self._messages.find({"_id": {"$in": again}}, {"receipts": 1})
+                }
+                won = {
+                    i
+                    for i, idx, token, made in planned
+                    if (fresh.get(batch[i].message_id) or {"receipts": []})["receipts"][idx].get(
+                        f"{_field(made[0])}_op"
+                    )
+                    == token
+                }
+            for i, _idx, _token, made in planned:
+                if i in won:
+                    mark = batch[i]
+                    doc = docs[mark.message_id]
+                    results[i] = MarkResult(
+                        tuple(
+                            Transition(
+                                mark.message_id,
+                                doc["conversation"],
+                                doc["sender"],
+                                mark.user,
+                                status,
+                                mark.ts,
+                            )
+                            for status in made
+                        ),
+                        known=True,
+                    )
+            pending = [i for i, *_ in planned if i not in won]
+        if pending:
+            raise Unavailable("too much contention applying receipts")
+        return [_need(r) for r in results]
+
+    async def ack_receipts(self, acks: Sequence[tuple[str, ReceiptKey]]) -> list[None]:
+        if not acks:
+            return []
+
+        def fn() -> list[None]:
+            ids = sorted({key.message_id for _, key in acks})
+            docs = {
+                d["_id"]: d
+                for d in self._messages.find(
+                    {"_id": {"$in": ids}}, {"sender": 1, "recipients": 1}
+                )
+            }
+            ops: list[UpdateOne] = []
+            for sender, key in acks:
+                doc = docs.get(key.message_id)
+                if doc is None or doc["sender"] != sender or key.member not in doc["recipients"]:
+                    continue
+                at = f"receipts.{doc['recipients'].index(key.member)}"
+                for status in SETTLED_BY_ACK[key.status]:
+                    f = _field(status)
+                    # Settles a receipt that exists and is unacked, exactly once:
+                    # the filter makes a repeated or concurrent ack a no-op, so
+                    # rpending stays the count of owed receipts.
+                    ops.append(
+                        UpdateOne(
+                            {
+                                "_id": key.message_id,
+                                "sender": sender,
+                                f"{at}.member": key.member,
+                                f"{at}.{f}_ts": {"$ne": None},
+                                f"{at}.{f}_acked": False,
+                            },
+                            {"$set": {f"{at}.{f}_acked": True}, "$inc": {"rpending": -1}},
+                        )
+                    )
+            if ops:
+                self._messages.bulk_write(ops, ordered=True)
+            return [None] * len(acks)
+
+        return await self._run(fn)
+
+    async def owed_messages(self, username: str, limit: int) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+
+        def fn() -> list[StoredMessage]:
+            docs = self._messages.find(
+                {"undelivered": username},
+                _MSG_FIELDS,
+                sort=[("conversation", ASCENDING), ("seq", ASCENDING)],
+                limit=limit,
+            )
+            return [_message(d) for d in docs]
+
+        return await self._run(fn)
+
+    async def owed_receipts(self, username: str, limit: int) -> list[Receipt]:
+        if limit <= 0:
+            return []
+
+        def fn() -> list[Receipt]:
+            # Every matching message owes at least one receipt, so ``limit``
+            # messages are enough for ``limit`` receipts.
+            docs = self._messages.find(
+                {"sender": username, "rpending": {"$gt": 0}},
+                {"conversation": 1, "receipts": 1},
+                sort=[("_id", ASCENDING)],
+                limit=limit,
+            )
+            out: list[Receipt] = []
+            for doc in docs:
+                for r in doc["receipts"]:
+                    for status in (Status.DELIVERED, Status.SEEN):
+                        f = _field(status)
+                        if r.get(f"{f}_ts") is not None and not r.get(f"{f}_acked"):
+                            out.append(
+                                Receipt(
+                                    doc["_id"],
+                                    doc["conversation"],
+                                    username,
+                                    r["member"],
+                                    status,
+                                    r[f"{f}_ts"],
+                                )
+                            )
+            out.sort(key=lambda r: (r.ts, r.message_id, r.member, r.status is Status.SEEN))
+            return out[:limit]
+
+        return await self._run(fn)
+
+
+def _duplicate(doc: dict[str, Any]) -> Appended:
+    return Appended(doc["_id"], doc["conversation"], doc["seq"], doc["ts"], duplicate=True)
+
+
+def _need(value: T | None) -> T:
+    assert value is not None
+    return value
+
+
+def _guard(fn: Callable[..., T], *args: object) -> T:
+    """Run a store call; a MongoDB failure becomes Unavailable (nothing else leaks)."""
+    try:
+        return fn(*args)
+    except ChatError:
+        raise
+    except (
+        ServerSelectionTimeoutError,
+        NetworkTimeout,
+        AutoReconnect,
+        ConnectionFailure,
+        ExecutionTimeout,
+        WTimeoutError,
+    ) as exc:
+        raise Unavailable(f"MongoDB did not answer: {_short(exc)}") from None
+    except PyMongoError as exc:
+        raise Unavailable(f"MongoDB error: {_short(exc)}") from None
+    except bson.errors.BSONError as exc:
+        raise Unavailable(f"MongoDB refused a document: {_short(exc)}") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,237 @@
+"""A throwaway ``redis-server`` for tests and benchmarks.
+
+Never the machine's own Redis: every instance listens on a free loopback
+port, keeps its files in a temporary directory and persists nothing
+(``--save "" --appendonly no``), so a restart loses all data, like a Redis
+that crashed without persistence::
+
+    with RedisServer() as server:
+        broker = RedisBroker.from_url(server.url)
+        ...
+        server.stop()       # graceful shutdown (SIGTERM)
+        server.kill()       # SIGKILL
+        server.restart()    # same port, empty data set
+        server.flushall()
+        server.command("KEYS", "*")
+
+The helper is synchronous (subprocess and a blocking socket); its calls take
+milliseconds, so async tests may call it directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisError(Exception):
+    """An error reply (``-ERR ...``) from :meth:`RedisServer.command`."""
+
+
+class RedisServer:
+    """One ``redis-server`` process on 127.0.0.1 and a free port."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        executable: str = REDIS_SERVER,
+        extra_args: tuple[str, ...] = (),
+        start_timeout: float = 10.0,
+    ) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.executable = executable
+        self.extra_args = extra_args
+        self.start_timeout = start_timeout
+        self.dir = tempfile.mkdtemp(prefix="chatd-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> RedisServer:
+        if self.running:
+            return self
+        log = open(os.path.join(self.dir, "redis.log"), "ab")  # noqa: SIM115 - owned by proc
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    self.executable,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    self.host,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    self.dir,
+                    "--protected-mode",
+                    "yes",
+                    "--daemonize",
+                    "no",
+                    *self.extra_args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.dir,
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"redis-server exited with {self.proc.returncode} on port {self.port}; "
+                    f"log: {self._log_tail()}"
+                )
+            with contextlib.suppress(OSError, RedisError):
+                if self.command("PING") == "PONG":
+                    return self
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"redis-server did not answer on port {self.port}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful shutdown (SIGTERM); with ``--save ""`` nothing is written."""
+        self._end(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, clients see their connections reset."""
+        self._end(signal.SIGKILL, 10.0)
+
+    def restart(self) -> RedisServer:
+        """Stop (if running) and start again on the same port, with no data."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop the server and remove its directory."""
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _end(self, sig: signal.Signals, timeout: float) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.proc = None
+
+    def _log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "redis.log"), "rb") as f:
+                return f.read()[-2000:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    # -- a minimal blocking client ---------------------------------------------------------
+
+    def command(self, *args: str | int | float | bytes, timeout: float = 5.0) -> Any:
+        """Send one command on a fresh connection; the decoded reply (str, int,
+        list, None). An error reply raises :class:`RedisError`."""
+        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+            sock.sendall(_encode(args))
+            return _Reader(sock).reply()
+
+    def flushall(self) -> None:
+        self.command("FLUSHALL")
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        """Every key matching ``pattern`` (SCAN, so safe on a big data set)."""
+        out: list[str] = []
+        cursor = "0"
+        while True:
+            cursor, batch = self.command("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            out.extend(batch)
+            if cursor == "0":
+                return sorted(set(out))
+
+
+def _encode(args: tuple[str | int | float | bytes, ...]) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Reader:
+    """Reads one RESP2 reply from a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._more()
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self.buf) < n + 2:
+            self._more()
+        data, self.buf = self.buf[:n], self.buf[n + 2 :]
+        return data
+
+    def _more(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("redis closed the connection")
+        self.buf += chunk
+
+    def reply(self) -> Any:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RedisError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self._exactly(n).decode(errors="replace")
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self.reply() for _ in range(n)]
+        raise RedisError(f"unexpected reply {line!r}")
