@@ -112,6 +112,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Static web client served at / (default: the repository's web/).",
     ),
     Setting(
+        "public_ws_url",
+        str,
+        "",
+        ("CHATD_PUBLIC_WS_URL",),
+        "WebSocket URL the web client uses, e.g. /ws behind a proxy (default: this host, ws port).",
+    ),
+    Setting(
         "rate",
         float,
         30.0,

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from chatd import crypto
 from chatd.core import frames
-from chatd.core.delivery import message_order, receipt_order, rid
+from chatd.core.delivery import message_order, receipt_order
 from chatd.core.envelope import (
     Envelope,
     MessageEnvelope,
@@ -22,6 +22,7 @@ from chatd.core.envelope import (
     TypingEnvelope,
     decode,
 )
+from chatd.core.names import rid
 from chatd.core.session import Outbound
 from chatd.ports import Inbound
 

@@ -117,12 +117,21 @@ class Store(Protocol):
         A key of a message the sender did not send is ignored."""
         ...
 
-    async def owed_messages(self, username: str, limit: int) -> list[StoredMessage]:
-        """Messages not yet delivered to ``username``, by conversation and seq."""
+    async def owed_messages(
+        self, username: str, limit: int, after: tuple[str, int] | None = None
+    ) -> list[StoredMessage]:
+        """Up to ``limit`` messages not yet delivered to ``username``, ordered by
+        (conversation, seq), starting after the (conversation, seq) ``after``."""
         ...
 
-    async def owed_receipts(self, username: str, limit: int) -> list[Receipt]:
-        """Receipts of ``username``'s messages not yet acked by ``username``."""
+    async def owed_receipts(
+        self, username: str, limit: int, after: tuple[str, str] | None = None
+    ) -> list[Receipt]:
+        """Receipts of ``username``'s messages not yet acked by ``username``.
+
+        Pages by (message id, member) pairs: up to ``limit`` pairs after the
+        pair ``after``, each giving its delivered and/or seen receipt, ordered
+        by (message id, member, delivered before seen)."""
         ...
 
     async def ping(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from chatd import crypto
 from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Passwords, Tokens
 from chatd.batching import Batcher
 from chatd.core import frames
-from chatd.core.delivery import parse_rid, recipients, rid, settled_rids, target_of
+from chatd.core.delivery import recipients, settled_rids, target_of
 from chatd.core.envelope import (
     MessageEnvelope,
     PresenceEnvelope,
@@ -60,6 +60,8 @@ from chatd.core.names import (
     MAX_TITLE,
     is_conversation_id,
     normalize_username,
+    parse_rid,
+    rid,
 )
 from chatd.core.session import Outbound
 from chatd.hub import Connection, Hub, render
@@ -67,9 +69,9 @@ from chatd.ports import Broker, Clock, Routed, Store
 
 log = logging.getLogger("chatd.service")
 
-#: How much of a backlog one ``ready`` offers at most; the rest stays owed and
-#: comes with the next connection (documented in docs/protocol.md).
-BACKLOG_LIMIT = 5000
+#: The backlog is read from the store in pages of this many items, so a
+#: device that was away for long gets everything without one huge read.
+BACKLOG_PAGE = 500
 HISTORY_DEFAULT = 50
 HISTORY_MAX = 200
 
@@ -159,17 +161,19 @@ class ChatService:
             self._resync_wanted = trio.Event()
             log.info("resync: offering owed items again", extra={"users": len(self.hub.users())})
             for user in self.hub.users():
+
+                async def emit(items: list[Outbound], user: str = user) -> None:
+                    for conn in self.hub.connections(user):
+                        for item in items:
+                            conn.offer(item)
+
                 try:
-                    items = await self.backlog(user)
+                    await self.backlog(user, emit)
                 except ChatError as exc:
                     log.warning("resync failed; retrying", extra={"reason": exc.message})
                     await trio.sleep(1)
                     self._resync_wanted.set()
                     break
-                items.sort(key=lambda i: i.order)
-                for conn in self.hub.connections(user):
-                    for item in items:
-                        conn.offer(item)
 
     async def readiness(self) -> Readiness:
         checks: dict[str, str] = {}
@@ -197,7 +201,7 @@ class ChatService:
 
     async def login(self, username: object, password: object) -> tuple[str, int]:
         if not isinstance(username, str) or not isinstance(password, str):
-            raise BadRequest("username and password must be strings")
+            raise Unauthorized("wrong username or password")
         try:
             name = normalize_username(username)
         except BadRequest:
@@ -370,33 +374,66 @@ class ChatService:
             payload = encode(PresenceEnvelope(user, online, last_seen))
             await self._route([Routed(p, "presence", payload, owed=False) for p in peers])
 
-    async def backlog(self, user: str) -> list[Outbound]:
-        """Everything owed to ``user``: the broker's queue and the store's record,
-        merged by key (the store is the authority; the queue is the fast path)."""
+    async def backlog(self, user: str, emit: Callable[[list[Outbound]], Awaitable[None]]) -> None:
+        """Offer everything owed to ``user``, page by page, through ``emit``.
+
+        The store is the authority: its pages (messages by conversation and
+        seq, then receipts) are what is owed. The broker's queue is the fast
+        path: entries the store no longer lists as owed are stale and are
+        settled here; if the store cannot be read, the queue's entries are
+        offered and Unavailable is raised so the device hears the backlog may
+        be incomplete.
+        """
         try:
-            queued = await self.broker.owed(user)
+            queued = {o.key: o.payload for o in await self.broker.owed(user)}
         except Unavailable as exc:
-            # The store alone still knows everything that is owed.
             log.warning("broker unavailable; backlog from the store", extra={"reason": exc.message})
-            queued = []
-        stored = await self.store.owed_messages(user, BACKLOG_LIMIT)
-        receipts = await self.store.owed_receipts(user, BACKLOG_LIMIT)
-        items: dict[str, Outbound] = {}
-        for m in stored:
-            out = render(MessageEnvelope(m), self.keyring, owed=True)
-            if out is not None:
-                items[m.id] = out
-        for r in receipts:
-            out = render(ReceiptEnvelope(r), self.keyring, owed=True)
-            if out is not None and out.key is not None:
-                items[out.key] = out
-        for entry in queued:
-            if entry.key in items:
-                continue
-            out = self.hub_render(entry.payload)
-            if out is not None:
-                items[entry.key] = out
-        return list(items.values())
+            queued = {}
+        try:
+            await self._stored_backlog(user, emit, queued)
+        except Unavailable:
+            items = [out for p in queued.values() if (out := self.hub_render(p)) is not None]
+            if items:
+                await emit(items)
+            raise
+        if queued:
+            await self._settle(user, list(queued))
+
+    async def _stored_backlog(
+        self,
+        user: str,
+        emit: Callable[[list[Outbound]], Awaitable[None]],
+        queued: dict[str, str],
+    ) -> None:
+        after_msg: tuple[str, int] | None = None
+        while True:
+            page = await self.store.owed_messages(user, BACKLOG_PAGE, after_msg)
+            items = []
+            for m in page:
+                queued.pop(m.id, None)
+                out = render(MessageEnvelope(m), self.keyring, owed=True)
+                if out is not None:
+                    items.append(out)
+            if items:
+                await emit(items)
+            if len(page) < BACKLOG_PAGE:
+                break
+            after_msg = (page[-1].conversation, page[-1].seq)
+        after_rcpt: tuple[str, str] | None = None
+        while True:
+            receipts = await self.store.owed_receipts(user, BACKLOG_PAGE, after_rcpt)
+            items = []
+            for r in receipts:
+                out = render(ReceiptEnvelope(r), self.keyring, owed=True)
+                if out is not None and out.key is not None:
+                    queued.pop(out.key, None)
+                    items.append(out)
+            if items:
+                await emit(items)
+            pairs = {(r.message_id, r.member) for r in receipts}
+            if len(pairs) < BACKLOG_PAGE:
+                break
+            after_rcpt = max(pairs)
 
     def hub_render(self, payload: str) -> Outbound | None:
         try:

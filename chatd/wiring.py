@@ -23,8 +23,24 @@ def _memory(config: Config) -> Broker:
     return MemoryBroker()
 
 
-STORES: dict[str, Callable[[Config], Store]] = {"sqlite": _sqlite}
-BROKERS: dict[str, Callable[[Config], Broker]] = {"memory": _memory}
+def _mongo(config: Config) -> Store:
+    from chatd.store.mongo import MongoStore
+
+    if not config.mongo_uri:
+        raise ConfigError("the mongo store needs --mongo-uri (or MONGO_URI)")
+    return MongoStore.open(config.mongo_uri)
+
+
+def _redis(config: Config) -> Broker:
+    from chatd.broker.redis import RedisBroker
+
+    if not config.redis_url:
+        raise ConfigError("the redis broker needs --redis-url (or REDIS_URL)")
+    return RedisBroker.from_url(config.redis_url)
+
+
+STORES: dict[str, Callable[[Config], Store]] = {"sqlite": _sqlite, "mongo": _mongo}
+BROKERS: dict[str, Callable[[Config], Broker]] = {"memory": _memory, "redis": _redis}
 
 
 def open_store(config: Config) -> Store:

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from chatd.core.errors import BadRequest, Forbidden
 from chatd.core.frames import Send
 from chatd.core.model import ReceiptKey, Status
-from chatd.core.names import dm_id, dm_members, is_conversation_id, is_username, normalize_username
+from chatd.core.names import (
+    dm_id,
+    dm_members,
+    is_conversation_id,
+    normalize_username,
+    rid,
+)
 
 # --- receipts -----------------------------------------------------------------
 
@@ -62,22 +68,6 @@ SETTLED_BY_ACK: dict[Status, tuple[Status, ...]] = {
     Status.DELIVERED: (Status.DELIVERED,),
     Status.SEEN: (Status.SEEN, Status.DELIVERED),
 }
-
-
-def rid(message_id: str, member: str, status: Status) -> str:
-    """The receipt id: one per message, member and status."""
-    return f"{message_id}:{member}:{status.value}"
-
-
-def parse_rid(raw: str) -> ReceiptKey:
-    parts = raw.split(":")
-    if len(parts) != 3 or not parts[0] or not is_username(parts[1]):
-        raise BadRequest(f"'{raw[:80]}' is not a receipt id")
-    try:
-        status = Status(parts[2])
-    except ValueError:
-        raise BadRequest(f"'{raw[:80]}' is not a receipt id") from None
-    return ReceiptKey(message_id=parts[0], member=parts[1], status=status)
 
 
 def settled_rids(key: ReceiptKey) -> list[str]:

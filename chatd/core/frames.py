@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from chatd.core.errors import BadRequest, TooLarge
-from chatd.core.names import check_cid
+from chatd.core.errors import BadRequest, TooLarge, Unauthorized
+from chatd.core.names import check_cid, parse_rid
 
 MAX_FRAME_BYTES = 64 * 1024
 MAX_BODY_CHARS = 4000
@@ -56,6 +56,14 @@ class Ping:
 ClientFrame = Auth | Send | Ack | Seen | Typing | Ping
 
 
+class Oversize(bytes):
+    """Stands in for a frame the transport discarded for its size."""
+
+
+#: What the WebSocket adapter hands over instead of an oversize frame.
+OVERSIZE = Oversize()
+
+
 def frame_size(raw: str | bytes) -> int:
     """Size of a frame in bytes on the wire (UTF-8 for text)."""
     if isinstance(raw, bytes):
@@ -95,6 +103,8 @@ def parse_client_frame(raw: str | bytes) -> ClientFrame:
     The raised error carries the frame's ``cid`` when one could be read, so
     the client knows which message was refused.
     """
+    if isinstance(raw, Oversize):
+        raise TooLarge(f"frame is over {MAX_FRAME_BYTES} bytes")
     if isinstance(raw, bytes):
         raise BadRequest("binary frames are not accepted; send JSON text frames")
     if frame_size(raw) > MAX_FRAME_BYTES:
@@ -115,9 +125,10 @@ def parse_client_frame(raw: str | bytes) -> ClientFrame:
 
 
 def _parse_auth(obj: dict[str, Any]) -> Auth:
-    token = _str(obj, "token")
-    if not token:
-        raise BadRequest("'token' must not be empty")
+    token = obj.get("token")
+    if not isinstance(token, str) or not token:
+        # A bad token, as far as the contract is concerned: unauthorized.
+        raise Unauthorized("'auth' needs a token")
     return Auth(token=token)
 
 
@@ -141,7 +152,10 @@ def _parse_send(obj: dict[str, Any]) -> Send:
 
 
 def _parse_ack(obj: dict[str, Any]) -> Ack:
-    return Ack(ids=_ids(obj, "ids", required=False), receipts=_ids(obj, "receipts", required=False))
+    receipts = _ids(obj, "receipts", required=False)
+    for rid in receipts:  # checked before anything in the frame is applied
+        parse_rid(rid)
+    return Ack(ids=_ids(obj, "ids", required=False), receipts=receipts)
 
 
 def _parse_seen(obj: dict[str, Any]) -> Seen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from chatd.core.errors import BadRequest
+from chatd.core.model import ReceiptKey, Status
 
 _USERNAME = re.compile(r"[a-z0-9_.\-]{3,32}")
 MAX_CID = 64
@@ -58,3 +59,19 @@ def is_conversation_id(raw: str) -> bool:
     if raw.startswith(DM_PREFIX):
         return dm_members(raw) is not None
     return raw.startswith(GROUP_PREFIX) and 3 <= len(raw) <= 64 and raw.isprintable()
+
+
+def rid(message_id: str, member: str, status: Status) -> str:
+    """The receipt id: one per message, member and status."""
+    return f"{message_id}:{member}:{status.value}"
+
+
+def parse_rid(raw: str) -> ReceiptKey:
+    parts = raw.split(":")
+    if len(parts) != 3 or not parts[0] or not is_username(parts[1]):
+        raise BadRequest(f"'{raw[:80]}' is not a receipt id")
+    try:
+        status = Status(parts[2])
+    except ValueError:
+        raise BadRequest(f"'{raw[:80]}' is not a receipt id") from None
+    return ReceiptKey(message_id=parts[0], member=parts[1], status=status)

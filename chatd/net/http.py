@@ -52,7 +52,9 @@ async def _chat_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "internal" if exc.status_code >= 500 else "bad_request")
-    return error_response(exc.status_code, code, str(exc.detail))
+    response = error_response(exc.status_code, code, str(exc.detail))
+    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+    return response
 
 
 async def _crash(request: Request, exc: Exception) -> Response:
@@ -164,9 +166,16 @@ def create_app(
 
     async def readyz(request: Request) -> Response:
         ready = await service.readiness()
+        if ready.ok:
+            return JSONResponse({"status": "ready", "checks": ready.checks})
+        failing = ", ".join(f"{k} {v}" for k, v in ready.checks.items() if v != "ok")
         return JSONResponse(
-            {"status": "ready" if ready.ok else "unavailable", "checks": ready.checks},
-            200 if ready.ok else 503,
+            {
+                "error": {"code": "unavailable", "message": f"not ready: {failing}"},
+                "status": "unavailable",
+                "checks": ready.checks,
+            },
+            503,
         )
 
     routes: list[Any] = [

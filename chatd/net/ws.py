@@ -8,18 +8,26 @@ overflows the connection is closed with 4008 and the device reconnects to
 get what is owed.
 
 Close codes: 4001 unauthorized, 4008 too slow, 1001 server going away,
-1009 frame over the transport limit (1 MiB), 1011 internal error.
+1011 internal error. Oversize frames do not close the connection: they are
+discarded while they arrive and answered with ``too_large``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from functools import partial
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+)
+from wsproto import ConnectionType, WSConnection
 
 from chatd.core import frames
 from chatd.core.errors import ChatError, NotFound, Unauthorized
@@ -29,10 +37,12 @@ from chatd.service import ChatService
 log = logging.getLogger("chatd.ws")
 
 OUTBOX = 1024
+#: A client frame larger than this is read and thrown away as it arrives (it
+#: is never buffered) and answered with ``too_large``; the connection stays.
+DISCARD_OVER = frames.MAX_FRAME_BYTES + 1
 #: Seconds between WebSocket pings; a peer that does not answer within the
 #: next interval is dropped. Proxies need read timeouts above this.
 PING_INTERVAL = 30.0
-TRANSPORT_LIMIT = 1024 * 1024
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_TOO_SLOW = 4008
 CLOSE_GOING_AWAY = 1001
@@ -40,6 +50,15 @@ CLOSE_INTERNAL = 1011
 
 
 class WsConnection:
+    """One WebSocket: its session, its outbox, and the tasks that serve it.
+
+    Closing has two speeds. :meth:`close_soon` (shutdown, token expiry)
+    stops reading, lets the writer flush the outbox, then closes.
+    :meth:`_drop` (slow consumer, dead peer) discards the outbox; the writer
+    still finishes the frame it is writing, so a close never cuts a frame in
+    half, and a peer that cannot take even that is cut off after a timeout.
+    """
+
     def __init__(
         self,
         ws: WebSocketConnection,
@@ -58,8 +77,8 @@ class WsConnection:
         self._out_send, self._out_recv = trio.open_memory_channel[str](OUTBOX)
         self._close: tuple[int, str] = (1000, "bye")
         self._closing = False
+        self._dropping = False
         self._read_scope: trio.CancelScope | None = None
-        self._scope: trio.CancelScope | None = None
 
     # -- called from other tasks (hub, shutdown) -------------------------------------
 
@@ -69,35 +88,35 @@ class WsConnection:
                 self._out_send.send_nowait(out.text)
         except (trio.WouldBlock, SlowConsumer):
             log.warning("closing a slow connection", extra={"user": self.user, "conn": self.id})
-            self._abort(CLOSE_TOO_SLOW, "too slow: reconnect to get what is owed")
+            self._drop(CLOSE_TOO_SLOW, "too slow: reconnect to get what is owed")
         except trio.ClosedResourceError:
             pass  # closing; what was owed stays owed
 
     def close_soon(self, code: int, reason: str) -> None:
         """Stop reading, flush what is queued, then close with ``code``."""
-        self._close = (code, reason)
+        if not self._closing:
+            self._close = (code, reason)
         self._closing = True
         if self._read_scope is not None:
             self._read_scope.cancel()
 
-    def _abort(self, code: int, reason: str) -> None:
-        """Close now, dropping the outbox."""
+    def _drop(self, code: int, reason: str) -> None:
+        """Close without flushing: what was owed stays owed for the next connection."""
+        self._dropping = True
+        self.close_soon(code, reason)
         self._close = (code, reason)
-        if self._scope is not None:
-            self._scope.cancel()
 
     # -- the connection's own tasks --------------------------------------------------
 
     async def serve(self) -> None:
         try:
-            with trio.CancelScope() as self._scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write_loop, nursery.cancel_scope)
-                    nursery.start_soon(self._keepalive, nursery.cancel_scope)
-                    try:
-                        await self._read_loop()
-                    finally:
-                        self._out_send.close()  # the writer drains, then ends
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop, nursery.cancel_scope)
+                nursery.start_soon(self._keepalive)
+                try:
+                    await self._read_loop()
+                finally:
+                    self._out_send.close()  # the writer drains (or drops), then ends
         finally:
             self.session.closed()
             with trio.CancelScope(shield=True):
@@ -106,21 +125,24 @@ class WsConnection:
                         await self.service.detach(self)
                     except ChatError as exc:
                         log.warning("detach failed", extra={"conn": self.id, "reason": exc.message})
+                # A peer that cannot take the close frame is cut off (1006).
                 with trio.move_on_after(2):
                     await self.ws.aclose(*self._close)
 
     async def _write_loop(self, scope: trio.CancelScope) -> None:
-        """Drain the outbox onto the socket. It ends the connection's nursery
-        when the outbox is closed and empty, or when the socket is gone."""
+        """Drain the outbox onto the socket; when the outbox is closed and empty,
+        or the socket is gone, end the connection's other tasks."""
         try:
             async for text in self._out_recv:
+                if self._dropping:
+                    break
                 await self.ws.send_message(text)
         except ConnectionClosed:
-            pass
+            self.close_soon(1000, "bye")
         finally:
             scope.cancel()
 
-    async def _keepalive(self, scope: trio.CancelScope) -> None:
+    async def _keepalive(self) -> None:
         """WebSocket pings: keep proxies from timing out an idle connection and
         find peers that vanished without closing (a dead phone, a cut cable)."""
         while True:
@@ -132,28 +154,29 @@ class WsConnection:
                     return
             if wait.cancelled_caught:
                 log.info(
-                    "closing a connection that stopped answering pings", extra={"conn": self.id}
+                    "dropping a connection that stopped answering pings", extra={"conn": self.id}
                 )
-                self._close = (CLOSE_GOING_AWAY, "no pong")
-                scope.cancel()
+                self._drop(CLOSE_GOING_AWAY, "no pong")
                 return
 
     def _push(self, frame: dict) -> None:
         try:
             self._out_send.send_nowait(frames.encode(frame))
         except trio.WouldBlock:
-            self._abort(CLOSE_TOO_SLOW, "too slow: reconnect to get what is owed")
+            self._drop(CLOSE_TOO_SLOW, "too slow: reconnect to get what is owed")
         except trio.ClosedResourceError:
             pass
 
-    async def _next(self) -> str | bytes | None:
-        """The next client frame; None once the socket closed or we are closing."""
+    async def _next(self, deadline: float = math.inf) -> str | bytes | None:
+        """The next client frame; None once the socket closed, we are closing,
+        or ``deadline`` (trio time) passed while waiting."""
         if self._closing:
             return None
-        with trio.CancelScope() as self._read_scope:
+        with trio.CancelScope(deadline=deadline) as self._read_scope:
             try:
                 return await self.ws.get_message()
             except ConnectionClosed:
+                self._closing = True
                 return None
         return None
 
@@ -161,63 +184,81 @@ class WsConnection:
         expires_at = await self._authenticate()
         if expires_at is None:
             return
-        await self._start()
-        # The connection lives as long as its token; then the client logs in again.
-        with trio.move_on_after(max(0.0, expires_at - time.time())) as token_scope:
-            while True:
-                raw = await self._next()
-                if raw is None:
-                    return
-                await self._handle(raw)
-        if token_scope.cancelled_caught:
+        try:
+            await self._start()
+        except ChatError as exc:
+            self._push(frames.error(exc.code, exc.message))
+            self._close = (CLOSE_INTERNAL, "could not start the session")
+            return
+        # The connection lives as long as its token (then the client logs in
+        # again). Expiry is only noticed between frames: a frame in hand is
+        # always answered.
+        deadline = trio.current_time() + max(0.0, expires_at - time.time())
+        while True:
+            raw = await self._next(deadline)
+            if raw is None:
+                break
+            await self._handle(raw)
+        if not self._closing and trio.current_time() >= deadline:
             self._push(frames.error("unauthorized", "token expired"))
             self._close = (CLOSE_UNAUTHORIZED, "token expired")
 
     async def _authenticate(self) -> float | None:
         """Wait for a good ``auth``; returns the token's expiry or None (closing)."""
-        with trio.move_on_after(self.auth_timeout):
-            while True:
-                raw = await self._next()
-                if raw is None:
-                    return None
-                try:
-                    frame = frames.parse_client_frame(raw)
-                    self.session.check(frame, trio.current_time())
-                except ChatError as exc:
-                    self._push(frames.error(exc.code, exc.message, exc.cid))
-                    continue
-                assert isinstance(frame, frames.Auth)
-                try:
-                    user, expires_at = await self.service.authenticate(frame.token)
-                except Unauthorized as exc:
-                    self._push(frames.error(exc.code, exc.message))
-                    self._close = (CLOSE_UNAUTHORIZED, exc.message)
-                    return None
-                except ChatError as exc:
-                    self._push(frames.error(exc.code, exc.message))
-                    self._close = (CLOSE_INTERNAL, exc.message)
-                    return None
-                self.user = user
-                self.session.authenticated(user)
-                return expires_at
-        self._push(frames.error("unauthorized", f"no auth within {self.auth_timeout:g} s"))
-        self._close = (CLOSE_UNAUTHORIZED, "no auth")
+        deadline = trio.current_time() + self.auth_timeout
+        while True:
+            raw = await self._next(deadline)
+            if raw is None:
+                break
+            try:
+                frame = frames.parse_client_frame(raw)
+            except Unauthorized as exc:  # an ``auth`` without a usable token
+                return self._refuse(exc)
+            except ChatError as exc:
+                self._push(frames.error(exc.code, exc.message, exc.cid))
+                continue
+            try:
+                self.session.check(frame, trio.current_time())
+            except ChatError as exc:  # anything but auth: refused, keep waiting
+                self._push(frames.error(exc.code, exc.message, exc.cid))
+                continue
+            assert isinstance(frame, frames.Auth)
+            try:
+                user, expires_at = await self.service.authenticate(frame.token)
+            except Unauthorized as exc:
+                return self._refuse(exc)
+            except ChatError as exc:
+                self._push(frames.error(exc.code, exc.message))
+                self._close = (CLOSE_INTERNAL, "could not check the token")
+                return None
+            self.user = user
+            self.session.authenticated(user)
+            return expires_at
+        if not self._closing and trio.current_time() >= deadline:
+            self._push(frames.error("unauthorized", f"no auth within {self.auth_timeout:g} s"))
+            self._close = (CLOSE_UNAUTHORIZED, "no auth")
         return None
+
+    def _refuse(self, exc: ChatError) -> None:
+        self._push(frames.error(exc.code, exc.message))
+        self._close = (CLOSE_UNAUTHORIZED, exc.message)
 
     async def _start(self) -> None:
         """Attach, say ``ready``, offer the backlog, then go live."""
         assert self.user is not None
         await self.service.attach(self)
         await self._out_send.send(frames.encode(frames.ready(self.user, self.service.node)))
+
+        async def emit(items: list[Outbound]) -> None:
+            for item in self.session.backlog(items):
+                await self._out_send.send(item.text)
+
         try:
-            backlog = await self.service.backlog(self.user)
+            await self.service.backlog(self.user, emit)
         except ChatError as exc:
-            # The store or broker is down: the device is online and gets live
-            # traffic; what is owed stays owed for the next connection.
+            # The store is down: the device is online and gets live traffic;
+            # what is owed stays owed for the next connection.
             self._push(frames.error(exc.code, f"backlog not available: {exc.message}"))
-            backlog = []
-        for item in self.session.backlog(backlog):
-            await self._out_send.send(item.text)
         for item in self.session.finish_backlog():
             await self._out_send.send(item.text)
 
@@ -254,6 +295,58 @@ class WsConnection:
             self._push(frames.error(exc.code, exc.message, ids=unknown))
 
 
+class _BoundedConnection(WebSocketConnection):
+    """A server connection that never buffers more than ``DISCARD_OVER`` bytes
+    of one message: the rest is dropped as it arrives, and the reader gets
+    :data:`chatd.core.frames.OVERSIZE` in its place. (trio-websocket itself would close the
+    connection with 1009 instead, after buffering up to its own limit.)
+
+    Relies on trio-websocket's ``_handle_message_event``; the version range is
+    pinned in setup.cfg and tests/e2e/test_bad_input.py checks the behaviour.
+    """
+
+    _discarding = False
+
+    async def _handle_message_event(self, event) -> None:  # type: ignore[override]
+        if self._discarding or self._message_size + len(event.data) > DISCARD_OVER:
+            self._discarding = True
+            self._message_parts = []
+            self._message_size = 0
+            if event.message_finished:
+                self._discarding = False
+                try:
+                    await self._send_channel.send(frames.OVERSIZE)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass
+            return
+        await super()._handle_message_event(event)
+
+
+class _BoundedServer(WebSocketServer):
+    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+        # As WebSocketServer._handle_connection, with _BoundedConnection.
+        async with trio.open_nursery() as nursery:
+            connection = _BoundedConnection(
+                stream,
+                WSConnection(ConnectionType.SERVER),
+                message_queue_size=self._message_queue_size,
+                max_message_size=self._max_message_size,
+                receive_buffer_size=self._receive_buffer_size,
+            )
+            nursery.start_soon(connection._reader_task)
+            with trio.move_on_after(self._connect_timeout) as connect_scope:
+                request = await connection._get_request()
+            if connect_scope.cancelled_caught:
+                nursery.cancel_scope.cancel()
+                await stream.aclose()
+                return
+            try:
+                await self._handler(request)
+            finally:
+                with trio.move_on_after(self._disconnect_timeout):
+                    await connection.aclose()
+
+
 async def handle_request(
     request: WebSocketRequest,
     *,
@@ -271,6 +364,9 @@ async def handle_request(
     connections.add(conn)
     try:
         await conn.serve()
+    except Exception:
+        # One connection's bug must never take the server down with it.
+        log.exception("connection failed", extra={"user": conn.user, "conn": conn.id})
     finally:
         connections.discard(conn)
 
@@ -297,22 +393,18 @@ async def serve_ws(
         burst=burst,
     )
 
-    async def run(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        await serve_websocket(
-            handler,
-            host,
-            port,
-            None,
-            handler_nursery=handler_nursery,
-            max_message_size=TRANSPORT_LIMIT,
-            message_queue_size=8,
-            # A TCP connection that never finishes the handshake, or never
-            # answers our close, must not hold a handler for long.
-            connect_timeout=10,
-            disconnect_timeout=5,
-            task_status=task_status,
-        )
-
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    server = _BoundedServer(
+        handler,
+        listeners,
+        handler_nursery=handler_nursery,
+        message_queue_size=8,
+        max_message_size=2 * DISCARD_OVER,  # never reached: see _BoundedConnection
+        # A TCP connection that never finishes the handshake, or never answers
+        # our close, must not hold a handler for long.
+        connect_timeout=10,
+        disconnect_timeout=5,
+    )
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(run)
+        await nursery.start(server.run)
         task_status.started(server.port)

@@ -6,15 +6,14 @@ from chatd.core.delivery import (
     RECEIPT_TRANSITIONS,
     ReceiptState,
     apply_mark,
-    parse_rid,
     recipients,
-    rid,
     settled_rids,
     target_of,
 )
 from chatd.core.errors import BadRequest, Forbidden
 from chatd.core.frames import Send
 from chatd.core.model import ReceiptKey, Status
+from chatd.core.names import parse_rid, rid
 
 D, S = Status.DELIVERED, Status.SEEN
 

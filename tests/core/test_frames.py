@@ -5,7 +5,7 @@ import json
 import pytest
 
 from chatd.core import frames
-from chatd.core.errors import BadRequest, TooLarge
+from chatd.core.errors import BadRequest, TooLarge, Unauthorized
 from chatd.core.frames import Ack, Auth, Ping, Seen, Send, Typing, parse_client_frame
 
 
@@ -23,7 +23,7 @@ def j(obj) -> str:
             Send("c1", "hi", conversation="g:1"),
         ),
         (j({"type": "ack", "ids": ["a", "b", "a"]}), Ack(ids=("a", "b"))),
-        (j({"type": "ack", "receipts": ["r"]}), Ack(receipts=("r",))),
+        (j({"type": "ack", "receipts": ["01A:bob:seen"]}), Ack(receipts=("01A:bob:seen",))),
         (j({"type": "ack"}), Ack()),
         (j({"type": "seen", "ids": ["a"]}), Seen(("a",))),
         (j({"type": "typing", "conversation": "dm:a:b"}), Typing("dm:a:b")),
@@ -45,9 +45,11 @@ def test_valid_frames(raw, expected):
         (j({"token": "x"}), BadRequest, None),
         (j({"type": 5}), BadRequest, None),
         (j({"type": "shout"}), BadRequest, None),
-        (j({"type": "auth"}), BadRequest, None),
-        (j({"type": "auth", "token": ""}), BadRequest, None),
-        (j({"type": "auth", "token": 12}), BadRequest, None),
+        # An auth frame without a usable token is a bad token: unauthorized.
+        (j({"type": "auth"}), Unauthorized, None),
+        (j({"type": "auth", "token": ""}), Unauthorized, None),
+        (j({"type": "auth", "token": 12}), Unauthorized, None),
+        (j({"type": "ack", "ids": ["a"], "receipts": ["not-a-rid"]}), BadRequest, None),
         (j({"type": "send", "to": "bob", "body": "hi"}), BadRequest, None),
         (j({"type": "send", "cid": "", "to": "bob", "body": "hi"}), BadRequest, None),
         (j({"type": "send", "cid": "x" * 65, "to": "bob", "body": "hi"}), BadRequest, None),
@@ -92,6 +94,11 @@ def test_frame_limit_counts_utf8_bytes():
     assert len(over) < 64 * 1024 < len(over.encode())
     with pytest.raises(TooLarge):
         parse_client_frame(over)
+
+
+def test_oversize_marker_is_too_large():
+    with pytest.raises(TooLarge):
+        parse_client_frame(frames.OVERSIZE)
 
 
 def test_deeply_nested_json_is_a_bad_request():

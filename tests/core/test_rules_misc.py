@@ -221,3 +221,14 @@ def test_test_variables_are_not_config():
 def test_secrets_do_not_show_in_repr():
     c = cfg.load({"JWT_SECRET": "supersecretvalue123"}, {})
     assert "supersecretvalue123" not in repr(c)
+
+
+def test_wiring_refuses_unknown_names(tmp_path):
+    from chatd import wiring
+
+    with pytest.raises(cfg.ConfigError, match="unknown store"):
+        wiring.open_store(cfg.load({}, {"store": "oracle", "data_dir": str(tmp_path)}))
+    with pytest.raises(cfg.ConfigError, match="unknown broker"):
+        wiring.open_broker(cfg.load({}, {"broker": "kafka"}))
+    with pytest.raises(cfg.ConfigError, match="needs"):
+        wiring.open_broker(cfg.load({}, {"broker": "redis"}))
