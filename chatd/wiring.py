@@ -28,7 +28,10 @@ def _mongo(config: Config) -> Store:
 
     if not config.mongo_uri:
         raise ConfigError("the mongo store needs --mongo-uri (or MONGO_URI)")
-    return MongoStore.open(config.mongo_uri)
+    try:
+        return MongoStore.open(config.mongo_uri)
+    except ValueError as exc:  # a malformed URI
+        raise ConfigError(f"mongo_uri: {exc}") from None
 
 
 def _redis(config: Config) -> Broker:

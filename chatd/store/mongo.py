@@ -34,9 +34,8 @@ username (and a taken group id) is :class:`Conflict`.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote
 
@@ -44,7 +43,7 @@ import bson.errors
 import pymongo
 import trio
 from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
+from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.errors import (
     AutoReconnect,
     BulkWriteError,
@@ -79,70 +78,99 @@ T = TypeVar("T")
 
 DEFAULT_DATABASE = "chatd"
 
-#: Client options chatd sets unless the URI sets them itself. A short server
-#: selection timeout makes an outage answer ``unavailable`` within seconds;
-#: ``timeoutMS`` (client-side operation timeout) bounds every call, retries
-#: included, so a hung server cannot hold a writer forever; majority + journal
-#: makes "durable on return" hold on a replica set and on a single server.
+#: Client options chatd sets unless the URI (or ``tuning``) sets them. A short
+#: server selection timeout makes an outage answer ``unavailable`` within
+#: seconds; the socket timeout bounds a call to a server that accepted the
+#: connection and then hung; majority + journal makes "durable on return" hold
+#: on a replica set and on a single server, and wtimeout bounds the wait for a
+#: majority that is not there. Not ``timeoutMS``: with it set, pymongo ignores
+#: serverSelectionTimeoutMS and an outage takes the whole operation budget to
+#: be noticed.
 CLIENT_DEFAULTS: dict[str, Any] = {
     "serverSelectionTimeoutMS": 3000,
     "connectTimeoutMS": 3000,
-    "timeoutMS": 10000,
+    "socketTimeoutMS": 15000,
     "w": "majority",
     "journal": True,
+    "wTimeoutMS": 10000,
     "appname": "chatd",
 }
 
-#: Seconds an index build at startup may take (an existing large collection
-#: needs longer than an ordinary operation).
-INDEX_BUILD_TIMEOUT = 300.0
+#: Seconds the index builds at startup may take (on an existing large
+#: collection they outlast the socket timeout). Applied after a ping has
+#: shown the server is there, so an outage is still noticed quickly.
+INDEX_BUILD_TIMEOUT = 120.0
 
 #: Duplicate-key error codes (11000 is current; the others are legacy).
 _DUP_CODES = frozenset({11000, 11001, 12582})
 
-#: Bounds on optimistic retry loops. Appends retry only when another writer
-#: took the seq they planned (each retry re-reads the true maximum); marks
-#: only when another writer moved the same receipt, which happens at most
-#: twice per receipt. Hitting a bound means pathological contention.
-_APPEND_ROUNDS = 100
-_MARK_ROUNDS = 10
+#: How often one append may find its planned seq taken by another writer
+#: before it gives up (Unavailable). Each time it plans again from the true
+#: highest seq, so some writer always progresses.
+_APPEND_CONFLICTS = 100
 
 USERS = "users"
 CONVERSATIONS = "conversations"
 MESSAGES = "messages"
 
-#: Every index chatd needs, by collection, each with the query it serves
-#: (docs/mongo.md lists the same). Names are fixed so that opening twice, or
-#: from several processes at once, is a no-op.
-INDEXES: dict[str, list[IndexModel]] = {
-    CONVERSATIONS: [
-        # conversations_of, shares_conversation ($all), dm_peers (+ kind).
-        IndexModel([("members", ASCENDING), ("kind", ASCENDING)], name="members_kind"),
-    ],
-    MESSAGES: [
-        # Idempotency: one message per (sender, cid); also the duplicate lookup.
-        IndexModel([("sender", ASCENDING), ("cid", ASCENDING)], name="sender_cid", unique=True),
-        # seq: one message per (conversation, seq); history paging, the last
-        # message of a conversation, the allocator's "highest seq".
-        IndexModel(
-            [("conversation", ASCENDING), ("seq", ASCENDING)], name="conversation_seq", unique=True
-        ),
-        # owed_messages: {undelivered: user} sorted by conversation, seq.
-        IndexModel(
-            [("undelivered", ASCENDING), ("conversation", ASCENDING), ("seq", ASCENDING)],
-            name="owed_messages",
-        ),
-        # Unread per conversation: {unseen: user} grouped by conversation.
-        IndexModel([("unseen", ASCENDING), ("conversation", ASCENDING)], name="unread"),
-        # owed_receipts: {sender, rpending > 0} sorted by _id; partial, so it
-        # only holds messages that owe their sender a receipt.
-        IndexModel(
-            [("sender", ASCENDING), ("_id", ASCENDING)],
-            name="owed_receipts",
-            partialFilterExpression={"rpending": {"$gt": 0}},
-        ),
-    ],
-}
+
+@dataclass(frozen=True)
+class Index:
+    """One index chatd needs, and the query it serves (docs/mongo.md lists the same)."""
+
+    collection: str
+    name: str
+    keys: tuple[tuple[str, int], ...]
+    serves: str
+    unique: bool = False
+    partial: dict[str, Any] | None = None
+
+
+#: Names are fixed, so creating them again (a second open, several processes
+#: starting at once) is a no-op.
+INDEXES: tuple[Index, ...] = (
+    Index(
+        CONVERSATIONS,
+        "members_kind",
+        (("members", ASCENDING), ("kind", ASCENDING)),
+        "membership: conversations_of, shares_conversation ($all), dm_peers (with kind)",
+    ),
+    Index(
+        MESSAGES,
+        "sender_cid",
+        (("sender", ASCENDING), ("cid", ASCENDING)),
+        "idempotency: one message per (sender, cid); the duplicate lookup",
+        unique=True,
+    ),
+    Index(
+        MESSAGES,
+        "conversation_seq",
+        (("conversation", ASCENDING), ("seq", ASCENDING)),
+        "seq: one message per (conversation, seq); history paging, last message,"
+        " the allocator's highest seq",
+        unique=True,
+    ),
+    Index(
+        MESSAGES,
+        "owed_messages",
+        (("undelivered", ASCENDING), ("conversation", ASCENDING), ("seq", ASCENDING)),
+        "owed_messages: {undelivered: user, conversation >= after} sorted by conversation, seq",
+    ),
+    Index(
+        MESSAGES,
+        "unread",
+        (("unseen", ASCENDING), ("conversation", ASCENDING)),
+        "unread per conversation: {unseen: user} grouped by conversation",
+    ),
+    Index(
+        MESSAGES,
+        "owed_receipts",
+        (("sender", ASCENDING), ("_id", ASCENDING)),
+        "owed_receipts: {sender, rpending > 0, _id >= after} sorted by _id (partial:"
+        " only messages that owe their sender a receipt)",
+        partial={"rpending": {"$gt": 0}},
+    ),
+)
 
 _MSG_FIELDS = {
     "conversation": 1,
@@ -253,7 +281,6 @@ class MongoStore:
         self._limiter = trio.CapacityLimiter(max_threads)
         self._ready = False
         self._ready_lock = trio.Lock()
-        self._close_lock = threading.Lock()
         self._closed = False
 
     @classmethod
@@ -271,7 +298,11 @@ class MongoStore:
         ``client`` injects a ready client (tests pass a ``mongomock.MongoClient``);
         the store then leaves closing it to the caller. ``tuning`` is passed to
         :class:`pymongo.MongoClient` and wins over :data:`CLIENT_DEFAULTS`;
-        options the URI sets win over the defaults too.
+        options the URI sets win over the defaults too; ``max_threads`` bounds
+        the worker threads (and so the concurrent MongoDB calls) of this store.
+
+        No I/O happens here (except the DNS lookup a ``mongodb+srv://`` URI
+        asks pymongo for). A malformed URI or option raises ValueError.
         """
         uri_db, uri_opts = _uri_options(uri)
         name = database or uri_db or DEFAULT_DATABASE
@@ -283,8 +314,9 @@ class MongoStore:
         options.update(tuning)
         try:
             made = pymongo.MongoClient(uri, **options)
-        except (PyMongoError, ValueError, TypeError) as exc:
-            raise Unavailable(f"bad MongoDB URI or options: {exc}") from None
+        except (PyMongoError, TypeError) as exc:
+            # A configuration mistake, not an outage: the wiring reports it.
+            raise ValueError(f"invalid MongoDB URI or options: {exc}") from None
         return cls(made, name, owns_client=True, max_threads=max_threads)
 
     # -- plumbing ----------------------------------------------------------------
@@ -302,19 +334,26 @@ class MongoStore:
             self._ready = True
 
     def _create_indexes(self) -> None:
+        self._db.command("ping")  # fails within serverSelectionTimeoutMS if down
         with pymongo.timeout(INDEX_BUILD_TIMEOUT):
-            for name, models in INDEXES.items():
-                self._db.get_collection(name).create_indexes(models)
+            # One create_index per index, not create_indexes: mongomock's
+            # create_indexes drops partialFilterExpression.
+            for index in INDEXES:
+                options: dict[str, Any] = {"name": index.name}
+                if index.unique:
+                    options["unique"] = True
+                if index.partial is not None:
+                    options["partialFilterExpression"] = index.partial
+                self._db.get_collection(index.collection).create_index(list(index.keys), **options)
 
     async def ensure_indexes(self) -> None:
         """Create the indexes now (the first operation does it otherwise)."""
         await self._ensure_ready()
 
     async def aclose(self) -> None:
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
+        if self._closed:
+            return
+        self._closed = True
         if self._owns_client:
             await trio.to_thread.run_sync(self._client.close)
 
@@ -513,11 +552,8 @@ class MongoStore:
             if missing:
                 raise NotFound(f"conversation {missing[0]} does not exist")
 
-        rounds = 0
+        conflicts = 0
         while pending:
-            rounds += 1
-            if rounds > _APPEND_ROUNDS:
-                raise Unavailable("too much contention appending messages")
             planned: list[int] = []
             docs: list[dict[str, Any]] = []
             next_seq = dict(top)
@@ -532,8 +568,14 @@ class MongoStore:
                 self._messages.insert_many(docs, ordered=True)
             except BulkWriteError as exc:
                 errors = exc.details.get("writeErrors") or []
+                if exc.details.get("writeConcernErrors"):
+                    # Written on the primary, not (yet) durable as asked: the
+                    # sender retries, and the retry finds the messages.
+                    concern = exc.details["writeConcernErrors"][0]
+                    raise Unavailable(f"write not confirmed: {concern.get('errmsg')}") from None
                 if not errors or any(e.get("code") not in _DUP_CODES for e in errors):
-                    raise Unavailable(f"store refused a write: {errors[:1]}") from None
+                    first = errors[0].get("errmsg") if errors else exc
+                    raise Unavailable(f"store refused a write: {first}") from None
                 failed = int(errors[0]["index"])
             else:
                 failed = len(pending)
@@ -559,16 +601,16 @@ class MongoStore:
                 if self._messages.find_one({"_id": msg.id}, {"_id": 1}) is not None:
                     raise Unavailable(f"message id {msg.id} is already taken")
                 rest = [i, *rest]
+                conflicts += 1
+                if conflicts > _APPEND_CONFLICTS:
+                    raise Unavailable("too much contention appending messages")
             pending = rest
             for conv in {batch[j].conversation for j in pending}:
                 highest = self._messages.find_one(
                     {"conversation": conv}, {"seq": 1}, sort=[("seq", DESCENDING)]
                 )
+                # Read from the primary: includes what this call just stored.
                 top[conv] = max(top[conv], highest["seq"] if highest else 0)
-                # Never below what this call itself just stored.
-                for j, res in enumerate(results):
-                    if res is not None and not res.duplicate and batch[j].conversation == conv:
-                        top[conv] = max(top[conv], res.seq)
 
         out: list[Appended] = []
         for i, msg in enumerate(batch):
@@ -615,9 +657,7 @@ class MongoStore:
             query: dict[str, Any] = {"conversation": conversation}
             if before is not None:
                 query["seq"] = {"$lt": before}
-            docs = self._messages.find(
-                query, _MSG_FIELDS, sort=[("seq", DESCENDING)], limit=limit
-            )
+            docs = self._messages.find(query, _MSG_FIELDS, sort=[("seq", DESCENDING)], limit=limit)
             return [_message(d) for d in reversed(list(docs))]
 
         return await self._run(fn)
@@ -647,7 +687,11 @@ class MongoStore:
         results: list[MarkResult | None] = [None] * len(batch)
         pending = list(range(len(batch)))
         fields = {"sender": 1, "conversation": 1, "recipients": 1, "receipts": 1}
-        for _ in range(_MARK_ROUNDS):
+        # A round repeats only for updates whose receipt another writer moved
+        # meanwhile, and a receipt moves at most twice: this many rounds always
+        # suffice (more would be a bug, reported as Unavailable, never a hang).
+        rounds = 2 * len({(m.message_id, m.user) for m in batch}) + 2
+        for _ in range(rounds):
             if not pending:
                 break
             ids = sorted({batch[i].message_id for i in pending})
@@ -712,6 +756,7 @@ class MongoStore:
                 )
                 planned.append((i, idx, token, made))
             if not ops:
+                pending = []
                 break
             # Ordered: a later mark of the same receipt expects the earlier
             # one's result, so it must run after it.
@@ -728,10 +773,7 @@ class MongoStore:
                 won = {
                     i
                     for i, idx, token, made in planned
-                    if (fresh.get(batch[i].message_id) or {"receipts": []})["receipts"][idx].get(
-                        f"{_field(made[0])}_op"
-                    )
-                    == token
+                    if _stamp(fresh.get(batch[i].message_id), idx, made[0]) == token
                 }
             for i, _idx, _token, made in planned:
                 if i in won:
@@ -764,9 +806,7 @@ class MongoStore:
             ids = sorted({key.message_id for _, key in acks})
             docs = {
                 d["_id"]: d
-                for d in self._messages.find(
-                    {"_id": {"$in": ids}}, {"sender": 1, "recipients": 1}
-                )
+                for d in self._messages.find({"_id": {"$in": ids}}, {"sender": 1, "recipients": 1})
             }
             ops: list[UpdateOne] = []
             for sender, key in acks:
@@ -797,13 +837,23 @@ class MongoStore:
 
         return await self._run(fn)
 
-    async def owed_messages(self, username: str, limit: int) -> list[StoredMessage]:
+    async def owed_messages(
+        self, username: str, limit: int, after: tuple[str, int] | None = None
+    ) -> list[StoredMessage]:
         if limit <= 0:
             return []
+        query: dict[str, Any] = {"undelivered": username}
+        if after is not None:
+            # A range on the index's second key, so the scan starts at
+            # ``after``'s conversation; the few entries of that conversation
+            # up to ``after`` are dropped by the $nor.
+            conv, seq = after
+            query["conversation"] = {"$gte": conv}
+            query["$nor"] = [{"conversation": conv, "seq": {"$lte": seq}}]
 
         def fn() -> list[StoredMessage]:
             docs = self._messages.find(
-                {"undelivered": username},
+                query,
                 _MSG_FIELDS,
                 sort=[("conversation", ASCENDING), ("seq", ASCENDING)],
                 limit=limit,
@@ -812,43 +862,65 @@ class MongoStore:
 
         return await self._run(fn)
 
-    async def owed_receipts(self, username: str, limit: int) -> list[Receipt]:
+    async def owed_receipts(
+        self, username: str, limit: int, after: tuple[str, str] | None = None
+    ) -> list[Receipt]:
         if limit <= 0:
             return []
+        query: dict[str, Any] = {"sender": username, "rpending": {"$gt": 0}}
+        if after is not None:
+            query["_id"] = {"$gte": after[0]}
 
         def fn() -> list[Receipt]:
-            # Every matching message owes at least one receipt, so ``limit``
-            # messages are enough for ``limit`` receipts.
+            # Pages by (message id, member) pairs. Every matching message owes
+            # at least one pair, except perhaps the one ``after`` points into:
+            # limit + 1 messages always hold ``limit`` pairs when there are as many.
             docs = self._messages.find(
-                {"sender": username, "rpending": {"$gt": 0}},
+                query,
                 {"conversation": 1, "receipts": 1},
                 sort=[("_id", ASCENDING)],
-                limit=limit,
+                limit=limit + 1,
             )
             out: list[Receipt] = []
+            pairs = 0
             for doc in docs:
-                for r in doc["receipts"]:
-                    for status in (Status.DELIVERED, Status.SEEN):
-                        f = _field(status)
-                        if r.get(f"{f}_ts") is not None and not r.get(f"{f}_acked"):
-                            out.append(
-                                Receipt(
-                                    doc["_id"],
-                                    doc["conversation"],
-                                    username,
-                                    r["member"],
-                                    status,
-                                    r[f"{f}_ts"],
-                                )
-                            )
-            out.sort(key=lambda r: (r.ts, r.message_id, r.member, r.status is Status.SEEN))
-            return out[:limit]
+                for r in sorted(doc["receipts"], key=lambda r: r["member"]):
+                    if after is not None and (doc["_id"], r["member"]) <= after:
+                        continue
+                    owed = [
+                        Receipt(
+                            doc["_id"],
+                            doc["conversation"],
+                            username,
+                            r["member"],
+                            status,
+                            r[f"{_field(status)}_ts"],
+                        )
+                        for status in (Status.DELIVERED, Status.SEEN)
+                        if r.get(f"{_field(status)}_ts") is not None
+                        and not r.get(f"{_field(status)}_acked")
+                    ]
+                    if not owed:
+                        continue
+                    if pairs == limit:
+                        return out
+                    out.extend(owed)
+                    pairs += 1
+            return out
 
         return await self._run(fn)
 
 
 def _duplicate(doc: dict[str, Any]) -> Appended:
     return Appended(doc["_id"], doc["conversation"], doc["seq"], doc["ts"], duplicate=True)
+
+
+def _stamp(doc: dict[str, Any] | None, idx: int, status: Status) -> str | None:
+    """The token of the update that made ``status`` for receipt ``idx``."""
+    receipts = (doc or {}).get("receipts") or []
+    if idx >= len(receipts):
+        return None
+    return receipts[idx].get(f"{_field(status)}_op")
 
 
 def _need(value: T | None) -> T:

@@ -19,7 +19,7 @@ from typing import TypeVar
 import trio
 
 from chatd.core.delivery import SETTLED_BY_ACK, apply_mark
-from chatd.core.errors import Conflict, Unavailable
+from chatd.core.errors import Conflict, NotFound, Unavailable
 from chatd.core.model import (
     Appended,
     Conversation,
@@ -273,6 +273,8 @@ class SqliteStore:
         self, id: str, title: str | None, members: Sequence[str], ts: int
     ) -> Conversation:
         def fn(db: sqlite3.Connection) -> Conversation:
+            if self._conversation(db, id) is not None:
+                raise Conflict(f"conversation '{id}' exists")
             with _Tx(db):
                 db.execute(
                     "INSERT INTO conversations (id, kind, title, created_ts)"
@@ -392,7 +394,8 @@ class SqliteStore:
                         (msg.ts, msg.conversation),
                     ).fetchone()
                     if seq_row is None:
-                        raise LookupError(f"conversation {msg.conversation} does not exist")
+                        # Rolls the whole batch back: nothing is half-written.
+                        raise NotFound(f"conversation {msg.conversation} does not exist")
                     seq = seq_row[0]
                     db.execute(
                         "INSERT INTO messages (id, conversation, seq, sender, cid, ts, key_id,"
@@ -525,13 +528,19 @@ class SqliteStore:
             updates = []
             for sender, key in acks:
                 for status in SETTLED_BY_ACK[key.status]:
-                    column = "d_acked" if status is Status.DELIVERED else "s_acked"
-                    updates.append((column, key.message_id, key.member, sender))
+                    # Only a receipt that happened can be acked: an ack ahead of
+                    # it must not swallow the real one later.
+                    column, happened = (
+                        ("d_acked", "delivered_ts")
+                        if status is Status.DELIVERED
+                        else ("s_acked", "seen_ts")
+                    )
+                    updates.append((column, happened, key.message_id, key.member, sender))
             with _Tx(db):
-                for column, mid, member, sender in updates:
+                for column, happened, mid, member, sender in updates:
                     db.execute(
-                        f"UPDATE receipts SET {column} = 1"
-                        " WHERE message_id = ? AND username = ? AND sender = ?",
+                        f"UPDATE receipts SET {column} = 1 WHERE message_id = ?"
+                        f" AND username = ? AND sender = ? AND {happened} IS NOT NULL",
                         (mid, member, sender),
                     )
             return [None] * len(acks)

@@ -47,6 +47,9 @@ class ChatdProcess:
     ws_port: int = 0
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    #: The module run with ``python -m``: ``chatd`` itself, or a launcher that
+    #: wires a test double first (chatd.testing.mongomock_serve).
+    module: str = "chatd"
 
     @property
     def http_url(self) -> str:
@@ -70,7 +73,7 @@ class ChatdProcess:
         cmd = [
             sys.executable,
             "-m",
-            "chatd",
+            self.module,
             "serve",
             "--host",
             self.host,

@@ -20,7 +20,7 @@ import os
 import pytest
 import trio
 
-from chatd.core.errors import Conflict
+from chatd.core.errors import Conflict, NotFound
 from chatd.core.ids import UlidFactory
 from chatd.core.model import Mark, NewMessage, ReceiptKey, Sealed, Status, User
 from chatd.ports import Store
@@ -347,6 +347,98 @@ class StoreContract:
         assert [(r.member, r.status.value) for r in await store.owed_receipts("alice", 100)] == [
             ("carol", "seen")
         ]
+
+    async def test_owed_receipts_page_by_message_and_member(self, store: Store) -> None:
+        """The port's paging: up to ``limit`` (message id, member) pairs after
+        ``after``, each with its delivered and/or seen receipt, in (message id,
+        member, delivered before seen) order."""
+        await users(store, "alice", "bob", "carol", "dave")
+        g = await store.create_group("g:1", None, ["alice", "bob", "carol", "dave"], 1)
+        msgs = [new_message(g.id, "alice", ("dave", "bob", "carol")) for _ in range(3)]
+        await store.append(msgs)
+        for i, m in enumerate(msgs):
+            await store.mark([Mark("bob", m.id, Status.SEEN, 10 + i)])
+            await store.mark([Mark("dave", m.id, Status.DELIVERED, 20 + i)])
+        # carol owes nothing on msgs[1]; acked everything of bob's on msgs[2].
+        await store.mark([Mark("carol", msgs[0].id, Status.DELIVERED, 30)])
+        await store.mark([Mark("carol", msgs[2].id, Status.DELIVERED, 31)])
+        await store.ack_receipts([("alice", ReceiptKey(msgs[2].id, "bob", Status.SEEN))])
+        expected_pairs = [
+            (msgs[0].id, "bob"),
+            (msgs[0].id, "carol"),
+            (msgs[0].id, "dave"),
+            (msgs[1].id, "bob"),
+            (msgs[1].id, "dave"),
+            (msgs[2].id, "carol"),
+            (msgs[2].id, "dave"),
+        ]
+        everything = await store.owed_receipts("alice", 100)
+        assert [(r.message_id, r.member, r.status.value) for r in everything] == [
+            (mid, member, status)
+            for mid, member in expected_pairs
+            for status in (("delivered", "seen") if member == "bob" else ("delivered",))
+            if not (mid == msgs[2].id and member == "bob")
+        ]
+        for limit in (1, 2, 3, 5, 7, 8):
+            pages, after = [], None
+            while True:
+                page = await store.owed_receipts("alice", limit, after)
+                pairs = sorted({(r.message_id, r.member) for r in page})
+                assert len(pairs) <= limit
+                pages.extend(page)
+                if len(pairs) < limit:
+                    break
+                after = pairs[-1]
+            assert pages == everything, limit
+        assert await store.owed_receipts("alice", 0) == []
+
+    async def test_owed_messages_page_after_conversation_and_seq(self, store: Store) -> None:
+        await users(store, "alice", "bob", "carol")
+        ab = await store.ensure_dm("alice", "bob", 1)
+        g = await store.create_group("g:1", None, ["alice", "bob", "carol"], 1)
+        sent = []
+        for i in range(9):
+            conv = ab.id if i % 3 else g.id
+            sent.append(new_message(conv, "alice", ("bob",) if conv == ab.id else ("bob", "carol")))
+        await store.append(sent)
+        await store.mark([Mark("bob", sent[4].id, Status.DELIVERED, 5)])
+        everything = await store.owed_messages("bob", 100)
+        assert len(everything) == 8
+        keys = [(m.conversation, m.seq) for m in everything]
+        assert keys == sorted(keys)
+        for limit in (1, 2, 3, 8):
+            got, after = [], None
+            while True:
+                page = await store.owed_messages("bob", limit, after)
+                got.extend(page)
+                if len(page) < limit:
+                    break
+                after = (page[-1].conversation, page[-1].seq)
+            assert [m.id for m in got] == [m.id for m in everything], limit
+        assert await store.owed_messages("bob", 10, (g.id, 99)) == []
+
+    async def test_append_to_an_unknown_conversation(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        with pytest.raises(NotFound):
+            await store.append([new_message("dm:alice:bob", "alice", ("bob",))])
+        assert await store.history("dm:alice:bob", None, 10) == []
+
+    async def test_a_taken_group_id_is_conflict(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        await store.create_group("g:1", None, ["alice", "bob"], 1)
+        with pytest.raises(Conflict):
+            await store.create_group("g:1", "other", ["alice", "bob"], 2)
+
+    async def test_acking_a_receipt_that_did_not_happen_changes_nothing(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        msg = new_message(dm.id, "alice", ("bob",))
+        await store.append([msg])
+        # alice acks receipts bob never produced: the real ones still come.
+        await store.ack_receipts([("alice", ReceiptKey(msg.id, "bob", Status.SEEN))])
+        await store.mark([Mark("bob", msg.id, Status.SEEN, 7)])
+        owed = await store.owed_receipts("alice", 10)
+        assert [(r.status.value, r.ts) for r in owed] == [("delivered", 7), ("seen", 7)]
 
     async def test_ping(self, store: Store) -> None:
         await store.ping()

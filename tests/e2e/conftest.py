@@ -1,13 +1,42 @@
+import os
+import uuid
+
 import pytest
 
 from chatd.testing.client import Api
 from chatd.testing.procs import ChatdProcess
 
+MONGO_URL = os.environ.get("CHATD_TEST_MONGO_URL", "")
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+#: Every shared-server scenario runs once per store: SQLite (the embedded
+#: default), MongoStore on mongomock (a real chatd process, but the database
+#: is an in-process imitation — labelled so), and a real MongoDB when
+#: CHATD_TEST_MONGO_URL is set.
+STORES = [
+    pytest.param("sqlite"),
+    pytest.param("mongomock", marks=pytest.mark.mongomock),
+    pytest.param(
+        "mongo",
+        marks=pytest.mark.skipif(
+            not MONGO_URL, reason="set CHATD_TEST_MONGO_URL for a real MongoDB"
+        ),
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=STORES)
+def server(request, tmp_path_factory):
     """One real `chatd serve` for the module (tests use their own usernames)."""
-    proc = ChatdProcess(tmp_path_factory.mktemp("chatd")).start()
+    data = tmp_path_factory.mktemp("chatd")
+    if request.param == "sqlite":
+        proc = ChatdProcess(data)
+    elif request.param == "mongomock":
+        proc = ChatdProcess(data, module="chatd.testing.mongomock_serve", args=["--store", "mongo"])
+    else:
+        db = f"chatd_e2e_{uuid.uuid4().hex[:12]}"
+        base = MONGO_URL.rstrip("/")
+        proc = ChatdProcess(data, args=["--store", "mongo", "--mongo-uri", f"{base}/{db}"])
+    proc.start()
     yield proc
     code = proc.stop()
     assert code == 0, proc.logs()[-4000:]

@@ -1,0 +1,531 @@
+"""The Store contract and the Mongo-specific guarantees, on MongoDB.
+
+Two backends:
+
+* **mongomock** (classes ``...OnMongomock``, marker ``mongomock``): always
+  runs. mongomock is an in-process imitation of MongoDB, not a server; see
+  :class:`_Serialized` for the two adjustments made to it, and
+  ``docs/mongo.md`` for what it does and does not prove.
+* **a real MongoDB** (classes ``...OnMongoDB``): runs only when
+  ``CHATD_TEST_MONGO_URL`` is set, e.g. ``mongodb://127.0.0.1:27017``. Every
+  test gets a fresh randomly named database, dropped afterwards.
+
+The unreachable-server tests need no server at all: they point a real
+pymongo client at a closed port.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pymongo
+import pytest
+import trio
+from pymongo.errors import AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError
+
+from chatd.core.errors import Unavailable
+from chatd.core.model import Mark, ReceiptKey, Status
+from chatd.store.mongo import INDEXES, MongoStore, _guard
+from chatd.testing import mongomock_support
+from chatd.testing.store_contract import StoreContract, new_message, users
+
+MONGO_URL = os.environ.get("CHATD_TEST_MONGO_URL", "")
+
+needs_server = pytest.mark.skipif(
+    not MONGO_URL, reason="set CHATD_TEST_MONGO_URL to run against a real MongoDB"
+)
+
+UNREACHABLE = "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300&connectTimeoutMS=300"
+
+
+# -- backends --------------------------------------------------------------------
+
+
+class Backend:
+    """Opens any number of stores on one database (as several processes
+    would), and gives raw access to that database for inspection."""
+
+    def __init__(self, open_store: Callable[[], MongoStore], raw_db: Any) -> None:
+        self._open_store = open_store
+        self.raw = raw_db
+        self._stores: list[MongoStore] = []
+
+    def store(self) -> MongoStore:
+        s = self._open_store()
+        self._stores.append(s)
+        return s
+
+    async def aclose(self) -> None:
+        for s in self._stores:
+            await s.aclose()
+
+
+def _db_name() -> str:
+    return f"chatd_test_{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+async def mongomock_backend():
+    client = mongomock_support.client()
+    name = _db_name()
+    backend = Backend(
+        lambda: MongoStore.open(f"mongodb://mongomock.invalid/{name}", client=client),
+        client[name],
+    )
+    yield backend
+    await backend.aclose()
+
+
+@pytest.fixture
+async def server_backend():
+    name = _db_name()
+    admin = pymongo.MongoClient(MONGO_URL, serverSelectionTimeoutMS=5000)
+    backend = Backend(lambda: MongoStore.open(MONGO_URL, database=name), admin[name])
+    yield backend
+    await backend.aclose()
+    await trio.to_thread.run_sync(admin.drop_database, name)
+    await trio.to_thread.run_sync(admin.close)
+
+
+class _Split:
+    """Writes through one store, reads through another on the same database."""
+
+    _READS = {
+        "get_user",
+        "get_conversation",
+        "conversations_of",
+        "shares_conversation",
+        "dm_peers",
+        "history",
+        "get_messages",
+        "owed_messages",
+        "owed_receipts",
+        "ping",
+    }
+
+    def __init__(self, writer: MongoStore, reader: MongoStore) -> None:
+        self._writer = writer
+        self._reader = reader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader if name in self._READS else self._writer, name)
+
+
+# -- the contract ----------------------------------------------------------------
+
+
+@pytest.mark.mongomock
+class TestMongoStoreOnMongomock(StoreContract):
+    @pytest.fixture
+    async def store(self, mongomock_backend):
+        yield mongomock_backend.store()
+
+
+@pytest.mark.mongomock
+class TestMongoStoreTwoStoresOnMongomock(StoreContract):
+    """Two store objects on one database, as two replicas have."""
+
+    @pytest.fixture
+    async def store(self, mongomock_backend):
+        yield _Split(mongomock_backend.store(), mongomock_backend.store())
+
+
+@needs_server
+class TestMongoStoreOnMongoDB(StoreContract):
+    @pytest.fixture
+    async def store(self, server_backend):
+        yield server_backend.store()
+
+
+@needs_server
+class TestMongoStoreTwoStoresOnMongoDB(StoreContract):
+    @pytest.fixture
+    async def store(self, server_backend):
+        yield _Split(server_backend.store(), server_backend.store())
+
+
+# -- Mongo-specific --------------------------------------------------------------
+
+
+class _Hooked:
+    """A collection that runs ``hook`` once, just before the first call of
+    ``method``: the moment another process's write lands in the real world."""
+
+    def __init__(self, coll: Any, method: str, hook: Callable[[], None]) -> None:
+        self._coll = coll
+        self._method = method
+        self._hook: Callable[[], None] | None = hook
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._coll, name)
+        if name != self._method:
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._hook is not None:
+                hook, self._hook = self._hook, None
+                hook()
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def _indexes(raw_db: Any, collection: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, info in raw_db.get_collection(collection).index_information().items():
+        out[name] = {
+            "key": [(k, int(d)) for k, d in info["key"]],
+            "unique": bool(info.get("unique", False)),
+            "partial": dict(info.get("partialFilterExpression") or {}),
+        }
+    return out
+
+
+EXPECTED_INDEXES = {
+    "conversations": {
+        "members_kind": {"key": [("members", 1), ("kind", 1)], "unique": False, "partial": {}},
+    },
+    "messages": {
+        "sender_cid": {"key": [("sender", 1), ("cid", 1)], "unique": True, "partial": {}},
+        "conversation_seq": {
+            "key": [("conversation", 1), ("seq", 1)],
+            "unique": True,
+            "partial": {},
+        },
+        "owed_messages": {
+            "key": [("undelivered", 1), ("conversation", 1), ("seq", 1)],
+            "unique": False,
+            "partial": {},
+        },
+        "unread": {"key": [("unseen", 1), ("conversation", 1)], "unique": False, "partial": {}},
+        "owed_receipts": {
+            "key": [("sender", 1), ("_id", 1)],
+            "unique": False,
+            "partial": {"rpending": {"$gt": 0}},
+        },
+    },
+}
+
+
+class MongoSpecific:
+    @pytest.fixture
+    def backend(self) -> Backend:  # pragma: no cover - provided by subclasses
+        raise NotImplementedError
+
+    async def test_indexes_exist_after_open(self, backend: Backend) -> None:
+        store = backend.store()
+        await store.ping()  # open() does no I/O; the first call builds the indexes
+        assert {(i.collection, i.name) for i in INDEXES} == {
+            (c, n) for c, names in EXPECTED_INDEXES.items() for n in names
+        }
+        for coll, expected in EXPECTED_INDEXES.items():
+            got = _indexes(backend.raw, coll)
+            assert set(got) == {"_id_", *expected}
+            for name, spec in expected.items():
+                assert got[name] == spec, (coll, name)
+
+    async def test_first_write_builds_the_indexes(self, backend: Backend) -> None:
+        store = backend.store()
+        await users(store, "alice")
+        assert "sender_cid" in _indexes(backend.raw, "messages")
+
+    async def test_opening_twice_is_idempotent(self, backend: Backend) -> None:
+        first = backend.store()
+        await first.ensure_indexes()
+        before = {c: _indexes(backend.raw, c) for c in EXPECTED_INDEXES}
+        second, third = backend.store(), backend.store()
+        async with trio.open_nursery() as n:
+            n.start_soon(second.ensure_indexes)
+            n.start_soon(third.ensure_indexes)
+        assert {c: _indexes(backend.raw, c) for c in EXPECTED_INDEXES} == before
+        await users(first, "alice")
+        assert (await second.get_user("alice")) is not None
+
+    async def test_documents_have_the_documented_shape(self, backend: Backend) -> None:
+        store = backend.store()
+        await users(store, "alice", "bob", "carol")
+        g = await store.create_group("g:1", "t", ["alice", "bob", "carol"], 1)
+        msg = new_message(g.id, "alice", ("bob", "carol"), cid="c1", ts=7)
+        await store.append([msg])
+        await store.mark([Mark("bob", msg.id, Status.SEEN, 9)])
+        doc = backend.raw.get_collection("messages").find_one({"_id": msg.id})
+        assert {k: doc[k] for k in ("conversation", "seq", "sender", "cid", "ts")} == {
+            "conversation": "g:1",
+            "seq": 1,
+            "sender": "alice",
+            "cid": "c1",
+            "ts": 7,
+        }
+        assert doc["recipients"] == ["bob", "carol"]
+        assert doc["body"] == {
+            "key_id": msg.body.key_id,
+            "nonce": msg.body.nonce,
+            "ciphertext": msg.body.ciphertext,
+        }
+        assert doc["status"] == {"delivered_to": ["bob"], "seen_by": ["bob"]}
+        assert doc["undelivered"] == ["carol"] and doc["unseen"] == ["carol"]
+        assert doc["rpending"] == 2
+        bob, carol = doc["receipts"]
+        assert (bob["member"], bob["delivered_ts"], bob["seen_ts"]) == ("bob", 9, 9)
+        assert (carol["member"], carol["delivered_ts"], carol["seen_ts"]) == ("carol", None, None)
+        conv = backend.raw.get_collection("conversations").find_one({"_id": "g:1"})
+        assert conv["members"] == ["alice", "bob", "carol"]
+        assert conv["last_seq"] == 1 and conv["last_ts"] == 7
+        user = backend.raw.get_collection("users").find_one({"_id": "alice"})
+        assert user["password_hash"] == "hash-alice"
+
+    async def test_two_stores_appending_at_once(self, backend: Backend) -> None:
+        """Several processes, one conversation, overlapping retries: seq has no
+        gaps and no repeats, and every (sender, cid) is stored once."""
+        a, b = backend.store(), backend.store()
+        await users(a, "alice", "bob")
+        dm = await a.ensure_dm("alice", "bob", 1)
+        answers: dict[str, list[tuple[str, int, bool]]] = {}
+
+        async def writer(store: MongoStore, tag: str) -> None:
+            for j in range(12):
+                # Every third cid is sent by both writers (a retry racing itself).
+                cid = f"shared-{j}" if j % 3 == 0 else f"{tag}-{j}"
+                batch = [new_message(dm.id, "alice", ("bob",), cid=cid)]
+                if j % 4 == 0:  # and sometimes twice in one batch
+                    batch.append(new_message(dm.id, "alice", ("bob",), cid=cid))
+                for res in await store.append(batch):
+                    answers.setdefault(cid, []).append((res.id, res.seq, res.duplicate))
+
+        async with trio.open_nursery() as n:
+            for i in range(3):
+                n.start_soon(writer, a, f"a{i}")
+                n.start_soon(writer, b, f"b{i}")
+        for cid, got in answers.items():
+            assert len({(mid, seq) for mid, seq, _ in got}) == 1, cid
+            assert sum(not dup for *_, dup in got) == 1, cid
+        seqs = sorted(got[0][1] for got in answers.values())
+        assert seqs == list(range(1, len(answers) + 1))
+        history = await b.history(dm.id, None, 1000)
+        assert [m.seq for m in history] == seqs
+        [summary] = await b.conversations_of("bob")
+        assert summary.last_seq == len(answers)
+
+    async def test_a_taken_seq_is_planned_again_in_order(self, backend: Backend) -> None:
+        """Another process stores seq N+1 between this one's read and insert:
+        the batch lands after it, still in batch order, with no gap."""
+        mine, other = backend.store(), backend.store()
+        await users(mine, "alice", "bob")
+        dm = await mine.ensure_dm("alice", "bob", 1)
+        await mine.append([new_message(dm.id, "alice", ("bob",))])
+        theirs = new_message(dm.id, "bob", ("alice",))
+        await other.ensure_indexes()
+        mine._messages = _Hooked(mine._messages, "insert_many", lambda: other._append([theirs]))
+        batch = [new_message(dm.id, "alice", ("bob",)) for _ in range(3)]
+        out = await mine.append(batch)
+        assert [a.seq for a in out] == [3, 4, 5] and not any(a.duplicate for a in out)
+        history = await mine.history(dm.id, None, 10)
+        assert [m.id for m in history[1:]] == [theirs.id] + [m.id for m in batch]
+
+    async def test_a_stale_counter_is_only_a_guess(self, backend: Backend) -> None:
+        """A message stored but its conversation's last_seq not yet advanced
+        (a crash between the two writes): the next append skips it."""
+        store = backend.store()
+        await users(store, "alice", "bob")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        await store.append([new_message(dm.id, "alice", ("bob",))])
+        backend.raw.get_collection("conversations").update_one(
+            {"_id": dm.id}, {"$set": {"last_seq": 0}}
+        )
+        [res] = await store.append([new_message(dm.id, "alice", ("bob",))])
+        assert res.seq == 2
+        [summary] = await store.conversations_of("alice")
+        assert summary.last_seq == 2
+
+    async def test_a_duplicate_that_loses_the_race_burns_no_seq(self, backend: Backend) -> None:
+        mine, other = backend.store(), backend.store()
+        await users(mine, "alice", "bob")
+        dm = await mine.ensure_dm("alice", "bob", 1)
+        first = new_message(dm.id, "alice", ("bob",), cid="same")
+        await other.ensure_indexes()
+        mine._messages = _Hooked(mine._messages, "insert_many", lambda: other._append([first]))
+        retry = new_message(dm.id, "alice", ("bob",), cid="same")
+        after = new_message(dm.id, "alice", ("bob",), cid="next")
+        dup, nxt = await mine.append([retry, after])
+        assert dup.duplicate and (dup.id, dup.seq) == (first.id, 1)
+        assert not nxt.duplicate and nxt.seq == 2
+        assert [m.id for m in await mine.history(dm.id, None, 10)] == [first.id, after.id]
+
+    async def test_a_mark_that_loses_the_race_reports_only_what_it_made(
+        self, backend: Backend
+    ) -> None:
+        mine, other = backend.store(), backend.store()
+        await users(mine, "alice", "bob", "carol")
+        g = await mine.create_group("g:1", None, ["alice", "bob", "carol"], 1)
+        msg = new_message(g.id, "alice", ("bob", "carol"))
+        await mine.append([msg])
+        await other.ensure_indexes()
+        theirs: list = []
+        mine._messages = _Hooked(
+            mine._messages,
+            "bulk_write",
+            lambda: theirs.extend(other._mark([Mark("bob", msg.id, Status.DELIVERED, 4)])),
+        )
+        bob, carol = await mine.mark(
+            [Mark("bob", msg.id, Status.SEEN, 5), Mark("carol", msg.id, Status.DELIVERED, 6)]
+        )
+        [their] = theirs
+        assert [(t.member, t.status, t.ts) for t in their.transitions] == [
+            ("bob", Status.DELIVERED, 4)
+        ]
+        # bob's seen was planned from NEW (delivered + seen); the other process
+        # delivered first, so only the seen is this call's to report.
+        assert [(t.status, t.ts) for t in bob.transitions] == [(Status.SEEN, 5)]
+        assert [(t.status, t.ts) for t in carol.transitions] == [(Status.DELIVERED, 6)]
+        owed = await mine.owed_receipts("alice", 100)
+        assert sorted((r.member, r.status.value, r.ts) for r in owed) == [
+            ("bob", "delivered", 4),
+            ("bob", "seen", 5),
+            ("carol", "delivered", 6),
+        ]
+
+    async def test_two_stores_marking_at_once_report_each_move_once(self, backend: Backend) -> None:
+        a, b = backend.store(), backend.store()
+        await users(a, "alice", "bob", "carol")
+        g = await a.create_group("g:1", None, ["alice", "bob", "carol"], 1)
+        msgs = [new_message(g.id, "alice", ("bob", "carol")) for _ in range(5)]
+        await a.append(msgs)
+        made = []
+
+        async def marker(store: MongoStore, status: Status, ts: int) -> None:
+            batch = [Mark(u, m.id, status, ts) for m in msgs for u in ("bob", "carol")]
+            for res in await store.mark(batch):
+                made.extend((t.message_id, t.member, t.status) for t in res.transitions)
+
+        async with trio.open_nursery() as n:
+            for store in (a, b, a, b):
+                n.start_soon(marker, store, Status.DELIVERED, 5)
+                n.start_soon(marker, store, Status.SEEN, 6)
+        expected = {(m.id, u, s) for m in msgs for u in ("bob", "carol") for s in Status}
+        assert sorted(made) == sorted(expected)
+        assert len(await a.owed_receipts("alice", 100)) == len(expected)
+
+    async def test_acks_settle_each_receipt_once(self, backend: Backend) -> None:
+        a, b = backend.store(), backend.store()
+        await users(a, "alice", "bob", "carol")
+        g = await a.create_group("g:1", None, ["alice", "bob", "carol"], 1)
+        msg = new_message(g.id, "alice", ("bob", "carol"))
+        await a.append([msg])
+        # Acking a receipt that does not exist yet settles nothing ahead of time.
+        await a.ack_receipts([("alice", ReceiptKey(msg.id, "bob", Status.SEEN))])
+        await a.mark([Mark("bob", msg.id, Status.SEEN, 5)])
+        await a.mark([Mark("carol", msg.id, Status.DELIVERED, 6)])
+        assert len(await a.owed_receipts("alice", 100)) == 3
+        acks = [
+            ("alice", ReceiptKey(msg.id, "bob", Status.SEEN)),
+            ("alice", ReceiptKey(msg.id, "bob", Status.DELIVERED)),
+            ("alice", ReceiptKey(msg.id, "bob", Status.SEEN)),
+        ]
+        async with trio.open_nursery() as n:
+            for store in (a, b, a, b):
+                n.start_soon(store.ack_receipts, acks)
+        doc = backend.raw.get_collection("messages").find_one({"_id": msg.id})
+        assert doc["rpending"] == 1
+        assert [(r.member, r.status) for r in await b.owed_receipts("alice", 100)] == [
+            ("carol", Status.DELIVERED)
+        ]
+        await b.ack_receipts([("alice", ReceiptKey(msg.id, "carol", Status.DELIVERED))])
+        doc = backend.raw.get_collection("messages").find_one({"_id": msg.id})
+        assert doc["rpending"] == 0
+        assert await a.owed_receipts("alice", 100) == []
+
+
+@pytest.mark.mongomock
+class TestMongoSpecificOnMongomock(MongoSpecific):
+    @pytest.fixture
+    def backend(self, mongomock_backend):
+        return mongomock_backend
+
+
+@needs_server
+class TestMongoSpecificOnMongoDB(MongoSpecific):
+    @pytest.fixture
+    def backend(self, server_backend):
+        return server_backend
+
+
+# -- no server needed --------------------------------------------------------------
+
+
+async def test_unreachable_server_is_unavailable_quickly_from_ping() -> None:
+    store = MongoStore.open(UNREACHABLE)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await store.ping()
+        assert time.monotonic() - started < 5
+    finally:
+        await store.aclose()
+
+
+async def test_unreachable_server_is_unavailable_quickly_from_append() -> None:
+    store = MongoStore.open(UNREACHABLE)
+    try:
+        for _ in range(2):  # the failed index build is retried, not remembered
+            started = time.monotonic()
+            with pytest.raises(Unavailable):
+                await store.append([new_message("dm:alice:bob", "alice", ("bob",))])
+            assert time.monotonic() - started < 5
+    finally:
+        await store.aclose()
+
+
+async def test_database_and_options_come_from_the_uri() -> None:
+    stores = [
+        MongoStore.open("mongodb://127.0.0.1:1/"),
+        MongoStore.open("mongodb://127.0.0.1:1/fromuri?serverSelectionTimeoutMS=700"),
+        MongoStore.open("mongodb://127.0.0.1:1/fromuri", database="explicit"),
+        MongoStore.open("mongodb://127.0.0.1:1", serverSelectionTimeoutMS=900),
+    ]
+    try:
+        assert [s.database for s in stores] == ["chatd", "fromuri", "explicit", "chatd"]
+        timeouts = [s._client.options.server_selection_timeout for s in stores]
+        assert timeouts == [3.0, 0.7, 3.0, 0.9]
+        assert stores[0]._client.write_concern.document == {
+            "w": "majority",
+            "j": True,
+            "wtimeout": 10000,
+        }
+    finally:
+        for s in stores:
+            await s.aclose()
+
+
+def test_an_injected_client_takes_no_client_options() -> None:
+    import mongomock
+
+    with pytest.raises(TypeError):
+        MongoStore.open("mongodb://x/db", client=mongomock.MongoClient(), w=1)
+
+
+def test_a_bad_uri_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        MongoStore.open("http://not-mongo")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ServerSelectionTimeoutError("no servers"),
+        AutoReconnect("connection reset"),
+        NetworkTimeout("timed out"),
+        pymongo.errors.ConnectionFailure("refused"),
+        pymongo.errors.OperationFailure("not primary"),
+        pymongo.errors.PyMongoError("something"),
+    ],
+)
+def test_pymongo_errors_become_unavailable(error: Exception) -> None:
+    def fail() -> None:
+        raise error
+
+    with pytest.raises(Unavailable):
+        _guard(fail)
