@@ -39,5 +39,8 @@ format: venv-test
 test: system-deps venv-test lint
 	$(PY) -m pytest
 
+dist:
+	./scripts/build-dist
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -37,6 +37,10 @@ class Connection(Protocol):
         """Take a live item; must not block (a full connection closes itself)."""
         ...
 
+    def reply(self, item: Outbound) -> None:
+        """A direct answer to this device; never held or deduplicated."""
+        ...
+
     def close_soon(self, code: int, reason: str) -> None: ...
 
 

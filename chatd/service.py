@@ -473,7 +473,7 @@ class ChatService:
             )
         except ChatError as exc:
             raise exc.with_cid(frame.cid) from None
-        conn.offer(
+        conn.reply(
             Outbound(
                 frames.encode(frames.sent(frame.cid, done.id, done.conversation, done.seq, done.ts))
             )

@@ -23,7 +23,7 @@ the outage behaviour and the client measurements; in short:
   ``queue_limit`` entries per user (the oldest go first; the store
   re-supplies them) and expires ``queue_ttl`` seconds after its last write.
 * **Routing.** :meth:`RedisBroker.route` runs one Lua script per user,
-  pipelined, so the whole batch costs one round trip. The script queues the
+  all sent as one batch, so the whole call costs one round trip. The script queues the
   owed items and PUBLISHes the user's items once to the channel
   ``chatd:node:<incarnation>`` of each incarnation holding a connection of
   the user; :meth:`RedisBroker.run` subscribes to its own channel.
@@ -33,15 +33,18 @@ the outage behaviour and the client measurements; in short:
   keeps retrying with capped exponential backoff; once subscribed again it
   re-asserts the heartbeat and the connections, then calls ``resync``.
 
-The client is coredis (it runs on trio through anyio). Its connection pool
-must be entered as an async context manager by a task that outlives every
-use; the broker enters it lazily in a trio *system task*, so callers need
-no extra setup: create with :meth:`RedisBroker.from_url`, use, then
-:meth:`RedisBroker.aclose`.
+The client is coredis 6.9 (it runs on trio through anyio). Its connection
+pool must be entered as an async context manager by a task that outlives
+every use; the broker enters it lazily in a trio *system task*, so callers
+need no extra setup: create with :meth:`RedisBroker.from_url`, use, then
+:meth:`RedisBroker.aclose`. Requests share multiplexed connections; the
+pool is patched (:class:`_Pool`) so that connections lost in an outage give
+their slots back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -50,6 +53,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import anyio
 import coredis
 import coredis.exceptions
 import trio
@@ -83,7 +87,7 @@ DEFAULTS: dict[str, Any] = {
     "backoff_max": 5.0,
     "max_connections": 64,
     "tombstone_limit": 100_000,  # failed detaches kept for retry
-    "reassert_chunk": 500,  # users per pipeline when re-asserting
+    "reassert_chunk": 500,  # users per round trip when re-asserting
 }
 
 # -- Lua -----------------------------------------------------------------------------------
@@ -236,8 +240,6 @@ return left
 
 class _Script:
     def __init__(self, name: str, source: str) -> None:
-        import hashlib
-
         self.name = name
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
@@ -264,6 +266,53 @@ def _pairs(flat: Sequence[Any]) -> dict[str, str]:
 
 def node_of(incarnation: str) -> str:
     return incarnation.rpartition("#")[0]
+
+
+class _Pool(coredis.ConnectionPool):  # type: ignore[type-arg]
+    """coredis 6.9's pool, with two slot leaks closed.
+
+    The pool hands out at most ``max_connections`` slots. Stock 6.9 loses a
+    slot (1) when a connection dies while leased (a pub/sub subscription or
+    a pipeline in flight when Redis goes away: ``release`` drops the dead
+    connection without giving its slot back), and (2) when the caller is
+    cancelled while a new connection is being set up. Each Redis restart
+    under load lost a few slots until the pool was empty and every call
+    timed out for good; here a lost connection always gives its slot back.
+    """
+
+    async def get_connection(self, **_: Any) -> Any:
+        with anyio.fail_after(self.timeout):
+            connection = await self._available_connections.get()
+        if connection is not None and connection.reusable:
+            self.statistics.connection_leased(connection)
+            return connection
+        if connection is not None:
+            connection.invalidate()
+        try:
+            connection = await self._construct_connection()
+            err = await self.task_group.start(self._ConnectionPool__wrap_connection, connection)
+        except BaseException:
+            self._give_back_slot()
+            raise
+        if err:
+            self._give_back_slot()
+            raise err
+        self.statistics.connection_created(connection)
+        self._online_connections.add(connection)
+        self.statistics.connection_leased(connection)
+        return connection
+
+    def release(self, connection: Any) -> None:
+        self.statistics.connection_released(connection)
+        if connection.usable:
+            self._available_connections.put_nowait(connection)
+        else:
+            connection.invalidate()
+            self._give_back_slot()
+
+    def _give_back_slot(self) -> None:
+        if not self._available_connections.full():
+            self._available_connections.append_nowait(None)
 
 
 class _Host:
@@ -321,6 +370,9 @@ class RedisBroker:
         self.reassert_chunk = max(1, int(opts["reassert_chunk"]))
         if self.heartbeat_interval >= self.presence_ttl:
             raise ValueError("heartbeat_interval must be shorter than presence_ttl")
+        if not 0 < self.stream_timeout < self.op_timeout or self.connect_timeout <= 0:
+            # stream_timeout bounds every wait that cannot be cancelled (see _batch).
+            raise ValueError("need 0 < stream_timeout < op_timeout and connect_timeout > 0")
 
         #: This instance's token: its nodes are the incarnations ``<node>#<token>``.
         self.token = secrets.token_hex(8)
@@ -358,13 +410,15 @@ class RedisBroker:
     # -- the client ------------------------------------------------------------------------
 
     def _new_client(self) -> coredis.Redis[str]:
-        return coredis.Redis.from_url(
+        pool = _Pool.from_url(
             self.url,
             decode_responses=True,
             connect_timeout=self.connect_timeout,
             stream_timeout=self.stream_timeout,
             max_connections=self.max_connections,
-            retry_policy=NoRetryPolicy(),
+        )
+        return coredis.Redis(
+            connection_pool=pool, decode_responses=True, retry_policy=NoRetryPolicy()
         )
 
     async def _client(self) -> coredis.Redis[str]:
@@ -402,26 +456,38 @@ class RedisBroker:
             await client.script_load(script.source)
             return await client.evalsha(script.sha, keys, args)
 
+    async def _batch(self, client: coredis.Redis[str], commands: Sequence[Any]) -> list[Any]:
+        """Send ``commands`` in one write and read their replies: one round trip.
+
+        The connection is shared: it goes back to the pool before the replies
+        arrive, so concurrent callers' batches ride the same socket (coredis's
+        multiplexing). The wait is shielded because coredis drops a connection
+        whose batch is abandoned mid-reply, which would fail every other
+        caller's requests on it; it is bounded by ``stream_timeout``. Replies
+        come back as values or exception instances, in order.
+        """
+        async with client.connection_pool.acquire() as connection:
+            batch = connection.create_request_batch(commands)
+        with trio.CancelScope(shield=True):
+            return list(await batch)
+
     async def _eval_many(self, client: coredis.Redis[str], calls: Sequence[_Call]) -> list[Any]:
-        """Run scripts in one pipelined round trip (a second one only after
-        Redis lost its script cache); results in order."""
+        """Run scripts in one round trip (a second one only after Redis lost
+        its script cache); results in order."""
         if len(calls) == 1:
             return [await self._eval(client, calls[0])]
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
-            async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
-                for i in todo:
-                    script, keys, args = calls[i]
-                    pipe.evalsha(script.sha, keys, args)
+            replies = await self._batch(
+                client, [client.evalsha(calls[i][0].sha, calls[i][1], calls[i][2]) for i in todo]
+            )
             missing: list[int] = []
-            for i, result in zip(todo, pipe.results or (), strict=True):
-                if isinstance(result, coredis.exceptions.NoScriptError) and attempt == 0:
+            for i, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, coredis.exceptions.NoScriptError) and attempt == 0:
                     missing.append(i)
-                elif isinstance(result, BaseException):
-                    raise result
                 else:
-                    results[i] = result
+                    results[i] = _value(reply)
             if not missing:
                 break
             for script in {calls[i][0].name: calls[i][0] for i in missing}.values():
@@ -482,18 +548,20 @@ class RedisBroker:
         async def go(client: coredis.Redis[str]) -> list[Any]:
             if not beat:
                 return await self._eval(client, call)
-            async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
-                pipe.set(self.heartbeat_key(inc), "1", px=self._ttl_ms())
-                pipe.evalsha(call[0].sha, call[1], call[2])
-            beat_result, result = pipe.results or (None, None)
-            if isinstance(beat_result, BaseException):
-                raise beat_result
+            # This instance's heartbeat for the node is stale (its run() is not
+            # beating, or not yet): refresh it in the same round trip.
+            beat_reply, reply = await self._batch(
+                client,
+                [
+                    client.set(self.heartbeat_key(inc), "1", px=self._ttl_ms()),
+                    client.evalsha(call[0].sha, call[1], call[2]),
+                ],
+            )
+            _value(beat_reply)
             self._mark_fresh(inc)
-            if isinstance(result, coredis.exceptions.NoScriptError):
+            if isinstance(reply, coredis.exceptions.NoScriptError):
                 return await self._eval(client, call)
-            if isinstance(result, BaseException):
-                raise result
-            return result
+            return _value(reply)
 
         before = _pairs(await self._do("attach", go))
         before.pop(conn, None)
@@ -526,11 +594,11 @@ class RedisBroker:
             return {}
 
         async def read(client: coredis.Redis[str]) -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
-                for user in users:
-                    pipe.hgetall(self.user_key(user, "conns"))
-                    pipe.get(self.user_key(user, "seen"))
-            return list(pipe.results or ())
+            commands = []
+            for user in users:
+                commands.append(client.hgetall(self.user_key(user, "conns")))
+                commands.append(client.get(self.user_key(user, "seen")))
+            return [_value(r) for r in await self._batch(client, commands)]
 
         replies = await self._do("presence", read)
         conns = {
@@ -548,7 +616,7 @@ class RedisBroker:
                 if len(dead) == len(mapping) and mapping:
                     seen[user] = max(int(seen[user] or 0), now)
         if dead_calls:
-            await self._do("presence", lambda c: self._eval_many(c, dead_calls))
+            await self._prune(dead_calls)
         out: dict[str, Presence] = {}
         for user in users:
             nodes = tuple(sorted({node_of(v) for v in conns[user].values() if v in live}))
@@ -593,10 +661,8 @@ class RedisBroker:
         if ask:
 
             async def check(client: coredis.Redis[str]) -> list[Any]:
-                async with client.pipeline(transaction=False) as pipe:
-                    for inc in ask:
-                        pipe.exists([self.heartbeat_key(inc)])
-                return list(pipe.results or ())
+                commands = [client.exists([self.heartbeat_key(inc)]) for inc in ask]
+                return [_value(r) for r in await self._batch(client, commands)]
 
             found = await self._do("presence", check)
             live |= {inc for inc, n in zip(ask, found, strict=True) if n}
@@ -608,9 +674,16 @@ class RedisBroker:
         live = await self._live_incarnations(set(conns.values()), own)
         dead = {f: v for f, v in conns.items() if v not in live}
         if dead:
-            call = self._prune_call(user, dead, ts)
-            await self._do("prune", lambda c: self._eval(c, call))
+            await self._prune([self._prune_call(user, dead, ts)])
         return len(dead) < len(conns)
+
+    async def _prune(self, calls: list[_Call]) -> None:
+        """Remove dead incarnations' connections; best effort, since every
+        read ignores them anyway and the next read tries again."""
+        try:
+            await self._do("prune", lambda c: self._eval_many(c, calls))
+        except Unavailable as exc:
+            log.warning("could not prune dead connections", extra={"reason": exc.message})
 
     def _tombstone(self, user: str, conn: str, inc: str, ts: int) -> None:
         if len(self._tombstones) >= self.tombstone_limit:
@@ -637,11 +710,13 @@ class RedisBroker:
             chunk = users[start : start + self.reassert_chunk]
 
             async def write(client: coredis.Redis[str], chunk: list[str] = chunk) -> None:
-                async with client.pipeline(transaction=False) as pipe:
-                    for user in chunk:
-                        key = self.user_key(user, "conns")
-                        pipe.hset(key, snapshot[user])
-                        pipe.expire(key, self.conns_ttl)
+                commands = []
+                for user in chunk:
+                    key = self.user_key(user, "conns")
+                    commands.append(client.hset(key, snapshot[user]))
+                    commands.append(client.expire(key, self.conns_ttl))
+                for reply in await self._batch(client, commands):
+                    _value(reply)
 
             await self._do("re-assert", write)
         now = time.time_ns() // 1_000_000
@@ -682,12 +757,13 @@ class RedisBroker:
                 while not self._closed:
                     try:
                         await self._session(inc, deliver, resync, task_status, state)
-                    except Exception as exc:
+                    except BaseException as exc:
+                        _reraise_cancellation(exc)
                         log.warning(
                             "redis subscription lost; retrying"
                             if state.started
                             else "redis not reachable; retrying",
-                            extra={"node": node, "reason": _reason(exc)},
+                            extra={"incarnation": inc, "reason": _reason(exc)},
                         )
                     if (
                         state.live_since is not None
@@ -790,6 +866,27 @@ class _RunState:
     def __init__(self) -> None:
         self.started = False
         self.live_since: float | None = None
+
+
+def _value(reply: Any) -> Any:
+    """A batch reply, or its error raised."""
+    if isinstance(reply, BaseException):
+        raise reply
+    return reply
+
+
+def _reraise_cancellation(exc: BaseException) -> None:
+    """Re-raise ``exc`` unless it is a plain error to retry after: cancellation
+    (alone or inside a group, whatever else failed alongside), KeyboardInterrupt
+    and the like always propagate."""
+    if isinstance(exc, BaseExceptionGroup):
+        cancelled, rest = exc.split(trio.Cancelled)
+        if cancelled is not None:
+            raise cancelled from None
+        if rest is not None and rest.split(Exception)[1] is not None:
+            raise exc
+    elif not isinstance(exc, Exception):
+        raise exc
 
 
 def _reason(exc: BaseException) -> str:

@@ -103,12 +103,10 @@ def parse_client_frame(raw: str | bytes) -> ClientFrame:
     The raised error carries the frame's ``cid`` when one could be read, so
     the client knows which message was refused.
     """
-    if isinstance(raw, Oversize):
+    if isinstance(raw, Oversize) or frame_size(raw) > MAX_FRAME_BYTES:
         raise TooLarge(f"frame is over {MAX_FRAME_BYTES} bytes")
     if isinstance(raw, bytes):
         raise BadRequest("binary frames are not accepted; send JSON text frames")
-    if frame_size(raw) > MAX_FRAME_BYTES:
-        raise TooLarge(f"frame is over {MAX_FRAME_BYTES} bytes")
     try:
         obj = json.loads(raw)
     except (ValueError, RecursionError):

@@ -178,13 +178,21 @@ def create_app(
             503,
         )
 
+    # Everything under /api is answered by the API (JSON errors, 405 with
+    # Allow), never by the static web client mounted at /.
+    api = Mount(
+        "/api",
+        routes=[
+            Route("/register", register, methods=["POST"]),
+            Route("/login", login, methods=["POST"]),
+            Route("/conversations", conversations, methods=["GET", "POST"]),
+            Route("/conversations/{id}/messages", messages, methods=["GET"]),
+            Route("/users/{name}", user_info, methods=["GET"]),
+            Route("/info", info, methods=["GET"]),
+        ],
+    )
     routes: list[Any] = [
-        Route("/api/register", register, methods=["POST"]),
-        Route("/api/login", login, methods=["POST"]),
-        Route("/api/conversations", conversations, methods=["GET", "POST"]),
-        Route("/api/conversations/{id}/messages", messages, methods=["GET"]),
-        Route("/api/users/{name}", user_info, methods=["GET"]),
-        Route("/api/info", info, methods=["GET"]),
+        api,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]

@@ -30,7 +30,7 @@ from trio_websocket import (
 from wsproto import ConnectionType, WSConnection
 
 from chatd.core import frames
-from chatd.core.errors import ChatError, NotFound, Unauthorized
+from chatd.core.errors import BadRequest, ChatError, NotFound, Unauthorized
 from chatd.core.session import Outbound, Session, SlowConsumer
 from chatd.service import ChatService
 
@@ -43,6 +43,8 @@ DISCARD_OVER = frames.MAX_FRAME_BYTES + 1
 #: Seconds between WebSocket pings; a peer that does not answer within the
 #: next interval is dropped. Proxies need read timeouts above this.
 PING_INTERVAL = 30.0
+#: Seconds a dropped connection's writer gets to finish the frame in hand.
+DROP_GRACE = 5.0
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_TOO_SLOW = 4008
 CLOSE_GOING_AWAY = 1001
@@ -79,6 +81,7 @@ class WsConnection:
         self._closing = False
         self._dropping = False
         self._read_scope: trio.CancelScope | None = None
+        self._scope: trio.CancelScope | None = None
 
     # -- called from other tasks (hub, shutdown) -------------------------------------
 
@@ -100,21 +103,43 @@ class WsConnection:
         if self._read_scope is not None:
             self._read_scope.cancel()
 
+    def reply(self, item: Outbound) -> None:
+        """A direct answer to this device (``sent``): never held, never deduplicated."""
+        try:
+            self._out_send.send_nowait(item.text)
+        except trio.WouldBlock:
+            self._drop(CLOSE_TOO_SLOW, "too slow: reconnect to get what is owed")
+        except trio.ClosedResourceError:
+            pass
+
     def _drop(self, code: int, reason: str) -> None:
-        """Close without flushing: what was owed stays owed for the next connection."""
+        """Close without flushing: what was owed stays owed for the next connection.
+
+        The writer may finish the frame it is writing; a peer that does not
+        take it within DROP_GRACE seconds is cut off.
+        """
         self._dropping = True
         self.close_soon(code, reason)
         self._close = (code, reason)
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, trio.current_time() + DROP_GRACE)
 
     # -- the connection's own tasks --------------------------------------------------
 
     async def serve(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
                 nursery.start_soon(self._write_loop, nursery.cancel_scope)
                 nursery.start_soon(self._keepalive)
                 try:
-                    await self._read_loop()
+                    await self._read_loop(nursery)
+                except Exception:
+                    # A bug in one connection: tell the device, close with 1011
+                    # (clients reconnect); never take the server down.
+                    log.exception("connection failed", extra={"user": self.user, "conn": self.id})
+                    self._push(frames.error("internal", "internal error"))
+                    self._close = (CLOSE_INTERNAL, "internal error")
                 finally:
                     self._out_send.close()  # the writer drains (or drops), then ends
         finally:
@@ -180,12 +205,12 @@ class WsConnection:
                 return None
         return None
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
         expires_at = await self._authenticate()
         if expires_at is None:
             return
         try:
-            await self._start()
+            await self._start(nursery)
         except ChatError as exc:
             self._push(frames.error(exc.code, exc.message))
             self._close = (CLOSE_INTERNAL, "could not start the session")
@@ -243,29 +268,43 @@ class WsConnection:
         self._push(frames.error(exc.code, exc.message))
         self._close = (CLOSE_UNAUTHORIZED, exc.message)
 
-    async def _start(self) -> None:
-        """Attach, say ``ready``, offer the backlog, then go live."""
+    async def _start(self, nursery: trio.Nursery) -> None:
+        """Attach, say ``ready``, then offer the backlog in its own task.
+
+        The backlog runs beside the reader, so the device's acks (and the
+        transport's pongs) are taken while a long backlog streams out.
+        """
         assert self.user is not None
         await self.service.attach(self)
         await self._out_send.send(frames.encode(frames.ready(self.user, self.service.node)))
+        nursery.start_soon(self._backlog)
+
+    async def _backlog(self) -> None:
+        assert self.user is not None
 
         async def emit(items: list[Outbound]) -> None:
             for item in self.session.backlog(items):
                 await self._out_send.send(item.text)
 
         try:
-            await self.service.backlog(self.user, emit)
-        except ChatError as exc:
-            # The store is down: the device is online and gets live traffic;
-            # what is owed stays owed for the next connection.
-            self._push(frames.error(exc.code, f"backlog not available: {exc.message}"))
-        for item in self.session.finish_backlog():
-            await self._out_send.send(item.text)
+            try:
+                await self.service.backlog(self.user, emit)
+            except ChatError as exc:
+                # The store is down: the device is online and gets live traffic;
+                # what is owed stays owed for the next connection.
+                self._push(frames.error(exc.code, f"backlog not available: {exc.message}"))
+            for item in self.session.finish_backlog():
+                await self._out_send.send(item.text)
+        except trio.ClosedResourceError:
+            pass  # the connection is closing
 
     async def _handle(self, raw: str | bytes) -> None:
         frame: frames.ClientFrame | None = None
         try:
-            frame = frames.parse_client_frame(raw)
+            try:
+                frame = frames.parse_client_frame(raw)
+            except Unauthorized:  # an ``auth`` frame, here after authentication
+                raise BadRequest("already authenticated") from None
             self.session.check(frame, trio.current_time())
             match frame:
                 case frames.Send():

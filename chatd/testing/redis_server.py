@@ -11,6 +11,7 @@ that crashed without persistence::
         server.stop()       # graceful shutdown (SIGTERM)
         server.kill()       # SIGKILL
         server.restart()    # same port, empty data set
+        server.freeze()     # SIGSTOP: a hung server; server.thaw() resumes
         server.flushall()
         server.command("KEYS", "*")
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,6 +33,21 @@ import time
 from typing import Any
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def cluster_free_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too: Redis
+    Cluster refuses ports above 55535."""
+    for _ in range(200):
+        candidate = random.randint(20000, 55535)
+        try:
+            for p in (candidate, candidate + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return candidate
+    raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
 def free_port() -> int:
@@ -54,12 +71,17 @@ class RedisServer:
         executable: str = REDIS_SERVER,
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 10.0,
+        cluster: bool = False,
     ) -> None:
+        """``cluster=True`` starts a one-node Redis Cluster that owns every
+        slot: a plain client works, and Redis refuses any command or script
+        whose keys span two slots (CROSSSLOT), as a real cluster would."""
         self.host = "127.0.0.1"
-        self.port = port or free_port()
+        self.port = port or (cluster_free_port() if cluster else free_port())
         self.executable = executable
         self.extra_args = extra_args
         self.start_timeout = start_timeout
+        self.cluster = cluster
         self.dir = tempfile.mkdtemp(prefix="chatd-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -95,6 +117,11 @@ class RedisServer:
                     "yes",
                     "--daemonize",
                     "no",
+                    *(
+                        ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+                        if self.cluster
+                        else ()
+                    ),
                     *self.extra_args,
                 ],
                 stdout=log,
@@ -112,12 +139,22 @@ class RedisServer:
                     f"log: {self._log_tail()}"
                 )
             with contextlib.suppress(OSError, RedisError):
-                if self.command("PING") == "PONG":
+                if self.command("PING") == "PONG" and self._cluster_ready():
                     return self
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"redis-server did not answer on port {self.port}")
             time.sleep(0.02)
+
+    def _cluster_ready(self) -> bool:
+        if not self.cluster:
+            return True
+        if "cluster_state:ok" in self.command("CLUSTER", "INFO"):
+            return True
+        if int(self.command("CLUSTER", "COUNTKEYSINSLOT", 0)) == 0:
+            with contextlib.suppress(RedisError):  # already assigned: wait for ok
+                self.command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        return False
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful shutdown (SIGTERM); with ``--save ""`` nothing is written."""
@@ -126,6 +163,16 @@ class RedisServer:
     def kill(self) -> None:
         """SIGKILL: the server dies at once, clients see their connections reset."""
         self._end(signal.SIGKILL, 10.0)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the kernel still accepts connections, nothing answers (a
+        hung server); :meth:`thaw` resumes it."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> RedisServer:
         """Stop (if running) and start again on the same port, with no data."""
@@ -148,6 +195,7 @@ class RedisServer:
         if proc is None:
             return
         if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a frozen server could not act on SIGTERM
             proc.send_signal(sig)
             try:
                 proc.wait(timeout)

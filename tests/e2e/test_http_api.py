@@ -81,3 +81,24 @@ async def test_health_and_readiness(api):
     assert status == 200 and body["checks"] == {"store": "ok", "broker": "ok"}
     status, body = await api.call("GET", "/api/info")
     assert status == 200 and body["ws_path"] == "/ws" and body["ws_port"] > 0
+
+
+async def test_api_errors_even_with_the_web_client_served(api, server):
+    """The web client is mounted at /, but /api/* is always the API."""
+    for method, path, expected in [
+        ("GET", "/api/login", 405),
+        ("DELETE", "/api/conversations", 405),
+        ("POST", "/api/no/such/thing", 404),
+        ("GET", "/api/nope", 404),
+    ]:
+        status, body = await api.call(method, path)
+        assert status == expected, (method, path, body)
+        assert set(body) == {"error"}
+    resp = await api.http.request("GET", "/api/login")
+    assert resp.headers["allow"] == "POST"
+
+
+async def test_login_with_non_strings_is_401(api):
+    for body in ({"username": 5, "password": "x" * 9}, {"username": "abc"}, {}):
+        status, resp = await api.call("POST", "/api/login", json=body)
+        assert status == 401 and resp["error"]["code"] == "unauthorized"

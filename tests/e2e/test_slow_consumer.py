@@ -52,3 +52,60 @@ async def test_slow_consumer_closed_4008_and_loses_nothing(tmp_path, names):
     finally:
         await api.aclose()
         assert proc.stop() == 0
+
+
+async def test_a_device_that_never_reads_again_is_released(tmp_path, names):
+    """Dropped for overflowing its outbox while it never reads: the frame in
+    hand cannot finish, so after the drop grace the socket is cut and the
+    user leaves presence."""
+    proc = ChatdProcess(tmp_path, args=["--rate", "0"]).start()
+    api = Api(proc.http_url)
+    alice, bob = names("alice"), names("bob")
+    ta, tb = await api.user(alice), await api.user(bob)
+    try:
+        async with open_websocket_url(proc.ws_url) as stalled:
+            await stalled.send_message(json.dumps({"type": "auth", "token": tb}))
+            assert json.loads(await stalled.get_message())["type"] == "ready"
+            async with connect(proc.ws_url, alice) as a:
+                await a.auth(ta)
+                for i in range(2500):
+                    await a.send("q" * 4000, to=bob, cid=f"s{i}")
+                await a.expect("sent", cid="s2499", timeout=30)
+                with trio.fail_after(20):
+                    while True:
+                        _, info = await api.call("GET", f"/api/users/{bob}", ta)
+                        if not info["online"]:
+                            break
+                        await trio.sleep(0.2)
+    finally:
+        await api.aclose()
+        assert proc.stop() == 0
+
+
+async def test_acks_are_taken_while_a_long_backlog_streams(tmp_path, names):
+    """The backlog runs beside the reader: an ack sent after the first
+    message is applied (its receipt reaches the sender) while the rest of
+    the backlog is still stuck behind a device that is not reading."""
+    proc = ChatdProcess(tmp_path, args=["--rate", "0"]).start()
+    api = Api(proc.http_url)
+    alice, bob = names("alice"), names("bob")
+    ta, tb = await api.user(alice), await api.user(bob)
+    try:
+        async with connect(proc.ws_url, alice) as a:
+            await a.auth(ta)
+            for i in range(1500):
+                await a.send("b" * 4000, to=bob, cid=f"s{i}")
+            first = await a.expect("sent", cid="s0", timeout=30)
+            await a.expect("sent", cid="s1499", timeout=30)
+            async with open_websocket_url(proc.ws_url) as b:
+                await b.send_message(json.dumps({"type": "auth", "token": tb}))
+                assert json.loads(await b.get_message())["type"] == "ready"
+                msg = json.loads(await b.get_message())
+                assert msg["id"] == first["id"]
+                await b.send_message(json.dumps({"type": "ack", "ids": [msg["id"]]}))
+                # bob reads nothing more: ~6 MB of backlog is still in flight.
+                receipt = await a.expect("receipt", id=first["id"], timeout=10)
+                assert receipt["status"] == "delivered"
+    finally:
+        await api.aclose()
+        assert proc.stop() == 0

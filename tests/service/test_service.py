@@ -32,6 +32,9 @@ class FakeConn:
             self.frames.append(json.loads(out.text))
             self.arrived.set()
 
+    def reply(self, item: Outbound) -> None:
+        self.frames.append(json.loads(item.text))
+
     def close_soon(self, code: int, reason: str) -> None:
         pass
 

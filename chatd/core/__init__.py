@@ -1,0 +1,1 @@
+"""The sans-I/O core: rules and data, no sockets, no trio."""

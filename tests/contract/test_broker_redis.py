@@ -1,0 +1,392 @@
+"""The Redis broker: the Broker contract, then what only a shared backend has
+(dead nodes leave presence, Redis losing its data, outages, key layout).
+
+Every test talks to a throwaway ``redis-server`` on a free loopback port
+(:mod:`chatd.testing.redis_server`), never to the machine's Redis.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+import trio
+
+from chatd.broker.redis import RedisBroker
+from chatd.core.errors import Unavailable
+from chatd.ports import Routed
+from chatd.testing.broker_contract import BrokerContract, start_node
+from chatd.testing.redis_server import RedisServer
+
+#: Short timings so that expiry and recovery happen within a test.
+FAST = {
+    "presence_ttl": 1.0,
+    "heartbeat_interval": 0.2,
+    "backoff_min": 0.05,
+    "backoff_max": 0.3,
+    "op_timeout": 1.0,
+    "connect_timeout": 0.3,
+    "stream_timeout": 0.5,
+}
+
+Make = Callable[..., RedisBroker]
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A server of the test's own, for tests that stop, kill or flush it."""
+    with RedisServer() as server:
+        yield server
+
+
+async def _factory(server: RedisServer) -> AsyncIterator[Make]:
+    made: list[RedisBroker] = []
+
+    def make(**tuning: object) -> RedisBroker:
+        broker = RedisBroker.from_url(server.url, **{**FAST, **tuning})
+        made.append(broker)
+        return broker
+
+    try:
+        yield make
+    finally:
+        for broker in made:
+            await broker.aclose()
+
+
+class TestRedisBroker(BrokerContract):
+    @pytest.fixture
+    async def brokers(self, shared_server: RedisServer) -> AsyncIterator[Make]:
+        shared_server.flushall()
+        async for make in _factory(shared_server):
+            yield make
+
+
+@pytest.fixture
+async def make(server: RedisServer) -> AsyncIterator[Make]:
+    async for make in _factory(server):
+        yield make
+
+
+async def eventually(check: Callable[[], object], timeout: float = 5.0, step: float = 0.05):
+    """Await ``check()`` (sync or async) until it is truthy."""
+    with trio.fail_after(timeout):
+        while True:
+            result = check()
+            if hasattr(result, "__await__"):
+                result = await result
+            if result:
+                return result
+            await trio.sleep(step)
+
+
+async def expect_unavailable_fast(call: Callable[[], object], limit: float) -> float:
+    start = trio.current_time()
+    with pytest.raises(Unavailable):
+        await call()  # type: ignore[misc]
+    took = trio.current_time() - start
+    assert took < limit, f"took {took:.2f} s"
+    return took
+
+
+# -- presence across nodes ------------------------------------------------------------------
+
+
+async def test_a_dead_node_leaves_presence_within_seconds(make: Make, server: RedisServer) -> None:
+    observer = make()
+    dying = make()
+    async with trio.open_nursery() as nursery:
+        await start_node(nursery, dying, "n1")
+        assert await dying.attach("bob", "n1", "c1") is True
+        assert (await observer.presence(["bob"]))["bob"].nodes == ("n1",)
+        # The node stops beating without detaching: as good as kill -9 for Redis.
+        nursery.cancel_scope.cancel()
+    died = trio.current_time()
+
+    async def offline() -> bool:
+        return not (await observer.presence(["bob"]))["bob"].online
+
+    await eventually(offline, timeout=FAST["presence_ttl"] + 2)
+    assert trio.current_time() - died < FAST["presence_ttl"] + 1
+    p = (await observer.presence(["bob"]))["bob"]
+    assert p.nodes == () and p.last_seen is not None
+    # The dead incarnation's connection is gone from Redis, not only hidden.
+    assert server.command("HLEN", observer.user_key("bob", "conns")) == 0
+    # A new process under the same node name is a new incarnation.
+    reborn = make()
+    async with trio.open_nursery() as nursery:
+        await start_node(nursery, reborn, "n1")
+        assert await reborn.attach("bob", "n1", "c2") is True
+        nursery.cancel_scope.cancel()
+
+
+async def test_first_attach_ignores_a_dead_node(make: Make) -> None:
+    dying, other = make(), make()
+    async with trio.open_nursery() as nursery:
+        await start_node(nursery, dying, "n1")
+        await dying.attach("bob", "n1", "c1")
+        nursery.cancel_scope.cancel()
+    # While n1's heartbeat lives, bob is still online there.
+    assert await other.attach("bob", "n2", "c2") is False
+    await trio.sleep(FAST["presence_ttl"] + 0.3)
+    assert await other.detach("bob", "n2", "c2", 500) is True
+    assert await other.attach("bob", "n2", "c3") is True
+    assert (await other.presence(["bob"]))["bob"].nodes == ("n2",)
+
+
+async def test_flushall_heartbeat_reasserts_presence_and_resyncs(
+    make: Make, server: RedisServer, nursery: trio.Nursery
+) -> None:
+    n1 = await start_node(nursery, make(), "n1")
+    sender = make()
+    await n1.broker.attach("bob", "n1", "c1")
+    server.flushall()
+    assert not (await sender.presence(["bob"]))["bob"].online
+
+    async def back() -> bool:
+        return (await sender.presence(["bob"]))["bob"].online
+
+    await eventually(back, timeout=2)
+    await eventually(lambda: n1.resyncs >= 1, timeout=2)
+    await sender.route([Routed("bob", "m1", "after-flush", owed=True)])
+    [got] = await n1.wait_for(1)
+    assert got.payload == "after-flush"
+
+
+# -- outages ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_outage_unavailable_fast_run_survives_and_resyncs(
+    how: str, make: Make, server: RedisServer, nursery: trio.Nursery
+) -> None:
+    n1 = await start_node(nursery, make(), "n1")
+    b = n1.broker
+    await b.attach("bob", "n1", "c1")
+    await b.route([Routed("bob", "m0", "before", owed=True)])
+    await n1.wait_for(1)
+
+    getattr(server, how)()
+    limit = 0.5  # refused connections fail at once; well under op_timeout
+    await expect_unavailable_fast(lambda: b.route([Routed("bob", "m1", "x", owed=True)]), limit)
+    await expect_unavailable_fast(lambda: b.owed("bob"), limit)
+    await expect_unavailable_fast(lambda: b.settle("bob", ["m0"]), limit)
+    await expect_unavailable_fast(lambda: b.attach("carol", "n1", "c2"), limit)
+    await expect_unavailable_fast(lambda: b.detach("dave", "n1", "c3", 1), limit)
+    await expect_unavailable_fast(lambda: b.presence(["bob"]), limit)
+    await expect_unavailable_fast(b.ping, limit)
+    await trio.sleep(0.5)  # run() keeps retrying meanwhile; it must not crash
+    assert n1.resyncs == 0
+
+    server.start()  # same port, all data lost
+    await eventually(lambda: n1.resyncs == 1, timeout=3)
+    await b.ping()
+    # The heartbeat put back bob and carol (attached during the outage).
+    p = await b.presence(["bob", "carol"])
+    assert p["bob"].nodes == ("n1",) and p["carol"].nodes == ("n1",)
+    other = make()
+    await other.route([Routed("bob", "m2", "after", owed=True)])
+    await n1.wait_for(2)
+    assert n1.got[-1].key == "m2"
+    assert [o.key for o in await b.owed("bob")] == ["m2"]
+
+
+async def test_a_hung_server_gives_unavailable_not_a_hang(
+    make: Make, server: RedisServer, nursery: trio.Nursery
+) -> None:
+    n1 = await start_node(nursery, make(), "n1")
+    b = n1.broker
+    await b.attach("bob", "n1", "c1")
+    server.freeze()
+    try:
+        limit = FAST["op_timeout"] + 0.3
+        await expect_unavailable_fast(lambda: b.route([Routed("bob", "m1", "x", owed=True)]), limit)
+        await expect_unavailable_fast(lambda: b.presence(["bob"]), limit)
+        await expect_unavailable_fast(b.ping, limit)
+    finally:
+        server.thaw()
+    await eventually(lambda: n1.resyncs >= 1, timeout=5)
+
+    async def works() -> bool:
+        try:
+            await b.route([Routed("bob", "m2", "y", owed=True)])
+        except Unavailable:
+            return False
+        return True
+
+    await eventually(works, timeout=3)
+    await eventually(lambda: any(i.key == "m2" for i in n1.got), timeout=3)
+
+
+async def test_run_starts_only_once_redis_answers() -> None:
+    server = RedisServer()  # not started yet
+    broker = RedisBroker.from_url(server.url, **FAST)
+    try:
+        async with trio.open_nursery() as nursery:
+            started = trio.Event()
+
+            async def node() -> None:
+                await start_node(nursery, broker, "n1")
+                started.set()
+
+            nursery.start_soon(node)
+            await trio.sleep(0.5)
+            assert not started.is_set()
+            server.start()
+            with trio.fail_after(3):
+                await started.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        await broker.aclose()
+        server.close()
+
+
+# -- the queue ----------------------------------------------------------------------------
+
+
+async def test_queue_is_bounded_dropping_the_oldest_and_expires(
+    make: Make, server: RedisServer
+) -> None:
+    b = make(queue_limit=3, queue_ttl=100)
+    await b.route([Routed("bob", f"m{i}", f"p{i}", owed=True) for i in range(5)])
+    assert [(o.key, o.payload) for o in await b.owed("bob")] == [
+        ("m2", "p2"),
+        ("m3", "p3"),
+        ("m4", "p4"),
+    ]
+    q, qo = b.user_key("bob", "q"), b.user_key("bob", "qo")
+    assert server.command("HLEN", q) == 3 and server.command("ZCARD", qo) == 3
+    for key in (q, qo):
+        assert 90 <= server.command("TTL", key) <= 100
+        server.command("EXPIRE", key, 5)
+    # A write refreshes the TTL; a read or a live-only item does not.
+    await b.owed("bob")
+    await b.route([Routed("bob", "typing", "t", owed=False)])
+    assert server.command("TTL", q) <= 5
+    await b.route([Routed("bob", "m5", "p5", owed=True)])
+    for key in (q, qo):
+        assert 90 <= server.command("TTL", key) <= 100
+    assert [o.key for o in await b.owed("bob")] == ["m3", "m4", "m5"]
+    await b.settle("bob", ["m3", "m4", "m5"])
+    assert server.keys(f"{b.prefix}:{{u:bob}}:q*") == []
+
+
+async def test_keys_carry_one_hash_tag_per_user(
+    make: Make, server: RedisServer, nursery: trio.Nursery
+) -> None:
+    from coredis._utils import hash_slot
+
+    n1 = await start_node(nursery, make(), "n1")
+    b = n1.broker
+    users = ["alice", "bob.b", "c-d_e"]
+    for u in users:
+        await b.attach(u, "n1", f"conn-{u}")
+    await b.route([Routed(u, f"m-{u}", "p", owed=True) for u in users])
+    await b.detach("alice", "n1", "conn-alice", 42)
+    await b.presence(users)
+
+    slots: dict[str, set[int]] = {}
+    node_keys = []
+    for key in server.keys("*"):
+        m = re.fullmatch(r"chatd:\{u:([^{}]+)\}:(conns|q|qo|seen)", key)
+        if m:
+            assert key.count("{") == 1
+            slots.setdefault(m.group(1), set()).add(hash_slot(key.encode()))
+        else:
+            assert re.fullmatch(r"chatd:hb:n1#[0-9a-f]{16}", key), key
+            node_keys.append(key)
+    assert set(slots) == set(users)
+    assert all(len(s) == 1 for s in slots.values())
+    assert node_keys == [b.heartbeat_key(b.incarnation("n1"))]
+    # Every per-user key has a TTL: nothing is kept forever.
+    for key in server.keys("chatd:*"):
+        assert server.command("TTL", key) > 0, key
+
+
+@pytest.fixture(scope="module")
+def cluster_node() -> Iterator[RedisServer]:
+    with RedisServer(cluster=True) as server:
+        yield server
+
+
+class TestRedisBrokerOnAClusterNode(BrokerContract):
+    """The contract again on a one-node Redis Cluster: Redis refuses any
+    command or script whose keys span two hash slots (CROSSSLOT), so this
+    proves every call the broker makes is cluster-safe."""
+
+    @pytest.fixture
+    async def brokers(self, cluster_node: RedisServer) -> AsyncIterator[Make]:
+        cluster_node.flushall()
+        async for make in _factory(cluster_node):
+            yield make
+
+
+async def test_repeated_restarts_under_load_do_not_exhaust_the_pool(
+    make: Make, server: RedisServer, nursery: trio.Nursery
+) -> None:
+    # coredis 6.9 lost a pool slot for each connection that died while in use;
+    # with 3 slots, the second restart used to leave the broker dead for good.
+    n1 = await start_node(nursery, make(max_connections=3), "n1")
+    b = n1.broker
+    await b.attach("bob", "n1", "c1")
+    for restart in range(1, 4):
+
+        async def load() -> None:
+            while True:
+                try:
+                    await b.route(
+                        [Routed("bob", "m", "p", owed=True), Routed("al", "m", "p", owed=True)]
+                    )
+                except Unavailable:
+                    await trio.sleep(0.01)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(load)
+            await trio.sleep(0.05)
+            server.kill()
+            await trio.sleep(0.1)
+            server.start()
+            await trio.sleep(0.05)
+            inner.cancel_scope.cancel()
+        await eventually(lambda restart=restart: n1.resyncs >= restart, timeout=5)
+        await b.ping()
+
+
+async def test_callers_cancelled_mid_call_do_not_disturb_others(
+    make: Make, nursery: trio.Nursery
+) -> None:
+    n1 = await start_node(nursery, make(), "n1")
+    b = n1.broker
+    for u in ("bob", "carol"):
+        await b.attach(u, "n1", f"c-{u}")
+
+    async def sender(i: int) -> None:
+        items = [Routed(u, f"m{i}", f"p{i}", owed=True) for u in ("bob", "carol")]
+        if i % 2:
+            await trio.sleep(random.uniform(0, 0.002))
+            with trio.move_on_after(random.uniform(0, 0.002)):
+                await b.route(items)
+        else:
+            await trio.sleep(random.uniform(0, 0.004))
+            await b.route(items)  # must not fail because a neighbour was cancelled
+
+    for _ in range(6):
+        async with trio.open_nursery() as inner:
+            for i in range(200):
+                inner.start_soon(sender, i)
+    # Whatever was cut short, the shared connections still work and every
+    # entry that made it is whole.
+    await b.route([Routed("bob", "last", "p", owed=True), Routed("carol", "last", "p", owed=True)])
+    for u in ("bob", "carol"):
+        owed = await b.owed(u)
+        assert owed[-1].key == "last"
+        assert all(o.payload == "p" + o.key[1:] or o.key == "last" for o in owed)
+    await eventually(lambda: sum(1 for g in n1.got if g.key == "last") == 2)

@@ -1,0 +1,157 @@
+"""Helpers for the browser tests: where Chromium is, and a page object per user.
+
+Importable without Playwright or Chromium installed: ``SKIP_REASON`` then
+says why the browser tests cannot run, and the test modules skip.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CHROMIUM = Path("/usr/bin/chromium")
+try:
+    from playwright.sync_api import BrowserContext, Locator, Page, expect
+except ImportError:  # pragma: no cover - depends on the machine
+    expect = None
+
+if not CHROMIUM.exists():
+    SKIP_REASON: str | None = (
+        f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)"
+    )
+elif expect is None:
+    SKIP_REASON = "browser tests need the playwright package (pip install -e .[test])"
+else:
+    SKIP_REASON = None
+    expect.set_options(timeout=8_000)
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PASSWORD = "correct horse battery"
+DESKTOP = {"width": 1100, "height": 760}
+PHONE = {"width": 390, "height": 780}
+
+
+def exact(text: str) -> re.Pattern[str]:
+    return re.compile(f"^{re.escape(text)}$")
+
+
+class ChatPage:
+    """One user in one browser context, driven through the UI by data-testid."""
+
+    def __init__(self, context: BrowserContext, base_url: str, name: str) -> None:
+        self.context = context
+        self.base_url = base_url
+        self.name = name
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.page = self.new_page()
+
+    def new_page(self) -> Page:
+        page = self.context.new_page()
+        page.on("pageerror", lambda exc: self.errors.append(f"{self.name}: {exc}"))
+        page.on("dialog", self._dialog)
+        self.page = page
+        return page
+
+    def _dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def tid(self, testid: str) -> Locator:
+        return self.page.get_by_test_id(testid)
+
+    # -- session ---------------------------------------------------------------
+
+    def goto(self) -> ChatPage:
+        self.page.goto(self.base_url + "/")
+        return self
+
+    def _credentials(self, password: str) -> None:
+        expect(self.tid("login-view")).to_be_visible()
+        self.tid("login-username").fill(self.name)
+        self.tid("login-password").fill(password)
+
+    def register(self, password: str = PASSWORD) -> ChatPage:
+        self.goto()
+        self._credentials(password)
+        self.tid("register-submit").click()
+        return self.expect_online()
+
+    def login(self, password: str = PASSWORD) -> ChatPage:
+        self.goto()
+        self._credentials(password)
+        self.tid("login-submit").click()
+        return self.expect_online()
+
+    def expect_online(self) -> ChatPage:
+        expect(self.tid("app-view")).to_be_visible()
+        expect(self.tid("me")).to_have_text(self.name)
+        expect(self.tid("conn-status")).to_have_attribute("data-state", "ready")
+        return self
+
+    # -- conversations ---------------------------------------------------------
+
+    def conv(self, title: str) -> Locator:
+        return self.tid("conv-item").filter(
+            has=self.page.get_by_test_id("conv-title").filter(has_text=exact(title))
+        )
+
+    def start_dm(self, peer: str) -> None:
+        self.tid("new-chat").click()
+        self.tid("new-chat-username").fill(peer)
+        self.tid("new-chat-submit").click()
+        expect(self.tid("chat-title")).to_have_text(peer)
+
+    def open(self, title: str) -> None:
+        self.conv(title).click()
+        expect(self.tid("chat-title")).to_have_text(title)
+
+    def create_group(self, title: str, members: list[str]) -> None:
+        self.tid("new-group").click()
+        self.tid("new-group-title").fill(title)
+        self.tid("new-group-members").fill(", ".join(members))
+        self.tid("new-group-submit").click()
+        expect(self.tid("chat-title")).to_have_text(title)
+
+    # -- messages --------------------------------------------------------------
+
+    def send(self, text: str) -> None:
+        box = self.tid("composer-input")
+        box.fill(text)
+        box.press("Enter")
+        expect(box).to_have_value("")
+
+    def messages(self) -> Locator:
+        return self.tid("message")
+
+    def message(self, text: str) -> Locator:
+        return self.messages().filter(
+            has=self.page.get_by_test_id("message-body").filter(has_text=exact(text))
+        )
+
+    def expect_status(self, text: str, status: str) -> None:
+        expect(self.message(text)).to_have_attribute("data-status", status)
+        expect(self.message(text).get_by_test_id("tick")).to_have_attribute("data-status", status)
+
+    def bodies(self) -> list[str]:
+        return self.tid("message-body").all_inner_texts()
+
+    # -- attention ---------------------------------------------------------------
+
+    def set_focus(self, focused: bool) -> None:
+        """Pretend the window lost (or got back) the focus: headless pages always have it."""
+        self.page.evaluate(
+            """(focused) => {
+                document.hasFocus = () => focused;
+                window.dispatchEvent(new Event(focused ? 'focus' : 'blur'));
+            }""",
+            focused,
+        )
