@@ -1,0 +1,123 @@
+"""Tokens that expire (before and during a connection), a store that is
+down, and a replica's drain leaving presence clean."""
+
+import time
+
+import jwt
+import pytest
+import trio
+
+from chatd.testing.client import Api, connect
+from chatd.testing.procs import ChatdProcess
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "test-secret-" + "x" * 30
+
+
+def token_for(user: str, ttl: float) -> str:
+    now = time.time()
+    return jwt.encode(
+        {"sub": user, "iat": int(now), "exp": int(now + ttl), "iss": "chatd"},
+        SECRET,
+        algorithm="HS256",
+    )
+
+
+@pytest.fixture
+def server(tmp_path):
+    proc = ChatdProcess(tmp_path, env={"JWT_SECRET": SECRET}).start()
+    yield proc
+    assert proc.stop() == 0
+
+
+async def test_expired_token_is_refused_4001(server, names):
+    api = Api(server.http_url)
+    alice = names("alice")
+    await api.user(alice)
+    await api.aclose()
+    async with connect(server.ws_url, alice) as a:
+        await a.send_json({"type": "auth", "token": token_for(alice, -5)})
+        err = await a.expect("error")
+        assert err["code"] == "unauthorized" and "expired" in err["message"]
+        assert (await a.expect_closed())[0] == 4001
+
+
+async def test_token_expiring_on_an_open_connection(server, names):
+    api = Api(server.http_url)
+    alice, bob = names("alice"), names("bob")
+    await api.user(alice)
+    await api.user(bob)
+    status, _ = await api.call("GET", "/api/conversations", token_for(alice, -1))
+    assert status == 401  # the HTTP API refuses it too
+    await api.aclose()
+    async with connect(server.ws_url, alice) as a:
+        await a.auth(token_for(alice, 2))
+        cid = await a.send("before it expires", to=bob)
+        await a.expect("sent", cid=cid)
+        err = await a.expect("error", timeout=5)
+        assert err["code"] == "unauthorized" and err["message"] == "token expired"
+        assert (await a.expect_closed())[0] == 4001
+
+
+async def test_store_outage_answers_unavailable(tmp_path, names):
+    """MongoDB unreachable: readiness says so, requests answer 503
+    `unavailable` quickly, and nothing claims to be stored."""
+    proc = ChatdProcess(
+        tmp_path,
+        args=[
+            "--store",
+            "mongo",
+            "--mongo-uri",
+            "mongodb://127.0.0.1:1/chatd?serverSelectionTimeoutMS=300&connectTimeoutMS=300",
+        ],
+    ).start()
+    api = Api(proc.http_url)
+    try:
+        status, body = await api.call("GET", "/healthz")
+        assert status == 200  # the process serves
+        status, body = await api.call("GET", "/readyz")
+        assert status == 503 and body["checks"]["store"] != "ok"
+        assert body["checks"]["broker"] == "ok"
+        started = time.monotonic()
+        status, body = await api.register(names("alice"))
+        assert status == 503 and body["error"]["code"] == "unavailable"
+        status, body = await api.call(
+            "POST", "/api/login", json={"username": "alice", "password": "whatever1"}
+        )
+        assert status == 503
+        assert time.monotonic() - started < 5
+        async with connect(proc.ws_url) as a:
+            await a.send_json({"type": "auth", "token": "eyJ.x.y"})
+            assert (await a.expect("error"))["code"] == "unauthorized"
+    finally:
+        await api.aclose()
+        assert proc.stop() == 0
+
+
+async def test_drain_leaves_presence_clean(tmp_path, names):
+    from chatd.testing.cluster import Cluster
+
+    cluster = Cluster(tmp_path, replicas=2, with_nginx=False).start()
+    api = Api(cluster.nodes[1].http_url)
+    try:
+        alice, bob = names("alice"), names("bob")
+        ta, tb = await api.user(alice), await api.user(bob)
+        async with connect(cluster.nodes[1].ws_url, alice) as a:
+            await a.auth(ta)
+            cid = await a.send("hi", to=bob)
+            await a.expect("sent", cid=cid)
+            async with connect(cluster.nodes[0].ws_url, bob) as b:
+                await b.auth(tb)
+                assert (await a.expect("presence", user=bob))["online"] is True
+                # r1 drains: bob's socket closes with 1001 and he is offline at
+                # once (not after the dead-node timeout).
+                await trio.to_thread.run_sync(cluster.stop, 0)
+                assert (await b.expect_closed())[0] == 1001
+                p = await a.expect("presence", user=bob, timeout=3)
+                assert p["online"] is False
+            _, info = await api.call("GET", f"/api/users/{bob}", ta)
+            assert info["online"] is False
+    finally:
+        await api.aclose()
+        cluster.close()
