@@ -28,9 +28,46 @@ from chatd.core.model import (
     Presence,
     Receipt,
     ReceiptKey,
+    Sealed,
     StoredMessage,
     User,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class UserDeleted:
+    """What :meth:`Store.delete_user` did."""
+
+    #: (message, user) pairs that were owed to the user and no longer are.
+    messages_dropped: int
+    #: Receipts owed to the user (as a sender) that were settled.
+    receipts_settled: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    users: int
+    disabled: int  # deleted ones included
+    deleted: int
+    conversations: int
+    messages: int
+    #: (message, recipient) pairs not yet delivered.
+    owed_messages: int
+    #: Receipts not yet acked by the message's sender.
+    owed_receipts: int
+    since: int
+    messages_since: int
+    delivered_since: int
+    seen_since: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reseal:
+    """Replace a message's sealed body, if it is still ``expected``."""
+
+    message_id: str
+    expected: Sealed
+    body: Sealed
 
 
 class Clock(Protocol):
@@ -134,6 +171,68 @@ class Store(Protocol):
         by (message id, member, delivered before seen)."""
         ...
 
+    # -- administration (chatctl) ------------------------------------------------
+    #
+    # Not on the hot path; each may scan. They are safe to call while chatd
+    # serves from any number of processes.
+
+    async def list_users(self, after: str | None, limit: int) -> list[User]:
+        """Up to ``limit`` users whose name sorts after ``after``, by name;
+        disabled and deleted accounts included."""
+        ...
+
+    async def set_disabled(self, username: str, disabled: bool) -> None:
+        """Disable or enable an account.
+
+        A disabled user cannot log in, and a token issued before is refused at
+        its next use (``ChatService.authenticate`` reads the user each time).
+        Nothing else changes: messages to them are stored and owed as before.
+        Raises NotFound for an unknown user and Conflict for a deleted one.
+        """
+        ...
+
+    async def delete_user(self, username: str) -> UserDeleted:
+        """Delete an account and what is owed to and by it; keep everyone
+        else's history.
+
+        * The account stays as a tombstone: ``deleted`` and ``disabled``, its
+          password hash erased, its name taken for good (a new account with
+          the name would otherwise inherit old one-to-one conversations and
+          be named as the sender of old messages).
+        * Messages not yet delivered to the user stop being owed to them;
+          receipts owed to the user are settled.
+        * Conversations, memberships and every stored message stay, including
+          the messages the user sent: other members' history is unchanged.
+
+        Idempotent: deleting a deleted user clears again what was recorded as
+        owed to or by them since. Raises NotFound for an unknown user.
+        """
+        ...
+
+    async def stats(self, since: int) -> StoreStats:
+        """Counts for operators; the ``*_since`` ones from ``since`` (ms) on.
+        May scan messages and receipts."""
+        ...
+
+    async def count_by_key(self) -> dict[str, int]:
+        """How many stored messages each key id seals (key ids in use only)."""
+        ...
+
+    async def messages_by_key(
+        self, key_id: str, after: str | None, limit: int
+    ) -> list[StoredMessage]:
+        """Up to ``limit`` messages sealed with ``key_id`` whose id sorts after
+        ``after``, by id (``delivered_to`` / ``seen_by`` not filled). Paging by
+        id visits every such message once, also while others are appended."""
+        ...
+
+    async def reseal(self, batch: Sequence[Reseal]) -> list[bool]:
+        """Replace bodies in one commit, each by compare-and-set: a message's
+        body becomes ``body`` only if it still is ``expected`` (same key id,
+        nonce and ciphertext); one bool per item, True where it was replaced.
+        An unknown id answers False. Nothing else about the message changes."""
+        ...
+
     async def ping(self) -> None:
         """Raise Unavailable unless the backend answers."""
         ...
@@ -172,6 +271,33 @@ class Inbound:
 class Owed:
     key: str
     payload: str
+    #: When the entry entered the queue (ms since the epoch), if known.
+    queued_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    """One user's owed queue, as :meth:`Broker.queues` sees it."""
+
+    user: str
+    entries: int
+    #: When the oldest entry entered the queue (ms since the epoch), if known.
+    oldest_queued_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A live node (replica), as :meth:`Broker.nodes` sees it."""
+
+    node: str
+    #: The node's current process (``<node>#<token>`` for Redis).
+    incarnation: str
+    connections: int
+    users: int
+    #: Milliseconds since the node's last heartbeat (0 in one process).
+    heartbeat_age_ms: int
+    #: When this incarnation started serving (ms since the epoch), if known.
+    started_at: int | None
 
 
 #: Called by the broker, on the trio thread, for every item addressed to a
@@ -240,6 +366,33 @@ class Broker(Protocol):
         ...
 
     async def presence(self, users: Sequence[str]) -> dict[str, Presence]: ...
+
+    # -- administration (chatctl) ------------------------------------------------
+
+    async def queues(self) -> list[QueueInfo]:
+        """Every user with a non-empty owed queue: entries and the oldest
+        entry's arrival. May scan the backend."""
+        ...
+
+    async def enqueue(self, user: str, items: Sequence[Owed]) -> int:
+        """Queue ``items`` as owed to ``user``, in order, without live delivery
+        (once per key: a key already queued keeps its payload and place; the
+        queue's bound applies). Returns how many keys were new."""
+        ...
+
+    async def purge(self, user: str) -> int:
+        """Empty the user's owed queue; returns how many entries it held. The
+        store still records what is owed, so nothing is lost but the fast path."""
+        ...
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The live nodes: those running :meth:`run` whose heartbeat is fresh,
+        with their local connection and user counts, by node name."""
+        ...
+
+    async def online_users(self) -> dict[str, Presence]:
+        """Every user with a connection on a live node, by name. May scan."""
+        ...
 
     async def ping(self) -> None:
         """Raise Unavailable unless the backend answers."""

@@ -27,6 +27,9 @@ class User:
     created_ts: int
     last_seen: int | None = None
     disabled: bool = False
+    #: A deleted account: always disabled too; its name stays taken so that
+    #: old messages never point at a different person (Store.delete_user).
+    deleted: bool = False
 
 
 @dataclass(frozen=True, slots=True)

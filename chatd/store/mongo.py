@@ -73,6 +73,7 @@ from chatd.core.model import (
     Transition,
     User,
 )
+from chatd.ports import Reseal, StoreStats, UserDeleted
 
 T = TypeVar("T")
 
@@ -210,6 +211,17 @@ def _message(doc: dict[str, Any]) -> StoredMessage:
         ),
         delivered_to=tuple(sorted(status.get("delivered_to", ()))),
         seen_by=tuple(sorted(status.get("seen_by", ()))),
+    )
+
+
+def _user(doc: dict[str, Any]) -> User:
+    return User(
+        username=doc["_id"],
+        password_hash=doc["password_hash"],
+        created_ts=doc["created_ts"],
+        last_seen=doc.get("last_seen"),
+        disabled=bool(doc.get("disabled", False)),
+        deleted=bool(doc.get("deleted", False)),
     )
 
 
@@ -367,8 +379,10 @@ class MongoStore:
             "_id": user.username,
             "password_hash": user.password_hash,
             "created_ts": user.created_ts,
-            "disabled": user.disabled,
+            "disabled": user.disabled or user.deleted,
         }
+        if user.deleted:
+            doc["deleted"] = True
         if user.last_seen is not None:
             doc["last_seen"] = user.last_seen
 
@@ -383,15 +397,7 @@ class MongoStore:
     async def get_user(self, username: str) -> User | None:
         def fn() -> User | None:
             doc = self._users.find_one({"_id": username})
-            if doc is None:
-                return None
-            return User(
-                username=doc["_id"],
-                password_hash=doc["password_hash"],
-                created_ts=doc["created_ts"],
-                last_seen=doc.get("last_seen"),
-                disabled=bool(doc.get("disabled", False)),
-            )
+            return None if doc is None else _user(doc)
 
         return await self._run(fn)
 
@@ -906,6 +912,169 @@ class MongoStore:
                         return out
                     out.extend(owed)
                     pairs += 1
+            return out
+
+        return await self._run(fn)
+
+    # -- administration ----------------------------------------------------------
+
+    async def list_users(self, after: str | None, limit: int) -> list[User]:
+        if limit <= 0:
+            return []
+
+        def fn() -> list[User]:
+            docs = self._users.find(
+                {"_id": {"$gt": after or ""}}, sort=[("_id", ASCENDING)], limit=limit
+            )
+            return [_user(d) for d in docs]
+
+        return await self._run(fn)
+
+    async def set_disabled(self, username: str, disabled: bool) -> None:
+        def fn() -> None:
+            done = self._users.update_one(
+                {"_id": username, "deleted": {"$ne": True}}, {"$set": {"disabled": disabled}}
+            )
+            if done.matched_count == 0:
+                if self._users.find_one({"_id": username}, {"_id": 1}) is None:
+                    raise NotFound(f"no user '{username}'")
+                raise Conflict(f"user '{username}' is deleted")
+
+        await self._run(fn)
+
+    async def delete_user(self, username: str) -> UserDeleted:
+        def fn() -> UserDeleted:
+            done = self._users.update_one(
+                {"_id": username},
+                {"$set": {"disabled": True, "deleted": True, "password_hash": ""}},
+            )
+            if done.matched_count == 0:
+                raise NotFound(f"no user '{username}'")
+            # Not owed to them any more: out of the owed and unread index keys.
+            dropped = self._messages.update_many(
+                {"undelivered": username},
+                {"$pull": {"undelivered": username, "unseen": username}},
+            ).modified_count
+            # Receipts owed to them as a sender: settle each one that happened.
+            settled = 0
+            for doc in self._messages.find(
+                {"sender": username, "rpending": {"$gt": 0}}, {"receipts": 1}
+            ):
+                sets: dict[str, Any] = {}
+                for i, r in enumerate(doc["receipts"]):
+                    for status in (Status.DELIVERED, Status.SEEN):
+                        f = _field(status)
+                        if r.get(f"{f}_ts") is not None and not r.get(f"{f}_acked"):
+                            sets[f"receipts.{i}.{f}_acked"] = True
+                if sets:
+                    # Compare-and-set on rpending: a receipt made meanwhile is
+                    # left owed for the next delete (idempotent).
+                    res = self._messages.update_one(
+                        {"_id": doc["_id"], "rpending": len(sets)},
+                        {"$set": sets, "$inc": {"rpending": -len(sets)}},
+                    )
+                    settled += len(sets) if res.modified_count else 0
+            return UserDeleted(messages_dropped=dropped, receipts_settled=settled)
+
+        return await self._run(fn)
+
+    async def stats(self, since: int) -> StoreStats:
+        def fn() -> StoreStats:
+            users = self._users.count_documents({})
+            disabled = self._users.count_documents({"disabled": True})
+            deleted = self._users.count_documents({"deleted": True})
+            owed_messages = 0
+            owed_receipts = 0
+            delivered = seen = 0
+            for doc in self._messages.find(
+                {"$or": [{"undelivered.0": {"$exists": True}}, {"rpending": {"$gt": 0}}]},
+                {"undelivered": 1, "rpending": 1},
+            ):
+                owed_messages += len(doc.get("undelivered") or ())
+                owed_receipts += int(doc.get("rpending") or 0)
+            for doc in self._messages.find(
+                {
+                    "$or": [
+                        {"receipts.delivered_ts": {"$gte": since}},
+                        {"receipts.seen_ts": {"$gte": since}},
+                    ]
+                },
+                {"receipts": 1},
+            ):
+                for r in doc["receipts"]:
+                    delivered += (r.get("delivered_ts") or -1) >= since
+                    seen += (r.get("seen_ts") or -1) >= since
+            return StoreStats(
+                users=users,
+                disabled=disabled,
+                deleted=deleted,
+                conversations=self._conversations.count_documents({}),
+                messages=self._messages.count_documents({}),
+                owed_messages=owed_messages,
+                owed_receipts=owed_receipts,
+                since=since,
+                messages_since=self._messages.count_documents({"ts": {"$gte": since}}),
+                delivered_since=delivered,
+                seen_since=seen,
+            )
+
+        return await self._run(fn)
+
+    async def count_by_key(self) -> dict[str, int]:
+        def fn() -> dict[str, int]:
+            return {
+                row["_id"]: row["n"]
+                for row in self._messages.aggregate(
+                    [{"$group": {"_id": "$body.key_id", "n": {"$sum": 1}}}]
+                )
+            }
+
+        return await self._run(fn)
+
+    async def messages_by_key(
+        self, key_id: str, after: str | None, limit: int
+    ) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+
+        def fn() -> list[StoredMessage]:
+            # Walks the _id index from ``after``: all pages together read the
+            # collection once, with no index on the key id to slow down appends.
+            docs = self._messages.find(
+                {"_id": {"$gt": after or ""}, "body.key_id": key_id},
+                _MSG_FIELDS,
+                sort=[("_id", ASCENDING)],
+                limit=limit,
+            )
+            return [replace(_message(d), delivered_to=(), seen_by=()) for d in docs]
+
+        return await self._run(fn)
+
+    async def reseal(self, batch: Sequence[Reseal]) -> list[bool]:
+        if not batch:
+            return []
+
+        def fn() -> list[bool]:
+            out = []
+            for item in batch:
+                done = self._messages.update_one(
+                    {
+                        "_id": item.message_id,
+                        "body.key_id": item.expected.key_id,
+                        "body.nonce": item.expected.nonce,
+                        "body.ciphertext": item.expected.ciphertext,
+                    },
+                    {
+                        "$set": {
+                            "body": {
+                                "key_id": item.body.key_id,
+                                "nonce": item.body.nonce,
+                                "ciphertext": item.body.ciphertext,
+                            }
+                        }
+                    },
+                )
+                out.append(done.modified_count == 1)
             return out
 
         return await self._run(fn)

@@ -35,10 +35,12 @@ from chatd.core.model import (
     Transition,
     User,
 )
+from chatd.ports import Reseal, StoreStats, UserDeleted
 
 T = TypeVar("T")
 
 SCHEMA = """
+-- disabled: 0 active, 1 disabled, 2 deleted (a tombstone; see Store.delete_user).
 CREATE TABLE IF NOT EXISTS users (
     username    TEXT PRIMARY KEY,
     pw_hash     TEXT NOT NULL,
@@ -110,6 +112,12 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+#: A receipt row that owes its sender at least one receipt.
+_OWED_RECEIPT = (
+    "(delivered_ts IS NOT NULL AND d_acked = 0) OR (seen_ts IS NOT NULL AND s_acked = 0)"
+)
+
+
 class _Tx:
     """``with _Tx(conn):`` runs a BEGIN IMMEDIATE … COMMIT/ROLLBACK block."""
 
@@ -141,6 +149,13 @@ def _message(row: sqlite3.Row | tuple) -> StoredMessage:
 
 
 _MSG_COLS = "m.id, m.conversation, m.seq, m.sender, m.ts, m.key_id, m.nonce, m.ciphertext"
+_USER_COLS = "username, pw_hash, created_ts, last_seen, disabled"
+_DISABLED, _DELETED = 1, 2
+
+
+def _user(row: sqlite3.Row | tuple) -> User:
+    name, pw_hash, created_ts, last_seen, disabled = row
+    return User(name, pw_hash, created_ts, last_seen, bool(disabled), disabled == _DELETED)
 
 
 class SqliteStore:
@@ -194,7 +209,12 @@ class SqliteStore:
                     db.execute(
                         "INSERT INTO users (username, pw_hash, created_ts, disabled)"
                         " VALUES (?, ?, ?, ?)",
-                        (user.username, user.password_hash, user.created_ts, int(user.disabled)),
+                        (
+                            user.username,
+                            user.password_hash,
+                            user.created_ts,
+                            _DELETED if user.deleted else int(user.disabled),
+                        ),
                     )
             except sqlite3.IntegrityError:
                 raise Conflict(f"username '{user.username}' is taken") from None
@@ -204,13 +224,9 @@ class SqliteStore:
     async def get_user(self, username: str) -> User | None:
         def fn(db: sqlite3.Connection) -> User | None:
             row = db.execute(
-                "SELECT username, pw_hash, created_ts, last_seen, disabled FROM users"
-                " WHERE username = ?",
-                (username,),
+                f"SELECT {_USER_COLS} FROM users WHERE username = ?", (username,)
             ).fetchone()
-            if row is None:
-                return None
-            return User(row[0], row[1], row[2], row[3], bool(row[4]))
+            return None if row is None else _user(row)
 
         return await self._run(fn)
 
@@ -586,6 +602,149 @@ class SqliteStore:
             return out
 
         return await self._run(fn)
+
+    # -- administration ------------------------------------------------------------
+
+    async def list_users(self, after: str | None, limit: int) -> list[User]:
+        def fn(db: sqlite3.Connection) -> list[User]:
+            rows = db.execute(
+                f"SELECT {_USER_COLS} FROM users WHERE username > ? ORDER BY username LIMIT ?",
+                (after or "", max(0, limit)),
+            ).fetchall()
+            return [_user(r) for r in rows]
+
+        return await self._run(fn)
+
+    async def set_disabled(self, username: str, disabled: bool) -> None:
+        def fn(db: sqlite3.Connection) -> None:
+            with _Tx(db):
+                row = db.execute(
+                    "SELECT disabled FROM users WHERE username = ?", (username,)
+                ).fetchone()
+                if row is None:
+                    raise NotFound(f"no user '{username}'")
+                if row[0] == _DELETED:
+                    raise Conflict(f"user '{username}' is deleted")
+                db.execute(
+                    "UPDATE users SET disabled = ? WHERE username = ?",
+                    (_DISABLED if disabled else 0, username),
+                )
+
+        await self._write(fn)
+
+    async def delete_user(self, username: str) -> UserDeleted:
+        def fn(db: sqlite3.Connection) -> UserDeleted:
+            with _Tx(db):
+                cur = db.execute(
+                    "UPDATE users SET disabled = ?, pw_hash = '' WHERE username = ?",
+                    (_DELETED, username),
+                )
+                if cur.rowcount == 0:
+                    raise NotFound(f"no user '{username}'")
+                dropped = db.execute(
+                    "DELETE FROM receipts WHERE username = ? AND delivered_ts IS NULL",
+                    (username,),
+                ).rowcount
+                owed = db.execute(
+                    "SELECT coalesce(sum((delivered_ts IS NOT NULL AND d_acked = 0)"
+                    " + (seen_ts IS NOT NULL AND s_acked = 0)), 0) FROM receipts"
+                    f" WHERE sender = ? AND ({_OWED_RECEIPT})",
+                    (username,),
+                ).fetchone()[0]
+                db.execute(
+                    "UPDATE receipts SET d_acked = (delivered_ts IS NOT NULL) OR d_acked,"
+                    " s_acked = (seen_ts IS NOT NULL) OR s_acked"
+                    f" WHERE sender = ? AND ({_OWED_RECEIPT})",
+                    (username,),
+                )
+            return UserDeleted(messages_dropped=dropped, receipts_settled=owed)
+
+        return await self._write(fn)
+
+    async def stats(self, since: int) -> StoreStats:
+        def fn(db: sqlite3.Connection) -> StoreStats:
+            by_state = dict(
+                db.execute("SELECT disabled, count(*) FROM users GROUP BY disabled").fetchall()
+            )
+            conversations = db.execute("SELECT count(*) FROM conversations").fetchone()[0]
+            messages, messages_since = db.execute(
+                "SELECT count(*), coalesce(sum(ts >= ?), 0) FROM messages", (since,)
+            ).fetchone()
+            owed_messages = db.execute(
+                "SELECT count(*) FROM receipts WHERE delivered_ts IS NULL"
+            ).fetchone()[0]
+            owed_receipts = db.execute(
+                "SELECT coalesce(sum((delivered_ts IS NOT NULL AND d_acked = 0)"
+                f" + (seen_ts IS NOT NULL AND s_acked = 0)), 0) FROM receipts WHERE {_OWED_RECEIPT}"
+            ).fetchone()[0]
+            delivered, seen = db.execute(
+                "SELECT coalesce(sum(delivered_ts >= ?), 0), coalesce(sum(seen_ts >= ?), 0)"
+                " FROM receipts",
+                (since, since),
+            ).fetchone()
+            return StoreStats(
+                users=sum(by_state.values()),
+                disabled=by_state.get(_DISABLED, 0) + by_state.get(_DELETED, 0),
+                deleted=by_state.get(_DELETED, 0),
+                conversations=conversations,
+                messages=messages,
+                owed_messages=owed_messages,
+                owed_receipts=owed_receipts,
+                since=since,
+                messages_since=messages_since,
+                delivered_since=delivered,
+                seen_since=seen,
+            )
+
+        return await self._run(fn)
+
+    async def count_by_key(self) -> dict[str, int]:
+        def fn(db: sqlite3.Connection) -> dict[str, int]:
+            return dict(
+                db.execute("SELECT key_id, count(*) FROM messages GROUP BY key_id").fetchall()
+            )
+
+        return await self._run(fn)
+
+    async def messages_by_key(
+        self, key_id: str, after: str | None, limit: int
+    ) -> list[StoredMessage]:
+        def fn(db: sqlite3.Connection) -> list[StoredMessage]:
+            # Walks the primary key from ``after``: all pages together read
+            # the table once, with no index on key_id to slow down appends.
+            rows = db.execute(
+                f"SELECT {_MSG_COLS} FROM messages m WHERE m.id > ? AND m.key_id = ?"
+                " ORDER BY m.id LIMIT ?",
+                (after or "", key_id, max(0, limit)),
+            ).fetchall()
+            return [_message(r) for r in rows]
+
+        return await self._run(fn)
+
+    async def reseal(self, batch: Sequence[Reseal]) -> list[bool]:
+        def fn(db: sqlite3.Connection) -> list[bool]:
+            out = []
+            with _Tx(db):
+                for item in batch:
+                    cur = db.execute(
+                        "UPDATE messages SET key_id = ?, nonce = ?, ciphertext = ?"
+                        " WHERE id = ? AND key_id = ? AND nonce = ? AND ciphertext = ?",
+                        (
+                            item.body.key_id,
+                            item.body.nonce,
+                            item.body.ciphertext,
+                            item.message_id,
+                            item.expected.key_id,
+                            item.expected.nonce,
+                            item.expected.ciphertext,
+                        ),
+                    )
+                    out.append(cur.rowcount == 1)
+            return out
+
+        if not batch:
+            return []
+        return await self._write(fn)
 
 
 def _guard(fn: Callable[..., T], *args: object) -> T:
