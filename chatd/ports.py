@@ -294,8 +294,9 @@ class NodeInfo:
     incarnation: str
     connections: int
     users: int
-    #: Milliseconds since the node's last heartbeat (0 in one process).
-    heartbeat_age_ms: int
+    #: Milliseconds since the node's last heartbeat (0 in one process; None
+    #: when the node does not say).
+    heartbeat_age_ms: int | None
     #: When this incarnation started serving (ms since the epoch), if known.
     started_at: int | None
 

@@ -8,13 +8,14 @@ re-supplies what was owed (see the Store port's guarantees).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import trio
 
 from chatd.core.model import Presence
-from chatd.ports import Deliver, Inbound, Owed, Resync, Routed
+from chatd.ports import Deliver, Inbound, NodeInfo, Owed, QueueInfo, Resync, Routed
 
 DEFAULT_QUEUE_LIMIT = 10_000
 
@@ -22,10 +23,12 @@ DEFAULT_QUEUE_LIMIT = 10_000
 class MemoryBroker:
     def __init__(self, queue_limit: int = DEFAULT_QUEUE_LIMIT) -> None:
         self.queue_limit = queue_limit
-        self._owed: dict[str, OrderedDict[str, str]] = {}
+        # user -> {key: (payload, queued at ms)}, oldest first
+        self._owed: dict[str, OrderedDict[str, tuple[str, int]]] = {}
         self._conns: dict[str, dict[str, str]] = {}  # user -> {conn: node}
         self._last_seen: dict[str, int] = {}
         self._nodes: dict[str, Deliver] = {}
+        self._started: dict[str, int] = {}
 
     async def run(
         self,
@@ -39,20 +42,28 @@ class MemoryBroker:
         if node in self._nodes:
             raise RuntimeError(f"node '{node}' is already running on this broker")
         self._nodes[node] = deliver
+        self._started[node] = _now_ms()
         try:
             task_status.started()
             await trio.sleep_forever()
         finally:
             del self._nodes[node]
+            del self._started[node]
+
+    def _queue(self, user: str, key: str, payload: str, now: int) -> bool:
+        queue = self._owed.setdefault(user, OrderedDict())
+        if key in queue:
+            return False
+        queue[key] = (payload, now)
+        while len(queue) > self.queue_limit:
+            queue.popitem(last=False)
+        return True
 
     async def route(self, items: Sequence[Routed]) -> None:
+        now = _now_ms()
         for item in items:
             if item.owed:
-                queue = self._owed.setdefault(item.user, OrderedDict())
-                if item.key not in queue:
-                    queue[item.key] = item.payload
-                    while len(queue) > self.queue_limit:
-                        queue.popitem(last=False)
+                self._queue(item.user, item.key, item.payload, now)
             nodes = set(self._conns.get(item.user, {}).values())
             for node in nodes:
                 deliver = self._nodes.get(node)
@@ -62,7 +73,7 @@ class MemoryBroker:
 
     async def owed(self, user: str) -> list[Owed]:
         await trio.lowlevel.checkpoint()
-        return [Owed(k, p) for k, p in self._owed.get(user, {}).items()]
+        return [Owed(k, p, ts) for k, (p, ts) in self._owed.get(user, {}).items()]
 
     async def settle(self, user: str, keys: Sequence[str]) -> None:
         queue = self._owed.get(user)
@@ -100,8 +111,46 @@ class MemoryBroker:
             )
         return out
 
+    # -- administration ----------------------------------------------------------
+
+    async def queues(self) -> list[QueueInfo]:
+        await trio.lowlevel.checkpoint()
+        return [
+            QueueInfo(user, len(q), next(iter(q.values()))[1])
+            for user, q in sorted(self._owed.items())
+            if q
+        ]
+
+    async def enqueue(self, user: str, items: Sequence[Owed]) -> int:
+        now = _now_ms()
+        added = sum(self._queue(user, o.key, o.payload, now) for o in items)
+        if not self._owed.get(user):
+            self._owed.pop(user, None)
+        await trio.lowlevel.checkpoint()
+        return added
+
+    async def purge(self, user: str) -> int:
+        await trio.lowlevel.checkpoint()
+        return len(self._owed.pop(user, {}))
+
+    async def nodes(self) -> list[NodeInfo]:
+        await trio.lowlevel.checkpoint()
+        out = []
+        for node in sorted(self._nodes):
+            users = [u for u, conns in self._conns.items() if node in conns.values()]
+            count = sum(list(c.values()).count(node) for c in self._conns.values())
+            out.append(NodeInfo(node, node, count, len(users), 0, self._started.get(node)))
+        return out
+
+    async def online_users(self) -> dict[str, Presence]:
+        return await self.presence(sorted(self._conns))
+
     async def ping(self) -> None:
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

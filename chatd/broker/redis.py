@@ -61,7 +61,7 @@ from coredis.retry import NoRetryPolicy
 
 from chatd.core.errors import Unavailable
 from chatd.core.model import Presence
-from chatd.ports import Deliver, Inbound, Owed, Resync, Routed
+from chatd.ports import Deliver, Inbound, NodeInfo, Owed, QueueInfo, Resync, Routed
 
 log = logging.getLogger("chatd.broker.redis")
 
@@ -103,12 +103,43 @@ local function set_seen(key, ts, ttl)
 end
 """
 
+#: Queue helpers. An entry's score in ``qo`` is its arrival time in
+#: microseconds (Redis's clock), bumped to stay above the newest entry's, so
+#: the order is the arrival order and the oldest entry's age can be read.
+#: (Queues written before scores were times hold small arrival numbers; new
+#: entries still sort after them.) Scores are formatted as integers: Lua
+#: would print a 16-digit number in exponent form and lose digits.
+_QUEUE = """
+local function next_arrival(qo, top)
+  if top == nil then
+    local last = redis.call('ZRANGE', qo, -1, -1, 'WITHSCORES')
+    top = tonumber(last[2] or '0')
+  end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return math.max(top + 1, now)
+end
+local function trim_queue(q, qo, limit, ttl)
+  local over = redis.call('ZCARD', qo) - limit
+  if over > 0 then
+    local gone = redis.call('ZPOPMIN', qo, over)
+    for j = 1, #gone, 2 do
+      redis.call('HDEL', q, gone[j])
+    end
+  end
+  redis.call('EXPIRE', q, ttl)
+  redis.call('EXPIRE', qo, ttl)
+end
+"""
+
 #: KEYS: conns, q, qo. ARGV: channel prefix, queue limit, queue ttl, user, then
 #: per item: key, payload, owed ("1"/"0"), exclude ("" for none).
 #: Queues the owed items (once per key, oldest dropped beyond the limit) and
 #: publishes the items once to each incarnation holding a connection of the
 #: user. Returns the number of channels published to.
-ROUTE = """
+ROUTE = (
+    _QUEUE
+    + """
 local limit = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 local queued = false
@@ -116,26 +147,14 @@ local top = nil
 for i = 5, #ARGV, 4 do
   if ARGV[i + 2] == '1' then
     if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
-      if top == nil then
-        local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
-        top = tonumber(last[2] or '0')
-      end
-      top = top + 1
-      redis.call('ZADD', KEYS[3], top, ARGV[i])
+      top = next_arrival(KEYS[3], top)
+      redis.call('ZADD', KEYS[3], string.format('%.0f', top), ARGV[i])
     end
     queued = true
   end
 end
 if queued then
-  local over = redis.call('ZCARD', KEYS[3]) - limit
-  if over > 0 then
-    local gone = redis.call('ZPOPMIN', KEYS[3], over)
-    for j = 1, #gone, 2 do
-      redis.call('HDEL', KEYS[2], gone[j])
-    end
-  end
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('EXPIRE', KEYS[3], ttl)
+  trim_queue(KEYS[2], KEYS[3], limit, ttl)
 end
 local incs = redis.call('HVALS', KEYS[1])
 if #incs == 0 then
@@ -157,25 +176,58 @@ for _, inc in ipairs(incs) do
 end
 return count
 """
+)
 
-#: KEYS: q, qo. The queue, oldest first, as a flat list key, payload, ...
+#: KEYS: q, qo. The queue, oldest first, as a flat list key, payload, score, ...
 OWED = """
-local keys = redis.call('ZRANGE', KEYS[2], 0, -1)
+local flat = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
 local out = {}
-for i = 1, #keys, 500 do
+for i = 1, #flat, 1000 do
   local chunk = {}
-  for j = i, math.min(i + 499, #keys) do
-    chunk[#chunk + 1] = keys[j]
+  local scores = {}
+  for j = i, math.min(i + 999, #flat), 2 do
+    chunk[#chunk + 1] = flat[j]
+    scores[#scores + 1] = flat[j + 1]
   end
   local values = redis.call('HMGET', KEYS[1], unpack(chunk))
   for j = 1, #chunk do
     if values[j] then
       out[#out + 1] = chunk[j]
       out[#out + 1] = values[j]
+      out[#out + 1] = scores[j]
     end
   end
 end
 return out
+"""
+
+#: KEYS: q, qo. ARGV: queue limit, queue ttl, then key, payload, ...
+#: Queues each key not queued yet, in order (as ROUTE does, without
+#: publishing). Returns how many keys were new.
+ENQUEUE = (
+    _QUEUE
+    + """
+local top = nil
+local added = 0
+for i = 3, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    top = next_arrival(KEYS[2], top)
+    redis.call('ZADD', KEYS[2], string.format('%.0f', top), ARGV[i])
+    added = added + 1
+  end
+end
+if added > 0 then
+  trim_queue(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]))
+end
+return added
+"""
+)
+
+#: KEYS: q, qo. Deletes the queue; returns how many entries it held.
+PURGE = """
+local n = math.max(redis.call('ZCARD', KEYS[2]), redis.call('HLEN', KEYS[1]))
+redis.call('DEL', KEYS[1], KEYS[2])
+return n
 """
 
 #: KEYS: q, qo. ARGV: keys to remove.
@@ -250,6 +302,8 @@ SCRIPTS = {
     for name, src in (
         ("route", ROUTE),
         ("owed", OWED),
+        ("enqueue", ENQUEUE),
+        ("purge", PURGE),
         ("settle", SETTLE),
         ("attach", ATTACH),
         ("detach", DETACH),
@@ -385,6 +439,8 @@ class RedisBroker:
         #: incarnation -> monotonic time until which its heartbeat key is known fresh.
         self._fresh_until: dict[str, float] = {}
         self._running: dict[str, trio.CancelScope] = {}
+        #: incarnation -> when its run() started (ms since the epoch).
+        self._started: dict[str, int] = {}
 
     @classmethod
     def from_url(cls, url: str, **tuning: Any) -> RedisBroker:
@@ -524,7 +580,10 @@ class RedisBroker:
     async def owed(self, user: str) -> list[Owed]:
         keys = [self.user_key(user, "q"), self.user_key(user, "qo")]
         flat = await self._do("owed", lambda c: self._eval(c, (SCRIPTS["owed"], keys, [])))
-        return [Owed(str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat) - 1, 2)]
+        return [
+            Owed(str(flat[i]), str(flat[i + 1]), _arrival_ms(flat[i + 2]))
+            for i in range(0, len(flat) - 2, 3)
+        ]
 
     async def settle(self, user: str, keys: Sequence[str]) -> None:
         if not keys:
@@ -553,7 +612,7 @@ class RedisBroker:
             beat_reply, reply = await self._batch(
                 client,
                 [
-                    client.set(self.heartbeat_key(inc), "1", px=self._ttl_ms()),
+                    client.set(self.heartbeat_key(inc), self._beat_value(inc), px=self._ttl_ms()),
                     client.evalsha(call[0].sha, call[1], call[2]),
                 ],
             )
@@ -629,6 +688,122 @@ class RedisBroker:
     async def ping(self) -> None:
         await self._do("ping", lambda c: c.ping())
 
+    # -- administration ------------------------------------------------------------------------
+
+    async def _scan(self, what: str, pattern: str) -> list[str]:
+        """Every key matching ``pattern``: SCAN, one bounded round trip per step
+        (never KEYS, which blocks the server)."""
+        found: list[str] = []
+        cursor = 0
+        while True:
+
+            async def step(client: coredis.Redis[str], cursor: int = cursor) -> Any:
+                return await client.scan(cursor, match=pattern, count=1000)
+
+            cursor, keys = await self._do(what, step)
+            found.extend(str(k) for k in keys)
+            if int(cursor) == 0:
+                return sorted(set(found))
+
+    def _user_of(self, key: str, kind: str) -> str | None:
+        head, tail = f"{self.prefix}:{{u:", f"}}:{kind}"
+        if key.startswith(head) and key.endswith(tail):
+            return key[len(head) : -len(tail)]
+        return None
+
+    async def queues(self) -> list[QueueInfo]:
+        users = [
+            u
+            for k in await self._scan("queues", f"{self.prefix}:{{u:*}}:qo")
+            if (u := self._user_of(k, "qo")) is not None
+        ]
+        out: list[QueueInfo] = []
+        for start in range(0, len(users), self.reassert_chunk):
+            chunk = users[start : start + self.reassert_chunk]
+
+            async def read(client: coredis.Redis[str], chunk: list[str] = chunk) -> list[Any]:
+                commands = []
+                for user in chunk:
+                    key = self.user_key(user, "qo")
+                    commands.append(client.zcard(key))
+                    commands.append(client.zrange(key, 0, 0, withscores=True))
+                return [_value(r) for r in await self._batch(client, commands)]
+
+            replies = await self._do("queues", read)
+            for i, user in enumerate(chunk):
+                count, first = int(replies[2 * i]), replies[2 * i + 1]
+                if count:
+                    oldest = _arrival_ms(first[0][1]) if first else None
+                    out.append(QueueInfo(user, count, oldest))
+        return out
+
+    async def enqueue(self, user: str, items: Sequence[Owed]) -> int:
+        if not items:
+            return 0
+        names = [self.user_key(user, "q"), self.user_key(user, "qo")]
+        args: list[str | int] = [self.queue_limit, self.queue_ttl]
+        for item in items:
+            args += [item.key, item.payload]
+        call: _Call = (SCRIPTS["enqueue"], names, args)
+        return int(await self._do("enqueue", lambda c: self._eval(c, call)))
+
+    async def purge(self, user: str) -> int:
+        names = [self.user_key(user, "q"), self.user_key(user, "qo")]
+        call: _Call = (SCRIPTS["purge"], names, [])
+        return int(await self._do("purge", lambda c: self._eval(c, call)))
+
+    async def nodes(self) -> list[NodeInfo]:
+        head = f"{self.prefix}:hb:"
+        incs = [k[len(head) :] for k in await self._scan("nodes", head + "*")]
+        if not incs:
+            return []
+
+        async def read(client: coredis.Redis[str]) -> list[Any]:
+            commands = []
+            for inc in incs:
+                commands.append(client.get(self.heartbeat_key(inc)))
+                commands.append(client.pttl(self.heartbeat_key(inc)))
+            return [_value(r) for r in await self._batch(client, commands)]
+
+        replies = await self._do("nodes", read)
+        out: list[NodeInfo] = []
+        for i, inc in enumerate(incs):
+            raw, pttl = replies[2 * i], int(replies[2 * i + 1])
+            if raw is None or pttl < 0:
+                continue  # expired between the scan and the read
+            try:
+                info = json.loads(raw)
+                if not isinstance(info, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                info = {}  # a heartbeat from an older chatd: no counts
+            ttl = info.get("ttl")
+            age = max(0, int(ttl) - pttl) if isinstance(ttl, int) else None
+            out.append(
+                NodeInfo(
+                    node=node_of(inc),
+                    incarnation=inc,
+                    connections=int(info.get("c") or 0),
+                    users=int(info.get("u") or 0),
+                    heartbeat_age_ms=age,
+                    started_at=info.get("s"),
+                )
+            )
+        out.sort(key=lambda n: (n.node, n.incarnation))
+        return out
+
+    async def online_users(self) -> dict[str, Presence]:
+        users = [
+            u
+            for k in await self._scan("presence", f"{self.prefix}:{{u:*}}:conns")
+            if (u := self._user_of(k, "conns")) is not None
+        ]
+        out: dict[str, Presence] = {}
+        for start in range(0, len(users), self.reassert_chunk):
+            found = await self.presence(users[start : start + self.reassert_chunk])
+            out.update({u: p for u, p in found.items() if p.online})
+        return out
+
     # -- liveness ------------------------------------------------------------------------------
 
     def _ttl_ms(self) -> int:
@@ -690,10 +865,28 @@ class RedisBroker:
             self._tombstones.pop(next(iter(self._tombstones)))
         self._tombstones[(user, conn)] = (inc, ts)
 
+    def _beat_value(self, inc: str) -> str:
+        """What the heartbeat key holds: this incarnation's local counts, so
+        that :meth:`nodes` needs no scan of every user's connections."""
+        users: set[str] = set()
+        conns = 0
+        for (user, _conn), owner in self._local.items():
+            if owner == inc:
+                conns += 1
+                users.add(user)
+        started = self._started.get(inc)
+        return json.dumps(
+            {"c": conns, "u": len(users), "ttl": self._ttl_ms(), "s": started},
+            separators=(",", ":"),
+        )
+
     async def _beat(self, inc: str) -> bool:
         """Refresh the heartbeat key; True if it had been lost."""
         old = await self._do(
-            "heartbeat", lambda c: c.set(self.heartbeat_key(inc), "1", px=self._ttl_ms(), get=True)
+            "heartbeat",
+            lambda c: c.set(
+                self.heartbeat_key(inc), self._beat_value(inc), px=self._ttl_ms(), get=True
+            ),
         )
         self._mark_fresh(inc)
         return old is None
@@ -753,6 +946,7 @@ class RedisBroker:
         backoff = self.backoff_min
         with trio.CancelScope() as scope:
             self._running[node] = scope
+            self._started[inc] = time.time_ns() // 1_000_000
             try:
                 while not self._closed:
                     try:
@@ -775,6 +969,7 @@ class RedisBroker:
                     backoff = min(self.backoff_max, backoff * 2)
             finally:
                 del self._running[node]
+                self._started.pop(inc, None)
 
     async def _session(
         self,
@@ -866,6 +1061,16 @@ class _RunState:
     def __init__(self) -> None:
         self.started = False
         self.live_since: float | None = None
+
+
+def _arrival_ms(score: Any) -> int | None:
+    """A queue score as milliseconds since the epoch; None for the small
+    arrival numbers that queues written by an older chatd hold."""
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        return None
+    return int(value // 1000) if value >= 1e14 else None
 
 
 def _value(reply: Any) -> Any:

@@ -16,13 +16,14 @@ Each test states one guarantee from :class:`chatd.ports.Broker`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
 import trio
 import trio.lowlevel
 
-from chatd.ports import Broker, Inbound, Routed
+from chatd.ports import Broker, Inbound, Owed, Routed
 
 Make = Callable[[], Broker]
 
@@ -194,5 +195,98 @@ class BrokerContract:
         p = (await brokers().presence(["ghost"]))["ghost"]
         assert not p.online and p.nodes == () and p.last_seen is None
 
+    # -- administration ----------------------------------------------------------
+
+    async def test_queue_entries_say_when_they_arrived(self, brokers: Make) -> None:
+        b = brokers()
+        before = _now_ms()
+        await b.route([Routed("bob", "m1", "p1", owed=True)])
+        await trio.sleep(0.01)
+        await b.route([Routed("bob", "m2", "p2", owed=True)])
+        first, second = await b.owed("bob")
+        assert first.queued_at is not None and second.queued_at is not None
+        # Clocks may differ a little between this process and the backend.
+        assert before - 2000 <= first.queued_at <= second.queued_at <= _now_ms() + 2000
+
+    async def test_queues_lists_users_with_owed_items(self, brokers: Make) -> None:
+        b = brokers()
+        assert await b.queues() == []
+        await b.route([Routed("bob", f"m{i}", "p", owed=True) for i in range(3)])
+        await b.route([Routed("carol", "m1", "p", owed=True), Routed("dave", "t", "x", owed=False)])
+        got = {q.user: q for q in await b.queues()}
+        assert {u: q.entries for u, q in got.items()} == {"bob": 3, "carol": 1}
+        [oldest, *_] = await b.owed("bob")
+        assert got["bob"].oldest_queued_at == oldest.queued_at
+        await b.settle("carol", ["m1"])
+        assert [q.user for q in await b.queues()] == ["bob"]
+
+    async def test_enqueue_queues_without_live_delivery(self, brokers: Make, nursery) -> None:
+        n1 = await start_node(nursery, brokers(), "n1")
+        await n1.broker.attach("bob", "n1", "c1")
+        await n1.broker.route([Routed("bob", "m2", "routed", owed=True)])
+        await n1.wait_for(1)
+        added = await n1.broker.enqueue(
+            "bob", [Owed("m1", "p1"), Owed("m2", "other"), Owed("m3", "p3")]
+        )
+        assert added == 2
+        assert [(o.key, o.payload) for o in await n1.broker.owed("bob")] == [
+            ("m2", "routed"),
+            ("m1", "p1"),
+            ("m3", "p3"),
+        ]
+        await n1.settle_down()
+        assert [g.key for g in n1.got] == ["m2"]  # nothing enqueued went out live
+        assert await n1.broker.enqueue("bob", []) == 0
+
+    async def test_purge_empties_one_queue(self, brokers: Make) -> None:
+        b = brokers()
+        await b.route([Routed("bob", f"m{i}", "p", owed=True) for i in range(4)])
+        await b.route([Routed("carol", "m1", "p", owed=True)])
+        assert await b.purge("bob") == 4
+        assert await b.owed("bob") == []
+        assert [q.user for q in await b.queues()] == ["carol"]
+        assert await b.purge("bob") == 0
+        # A purged queue fills again as usual.
+        await b.route([Routed("bob", "m9", "p", owed=True)])
+        assert [o.key for o in await b.owed("bob")] == ["m9"]
+
+    async def test_nodes_report_live_nodes_and_their_connections(
+        self, brokers: Make, nursery
+    ) -> None:
+        n1 = await start_node(nursery, brokers(), "n1")
+        await start_node(nursery, brokers(), "n2")
+        for user, conn in (("bob", "c1"), ("bob", "c2"), ("carol", "c3")):
+            await n1.broker.attach(user, "n1", conn)
+        observer = brokers()
+
+        async def counts() -> dict[str, tuple[int, int]]:
+            return {n.node: (n.connections, n.users) for n in await observer.nodes()}
+
+        # A shared backend learns a node's counts from its next heartbeat.
+        with trio.fail_after(5):
+            while True:
+                if await counts() == {"n1": (3, 2), "n2": (0, 0)}:
+                    break
+                await trio.sleep(0.05)
+        for info in await observer.nodes():
+            assert info.incarnation
+            assert info.heartbeat_age_ms is not None and 0 <= info.heartbeat_age_ms < 5000
+            assert info.started_at is not None and info.started_at <= _now_ms() + 2000
+
+    async def test_online_users(self, brokers: Make, nursery) -> None:
+        n1 = await start_node(nursery, brokers(), "n1")
+        n2 = await start_node(nursery, brokers(), "n2")
+        await n1.broker.attach("bob", "n1", "c1")
+        await n2.broker.attach("bob", "n2", "c2")
+        await n2.broker.attach("carol", "n2", "c3")
+        await n2.broker.detach("carol", "n2", "c3", 100)
+        online = await brokers().online_users()
+        assert list(online) == ["bob"]
+        assert online["bob"].online and online["bob"].nodes == ("n1", "n2")
+
     async def test_ping(self, brokers: Make) -> None:
         await brokers().ping()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
