@@ -18,16 +18,20 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from chatd.core.model import Sealed
 from chatd.files import create_secret_file, replace_secret_file
+
+log = logging.getLogger("chatd.keys")
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -80,12 +84,109 @@ class Keyring:
             ) from None
         return data.decode("utf-8")
 
+    def without(self, kid: str) -> Keyring:
+        """A keyring without key ``kid`` (retiring it); the active key stays."""
+        if kid not in self.keys:
+            raise KeyringError(f"no key '{kid}' in the keyring")
+        if kid == self.active:
+            raise KeyringError(f"key '{kid}' is the active key")
+        return Keyring(keys={k: v for k, v in self.keys.items() if k != kid}, active=self.active)
+
     def with_new_key(self, kid: str | None = None) -> Keyring:
         """A keyring with one more key, made active (rotation)."""
         kid = kid or f"k{len(self.keys) + 1}-{secrets.token_hex(3)}"
         if kid in self.keys:
             raise KeyringError(f"key id '{kid}' already exists")
         return Keyring(keys={**self.keys, kid: secrets.token_bytes(KEY_BYTES)}, active=kid)
+
+
+class Keys(Protocol):
+    """What the service needs from a keyring: :class:`Keyring` or :class:`LiveKeyring`."""
+
+    @property
+    def active(self) -> str: ...
+
+    def seal(self, plaintext: str, message_id: str, conversation: str) -> Sealed: ...
+
+    def open(self, sealed: Sealed, message_id: str, conversation: str) -> str: ...
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class LiveKeyring:
+    """The keyring of a running chatd, following its key file.
+
+    It seals with the file's active key and opens with any key in the file.
+    :meth:`refresh` re-reads the file when its inode, size or mtime changed
+    (one ``stat`` otherwise, so it is cheap to call often): the server calls
+    it every second and on SIGHUP, so ``chatctl keys rotate`` reaches every
+    replica without a restart. Opening a body sealed with a key id this ring
+    does not know refreshes at once, so a replica opens what another replica
+    sealed with a key it picked up a moment earlier. A file that cannot be
+    read, or is invalid, is logged and the current keys are kept.
+
+    Without a path (keys from ``CHATD_KEYS``) it is a fixed keyring.
+    ``active_override`` (``CHATD_ACTIVE_KEY``) wins over the file's choice.
+    """
+
+    def __init__(
+        self, ring: Keyring, path: Path | None = None, active_override: str | None = None
+    ) -> None:
+        self.ring = ring
+        self.path = path
+        self.active_override = active_override or None
+        self._seen = _signature(path) if path is not None else None
+        self.reloads = 0
+
+    def __repr__(self) -> str:
+        return f"LiveKeyring({self.ring!r}, path={self.path})"
+
+    @property
+    def active(self) -> str:
+        return self.ring.active
+
+    @property
+    def keys(self) -> dict[str, bytes]:
+        return self.ring.keys
+
+    def seal(self, plaintext: str, message_id: str, conversation: str) -> Sealed:
+        return self.ring.seal(plaintext, message_id, conversation)
+
+    def open(self, sealed: Sealed, message_id: str, conversation: str) -> str:
+        if sealed.key_id not in self.ring.keys:
+            self.refresh()
+        return self.ring.open(sealed, message_id, conversation)
+
+    def refresh(self) -> bool:
+        """Re-read the key file if it changed on disk; True if the keys changed."""
+        if self.path is None:
+            return False
+        seen = _signature(self.path)
+        if seen is None or seen == self._seen:
+            return False
+        self._seen = seen
+        try:
+            ring = load_key_file(self.path)
+            if self.active_override:
+                ring = Keyring(keys=ring.keys, active=self.active_override)
+        except KeyringError as exc:
+            log.error(
+                "key file changed but cannot be used; keeping the keys in use",
+                extra={"reason": str(exc)},
+            )
+            return False
+        if ring.keys == self.ring.keys and ring.active == self.ring.active:
+            return False
+        self.ring = ring
+        self.reloads += 1
+        log.info("keyring reloaded", extra={"active": ring.active, "keys": sorted(ring.keys)})
+        return True
 
 
 def _decode_key(kid: str, text: str) -> bytes:
@@ -125,6 +226,12 @@ def _key_file_text(ring: Keyring) -> str:
         "keys": {kid: base64.b64encode(key).decode() for kid, key in ring.keys.items()},
     }
     return json.dumps(doc, indent=2) + "\n"
+
+
+def keys_env_value(ring: Keyring) -> str:
+    """The ``CHATD_KEYS`` value that gives ``ring`` (the active key listed last)."""
+    order = [k for k in ring.keys if k != ring.active] + [ring.active]
+    return ",".join(f"{kid}:{base64.b64encode(ring.keys[kid]).decode()}" for kid in order)
 
 
 def write_key_file(path: Path, ring: Keyring) -> None:

@@ -44,7 +44,7 @@ class Connection(Protocol):
     def close_soon(self, code: int, reason: str) -> None: ...
 
 
-def render(env: Envelope, keyring: crypto.Keyring, owed: bool) -> Outbound | None:
+def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
     """The frame a device gets for an envelope; None if it cannot be opened."""
     match env:
         case MessageEnvelope(message=m):
@@ -73,7 +73,7 @@ def render(env: Envelope, keyring: crypto.Keyring, owed: bool) -> Outbound | Non
 
 
 class Hub:
-    def __init__(self, keyring: crypto.Keyring) -> None:
+    def __init__(self, keyring: crypto.Keys) -> None:
         self.keyring = keyring
         self._by_user: dict[str, dict[str, Connection]] = {}
 
