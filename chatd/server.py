@@ -3,6 +3,7 @@
     root
     ├── service.run            writers (group commit) + the broker's delivery
     ├── signal watcher         SIGINT/SIGTERM → stop
+    ├── key watcher            re-reads the key file when it changes (every second, SIGHUP: now)
     └── front
         ├── hypercorn          HTTP API (+ web client); graceful on stop
         └── handlers           one nursery per WebSocket connection
@@ -31,11 +32,15 @@ from hypercorn.trio import serve as hypercorn_serve
 from chatd import crypto, wiring
 from chatd.auth import Passwords, Tokens, load_or_create_secret
 from chatd.config import Config
+from chatd.metrics import Metrics
 from chatd.net.http import create_app
 from chatd.net.ws import CLOSE_GOING_AWAY, WsConnection, serve_ws
 from chatd.service import ChatService
 
 log = logging.getLogger("chatd.server")
+
+#: Seconds between checks of the key file (one ``stat`` each).
+KEY_CHECK_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -52,17 +57,26 @@ def default_web_dir() -> Path | None:
 def build_service(config: Config) -> ChatService:
     # The data dir holds the keyring and the JWT secret: owner-only.
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    keyring = crypto.load_keyring(
+    ring = crypto.load_keyring(
         config.keys or None, config.active_key or None, config.key_path, create=True
     )
+    # Keys from the environment are fixed; a key file is followed (rotation).
+    keyring = crypto.LiveKeyring(
+        ring, None if config.keys else config.key_path, config.active_key or None
+    )
     secret = config.jwt_secret or load_or_create_secret(config.secret_path)
+    metrics = Metrics(config.node)
+    store, broker = wiring.instrument(
+        wiring.open_store(config), wiring.open_broker(config), metrics
+    )
     return ChatService(
-        store=wiring.open_store(config),
-        broker=wiring.open_broker(config),
+        store=store,
+        broker=broker,
         keyring=keyring,
         tokens=Tokens(secret, config.token_ttl),
         passwords=Passwords(),
         node=config.node,
+        metrics=metrics,
     )
 
 
@@ -77,6 +91,21 @@ async def _watch_signals(stop: trio.Event) -> None:
             log.info("shutting down", extra={"signal": signal.Signals(signum).name})
             stop.set()
             return
+
+
+async def _watch_keys(keys: crypto.LiveKeyring, *, on_sighup: bool) -> None:
+    """Follow the key file: check it every KEY_CHECK_INTERVAL, and at once on SIGHUP."""
+    if not on_sighup:
+        while True:
+            await trio.sleep(KEY_CHECK_INTERVAL)
+            keys.refresh()
+    with trio.open_signal_receiver(signal.SIGHUP) as hups:
+        while True:
+            with trio.move_on_after(KEY_CHECK_INTERVAL):
+                async for _ in hups:
+                    log.info("SIGHUP: checking the key file")
+                    break
+            keys.refresh()
 
 
 async def serve(
@@ -94,6 +123,8 @@ async def serve(
             await root.start(service.run)
             if handle_signals:
                 root.start_soon(_watch_signals, stop)
+            if isinstance(service.keyring, crypto.LiveKeyring) and service.keyring.path:
+                root.start_soon(partial(_watch_keys, service.keyring, on_sighup=handle_signals))
             async with trio.open_nursery() as front, trio.open_nursery() as handlers:
                 async with trio.open_nursery() as listener:
                     ws_port = await listener.start(

@@ -65,6 +65,7 @@ from chatd.core.names import (
 )
 from chatd.core.session import Outbound
 from chatd.hub import Connection, Hub, render
+from chatd.metrics import Metrics
 from chatd.ports import Broker, Clock, Routed, Store
 
 log = logging.getLogger("chatd.service")
@@ -93,12 +94,13 @@ class ChatService:
         *,
         store: Store,
         broker: Broker,
-        keyring: crypto.Keyring,
+        keyring: crypto.Keys,
         tokens: Tokens,
         passwords: Passwords,
         node: str,
         clock: Clock | None = None,
         cpu_threads: int = 2,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -109,6 +111,8 @@ class ChatService:
         self.clock = clock or SystemClock()
         self.hub = Hub(keyring)
         self.ids = UlidFactory(clock_ms=self.clock.now_ms)
+        self.metrics = metrics or Metrics(node)
+        self.metrics.watch(self.hub.count, lambda: self.keyring.active)
         # argon2 is CPU-bound: a small limiter keeps logins from starving the
         # worker threads the store needs.
         self._cpu = trio.CapacityLimiter(cpu_threads)
@@ -174,6 +178,11 @@ class ChatService:
                     await trio.sleep(1)
                     self._resync_wanted.set()
                     break
+
+    async def metrics_text(self) -> tuple[bytes, str]:
+        """The Prometheus exposition of this node (owed queues sampled first)."""
+        await self.metrics.sample_queues(self.broker.queues)
+        return self.metrics.render()
 
     async def readiness(self) -> Readiness:
         checks: dict[str, str] = {}
@@ -480,7 +489,9 @@ class ChatService:
         )
         if done.duplicate:
             # Stored (and routed) the first time; the store keeps it owed.
+            self.metrics.messages_duplicate.inc()
             return
+        self.metrics.messages_stored.inc()
         stored = StoredMessage(done.id, conv.id, done.seq, sender, done.ts, sealed)
         payload = encode(MessageEnvelope(stored))
         items = [Routed(r, done.id, payload, owed=True) for r in to]
@@ -518,6 +529,8 @@ class ChatService:
         unknown = [i for i, r in zip(ids, results, strict=True) if not r.known]
         routed: list[Routed] = []
         for result in results:
+            if result.transitions:
+                self.metrics.transitions(result.transitions)
             for t in result.transitions:
                 receipt = Receipt(t.message_id, t.conversation, t.sender, t.member, t.status, t.ts)
                 key = rid(t.message_id, t.member, t.status)

@@ -6,9 +6,13 @@ An unknown store or broker name is an error, never a silent default.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from chatd.config import Config, ConfigError
 from chatd.ports import Broker, Store
+
+if TYPE_CHECKING:
+    from chatd.metrics import Metrics
 
 
 def _sqlite(config: Config) -> Store:
@@ -62,3 +66,17 @@ def open_broker(config: Config) -> Broker:
             f"unknown broker '{config.broker_kind}' (available: {', '.join(sorted(BROKERS))})"
         )
     return factory(config)
+
+
+def instrument(store: Store, broker: Broker, metrics: Metrics) -> tuple[Store, Broker]:
+    """The same ports, each call timed into ``metrics`` (chatd_store_call_seconds,
+    chatd_broker_call_seconds) and each Unavailable counted. A thin wrapper:
+    the implementations know nothing of metrics."""
+    from chatd.metrics import Timed
+
+    return (
+        cast(Store, Timed(store, Store, "store", metrics.store_calls, metrics.port_unavailable)),
+        cast(
+            Broker, Timed(broker, Broker, "broker", metrics.broker_calls, metrics.port_unavailable)
+        ),
+    )

@@ -161,6 +161,14 @@ def create_app(
             }
         )
 
+    async def metrics(request: Request) -> Response:
+        # Prometheus text format; unauthenticated like /healthz (the NGINX
+        # config in nginx/ does not expose it: scrape the replicas directly).
+        if not service.metrics.enabled:
+            return error_response(503, "unavailable", "metrics need the prometheus-client package")
+        body, content_type = await service.metrics_text()
+        return Response(body, 200, headers={"Content-Type": content_type})
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "node": service.node})
 
@@ -195,15 +203,25 @@ def create_app(
         api,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     if web_dir is not None and (web_dir / "index.html").is_file():
         routes.append(Mount("/", StaticFiles(directory=web_dir, html=True), name="web"))
 
+    def counted(handler: Any) -> Any:
+        async def answer(request: Request, exc: Exception) -> Response:
+            response = await handler(request, exc)
+            code = _HTTP_CODES.get(response.status_code, "internal")
+            service.metrics.http_error(code)
+            return response
+
+        return answer
+
     return Starlette(
         routes=routes,
         exception_handlers={
-            ChatError: _chat_error,
-            HTTPException: _http_error,
-            Exception: _crash,
+            ChatError: counted(_chat_error),
+            HTTPException: counted(_http_error),
+            Exception: counted(_crash),
         },
     )

@@ -50,6 +50,16 @@ CLOSE_TOO_SLOW = 4008
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL = 1011
 
+#: Frame class -> the type counted in chatd_frames_in_total.
+_FRAME_TYPES: dict[type, str] = {
+    frames.Auth: "auth",
+    frames.Send: "send",
+    frames.Ack: "ack",
+    frames.Seen: "seen",
+    frames.Typing: "typing",
+    frames.Ping: "ping",
+}
+
 
 class WsConnection:
     """One WebSocket: its session, its outbox, and the tasks that serve it.
@@ -72,6 +82,8 @@ class WsConnection:
     ) -> None:
         self.ws = ws
         self.service = service
+        self._frames_in = service.metrics.frames_in
+        self._frame_out = service.metrics.frame_out
         self.id = secrets.token_hex(8)
         self.user: str | None = None
         self.auth_timeout = auth_timeout
@@ -162,6 +174,7 @@ class WsConnection:
                 if self._dropping:
                     break
                 await self.ws.send_message(text)
+                self._frame_out(text)
         except ConnectionClosed:
             self.close_soon(1000, "bye")
         finally:
@@ -238,10 +251,13 @@ class WsConnection:
             try:
                 frame = frames.parse_client_frame(raw)
             except Unauthorized as exc:  # an ``auth`` without a usable token
+                self._frames_in["invalid"].inc()
                 return self._refuse(exc)
             except ChatError as exc:
+                self._frames_in["invalid"].inc()
                 self._push(frames.error(exc.code, exc.message, exc.cid))
                 continue
+            self._frames_in[_FRAME_TYPES[type(frame)]].inc()
             try:
                 self.session.check(frame, trio.current_time())
             except ChatError as exc:  # anything but auth: refused, keep waiting
@@ -304,7 +320,12 @@ class WsConnection:
             try:
                 frame = frames.parse_client_frame(raw)
             except Unauthorized:  # an ``auth`` frame, here after authentication
+                self._frames_in["invalid"].inc()
                 raise BadRequest("already authenticated") from None
+            except ChatError:
+                self._frames_in["invalid"].inc()
+                raise
+            self._frames_in[_FRAME_TYPES[type(frame)]].inc()
             self.session.check(frame, trio.current_time())
             match frame:
                 case frames.Send():
@@ -401,6 +422,8 @@ async def handle_request(
     ws = await request.accept()
     conn = WsConnection(ws, service, auth_timeout=auth_timeout, rate=rate, burst=burst)
     connections.add(conn)
+    service.metrics.ws_accepted.inc()
+    service.metrics.ws_connections.inc()
     try:
         await conn.serve()
     except Exception:
@@ -408,6 +431,7 @@ async def handle_request(
         log.exception("connection failed", extra={"user": conn.user, "conn": conn.id})
     finally:
         connections.discard(conn)
+        service.metrics.ws_connections.dec()
 
 
 async def serve_ws(

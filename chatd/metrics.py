@@ -1,0 +1,345 @@
+"""Prometheus metrics of one chatd process, served at ``GET /metrics``.
+
+Every collector lives in the :class:`Metrics` instance's own registry, not
+prometheus-client's global one, so several services can run in one process
+(the tests do). ``docs/admin.md`` lists every metric, its labels and what
+it means; the names are ``chatd_*``.
+
+The hot path only touches children resolved once (a dict lookup and an
+``inc`` under the collector's lock); everything that costs more is read
+when Prometheus scrapes: the number of authenticated connections, the
+active key, and the owed queues (sampled from the broker at most every
+``QUEUE_SAMPLE_SECONDS``, within ``QUEUE_SAMPLE_TIMEOUT``).
+
+Without the ``prometheus-client`` package every collector is a no-op and
+``/metrics`` answers 503 saying so; chatd itself runs as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+
+from chatd import __version__
+from chatd.core.errors import ChatError, Unavailable
+from chatd.core.ids import ulid_time_ms
+
+try:
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        generate_latest,
+    )
+except ImportError:  # pragma: no cover - exercised only without the package
+    CollectorRegistry = None  # type: ignore[assignment,misc]
+    CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Client frame types (``invalid``: could not be parsed, or too large).
+FRAMES_IN = ("auth", "send", "ack", "seen", "typing", "ping", "invalid")
+#: Server frame types (``other`` should stay 0).
+FRAMES_OUT = ("ready", "sent", "message", "receipt", "typing", "presence", "pong", "error", "other")
+ERROR_CODES = (
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "conflict",
+    "too_large",
+    "rate_limited",
+    "unavailable",
+    "internal",
+    "method_not_allowed",
+    "other",
+)
+#: Delivery and seen latencies include time a recipient spends offline, so
+#: the buckets reach a day.
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    1800.0,
+    3600.0,
+    21600.0,
+    86400.0,
+)
+CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+QUEUE_SAMPLE_SECONDS = 10.0
+QUEUE_SAMPLE_TIMEOUT = 2.0
+
+_FRAME_PREFIX = '{"type":"'
+_ERROR_PREFIX = '{"type":"error","code":"'
+
+
+class _Null:
+    """Stands in for a collector (or a child) when prometheus-client is missing."""
+
+    def labels(self, *args: Any, **kwargs: Any) -> _Null:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+    def set_function(self, fn: Callable[[], float]) -> None:
+        pass
+
+
+class Metrics:
+    """The collectors of one chatd process (one :class:`ChatService`)."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.enabled = CollectorRegistry is not None
+        self.registry = CollectorRegistry(auto_describe=True) if self.enabled else None
+        self._queues_at = -float("inf")
+        self._queue_lock = trio.Lock()
+
+        self.ws_connections = self._gauge(
+            "chatd_ws_connections", "Open WebSocket connections (authenticated or not)."
+        )
+        self.ws_sessions = self._gauge(
+            "chatd_ws_sessions", "Authenticated WebSocket connections (devices) on this node."
+        )
+        self.ws_accepted = self._counter(
+            "chatd_ws_connections_accepted", "WebSocket connections accepted."
+        )
+        frames_in = self._counter(
+            "chatd_frames_in", "WebSocket frames received, by type.", ["type"]
+        )
+        frames_out = self._counter(
+            "chatd_frames_out", "WebSocket frames handed to the socket, by type.", ["type"]
+        )
+        errors = self._counter(
+            "chatd_errors",
+            "Errors answered to clients, by code and transport (ws: error frames; http:"
+            " error responses).",
+            ["code", "transport"],
+        )
+        self.messages_stored = self._counter(
+            "chatd_messages_stored", "Messages stored (new ones; not idempotent repeats)."
+        )
+        self.messages_duplicate = self._counter(
+            "chatd_messages_duplicate",
+            "Sends answered with the message already stored for the same (sender, cid).",
+        )
+        self.delivery_latency = self._histogram(
+            "chatd_delivery_latency_seconds",
+            "From a message's ts (accepted, just before its commit) to the first ack or seen"
+            " of each recipient (the delivered receipt), observed on the node that took it.",
+            LATENCY_BUCKETS,
+        )
+        self.seen_latency = self._histogram(
+            "chatd_seen_latency_seconds",
+            "From a message's ts to each recipient's seen.",
+            LATENCY_BUCKETS,
+        )
+        store_calls = self._histogram(
+            "chatd_store_call_seconds", "Store port calls, by method.", CALL_BUCKETS, ["method"]
+        )
+        broker_calls = self._histogram(
+            "chatd_broker_call_seconds",
+            "Broker port (Redis) calls, by method.",
+            CALL_BUCKETS,
+            ["method"],
+        )
+        self.port_unavailable = self._counter(
+            "chatd_port_unavailable",
+            "Store or broker calls that failed as unavailable, by port and method.",
+            ["port", "method"],
+        )
+        self.queue_users = self._gauge(
+            "chatd_owed_queue_users", "Users with a non-empty owed queue (sampled)."
+        )
+        self.queue_entries = self._gauge(
+            "chatd_owed_queue_entries", "Entries in all owed queues (sampled)."
+        )
+        self.queue_oldest = self._gauge(
+            "chatd_owed_queue_oldest_seconds", "Age of the oldest owed queue entry (sampled)."
+        )
+        self.queue_sampled = self._gauge(
+            "chatd_owed_queue_sampled_timestamp_seconds",
+            "When the owed queues were last sampled (0: never).",
+        )
+        info = self._gauge("chatd_node_info", "This node: its id and version.", ["node", "version"])
+        info.labels(node, __version__).set(1)
+        self._key_info = self._gauge(
+            "chatd_active_key_info", "The key id that seals new messages here.", ["key"]
+        )
+        self._active_key: str | None = None
+
+        self.frames_in = {t: frames_in.labels(t) for t in FRAMES_IN}
+        self.frames_out = {t: frames_out.labels(t) for t in FRAMES_OUT}
+        self.ws_errors = {c: errors.labels(c, "ws") for c in ERROR_CODES}
+        self.http_errors = {c: errors.labels(c, "http") for c in ERROR_CODES}
+        self.store_calls = store_calls
+        self.broker_calls = broker_calls
+
+    # -- collectors --------------------------------------------------------------
+
+    def _counter(self, name: str, doc: str, labels: Iterable[str] = ()) -> Any:
+        if not self.enabled:
+            return _Null()
+        return Counter(name, doc, list(labels), registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, labels: Iterable[str] = ()) -> Any:
+        if not self.enabled:
+            return _Null()
+        return Gauge(name, doc, list(labels), registry=self.registry)
+
+    def _histogram(
+        self, name: str, doc: str, buckets: tuple[float, ...], labels: Iterable[str] = ()
+    ) -> Any:
+        if not self.enabled:
+            return _Null()
+        return Histogram(name, doc, list(labels), buckets=buckets, registry=self.registry)
+
+    # -- the hot path ------------------------------------------------------------
+
+    def frame_out(self, text: str) -> None:
+        """Count a server frame by the type it starts with (every server frame
+        is encoded with ``type`` first, see :func:`chatd.core.frames.encode`)."""
+        if text.startswith(_FRAME_PREFIX):
+            kind = text[9 : text.find('"', 9)]
+            child = self.frames_out.get(kind)
+            if child is not None:
+                child.inc()
+                if kind == "error" and text.startswith(_ERROR_PREFIX):
+                    self.ws_error(text[24 : text.find('"', 24)])
+                return
+        self.frames_out["other"].inc()
+
+    def ws_error(self, code: str) -> None:
+        self.ws_errors.get(code, self.ws_errors["other"]).inc()
+
+    def http_error(self, code: str) -> None:
+        self.http_errors.get(code, self.http_errors["other"]).inc()
+
+    def transitions(self, transitions: Iterable[Any]) -> None:
+        """Observe delivery and seen latencies of receipts that just happened
+        (each (message, member, status) once, by the Store's guarantee)."""
+        for t in transitions:
+            try:
+                sent_ms = ulid_time_ms(t.message_id)
+            except ValueError:
+                continue
+            seconds = max(0.0, (t.ts - sent_ms) / 1000)
+            if t.status == "delivered":
+                self.delivery_latency.observe(seconds)
+            else:
+                self.seen_latency.observe(seconds)
+
+    # -- scrapes -----------------------------------------------------------------
+
+    def watch(self, sessions: Callable[[], int], active_key: Callable[[], str]) -> None:
+        """Read these at scrape time: authenticated connections, the active key."""
+        self.ws_sessions.set_function(lambda: float(sessions()))
+        self._read_active_key = active_key
+
+    async def sample_queues(self, queues: Callable[[], Any]) -> None:
+        """Refresh the owed-queue gauges from ``queues()`` (Broker.queues) if the
+        last sample is older than QUEUE_SAMPLE_SECONDS; a sample that fails or
+        takes over QUEUE_SAMPLE_TIMEOUT leaves the last values."""
+        async with self._queue_lock:
+            now = trio.current_time()
+            if now - self._queues_at < QUEUE_SAMPLE_SECONDS:
+                return
+            self._queues_at = now
+            with trio.move_on_after(QUEUE_SAMPLE_TIMEOUT):
+                try:
+                    found = await queues()
+                except ChatError:
+                    return
+                wall_ms = time.time_ns() // 1_000_000
+                oldest = [q.oldest_queued_at for q in found if q.oldest_queued_at is not None]
+                self.queue_users.set(len(found))
+                self.queue_entries.set(sum(q.entries for q in found))
+                self.queue_oldest.set(max(0, wall_ms - min(oldest)) / 1000 if oldest else 0)
+                self.queue_sampled.set(wall_ms / 1000)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        if not self.enabled:
+            raise RuntimeError("metrics need the prometheus-client package")
+        read = getattr(self, "_read_active_key", None)
+        if read is not None:
+            active = read()
+            if active != self._active_key:
+                if self._active_key is not None:
+                    self._key_info.remove(self._active_key)
+                self._key_info.labels(active).set(1)
+                self._active_key = active
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class Timed:
+    """A port whose coroutine methods are timed into ``histogram`` (label:
+    method) and whose Unavailable failures are counted; everything else is
+    the wrapped object's. Made by :func:`chatd.wiring.instrument`."""
+
+    def __init__(self, inner: Any, port: type, name: str, histogram: Any, unavailable: Any) -> None:
+        self._inner = inner
+        skip = {"run", "aclose"}
+        for method, fn in vars(port).items():
+            if method in skip or not inspect.iscoroutinefunction(fn):
+                continue
+            if not hasattr(inner, method):
+                continue
+            setattr(
+                self,
+                method,
+                _timed(
+                    getattr(inner, method),
+                    histogram.labels(method),
+                    unavailable.labels(name, method),
+                ),
+            )
+
+    @property
+    def wrapped(self) -> Any:
+        return self._inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _timed(fn: Callable[..., Any], hist: Any, failed: Any) -> Callable[..., Any]:
+    perf = time.perf_counter
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        start = perf()
+        try:
+            return await fn(*args, **kwargs)
+        except Unavailable:
+            failed.inc()
+            raise
+        finally:
+            hist.observe(perf() - start)
+
+    timed.__name__ = getattr(fn, "__name__", "timed")
+    return timed
