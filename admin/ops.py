@@ -1,0 +1,438 @@
+"""What chatctl does, as async functions on the ports: no click, no printing.
+
+Each function takes the store, the broker and/or the keyring it needs and
+returns plain data (dicts and lists, JSON-ready) that :mod:`admin.cli`
+prints as a table or as JSON. Nothing here touches a Redis key or a table
+directly: everything goes through :class:`chatd.ports.Store` and
+:class:`chatd.ports.Broker`, so chatctl works on every implementation and
+against a live cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from chatd import crypto
+from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Passwords
+from chatd.core.envelope import (
+    MessageEnvelope,
+    PresenceEnvelope,
+    ReceiptEnvelope,
+    TypingEnvelope,
+    decode,
+    encode,
+)
+from chatd.core.errors import BadRequest, NotFound
+from chatd.core.model import User
+from chatd.core.names import normalize_username, rid
+from chatd.ports import Broker, Owed, Reseal, Store
+
+PAGE = 500
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def username(name: str) -> str:
+    """A valid, case-folded username; NotFound for a name that cannot exist."""
+    try:
+        return normalize_username(name)
+    except BadRequest:
+        raise NotFound(f"no user '{name}' (not a valid username)") from None
+
+
+def status_of(user: User) -> str:
+    return "deleted" if user.deleted else "disabled" if user.disabled else "active"
+
+
+async def need_user(store: Store, name: str) -> User:
+    user = await store.get_user(username(name))
+    if user is None:
+        raise NotFound(f"no user '{name}'")
+    return user
+
+
+# -- users ---------------------------------------------------------------------------
+
+
+async def list_users(store: Store, broker: Broker | None) -> list[dict[str, Any]]:
+    users: list[User] = []
+    after: str | None = None
+    while page := await store.list_users(after, PAGE):
+        users.extend(page)
+        after = page[-1].username
+    presence = {}
+    if broker is not None:
+        for start in range(0, len(users), PAGE):
+            chunk = [u.username for u in users[start : start + PAGE]]
+            presence.update(await broker.presence(chunk))
+    out = []
+    for u in users:
+        p = presence.get(u.username)
+        seen = [t for t in (u.last_seen, p.last_seen if p else None) if t is not None]
+        out.append(
+            {
+                "username": u.username,
+                "status": status_of(u),
+                "created_ts": u.created_ts,
+                "last_seen": max(seen) if seen else None,
+                "online": None if p is None else p.online,
+                "nodes": None if p is None else list(p.nodes),
+            }
+        )
+    return out
+
+
+async def count_owed(store: Store, name: str) -> tuple[int, int]:
+    """(messages, receipts) the store records as owed to ``name``."""
+    messages = 0
+    after_m: tuple[str, int] | None = None
+    while True:
+        page = await store.owed_messages(name, PAGE, after_m)
+        messages += len(page)
+        if len(page) < PAGE:
+            break
+        after_m = (page[-1].conversation, page[-1].seq)
+    receipts = 0
+    after_r: tuple[str, str] | None = None
+    while True:
+        got = await store.owed_receipts(name, PAGE, after_r)
+        receipts += len(got)
+        pairs = {(r.message_id, r.member) for r in got}
+        if len(pairs) < PAGE:
+            break
+        after_r = max(pairs)
+    return messages, receipts
+
+
+async def show_user(store: Store, broker: Broker | None, name: str) -> dict[str, Any]:
+    user = await need_user(store, name)
+    messages, receipts = await count_owed(store, user.username)
+    presence = queue = None
+    if broker is not None:
+        p = (await broker.presence([user.username]))[user.username]
+        presence = {"online": p.online, "nodes": list(p.nodes), "last_seen": p.last_seen}
+        queue = len(await broker.owed(user.username))
+    seen = [t for t in (user.last_seen, presence and presence["last_seen"]) if t is not None]
+    return {
+        "username": user.username,
+        "status": status_of(user),
+        "created_ts": user.created_ts,
+        "last_seen": max(seen) if seen else None,
+        "presence": presence,
+        "owed": {"messages": messages, "receipts": receipts, "queue_entries": queue},
+        "conversations": [
+            {
+                "id": c.id,
+                "kind": c.kind,
+                "title": c.title,
+                "members": list(c.members),
+                "last_seq": c.last_seq,
+                "last_ts": c.last_ts,
+                "unread": c.unread,
+            }
+            for c in await store.conversations_of(user.username)
+        ],
+    }
+
+
+def check_password(password: str) -> str:
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise BadRequest(f"password must be {MIN_PASSWORD}-{MAX_PASSWORD} characters")
+    return password
+
+
+async def create_user(store: Store, name: str, password: str) -> dict[str, Any]:
+    name = normalize_username(name)  # BadRequest: a usage error
+    check_password(password)
+    pw_hash = await trio.to_thread.run_sync(Passwords().hash, password)
+    user = User(name, pw_hash, now_ms())
+    await store.create_user(user)  # Conflict when taken
+    return {"username": name, "status": "active", "created_ts": user.created_ts}
+
+
+async def set_disabled(
+    store: Store, broker: Broker | None, name: str, disabled: bool
+) -> dict[str, Any]:
+    user = await need_user(store, name)
+    await store.set_disabled(user.username, disabled)
+    nodes: list[str] | None = None
+    if broker is not None:
+        nodes = list((await broker.presence([user.username]))[user.username].nodes)
+    return {
+        "username": user.username,
+        "status": "disabled" if disabled else "active",
+        "online_on": nodes,
+    }
+
+
+async def delete_preview(store: Store, broker: Broker | None, name: str) -> dict[str, Any]:
+    user = await need_user(store, name)
+    messages, receipts = await count_owed(store, user.username)
+    queue = len(await broker.owed(user.username)) if broker is not None else None
+    return {
+        "username": user.username,
+        "status": status_of(user),
+        "owed_messages": messages,
+        "owed_receipts": receipts,
+        "queue_entries": queue,
+    }
+
+
+async def delete_user(store: Store, broker: Broker | None, name: str) -> dict[str, Any]:
+    user = await need_user(store, name)
+    done = await store.delete_user(user.username)
+    purged = await broker.purge(user.username) if broker is not None else None
+    return {
+        "username": user.username,
+        "status": "deleted",
+        "messages_dropped": done.messages_dropped,
+        "receipts_settled": done.receipts_settled,
+        "queue_entries_purged": purged,
+    }
+
+
+# -- queues --------------------------------------------------------------------------
+
+
+async def list_queues(broker: Broker) -> list[dict[str, Any]]:
+    found = await broker.queues()
+    found.sort(key=lambda q: (-q.entries, q.user))
+    return [
+        {"user": q.user, "entries": q.entries, "oldest_queued_at": q.oldest_queued_at}
+        for q in found
+    ]
+
+
+def describe(entry: Owed, keyring: crypto.Keys | None) -> dict[str, Any]:
+    """One queue entry for people: what it is, never its body unless a keyring
+    is given (``--decrypt``)."""
+    out: dict[str, Any] = {"key": entry.key, "queued_at": entry.queued_at}
+    try:
+        env = decode(entry.payload)
+    except ValueError:
+        return {**out, "kind": "undecodable"}
+    match env:
+        case MessageEnvelope(message=m):
+            out.update(
+                kind="message",
+                id=m.id,
+                conversation=m.conversation,
+                seq=m.seq,
+                sender=m.sender,
+                ts=m.ts,
+                key_id=m.body.key_id,
+            )
+            if keyring is not None:
+                try:
+                    out["body"] = keyring.open(m.body, m.id, m.conversation)
+                except crypto.KeyringError as exc:
+                    out["body"] = None
+                    out["error"] = str(exc)
+        case ReceiptEnvelope(receipt=r):
+            out.update(
+                kind="receipt",
+                id=r.message_id,
+                conversation=r.conversation,
+                sender=r.member,
+                status=r.status.value,
+                ts=r.ts,
+            )
+        case TypingEnvelope() | PresenceEnvelope():
+            out.update(kind="ephemeral")
+    return out
+
+
+async def show_queue(
+    broker: Broker, name: str, keyring: crypto.Keys | None, limit: int | None
+) -> list[dict[str, Any]]:
+    entries = await broker.owed(username(name))
+    if limit is not None:
+        entries = entries[:limit]
+    return [describe(e, keyring) for e in entries]
+
+
+async def queue_summary(broker: Broker, name: str) -> dict[str, int]:
+    kinds: dict[str, int] = {"message": 0, "receipt": 0}
+    for entry in await broker.owed(username(name)):
+        kind = describe(entry, None)["kind"]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+async def purge_queue(broker: Broker, name: str) -> int:
+    return await broker.purge(username(name))
+
+
+async def requeue(store: Store, broker: Broker, name: str) -> dict[str, int]:
+    """Rebuild the user's owed queue from what the store says is owed: empty
+    it, then queue every owed message (by conversation and seq) and receipt,
+    without live delivery. Something routed meanwhile is owed in the store
+    too, so the rebuilt queue misses nothing; an entry that gets acked
+    meanwhile is stale and is settled by the next backlog."""
+    user = await need_user(store, name)
+    before = await broker.purge(user.username)
+    messages = receipts = 0
+    after_m: tuple[str, int] | None = None
+    while True:
+        page = await store.owed_messages(user.username, PAGE, after_m)
+        if page:
+            messages += await broker.enqueue(
+                user.username, [Owed(m.id, encode(MessageEnvelope(m))) for m in page]
+            )
+        if len(page) < PAGE:
+            break
+        after_m = (page[-1].conversation, page[-1].seq)
+    after_r: tuple[str, str] | None = None
+    while True:
+        got = await store.owed_receipts(user.username, PAGE, after_r)
+        if got:
+            receipts += await broker.enqueue(
+                user.username,
+                [
+                    Owed(rid(r.message_id, r.member, r.status), encode(ReceiptEnvelope(r)))
+                    for r in got
+                ],
+            )
+        pairs = {(r.message_id, r.member) for r in got}
+        if len(pairs) < PAGE:
+            break
+        after_r = max(pairs)
+    return {"purged": before, "messages": messages, "receipts": receipts}
+
+
+# -- presence, nodes, stats ------------------------------------------------------------
+
+
+async def presence(broker: Broker) -> list[dict[str, Any]]:
+    online = await broker.online_users()
+    return [{"user": u, "nodes": list(p.nodes)} for u, p in sorted(online.items())]
+
+
+async def nodes(broker: Broker) -> list[dict[str, Any]]:
+    return [
+        {
+            "node": n.node,
+            "incarnation": n.incarnation,
+            "connections": n.connections,
+            "users": n.users,
+            "heartbeat_age_ms": n.heartbeat_age_ms,
+            "started_at": n.started_at,
+        }
+        for n in await broker.nodes()
+    ]
+
+
+async def stats(store: Store, broker: Broker | None, window_s: float) -> dict[str, Any]:
+    now = now_ms()
+    st = await store.stats(now - int(window_s * 1000))
+    minutes = window_s / 60
+    out: dict[str, Any] = {
+        "window_seconds": window_s,
+        "users": {"total": st.users, "disabled": st.disabled, "deleted": st.deleted},
+        "conversations": st.conversations,
+        "messages": {
+            "stored": st.messages,
+            "in_window": st.messages_since,
+            "per_minute": round(st.messages_since / minutes, 2),
+        },
+        "owed": {"messages": st.owed_messages, "receipts": st.owed_receipts},
+        "delivered": {
+            "in_window": st.delivered_since,
+            "per_minute": round(st.delivered_since / minutes, 2),
+        },
+        "seen": {"in_window": st.seen_since, "per_minute": round(st.seen_since / minutes, 2)},
+        "keys": await store.count_by_key(),
+        "queues": None,
+        "nodes": None,
+    }
+    if broker is not None:
+        queues = await broker.queues()
+        oldest = [q.oldest_queued_at for q in queues if q.oldest_queued_at is not None]
+        out["queues"] = {
+            "users": len(queues),
+            "entries": sum(q.entries for q in queues),
+            "oldest_queued_at": min(oldest) if oldest else None,
+        }
+        out["nodes"] = {n.node: n.connections for n in await broker.nodes()}
+    return out
+
+
+# -- keys --------------------------------------------------------------------------------
+
+
+async def list_keys(store: Store, ring: crypto.Keyring) -> list[dict[str, Any]]:
+    counts = await store.count_by_key()
+    out = [
+        {
+            "key": kid,
+            "active": kid == ring.active,
+            "messages": counts.get(kid, 0),
+            "in_keyring": True,
+        }
+        for kid in ring.keys
+    ]
+    out += [
+        {"key": kid, "active": False, "messages": n, "in_keyring": False}
+        for kid, n in sorted(counts.items())
+        if kid not in ring.keys
+    ]
+    return out
+
+
+async def reencrypt(
+    store: Store,
+    ring: crypto.Keyring,
+    *,
+    batch: int,
+    progress: Callable[[int], None],
+    passes: int = 3,
+    pause: float = 1.5,
+) -> dict[str, Any]:
+    """Re-seal every stored body sealed with a key other than the active one.
+
+    Safe while chatd serves: each body is replaced by compare-and-set, so a
+    body that changed meanwhile is skipped (and picked up by the next pass).
+    Resumable: only what is still sealed with an old key is read, so a second
+    run continues where an interrupted one stopped. Runs up to ``passes``
+    passes, ``pause`` seconds apart, while messages sealed with old keys
+    remain (replicas that had not yet picked up the new key).
+    """
+    resealed = skipped = 0
+    failed: set[str] = set()
+    for n in range(passes):
+        counts = await store.count_by_key()
+        todo = {k: c for k, c in counts.items() if k != ring.active and k in ring.keys}
+        if not todo:
+            break
+        if n:
+            await trio.sleep(pause)
+        for kid in sorted(todo):
+            after: str | None = None
+            while page := await store.messages_by_key(kid, after, batch):
+                items = []
+                for m in page:
+                    try:
+                        body = ring.open(m.body, m.id, m.conversation)
+                    except crypto.KeyringError:
+                        failed.add(m.id)
+                        continue
+                    items.append(Reseal(m.id, m.body, ring.seal(body, m.id, m.conversation)))
+                done = await store.reseal(items)
+                resealed += sum(done)
+                skipped += len(done) - sum(done)
+                progress(len(page))
+                after = page[-1].id
+    counts = await store.count_by_key()
+    return {
+        "active": ring.active,
+        "resealed": resealed,
+        "skipped": skipped,
+        "failed": len(failed),
+        "remaining": {k: c for k, c in sorted(counts.items()) if k != ring.active},
+    }
