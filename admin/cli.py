@@ -814,7 +814,7 @@ def keys_reencrypt(ctx: Ctx, batch: int, as_json: bool) -> None:
         with click.progressbar(
             length=max(total, 1),
             label=f"re-encrypting to {ring.active}",
-            file=click.get_text_stream("stderr"),
+            file=sys.stderr,
         ) as bar:
             return await ops.reencrypt(store, ring, batch=batch, progress=bar.update)
 

@@ -69,3 +69,19 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
         finally:
             code = chatd.stop()
             assert code == 0, chatd.logs()[-3000:]
+
+
+async def until(check, timeout: float = 10.0, step: float = 0.1):
+    """Poll ``check()`` (sync or async) until it returns something truthy."""
+    import inspect
+
+    import trio
+
+    with trio.fail_after(timeout):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result
+            await trio.sleep(step)

@@ -80,7 +80,8 @@ async def test_counters_match_the_traffic_and_logs_hold_no_secrets(server, names
             # Scraped while both are connected.
             m = scrape(server.http_url)
             status, history = await api.call(
-                "GET", f"/api/conversations/dm:{min(alice, bob)}:{max(alice, bob)}/messages",
+                "GET",
+                f"/api/conversations/dm:{min(alice, bob)}:{max(alice, bob)}/messages",
                 tokens[alice],
             )
             assert status == 200 and len(history["messages"]) == 5
