@@ -1,0 +1,761 @@
+#!/usr/bin/env python3
+"""Capacity benchmark: chatd beside a python-socketio reference, same workload.
+
+    .venv/bin/python loadtest/bench.py [--publish] [--quick] [--only chatd1,ref1 ...]
+
+For each configuration — chatd with 1 replica (direct, embedded broker),
+chatd with 2 replicas behind NGINX (Redis), and the same two shapes of the
+socket.io reference in ``loadtest/reference/`` (1 instance; 2 instances with
+its ``AsyncRedisManager`` behind the same NGINX config) — it:
+
+1. registers ``--pairs`` pairs of users over the HTTP API (once per
+   implementation: the configurations of one implementation share a data dir);
+2. steps an **open-loop** message rate (``--rates``; each step ``--seconds``
+   long, the first ``--warmup`` seconds not counted) with ``--drivers``
+   driver processes (``loadtest/driver.py``, asyncio + aiohttp, in the load
+   venv, each from its own 127.0.0.x source address), the recipient acking and
+   marking seen at once, the sender acking both receipts;
+3. stops stepping at the first step whose p99 delivery exceeds ``--slo-ms``
+   (100) or that lost anything (a message or receipt missing, a send never
+   confirmed), and reports the highest step that held: delivered msgs/s and
+   p50 / p99 / p99.9 of delivery and of the seen-receipt round trip.
+
+Then **idle memory**: one replica (Redis broker, as deployed) and one
+reference instance (Redis manager) each hold 1k, 5k and 10k authenticated
+idle connections; RSS growth over the baseline divided by the connections.
+
+Then **profiles** of chatd under load with py-spy: one replica at 70% of
+its highest held rate, and replica r1 of the 2-replica setup at the first rate
+it did not hold; each once on the GIL (Python CPU) and once on the wall clock
+(waiting too), summarised by where the samples fall.
+
+Output: ``loadtest/results/<UTC timestamp>/`` gets ``bench.md`` (tables,
+machine, method), ``bench.json`` (everything, with latency percentiles),
+``bench.png`` (latency percentile plot) and the py-spy profile;
+``--publish`` also copies ``bench.md`` and ``bench.png`` to ``docs/``.
+
+The driver and the servers share this machine's cores: on a 2-core machine
+the load generator takes a good part of the CPU, so the numbers are a floor
+for the server, and the chatd / reference ratios are the figure to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    import trio  # noqa: F401  (only to check this is the project's venv)
+except ImportError:  # re-run with the project's python, which has chatd's deps
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
+        os.execv(str(venv_python), [str(venv_python), *sys.argv])
+    raise
+
+sys.path.insert(0, str(ROOT))
+from chatd.testing.cluster import Cluster  # noqa: E402
+from chatd.testing.nginx import NginxProcess  # noqa: E402
+from chatd.testing.procs import ChatdProcess, free_port, wait_http  # noqa: E402
+from chatd.testing.redis_server import RedisServer  # noqa: E402
+from loadtest import loadvenv  # noqa: E402
+
+PASSWORD = "bench-password"
+PERCENTILES = (50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99)
+DEFAULT_RATES = "200,300,400,500,600,700,800,1000,1200,1400,1700,2000,2400,3000"
+CHATD_ARGS = ["--rate", "0", "--log-level", "warning"]
+LABELS = {
+    "chatd1": "chatd, 1 replica (direct)",
+    "chatd2": "chatd, 2 replicas + NGINX + Redis",
+    "ref1": "reference, 1 instance (direct)",
+    "ref2": "reference, 2 instances + NGINX + Redis",
+}
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the systems under test ------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """A running configuration: where to connect and which pids serve it."""
+
+    name: str
+    impl: str  # chatd | sio
+    http: str
+    ws: str
+    server_pids: list[int]
+    other_pids: list[int] = field(default_factory=list)  # nginx, redis
+    stop: object = None  # callable
+
+
+class RefProcess:
+    """One reference server (loadtest/reference/server.py) on the load venv."""
+
+    def __init__(self, python: Path, data: Path, secret: str, node: str, redis_url: str = ""):
+        self.port = free_port()
+        data.mkdir(parents=True, exist_ok=True)
+        log = open(data / f"{node}.log", "ab")  # noqa: SIM115 - owned by the process
+        cmd = [str(python), str(ROOT / "loadtest" / "reference" / "server.py")]
+        cmd += ["--port", str(self.port), "--data-dir", str(data), "--secret", secret]
+        cmd += ["--node", node] + (["--redis-url", redis_url] if redis_url else [])
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_http(f"http://127.0.0.1:{self.port}/healthz", 30, self.proc)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_target(name: str, work: Path, python: Path, secret: str) -> Target:
+    if name == "chatd1":
+        node = ChatdProcess(work / "chatd" / "data", args=CHATD_ARGS).start()
+        return Target(name, "chatd", node.http_url, node.ws_url, [node.proc.pid], stop=node.stop)
+    if name in ("chatd2", "chatd-idle"):
+        replicas = 2 if name == "chatd2" else 1
+        cluster = Cluster(
+            work / "chatd", replicas=replicas, extra_args=CHATD_ARGS, with_nginx=replicas > 1
+        ).start()
+        http = cluster.url if cluster.nginx else cluster.nodes[0].http_url
+        ws = cluster.ws_url if cluster.nginx else cluster.nodes[0].ws_url
+        others = [cluster.redis.proc.pid] + ([cluster.nginx.proc.pid] if cluster.nginx else [])
+        pids = [n.proc.pid for n in cluster.nodes]
+        return Target(name, "chatd", http, ws, pids, others, stop=cluster.close)
+    data = work / "reference"
+    if name == "ref1":
+        ref = RefProcess(python, data, secret, "ref1")
+        return Target(
+            name,
+            "sio",
+            ref.url,
+            ref.url.replace("http", "ws") + "/ws",
+            [ref.proc.pid],
+            stop=ref.stop,
+        )
+    if name in ("ref2", "ref-idle"):
+        count = 2 if name == "ref2" else 1
+        redis = RedisServer().start()
+        refs: list[RefProcess] = []
+        nginx = None
+        try:
+            refs = [
+                RefProcess(python, data, secret, f"ref{i + 1}", redis.url) for i in range(count)
+            ]
+            if count > 1:
+                ups = [f"127.0.0.1:{r.port}" for r in refs]
+                nginx = NginxProcess(
+                    work / "ref-nginx", http_upstreams=ups, ws_upstreams=ups
+                ).start()
+        except BaseException:
+            for r in refs:
+                r.stop()
+            redis.close()
+            raise
+
+        def stop() -> None:
+            if nginx is not None:
+                nginx.stop()
+            for r in refs:
+                r.stop()
+            redis.close()
+
+        http = nginx.url if nginx else refs[0].url
+        ws = nginx.ws_url if nginx else refs[0].url.replace("http", "ws") + "/ws"
+        others = [redis.proc.pid] + ([nginx.proc.pid] if nginx else [])
+        return Target(name, "sio", http, ws, [r.proc.pid for r in refs], others, stop=stop)
+    raise ValueError(name)
+
+
+# -- users -------------------------------------------------------------------------------
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def make_users(http: str, pairs: int, path: Path) -> None:
+    tag = secrets.token_hex(3)
+
+    def one(i: int) -> list[str]:
+        row = []
+        for side in "ab":
+            name = f"b{side}{i}x{tag}"
+            post(http + "/api/register", {"username": name, "password": PASSWORD})
+            token = post(http + "/api/login", {"username": name, "password": PASSWORD})["token"]
+            row += [name, token]
+        return row
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        rows = list(pool.map(one, range(pairs)))
+    path.write_text(json.dumps(rows))
+
+
+# -- drivers -----------------------------------------------------------------------------
+
+
+class Driver:
+    def __init__(self, python: Path, mode: str, target: Target, users: Path, i: int, n: int, extra):
+        cmd = [str(python), str(ROOT / "loadtest" / "driver.py"), mode, "--impl", target.impl]
+        cmd += ["--url", target.ws, "--users", str(users), "--index", str(i), "--of", str(n)]
+        cmd += ["--src", f"127.0.0.{2 + i}", *extra]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+
+    def tell(self, obj: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def read(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"driver exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_step(args, python: Path, target: Target, users: Path, rate: float) -> dict:
+    n = args.drivers
+    extra = ["--rate", str(rate / n), "--seconds", str(args.seconds)]
+    extra += ["--warmup", str(args.warmup), "--drain", str(args.drain)]
+    drivers = [Driver(python, "load", target, users, i, n, extra) for i in range(n)]
+    try:
+        for d in drivers:
+            d.read()  # ready
+        pids = target.server_pids + target.other_pids
+        cpu0 = {p: cpu_seconds(p) for p in pids + [d.proc.pid for d in drivers]}
+        start = time.monotonic() + 0.5
+        for d in drivers:
+            d.tell({"start": start})
+        results = [d.read()["result"] for d in drivers]
+        elapsed = time.monotonic() - start
+        cpu = {p: cpu_seconds(p) - c for p, c in cpu0.items()}
+    finally:
+        for d in drivers:
+            d.close()
+    lat: dict[str, list[float]] = {}
+    for r in results:
+        for k, vs in r["lat_ms"].items():
+            lat.setdefault(k, []).extend(vs)
+    for vs in lat.values():
+        vs.sort()
+    loss = {k: sum(r["loss"][k] for r in results) for k in results[0]["loss"]}
+    window = results[0]["window"]
+    step = {
+        "rate": rate,
+        "scheduled": sum(r["scheduled"] for r in results),
+        "delivered_per_s": round(sum(r["delivered_in_window"] for r in results) / window, 1),
+        "loss": loss,
+        "receipts_missing": sum(r["receipts_missing"] for r in results),
+        "unconfirmed_sends": sum(r["unconfirmed_sends"] for r in results),
+        "errors": {k: v for r in results for k, v in r["errors"].items()},
+        "driver_lag_max_ms": max(r["lag_max_ms"] for r in results),
+        "percentiles": {
+            k: {str(p): round(pct(vs, p), 2) for p in PERCENTILES} for k, vs in lat.items()
+        },
+        "samples": {k: len(vs) for k, vs in lat.items()},
+        "cpu_pct": {
+            "servers": round(100 * sum(cpu[p] for p in target.server_pids) / elapsed, 1),
+            "nginx_redis": round(100 * sum(cpu[p] for p in target.other_pids) / elapsed, 1),
+            "drivers": round(100 * sum(cpu[d.proc.pid] for d in drivers) / elapsed, 1),
+        },
+    }
+    p99 = step["percentiles"]["delivered"]["99"]
+    reasons = []
+    if not p99 <= args.slo_ms:
+        reasons.append(f"p99 delivery {p99} ms > {args.slo_ms} ms")
+    if loss["missing"]:
+        reasons.append(f"{loss['missing']} messages missing")
+    if step["receipts_missing"]:
+        reasons.append(f"{step['receipts_missing']} receipts missing")
+    if step["unconfirmed_sends"]:
+        reasons.append(f"{step['unconfirmed_sends']} sends never confirmed")
+    step["held"] = not reasons
+    step["why_not"] = "; ".join(reasons)
+    return step
+
+
+def bench_config(args, python: Path, name: str, work: Path, secret: str, users: dict) -> dict:
+    print(f"bench: {LABELS[name]}", flush=True)
+    target = start_target(name, work, python, secret)
+    steps = []
+    try:
+        impl_users = users.get(target.impl)
+        if impl_users is None:
+            impl_users = work / f"users-{target.impl}.json"
+            t0 = time.monotonic()
+            make_users(target.http, args.pairs, impl_users)
+            print(f"  {args.pairs} pairs registered in {time.monotonic() - t0:.0f} s", flush=True)
+            users[target.impl] = impl_users
+        for rate in args.rates:
+            step = run_step(args, python, target, impl_users, rate)
+            steps.append(step)
+            d, s = step["percentiles"]["delivered"], step["percentiles"]["seen_rtt"]
+            print(
+                f"  {rate:6.0f} msg/s offered: delivered {step['delivered_per_s']:7.1f}/s"
+                f"  delivery p50 {d['50']:6.1f} p99 {d['99']:7.1f} p99.9 {d['99.9']:7.1f} ms"
+                f"  seen-rtt p99 {s['99']:7.1f} ms  cpu {step['cpu_pct']}"
+                f"  {'ok' if step['held'] else 'STOP: ' + step['why_not']}",
+                flush=True,
+            )
+            if not step["held"]:
+                break
+    finally:
+        target.stop()
+    held = [s for s in steps if s["held"]]
+    return {"name": name, "label": LABELS[name], "steps": steps, "best": held[-1] if held else None}
+
+
+def bench_idle(args, python: Path, name: str, work: Path, secret: str, users: dict) -> dict:
+    print(f"bench: idle connections, {name}", flush=True)
+    target = start_target(name, work, python, secret)
+    impl = target.impl
+    rows = []
+    try:
+        if impl not in users:
+            users[impl] = work / f"users-{impl}.json"
+            make_users(target.http, args.pairs, users[impl])
+        time.sleep(2)
+        pid = target.server_pids[0]
+        base = rss_kib(pid)
+        n = args.drivers
+        drivers = [Driver(python, "idle", target, users[impl], i, n, []) for i in range(n)]
+        try:
+            total = 0
+            for goal in args.idle:
+                add = goal - total
+                for i, d in enumerate(drivers):
+                    d.tell({"open": add // n + (1 if i < add % n else 0)})
+                total = sum(d.read()["open"] for d in drivers)
+                time.sleep(3)
+                rss = rss_kib(pid)
+                rows.append(
+                    {
+                        "connections": total,
+                        "rss_mib": round(rss / 1024, 1),
+                        "base_mib": round(base / 1024, 1),
+                        "kib_per_conn": round((rss - base) / total, 1),
+                    }
+                )
+                print(
+                    f"  {total} idle: RSS {rss / 1024:.1f} MiB (base {base / 1024:.1f})"
+                    f" = {(rss - base) / total:.1f} KiB/connection",
+                    flush=True,
+                )
+            for d in drivers:
+                d.tell({"close": True})
+        finally:
+            for d in drivers:
+                d.close()
+    finally:
+        target.stop()
+    return {"name": name, "rows": rows}
+
+
+# -- profile -------------------------------------------------------------------------------
+
+
+RULES = [
+    ("WorkerThread._work (trio/_core/_thread_cache", "idle: worker thread waiting for a job"),
+    ("get_events (trio/_core/_io_epoll", "idle: trio waiting in epoll"),
+    ("_Tx.__enter__ (chatd/store/sqlite", "SQLite BEGIN IMMEDIATE (waiting for the write lock)"),
+    ("_Tx.__exit__ (chatd/store/sqlite", "SQLite COMMIT (fsync)"),
+    ("sqlite3", "SQLite (store calls in worker threads)"),
+    ("chatd/store/", "SQLite (store calls in worker threads)"),
+    ("cryptography", "AES-GCM"),
+    ("chatd/crypto", "AES-GCM"),
+    ("wsproto", "WebSocket framing (wsproto, trio-websocket)"),
+    ("trio_websocket", "WebSocket framing (wsproto, trio-websocket)"),
+    ("json/", "JSON encode/decode"),
+    ("coredis", "Redis client (coredis on anyio)"),
+    ("anyio/", "Redis client (coredis on anyio)"),
+    ("logging/", "logging"),
+    ("trio/_core/_thread_cache", "handing work to threads (trio.to_thread)"),
+    ("trio/_threads", "handing work to threads (trio.to_thread)"),
+    ("outcome/", "handing work to threads (trio.to_thread)"),
+    ("trio/_socket", "socket send/recv (trio)"),
+    ("trio/_highlevel_socket", "socket send/recv (trio)"),
+    ("trio/_core/_io_epoll", "epoll (trio)"),
+    ("trio/", "trio scheduler, channels, locks, cancel scopes"),
+    ("chatd/core/", "chatd core (frames, session, receipts)"),
+    ("chatd/", "chatd service, hub, broker, net"),
+    ("hypercorn", "HTTP (hypercorn)"),
+    ("threading.py", "thread start/wait"),
+]
+
+
+def categorize(stack: list[str]) -> str:
+    """From the leaf up, the first frame whose module says what the work is."""
+    for frame in reversed(stack):
+        for needle, label in RULES:
+            if needle in frame:
+                return label
+    return "other"
+
+
+def profile_chatd(
+    args, python: Path, work: Path, users: dict, secret: str, name: str, rate: float, gil: bool
+) -> dict:
+    """py-spy over one chatd replica while the driver offers ``rate``.
+
+    ``gil``: sample only the thread holding the GIL (where Python CPU goes);
+    otherwise every non-idle thread (wall clock: shows waiting too).
+    """
+    print(f"bench: profiling {name} at {rate:.0f} msg/s with py-spy", flush=True)
+    pyspy = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
+    target = start_target(name, work, python, secret)
+    out = work / f"profile-{name}.txt"
+    cmd = [pyspy, "record", "--pid", str(target.server_pids[0]), "--format", "raw"]
+    cmd += ["--rate", "200", "--threads", "-o", str(out), "--duration", str(int(args.seconds))]
+    cmd += ["--gil"] if gil else []
+    try:
+        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        step = run_step(args, python, target, users["chatd"], rate)
+        spy.wait(60)
+    finally:
+        target.stop()
+    if not out.exists():
+        return {"name": name, "error": "py-spy wrote nothing (ptrace not permitted?)"}
+    cats: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in out.read_text().splitlines():
+        stack_text, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack_text.split(";")
+        total += n
+        cat = categorize(frames)
+        cats[cat] = cats.get(cat, 0) + n
+        leaf = frames[-1]
+        leaves[leaf] = leaves.get(leaf, 0) + n
+    top = sorted(cats.items(), key=lambda kv: -kv[1])
+    return {
+        "name": name,
+        "rate": rate,
+        "gil": gil,
+        "samples": total,
+        "busy_pct": round(100 * total / (200 * int(args.seconds)), 1),
+        "categories": [(k, round(100 * v / total, 1)) for k, v in top],
+        "top_leaves": [
+            (k, round(100 * v / total, 1))
+            for k, v in sorted(leaves.items(), key=lambda kv: -kv[1])[:15]
+        ],
+        "step": {k: step[k] for k in ("delivered_per_s", "cpu_pct", "held", "percentiles")},
+        "file": out.name,
+    }
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def fmt(v: float) -> str:
+    return f"{v:.1f}" if v == v else "—"
+
+
+def report_md(doc: dict) -> str:
+    m = doc["machine"]
+    lines = [
+        "# chatd capacity benchmark",
+        "",
+        f"Run {doc['when']} on **{m['cpu']}, {m['cores']} cores**, {m['memory_gib']} GiB,"
+        f" {m['os']}, Python {m['python']}. Command: `{doc['command']}`.",
+        "",
+        f"Open-loop load between {doc['params']['pairs']} pairs of users, steps of"
+        f" {doc['params']['seconds']:.0f} s (first {doc['params']['warmup']:.0f} s not counted),"
+        f" {doc['params']['drivers']} driver processes; the recipient acks and marks each message"
+        " seen at once, the sender acks both receipts. A step holds if p99 delivery ≤"
+        f" {doc['params']['slo_ms']:.0f} ms and nothing is lost; the table shows the highest step"
+        " that held. *Delivery* is the send's due time → the recipient's `message`; *seen RTT*"
+        " is the recipient's `seen` → the sender's `seen` receipt; both on one clock.",
+        "",
+        "**The load driver runs on the same cores as the servers** (2 cores here): at the top"
+        " steps the drivers take a large share of the CPU (column *driver CPU*), so the absolute"
+        " numbers are a floor for the servers; the chatd / reference ratios compare like"
+        " with like.",
+        "",
+        "## Throughput and latency",
+        "",
+        "| configuration | highest rate held | delivered msg/s | delivery p50 / p99 / p99.9 ms"
+        " | seen RTT p50 / p99 / p99.9 ms | server CPU | driver CPU | next step |",
+        "|---|---:|---:|---|---|---:|---:|---|",
+    ]
+    for c in doc["configs"]:
+        b = c["best"]
+        nxt = next((s for s in c["steps"] if not s["held"]), None)
+        why = f"{nxt['rate']:.0f}/s: {nxt['why_not']}" if nxt else "not reached (raise --rates)"
+        if b is None:
+            lines.append(f"| {c['label']} | — | — | — | — | — | — | {why} |")
+            continue
+        d, s = b["percentiles"]["delivered"], b["percentiles"]["seen_rtt"]
+        lines.append(
+            f"| {c['label']} | {b['rate']:.0f} | {b['delivered_per_s']:.0f}"
+            f" | {fmt(d['50'])} / {fmt(d['99'])} / {fmt(d['99.9'])}"
+            f" | {fmt(s['50'])} / {fmt(s['99'])} / {fmt(s['99.9'])}"
+            f" | {b['cpu_pct']['servers']:.0f}% | {b['cpu_pct']['drivers']:.0f}% | {why} |"
+        )
+    best = {c["name"]: c["best"] for c in doc["configs"]}
+    ratio_rows = []
+    for n, (a, r) in {"1": ("chatd1", "ref1"), "2": ("chatd2", "ref2")}.items():
+        if best.get(a) and best.get(r):
+            ca, cr = best[a], best[r]
+            pa, pr = ca["percentiles"], cr["percentiles"]
+            ratio_rows.append(
+                f"| {n} | {ca['delivered_per_s'] / cr['delivered_per_s']:.2f}"
+                f" | {pa['delivered']['99'] / pr['delivered']['99']:.2f}"
+                f" | {pa['seen_rtt']['99'] / pr['seen_rtt']['99']:.2f} |"
+            )
+    if ratio_rows:
+        lines += [
+            "",
+            "chatd / reference (throughput: higher is better for chatd; p99 at each one's own"
+            " highest held rate: lower is better for chatd):",
+            "",
+            "| replicas | delivered msg/s | delivery p99 | seen RTT p99 |",
+            "|---|---:|---:|---:|",
+            *ratio_rows,
+        ]
+    if doc.get("idle"):
+        lines += [
+            "",
+            "## Idle connections",
+            "",
+            "Authenticated, silent WebSockets held by one process; RSS growth over the"
+            " process's baseline (after start-up and user registration) per connection."
+            f" {doc['params']['pairs'] * 2} users, each holding several connections (devices).",
+            "",
+            "| connections | chatd RSS MiB | chatd KiB/conn | reference RSS MiB"
+            " | reference KiB/conn | chatd / reference |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        chatd_rows = {
+            r["connections"]: r for r in doc["idle"].get("chatd-idle", {}).get("rows", [])
+        }
+        ref_rows = {r["connections"]: r for r in doc["idle"].get("ref-idle", {}).get("rows", [])}
+        for n in sorted(set(chatd_rows) | set(ref_rows)):
+            c, r = chatd_rows.get(n), ref_rows.get(n)
+            ratio = f"{c['kib_per_conn'] / r['kib_per_conn']:.2f}" if c and r else "—"
+            lines.append(
+                f"| {n} | {c['rss_mib'] if c else '—'} | {c['kib_per_conn'] if c else '—'}"
+                f" | {r['rss_mib'] if r else '—'} | {r['kib_per_conn'] if r else '—'} | {ratio} |"
+            )
+    profiles = [p for p in doc.get("profiles", []) if "categories" in p]
+    if profiles:
+        lines += [
+            "",
+            "## Where chatd's time goes",
+            "",
+            "py-spy at 200 samples/s on one replica (`r1`) for one step. *GIL* samples only"
+            " the thread holding the GIL: where Python CPU goes; *busy* is the share of the"
+            " time the GIL was held. *Wall* samples every thread that is not idle: it shows"
+            " waiting too (fsync, SQLite's busy handler). Each sample is counted once, under"
+            " the first frame from the top of its stack that names the work.",
+        ]
+        for p in profiles:
+            d = p["step"]["percentiles"]["delivered"]
+            lines += [
+                "",
+                f"**{LABELS[p['name']]}, {p['rate']:.0f} msg/s offered,"
+                f" {'GIL' if p['gil'] else 'wall'}** ({p['samples']} samples"
+                + (f", GIL held {p['busy_pct']}% of the time" if p["gil"] else "")
+                + f"; delivered {p['step']['delivered_per_s']:.0f}/s, delivery p99 {fmt(d['99'])}"
+                " ms):",
+                "",
+                "| share | where |",
+                "|---:|---|",
+                *[f"| {share}% | {cat} |" for cat, share in p["categories"][:10]],
+            ]
+    lines += [
+        "",
+        "## Every step",
+        "",
+        "| configuration | offered msg/s | delivered msg/s | delivery p50 / p99 / p99.9 ms"
+        " | seen RTT p99 ms | missing | server / driver CPU | held |",
+        "|---|---:|---:|---|---:|---:|---|---|",
+    ]
+    for c in doc["configs"]:
+        for s in c["steps"]:
+            d = s["percentiles"]["delivered"]
+            lines.append(
+                f"| {c['name']} | {s['rate']:.0f} | {s['delivered_per_s']:.0f}"
+                f" | {fmt(d['50'])} / {fmt(d['99'])} / {fmt(d['99.9'])}"
+                f" | {fmt(s['percentiles']['seen_rtt']['99'])} | {s['loss']['missing']}"
+                f" | {s['cpu_pct']['servers']:.0f}% / {s['cpu_pct']['drivers']:.0f}%"
+                f" | {'yes' if s['held'] else 'no: ' + s['why_not']} |"
+            )
+    lines += ["", "![latency percentiles](bench.png)", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=100)
+    parser.add_argument("--drivers", type=int, default=2)
+    parser.add_argument("--rates", default=DEFAULT_RATES)
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--drain", type=float, default=10.0)
+    parser.add_argument("--slo-ms", type=float, default=100.0)
+    parser.add_argument("--idle", default="1000,5000,10000")
+    parser.add_argument("--only", default="chatd1,chatd2,ref1,ref2,idle,profile")
+    parser.add_argument("--quick", action="store_true", help="a short run: to try the tooling")
+    parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--publish", action="store_true", help="copy to docs/bench.{md,png}")
+    args = parser.parse_args()
+    if args.quick:
+        args.pairs, args.seconds, args.warmup = 20, 5.0, 1.0
+        args.rates, args.idle = "200,400", "500,1000"
+    args.rates = [float(r) for r in args.rates.split(",")]
+    args.idle = [int(n) for n in args.idle.split(",")]
+    only = set(args.only.split(","))
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    results = (args.results or ROOT / "loadtest" / "results" / stamp).resolve()
+    work = results / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    python = loadvenv.ensure()
+    secret = secrets.token_hex(24)
+    users: dict[str, Path] = {}
+    doc: dict = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "loadtest/bench.py " + " ".join(sys.argv[1:]),
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+            "os": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version(),
+            "nofile": hard,
+        },
+        "params": {
+            k: getattr(args, k) for k in ("pairs", "drivers", "seconds", "warmup", "slo_ms")
+        },
+        "configs": [],
+        "idle": {},
+    }
+    t_start = time.monotonic()
+    for name in ("chatd1", "chatd2", "ref1", "ref2"):
+        if name in only:
+            doc["configs"].append(bench_config(args, python, name, work, secret, users))
+    if "idle" in only:
+        for name in ("chatd-idle", "ref-idle"):
+            doc["idle"][name] = bench_idle(args, python, name, work, secret, users)
+    if "profile" in only:
+        if "chatd" not in users:
+            target = start_target("chatd1", work, python, secret)
+            try:
+                users["chatd"] = work / "users-chatd.json"
+                make_users(target.http, args.pairs, users["chatd"])
+            finally:
+                target.stop()
+        configs = {c["name"]: c for c in doc["configs"]}
+        plan = []
+        c1 = configs.get("chatd1")
+        plan.append(("chatd1", round(0.7 * c1["best"]["rate"], -1) if c1 and c1["best"] else 300))
+        c2 = configs.get("chatd2")
+        failed = next((st["rate"] for st in c2["steps"] if not st["held"]), None) if c2 else None
+        plan.append(("chatd2", failed or 400))
+        doc["profiles"] = []
+        for name, rate in plan:
+            for gil in (True, False):
+                prof = profile_chatd(args, python, work, users, secret, name, rate, gil)
+                doc["profiles"].append(prof)
+                src = work / f"profile-{name}.txt"
+                if src.exists():
+                    kind = "gil" if gil else "wall"
+                    shutil.copy(src, results / f"profile-{name}-{rate:.0f}-{kind}.txt")
+    doc["duration_s"] = round(time.monotonic() - t_start)
+    (results / "bench.json").write_text(json.dumps(doc, indent=1))
+    (results / "bench.md").write_text(report_md(doc))
+    plot = subprocess.run(
+        [
+            str(python),
+            str(ROOT / "loadtest" / "plot.py"),
+            str(results / "bench.json"),
+            str(results / "bench.png"),
+        ],
+        check=False,
+    )
+    print((results / "bench.md").read_text())
+    print(f"bench: results in {results}", flush=True)
+    if args.publish:
+        shutil.copy(results / "bench.md", ROOT / "docs" / "bench.md")
+        if plot.returncode == 0:
+            shutil.copy(results / "bench.png", ROOT / "docs" / "bench.png")
+        print("bench: copied to docs/bench.md and docs/bench.png", flush=True)
+    shutil.rmtree(work / "chatd" / "data", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
