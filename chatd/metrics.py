@@ -315,8 +315,8 @@ class Timed:
                 method,
                 _timed(
                     getattr(inner, method),
-                    histogram.labels(method),
-                    unavailable.labels(name, method),
+                    lambda m=method: histogram.labels(m),
+                    lambda m=method: unavailable.labels(name, m),
                 ),
             )
 
@@ -328,18 +328,25 @@ class Timed:
         return getattr(self._inner, name)
 
 
-def _timed(fn: Callable[..., Any], hist: Any, failed: Any) -> Callable[..., Any]:
+def _timed(
+    fn: Callable[..., Any], hist: Callable[[], Any], failed: Callable[[], Any]
+) -> Callable[..., Any]:
+    """``fn``, timed. The label children are made on first use, so /metrics
+    lists only the methods this node has called."""
     perf = time.perf_counter
+    children: list[Any] = []
 
     async def timed(*args: Any, **kwargs: Any) -> Any:
         start = perf()
         try:
             return await fn(*args, **kwargs)
         except Unavailable:
-            failed.inc()
+            failed().inc()
             raise
         finally:
-            hist.observe(perf() - start)
+            if not children:
+                children.append(hist())
+            children[0].observe(perf() - start)
 
     timed.__name__ = getattr(fn, "__name__", "timed")
     return timed

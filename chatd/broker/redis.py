@@ -18,7 +18,7 @@ the outage behaviour and the client measurements; in short:
   lost them (a restart without persistence, FLUSHALL, an expired
   heartbeat), and every ``reassert_interval`` for good measure.
 * **Owed queue.** ``chatd:{u:<user>}:q`` (hash key → payload) and
-  ``chatd:{u:<user>}:qo`` (sorted set key → arrival number). Entries leave
+  ``chatd:{u:<user>}:qo`` (sorted set key → arrival time, µs). Entries leave
   only through :meth:`RedisBroker.settle`; the queue keeps at most
   ``queue_limit`` entries per user (the oldest go first; the store
   re-supplies them) and expires ``queue_ttl`` seconds after its last write.
