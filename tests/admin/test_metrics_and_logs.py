@@ -140,3 +140,20 @@ def _version() -> str:
     from chatd import __version__
 
     return __version__
+
+
+def test_without_prometheus_client_metrics_are_no_ops(monkeypatch):
+    """The zipapp is built from setup.cfg's dependencies: until prometheus-client
+    is among them, chatd must run without it (and /metrics says why not)."""
+    from chatd import metrics as metrics_mod
+
+    monkeypatch.setattr(metrics_mod, "CollectorRegistry", None)
+    m = metrics_mod.Metrics("n1")
+    assert not m.enabled
+    m.frame_out('{"type":"error","code":"bad_request","message":"x"}')
+    m.frames_in["send"].inc()
+    m.messages_stored.inc()
+    m.ws_connections.inc()
+    m.watch(lambda: 3, lambda: "k1")
+    with pytest.raises(RuntimeError, match="prometheus-client"):
+        m.render()
