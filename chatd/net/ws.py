@@ -173,8 +173,10 @@ class WsConnection:
             async for text in self._out_recv:
                 if self._dropping:
                     break
-                await self.ws.send_message(text)
+                # Counted as it is handed to the socket (a send that then fails
+                # on a closed connection is counted too).
                 self._frame_out(text)
+                await self.ws.send_message(text)
         except ConnectionClosed:
             self.close_soon(1000, "bye")
         finally:
