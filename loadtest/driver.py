@@ -138,6 +138,7 @@ class Load:
         self.counted_to = 0.0
         self.delivered_in_window = 0
         self.lag_max = 0.0
+        self.worst: dict[int, float] = {}  # second of the window -> worst delivery
 
     def counting(self, due: float) -> bool:
         return self.counted_from <= due < self.counted_to
@@ -192,6 +193,8 @@ class Load:
             due = float(body[body.rfind(T_MARK) + len(T_MARK) :])
             if self.counting(due):
                 self.lat["delivered"].append(t - due)
+                second = int(due - self.counted_from)
+                self.worst[second] = max(self.worst.get(second, 0.0), t - due)
                 if t < self.counted_to:
                     self.delivered_in_window += 1
             await conn.send({"type": "ack", "ids": [f["id"]]})
@@ -276,6 +279,7 @@ async def run_load(args: argparse.Namespace, data: list) -> None:
                 "receipts_missing": len(load.owed_receipts),
                 "errors": load.errors,
                 "lag_max_ms": round(load.lag_max * 1000, 1),
+                "worst_by_second_ms": {k: round(v * 1000, 1) for k, v in load.worst.items()},
             }
         }
     )
