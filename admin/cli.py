@@ -221,7 +221,9 @@ def age(ms: int | None, now: int | None = None) -> str:
 
 
 def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
 
 
 # -- the command tree ----------------------------------------------------------------------
@@ -322,9 +324,7 @@ def users_show(ctx: Ctx, name: str, as_json: bool) -> None:
     else:
         online = "no"
     owed = info["owed"]
-    queue = (
-        "-" if owed["queue_entries"] is None else plural(owed["queue_entries"], "entry")
-    ).replace("entrys", "entries")
+    queue = "-" if owed["queue_entries"] is None else plural(owed["queue_entries"], "entry")
     pairs(
         [
             ("user", info["username"]),
@@ -442,7 +442,7 @@ def users_delete(ctx: Ctx, name: str, yes: bool, as_json: bool) -> None:
             " will not be delivered\n"
             f"  - {plural(p['owed_receipts'], 'receipt')} owed to them are dropped\n"
             + (
-                f"  - their Redis queue ({queue} entries) is purged\n"
+                f"  - their Redis queue ({plural(queue, 'entry')}) is purged\n"
                 if queue is not None
                 else "  - (no Redis configured: purge their queue later with chatctl queue purge)\n"
             )
@@ -458,7 +458,7 @@ def users_delete(ctx: Ctx, name: str, yes: bool, as_json: bool) -> None:
     click.echo(
         f"deleted {info['username']}: {plural(info['messages_dropped'], 'owed message')}"
         f" and {plural(info['receipts_settled'], 'owed receipt')} dropped"
-        + (f", {purged} queue entries purged" if purged is not None else "")
+        + (f", {plural(purged, 'queue entry')} purged" if purged is not None else "")
     )
 
 
@@ -542,7 +542,7 @@ def queue_show(ctx: Ctx, name: str, decrypt: bool, limit: int | None, as_json: b
             row.append(e.get("body") if e.get("body") is not None else e.get("error", ""))
         rows.append(row)
     table(headers, rows)
-    click.echo(f"{plural(len(entries), 'entry')}".replace("entrys", "entries"))
+    click.echo(plural(len(entries), "entry"))
 
 
 @queue.command("requeue")
@@ -560,7 +560,7 @@ def queue_requeue(ctx: Ctx, name: str, as_json: bool) -> None:
     click.echo(
         f"rebuilt the queue of {ops.username(name)} from the store:"
         f" {plural(done['messages'], 'message')} and {plural(done['receipts'], 'receipt')}"
-        f" queued (it held {done['purged']} entries). Nothing was delivered live: their"
+        f" queued (it held {plural(done['purged'], 'entry')}). Nothing was delivered live: their"
         " devices get everything owed at their next connect."
     )
 
@@ -594,7 +594,7 @@ def queue_purge(ctx: Ctx, name: str, yes: bool, as_json: bool) -> None:
     if wants_json(ctx, as_json):
         emit_json({"user": ops.username(name), "purged": removed})
         return
-    click.echo(f"purged {removed} entries from the queue of {ops.username(name)}")
+    click.echo(f"purged {plural(removed, 'entry')} from the queue of {ops.username(name)}")
 
 
 # -- presence, nodes, stats ----------------------------------------------------------------

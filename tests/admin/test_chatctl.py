@@ -285,7 +285,7 @@ async def test_users_delete(deployment, world):
     )
     assert ok(answer_no, 4).stderr.strip().endswith("chatctl: aborted: nothing was changed")
     assert "1 message not yet delivered to them will not be delivered" in answer_no.stderr
-    assert "their Redis queue (1 entries) is purged" in answer_no.stderr
+    assert "their Redis queue (1 entry) is purged" in answer_no.stderr
     assert await _login(deployment, "erin") == 200
     before = await _history(deployment, world, "dm:alice:erin")
     done = await trio.to_thread.run_sync(
@@ -356,7 +356,7 @@ def test_queue_purge_and_requeue(deployment, world):
     done = as_json(ctl(env, "queue", "requeue", "alice", "--json"))
     assert done == {"purged": 5, "messages": 1, "receipts": 4}
     text = ok(ctl(env, "queue", "requeue", "bob")).stdout
-    assert "1 message and 0 receipts queued (it held 1 entries)" in text
+    assert "1 message and 0 receipts queued (it held 1 entry)" in text
 
 
 async def test_requeued_items_reach_the_device(deployment, world):
