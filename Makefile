@@ -42,5 +42,16 @@ test: system-deps venv-test lint
 dist:
 	./scripts/build-dist
 
+USERS    ?= 40
+SPAWN    ?= 10
+TIME     ?= 30s
+REPLICAS ?= 2
+
+loadtest: system-deps venv
+	PYTHON=$(PY) loadtest/run --users $(USERS) --spawn-rate $(SPAWN) --time $(TIME) --replicas $(REPLICAS)
+
+bench: system-deps venv
+	$(PY) loadtest/bench.py --publish
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
