@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatd.testing.client import Api
 from chatd.testing.procs import ChatdProcess
+from loadtest.bench import cpu_model
 
 
 def pct(values: list[float], p: float) -> float:
@@ -197,16 +198,6 @@ async def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 1 if stats.missing else 0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Each test states one guarantee from :class:`chatd.ports.Store`.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import trio
@@ -578,3 +579,31 @@ class StoreContract:
 
     async def test_ping(self, store: Store) -> None:
         await store.ping()
+
+
+class SplitStore:
+    """Writes through one store, reads through another on the same database,
+    as two replicas do: run the contract on it to check that what one
+    process commits, another reads."""
+
+    _READS = frozenset(
+        {
+            "get_user",
+            "get_conversation",
+            "conversations_of",
+            "shares_conversation",
+            "dm_peers",
+            "history",
+            "get_messages",
+            "owed_messages",
+            "owed_receipts",
+            "ping",
+        }
+    )
+
+    def __init__(self, writer: Store, reader: Store) -> None:
+        self._writer = writer
+        self._reader = reader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader if name in self._READS else self._writer, name)

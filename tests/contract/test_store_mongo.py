@@ -31,7 +31,7 @@ from chatd.core.errors import Unavailable
 from chatd.core.model import Mark, ReceiptKey, Status
 from chatd.store.mongo import INDEXES, MongoStore, _guard
 from chatd.testing import mongomock_support
-from chatd.testing.store_contract import StoreContract, new_message, users
+from chatd.testing.store_contract import SplitStore, StoreContract, new_message, users
 
 MONGO_URL = os.environ.get("CHATD_TEST_MONGO_URL", "")
 
@@ -91,30 +91,6 @@ async def server_backend():
     await trio.to_thread.run_sync(admin.close)
 
 
-class _Split:
-    """Writes through one store, reads through another on the same database."""
-
-    _READS = {
-        "get_user",
-        "get_conversation",
-        "conversations_of",
-        "shares_conversation",
-        "dm_peers",
-        "history",
-        "get_messages",
-        "owed_messages",
-        "owed_receipts",
-        "ping",
-    }
-
-    def __init__(self, writer: MongoStore, reader: MongoStore) -> None:
-        self._writer = writer
-        self._reader = reader
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reader if name in self._READS else self._writer, name)
-
-
 # -- the contract ----------------------------------------------------------------
 
 
@@ -131,7 +107,7 @@ class TestMongoStoreTwoStoresOnMongomock(StoreContract):
 
     @pytest.fixture
     async def store(self, mongomock_backend):
-        yield _Split(mongomock_backend.store(), mongomock_backend.store())
+        yield SplitStore(mongomock_backend.store(), mongomock_backend.store())
 
 
 @needs_server
@@ -145,7 +121,7 @@ class TestMongoStoreOnMongoDB(StoreContract):
 class TestMongoStoreTwoStoresOnMongoDB(StoreContract):
     @pytest.fixture
     async def store(self, server_backend):
-        yield _Split(server_backend.store(), server_backend.store())
+        yield SplitStore(server_backend.store(), server_backend.store())
 
 
 # -- Mongo-specific --------------------------------------------------------------

@@ -1,7 +1,7 @@
 import pytest
 
 from chatd.store.sqlite import SqliteStore
-from chatd.testing.store_contract import StoreContract
+from chatd.testing.store_contract import SplitStore, StoreContract
 
 
 class TestSqliteStore(StoreContract):
@@ -20,28 +20,6 @@ class TestSqliteStoreTwoProcessesView(StoreContract):
     async def store(self, tmp_path):
         writer = SqliteStore.open(tmp_path)
         reader = SqliteStore.open(tmp_path)
-        yield _Split(writer, reader)
+        yield SplitStore(writer, reader)
         await writer.aclose()
         await reader.aclose()
-
-
-class _Split:
-    _READS = {
-        "get_user",
-        "get_conversation",
-        "conversations_of",
-        "shares_conversation",
-        "dm_peers",
-        "history",
-        "get_messages",
-        "owed_messages",
-        "owed_receipts",
-        "ping",
-    }
-
-    def __init__(self, writer, reader):
-        self._writer = writer
-        self._reader = reader
-
-    def __getattr__(self, name):
-        return getattr(self._reader if name in self._READS else self._writer, name)
