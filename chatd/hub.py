@@ -72,6 +72,16 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
     return None
 
 
+def render_payload(payload: str, keyring: crypto.Keyring, owed: bool) -> Outbound | None:
+    """The frame for a broker payload; None (logged) if it cannot be decoded or opened."""
+    try:
+        env = decode(payload)
+    except ValueError as exc:
+        log.error("dropping an undecodable broker payload", extra={"reason": str(exc)})
+        return None
+    return render(env, keyring, owed)
+
+
 class Hub:
     def __init__(self, keyring: crypto.Keys) -> None:
         self.keyring = keyring
@@ -109,12 +119,7 @@ class Hub:
         targets = [c for c in conns.values() if c.id != item.exclude]
         if not targets:
             return
-        try:
-            env = decode(item.payload)
-        except ValueError as exc:
-            log.error("dropping an undecodable broker payload", extra={"reason": str(exc)})
-            return
-        out = render(env, self.keyring, item.owed)
+        out = render_payload(item.payload, self.keyring, item.owed)
         if out is None:
             return
         for conn in targets:

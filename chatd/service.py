@@ -29,7 +29,6 @@ from chatd.core.envelope import (
     PresenceEnvelope,
     ReceiptEnvelope,
     TypingEnvelope,
-    decode,
     encode,
 )
 from chatd.core.errors import (
@@ -64,7 +63,7 @@ from chatd.core.names import (
     rid,
 )
 from chatd.core.session import Outbound
-from chatd.hub import Connection, Hub, render
+from chatd.hub import Connection, Hub, render, render_payload
 from chatd.metrics import Metrics
 from chatd.ports import Broker, Clock, Routed, Store
 
@@ -401,7 +400,11 @@ class ChatService:
         try:
             await self._stored_backlog(user, emit, queued)
         except Unavailable:
-            items = [out for p in queued.values() if (out := self.hub_render(p)) is not None]
+            items = [
+                out
+                for p in queued.values()
+                if (out := render_payload(p, self.keyring, owed=True)) is not None
+            ]
             if items:
                 await emit(items)
             raise
@@ -443,13 +446,6 @@ class ChatService:
             if len(pairs) < BACKLOG_PAGE:
                 break
             after_rcpt = max(pairs)
-
-    def hub_render(self, payload: str) -> Outbound | None:
-        try:
-            return render(decode(payload), self.keyring, owed=True)
-        except ValueError:
-            log.error("dropping an undecodable queue entry")
-            return None
 
     # -- frames ----------------------------------------------------------------------
 
@@ -527,6 +523,7 @@ class ChatService:
         now = self.clock.now_ms()
         results = await self._mark.submit_many([Mark(user, i, status, now) for i in ids])
         unknown = [i for i, r in zip(ids, results, strict=True) if not r.known]
+        known = [i for i, r in zip(ids, results, strict=True) if r.known]
         routed: list[Routed] = []
         for result in results:
             if result.transitions:
@@ -535,7 +532,7 @@ class ChatService:
                 receipt = Receipt(t.message_id, t.conversation, t.sender, t.member, t.status, t.ts)
                 key = rid(t.message_id, t.member, t.status)
                 routed.append(Routed(t.sender, key, encode(ReceiptEnvelope(receipt)), owed=True))
-        await self._settle(user, [i for i in ids if i not in set(unknown)])
+        await self._settle(user, known)
         if routed:
             await self._route(routed)
         return unknown
@@ -554,6 +551,6 @@ class ChatService:
         assert conn.user is not None
         conv = await self.member_conversation(conn.user, frame.conversation)
         payload = encode(TypingEnvelope(conv.id, conn.user))
-        others = [m for m in conv.members if m != conn.user]
+        others = recipients(conv.members, conn.user)
         if others:
             await self._route([Routed(m, "typing", payload, owed=False) for m in others])

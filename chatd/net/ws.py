@@ -117,12 +117,7 @@ class WsConnection:
 
     def reply(self, item: Outbound) -> None:
         """A direct answer to this device (``sent``): never held, never deduplicated."""
-        try:
-            self._out_send.send_nowait(item.text)
-        except trio.WouldBlock:
-            self._drop(CLOSE_TOO_SLOW, "too slow: reconnect to get what is owed")
-        except trio.ClosedResourceError:
-            pass
+        self._send_now(item.text)
 
     def _drop(self, code: int, reason: str) -> None:
         """Close without flushing: what was owed stays owed for the next connection.
@@ -200,8 +195,11 @@ class WsConnection:
                 return
 
     def _push(self, frame: dict) -> None:
+        self._send_now(frames.encode(frame))
+
+    def _send_now(self, text: str) -> None:
         try:
-            self._out_send.send_nowait(frames.encode(frame))
+            self._out_send.send_nowait(text)
         except trio.WouldBlock:
             self._drop(CLOSE_TOO_SLOW, "too slow: reconnect to get what is owed")
         except trio.ClosedResourceError:
@@ -251,15 +249,12 @@ class WsConnection:
             if raw is None:
                 break
             try:
-                frame = frames.parse_client_frame(raw)
+                frame = self._parse(raw)
             except Unauthorized as exc:  # an ``auth`` without a usable token
-                self._frames_in["invalid"].inc()
                 return self._refuse(exc)
             except ChatError as exc:
-                self._frames_in["invalid"].inc()
                 self._push(frames.error(exc.code, exc.message, exc.cid))
                 continue
-            self._frames_in[_FRAME_TYPES[type(frame)]].inc()
             try:
                 self.session.check(frame, trio.current_time())
             except ChatError as exc:  # anything but auth: refused, keep waiting
@@ -281,6 +276,16 @@ class WsConnection:
             self._push(frames.error("unauthorized", f"no auth within {self.auth_timeout:g} s"))
             self._close = (CLOSE_UNAUTHORIZED, "no auth")
         return None
+
+    def _parse(self, raw: str | bytes) -> frames.ClientFrame:
+        """Parse a client frame and count it (by type, or as invalid)."""
+        try:
+            frame = frames.parse_client_frame(raw)
+        except ChatError:
+            self._frames_in["invalid"].inc()
+            raise
+        self._frames_in[_FRAME_TYPES[type(frame)]].inc()
+        return frame
 
     def _refuse(self, exc: ChatError) -> None:
         self._push(frames.error(exc.code, exc.message))
@@ -320,14 +325,9 @@ class WsConnection:
         frame: frames.ClientFrame | None = None
         try:
             try:
-                frame = frames.parse_client_frame(raw)
+                frame = self._parse(raw)
             except Unauthorized:  # an ``auth`` frame, here after authentication
-                self._frames_in["invalid"].inc()
                 raise BadRequest("already authenticated") from None
-            except ChatError:
-                self._frames_in["invalid"].inc()
-                raise
-            self._frames_in[_FRAME_TYPES[type(frame)]].inc()
             self.session.check(frame, trio.current_time())
             match frame:
                 case frames.Send():
