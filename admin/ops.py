@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from chatd import crypto
+from chatd import crypto, owed
 from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Passwords
 from chatd.core.envelope import (
     MessageEnvelope,
@@ -24,11 +24,10 @@ from chatd.core.envelope import (
     ReceiptEnvelope,
     TypingEnvelope,
     decode,
-    encode,
 )
 from chatd.core.errors import BadRequest, NotFound
 from chatd.core.model import User
-from chatd.core.names import normalize_username, rid
+from chatd.core.names import normalize_username
 from chatd.ports import Broker, Owed, Reseal, Store
 
 PAGE = 500
@@ -90,23 +89,8 @@ async def list_users(store: Store, broker: Broker | None) -> list[dict[str, Any]
 
 async def count_owed(store: Store, name: str) -> tuple[int, int]:
     """(messages, receipts) the store records as owed to ``name``."""
-    messages = 0
-    after_m: tuple[str, int] | None = None
-    while True:
-        page = await store.owed_messages(name, PAGE, after_m)
-        messages += len(page)
-        if len(page) < PAGE:
-            break
-        after_m = (page[-1].conversation, page[-1].seq)
-    receipts = 0
-    after_r: tuple[str, str] | None = None
-    while True:
-        got = await store.owed_receipts(name, PAGE, after_r)
-        receipts += len(got)
-        pairs = {(r.message_id, r.member) for r in got}
-        if len(pairs) < PAGE:
-            break
-        after_r = max(pairs)
+    messages = sum([len(p) async for p in owed.message_pages(store, name, PAGE)])
+    receipts = sum([len(p) async for p in owed.receipt_pages(store, name, PAGE)])
     return messages, receipts
 
 
@@ -278,31 +262,12 @@ async def requeue(store: Store, broker: Broker, name: str) -> dict[str, int]:
     user = await need_user(store, name)
     before = await broker.purge(user.username)
     messages = receipts = 0
-    after_m: tuple[str, int] | None = None
-    while True:
-        page = await store.owed_messages(user.username, PAGE, after_m)
-        if page:
-            messages += await broker.enqueue(
-                user.username, [Owed(m.id, encode(MessageEnvelope(m))) for m in page]
-            )
-        if len(page) < PAGE:
-            break
-        after_m = (page[-1].conversation, page[-1].seq)
-    after_r: tuple[str, str] | None = None
-    while True:
-        got = await store.owed_receipts(user.username, PAGE, after_r)
-        if got:
-            receipts += await broker.enqueue(
-                user.username,
-                [
-                    Owed(rid(r.message_id, r.member, r.status), encode(ReceiptEnvelope(r)))
-                    for r in got
-                ],
-            )
-        pairs = {(r.message_id, r.member) for r in got}
-        if len(pairs) < PAGE:
-            break
-        after_r = max(pairs)
+    async for page in owed.message_pages(store, user.username, PAGE):
+        entries = [Owed(*owed.message_entry(m)) for m in page]
+        messages += await broker.enqueue(user.username, entries)
+    async for got in owed.receipt_pages(store, user.username, PAGE):
+        entries = [Owed(*owed.receipt_entry(r)) for r in got]
+        receipts += await broker.enqueue(user.username, entries)
     return {"purged": before, "messages": messages, "receipts": receipts}
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from chatd import crypto
+from chatd import crypto, owed
 from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Passwords, Tokens
 from chatd.batching import Batcher
 from chatd.core import frames
@@ -60,7 +60,6 @@ from chatd.core.names import (
     is_conversation_id,
     normalize_username,
     parse_rid,
-    rid,
 )
 from chatd.core.session import Outbound
 from chatd.hub import Connection, Hub, render, render_payload
@@ -417,9 +416,7 @@ class ChatService:
         emit: Callable[[list[Outbound]], Awaitable[None]],
         queued: dict[str, str],
     ) -> None:
-        after_msg: tuple[str, int] | None = None
-        while True:
-            page = await self.store.owed_messages(user, BACKLOG_PAGE, after_msg)
+        async for page in owed.message_pages(self.store, user, BACKLOG_PAGE):
             items = []
             for m in page:
                 queued.pop(m.id, None)
@@ -428,12 +425,7 @@ class ChatService:
                     items.append(out)
             if items:
                 await emit(items)
-            if len(page) < BACKLOG_PAGE:
-                break
-            after_msg = (page[-1].conversation, page[-1].seq)
-        after_rcpt: tuple[str, str] | None = None
-        while True:
-            receipts = await self.store.owed_receipts(user, BACKLOG_PAGE, after_rcpt)
+        async for receipts in owed.receipt_pages(self.store, user, BACKLOG_PAGE):
             items = []
             for r in receipts:
                 out = render(ReceiptEnvelope(r), self.keyring, owed=True)
@@ -442,10 +434,6 @@ class ChatService:
                     items.append(out)
             if items:
                 await emit(items)
-            pairs = {(r.message_id, r.member) for r in receipts}
-            if len(pairs) < BACKLOG_PAGE:
-                break
-            after_rcpt = max(pairs)
 
     # -- frames ----------------------------------------------------------------------
 
@@ -488,9 +476,10 @@ class ChatService:
             self.metrics.messages_duplicate.inc()
             return
         self.metrics.messages_stored.inc()
-        stored = StoredMessage(done.id, conv.id, done.seq, sender, done.ts, sealed)
-        payload = encode(MessageEnvelope(stored))
-        items = [Routed(r, done.id, payload, owed=True) for r in to]
+        key, payload = owed.message_entry(
+            StoredMessage(done.id, conv.id, done.seq, sender, done.ts, sealed)
+        )
+        items = [Routed(r, key, payload, owed=True) for r in to]
         items.append(Routed(sender, done.id, payload, owed=False, exclude=conn.id))
         await self._route(items)
 
@@ -506,36 +495,46 @@ class ChatService:
         """Apply an ``ack``; returns the message ids the user may not ack."""
         assert conn.user is not None
         unknown: list[str] = []
+        settle: list[str] = []
         if frame.ids:
-            unknown = await self._mark_many(conn.user, frame.ids, Status.DELIVERED)
+            unknown, settle = await self._mark_many(conn.user, frame.ids, Status.DELIVERED)
         if frame.receipts:
             keys = [parse_rid(r) for r in frame.receipts]
             await self._receipt_acks.submit_many([(conn.user, k) for k in keys])
-            settled = [r for k in keys for r in settled_rids(k)]
-            await self._settle(conn.user, settled)
+            settle += [r for k in keys for r in settled_rids(k)]
+        await self._settle(conn.user, settle)  # one broker call for the whole frame
         return unknown
 
     async def seen(self, conn: Connection, frame: frames.Seen) -> list[str]:
         assert conn.user is not None
-        return await self._mark_many(conn.user, frame.ids, Status.SEEN)
+        unknown, settle = await self._mark_many(conn.user, frame.ids, Status.SEEN)
+        await self._settle(conn.user, settle)
+        return unknown
 
-    async def _mark_many(self, user: str, ids: Sequence[str], status: Status) -> list[str]:
+    async def _mark_many(
+        self, user: str, ids: Sequence[str], status: Status
+    ) -> tuple[list[str], list[str]]:
+        """Apply marks and route the receipts they make. Returns the ids the
+        user may not mark, and the ids that became delivered just now: only
+        those can still sit in the user's owed queue (a queue entry left by a
+        failed settle is dropped by the next backlog)."""
         now = self.clock.now_ms()
         results = await self._mark.submit_many([Mark(user, i, status, now) for i in ids])
         unknown = [i for i, r in zip(ids, results, strict=True) if not r.known]
-        known = [i for i, r in zip(ids, results, strict=True) if r.known]
+        delivered: list[str] = []
         routed: list[Routed] = []
         for result in results:
             if result.transitions:
                 self.metrics.transitions(result.transitions)
             for t in result.transitions:
+                if t.status is Status.DELIVERED:
+                    delivered.append(t.message_id)
                 receipt = Receipt(t.message_id, t.conversation, t.sender, t.member, t.status, t.ts)
-                key = rid(t.message_id, t.member, t.status)
-                routed.append(Routed(t.sender, key, encode(ReceiptEnvelope(receipt)), owed=True))
-        await self._settle(user, known)
+                key, payload = owed.receipt_entry(receipt)
+                routed.append(Routed(t.sender, key, payload, owed=True))
         if routed:
             await self._route(routed)
-        return unknown
+        return unknown, delivered
 
     async def _settle(self, user: str, keys: list[str]) -> None:
         if not keys:

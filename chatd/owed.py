@@ -1,0 +1,52 @@
+"""What the store records as owed to a user, page by page, and how an owed
+item is keyed and encoded for the broker's queue.
+
+One place for both: the backlog (:meth:`ChatService.backlog`), ``chatctl
+queue requeue`` and ``chatctl users show`` page the same way, and whatever
+routes an item owed builds the same key and payload, so a requeued entry is
+settled by the same ack as a routed one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from chatd.core.envelope import MessageEnvelope, ReceiptEnvelope, encode
+from chatd.core.model import Receipt, StoredMessage
+from chatd.core.names import rid
+from chatd.ports import Store
+
+
+def message_entry(m: StoredMessage) -> tuple[str, str]:
+    """(queue key, broker payload) of an owed message."""
+    return m.id, encode(MessageEnvelope(m))
+
+
+def receipt_entry(r: Receipt) -> tuple[str, str]:
+    """(queue key, broker payload) of an owed receipt."""
+    return rid(r.message_id, r.member, r.status), encode(ReceiptEnvelope(r))
+
+
+async def message_pages(store: Store, user: str, page: int) -> AsyncIterator[list[StoredMessage]]:
+    """Every message owed to ``user``, by conversation and seq, ``page`` at a time."""
+    after: tuple[str, int] | None = None
+    while True:
+        got = await store.owed_messages(user, page, after)
+        if got:
+            yield got
+        if len(got) < page:
+            return
+        after = (got[-1].conversation, got[-1].seq)
+
+
+async def receipt_pages(store: Store, user: str, page: int) -> AsyncIterator[list[Receipt]]:
+    """Every receipt owed to ``user``, paged by (message id, member) pairs."""
+    after: tuple[str, str] | None = None
+    while True:
+        got = await store.owed_receipts(user, page, after)
+        if got:
+            yield got
+        pairs = {(r.message_id, r.member) for r in got}
+        if len(pairs) < page:
+            return
+        after = max(pairs)
