@@ -25,14 +25,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 import trio
 
 from chatd import __version__, crypto
-from chatd.config import SETTINGS, Config, ConfigError, load
+from chatd.cli import config_options
+from chatd.config import Config, ConfigError, load
 from chatd.core.errors import BadRequest, ChatError, Conflict, NotFound, Unavailable
 from chatd.ports import Broker, Store
 
@@ -86,16 +86,8 @@ def fail(message: str, code: int) -> NoReturn:
 def _open_store(config: Config) -> Store:
     from chatd import wiring
 
-    if config.store_kind == "sqlite" and not (config.data_dir / "chatd.sqlite3").is_file():
-        raise CtlError(
-            f"no chatd store in {config.data_dir} (no chatd.sqlite3 there): pass the data dir"
-            " of a chatd with --data-dir or CHATD_DATA_DIR, or --store mongo --mongo-uri",
-            EXIT_USAGE,
-        )
-    try:
-        return wiring.open_store(config)
-    except ConfigError as exc:
-        raise CtlError(f"configuration: {exc}", EXIT_USAGE) from None
+    # chatctl never creates a store: a wrong data dir must not look empty.
+    return wiring.open_store(config, create=False)
 
 
 def _open_broker(config: Config, required: bool) -> Broker | None:
@@ -105,10 +97,7 @@ def _open_broker(config: Config, required: bool) -> Broker | None:
         if required:
             raise CtlError(NO_BROKER, EXIT_USAGE)
         return None
-    try:
-        return wiring.open_broker(config)
-    except ConfigError as exc:
-        raise CtlError(f"configuration: {exc}", EXIT_USAGE) from None
+    return wiring.open_broker(config)
 
 
 def run(
@@ -160,6 +149,8 @@ def run(
         fail(exc.message, EXIT_INTERNAL)
     except crypto.KeyringError as exc:
         fail(f"keyring: {exc}", EXIT_USAGE)
+    except ConfigError as exc:
+        fail(f"configuration: {exc}", EXIT_USAGE)
     except (click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
         raise
     except Exception as exc:  # a bug: one line, not a traceback
@@ -229,19 +220,6 @@ def plural(n: int, word: str) -> str:
 # -- the command tree ----------------------------------------------------------------------
 
 
-def _config_options(fn: Any) -> Any:
-    for setting in reversed([s for s in SETTINGS if s.name in FLAGS]):
-        param: Any = click.Path(path_type=Path) if setting.type is Path else str
-        fn = click.option(
-            "--" + setting.name.replace("_", "-"),
-            setting.name,
-            type=param,
-            default=None,
-            help=f"{setting.help} (env: {', '.join(setting.env)})",
-        )(fn)
-    return fn
-
-
 json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
@@ -258,7 +236,7 @@ pass_ctx = click.make_pass_decorator(Ctx)
     " CHATD_ACTIVE_KEY) are read from the environment, as chatd serve does."
 )
 @click.version_option(__version__, prog_name="chatctl")
-@_config_options
+@config_options(FLAGS)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (every command).")
 @click.pass_context
 def main(click_ctx: click.Context, as_json: bool, **flags: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,19 @@ from chatd import __version__
 from chatd.config import SETTINGS, ConfigError, load
 
 
-def _options(fn: Any) -> Any:
+def config_options(names: Collection[str] | None = None) -> Callable[[Any], Any]:
+    """Click options for the settings that are flags (only ``names``, if given),
+    with their defaults and environment names in the help. chatctl uses it too."""
+
+    def decorate(fn: Any) -> Any:
+        return _add_options(fn, names)
+
+    return decorate
+
+
+def _add_options(fn: Any, names: Collection[str] | None) -> Any:
     for setting in reversed(SETTINGS):
-        if not setting.flag:
+        if not setting.flag or (names is not None and setting.name not in names):
             continue
         param_type: Any = {int: int, float: float, Path: click.Path(path_type=Path)}.get(
             setting.type, str
@@ -44,7 +55,7 @@ def main() -> None:
 @main.command(
     epilog="\b\nSecrets are read from the environment only:\n" + _ENV_ONLY,
 )
-@_options
+@config_options()
 def serve(**flags: Any) -> None:
     """Run the chat daemon: HTTP API (and web client) plus the WebSocket endpoint."""
     try:

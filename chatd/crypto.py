@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -50,6 +50,7 @@ def _aad(message_id: str, conversation: str) -> bytes:
 class Keyring:
     keys: dict[str, bytes]
     active: str
+    _ciphers: dict[str, AESGCM] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.active not in self.keys:
@@ -59,25 +60,25 @@ class Keyring:
                 raise KeyringError(f"key '{kid}' is {len(key)} bytes; AES-256 needs 32")
             if not kid or ":" in kid or "," in kid:
                 raise KeyringError(f"key id '{kid}' must be non-empty without ':' or ','")
+        # One cipher object per key, made once: seal and open run per message.
+        object.__setattr__(self, "_ciphers", {kid: AESGCM(key) for kid, key in self.keys.items()})
 
     def __repr__(self) -> str:
         return f"Keyring(active={self.active!r}, ids={sorted(self.keys)!r})"
 
     def seal(self, plaintext: str, message_id: str, conversation: str) -> Sealed:
         nonce = os.urandom(NONCE_BYTES)
-        ct = AESGCM(self.keys[self.active]).encrypt(
+        ct = self._ciphers[self.active].encrypt(
             nonce, plaintext.encode("utf-8"), _aad(message_id, conversation)
         )
         return Sealed(key_id=self.active, nonce=nonce, ciphertext=ct)
 
     def open(self, sealed: Sealed, message_id: str, conversation: str) -> str:
-        key = self.keys.get(sealed.key_id)
-        if key is None:
+        cipher = self._ciphers.get(sealed.key_id)
+        if cipher is None:
             raise KeyringError(f"no key '{sealed.key_id}' in the keyring")
         try:
-            data = AESGCM(key).decrypt(
-                sealed.nonce, sealed.ciphertext, _aad(message_id, conversation)
-            )
+            data = cipher.decrypt(sealed.nonce, sealed.ciphertext, _aad(message_id, conversation))
         except InvalidTag:
             raise KeyringError(
                 f"message {message_id} does not open with key '{sealed.key_id}'"
@@ -141,7 +142,9 @@ class LiveKeyring:
         self.ring = ring
         self.path = path
         self.active_override = active_override or None
-        self._seen = _signature(path) if path is not None else None
+        # Unknown until the first refresh reads the file again: a rotation that
+        # lands between loading ``ring`` and building this object is not missed.
+        self._seen: tuple[int, int, int] | None = None
         self.reloads = 0
 
     def __repr__(self) -> str:

@@ -15,10 +15,16 @@ if TYPE_CHECKING:
     from chatd.metrics import Metrics
 
 
-def _sqlite(config: Config) -> Store:
+def _sqlite(config: Config, create: bool) -> Store:
     from chatd.store.sqlite import SqliteStore
 
-    return SqliteStore.open(config.data_dir)
+    try:
+        return SqliteStore.open(config.data_dir, create=create)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"no chatd store in {config.data_dir} ({exc}): pass the data dir of a chatd"
+            " with --data-dir or CHATD_DATA_DIR, or --store mongo --mongo-uri"
+        ) from None
 
 
 def _memory(config: Config) -> Broker:
@@ -27,7 +33,7 @@ def _memory(config: Config) -> Broker:
     return MemoryBroker()
 
 
-def _mongo(config: Config) -> Store:
+def _mongo(config: Config, create: bool) -> Store:
     from chatd.store.mongo import MongoStore
 
     if not config.mongo_uri:
@@ -46,17 +52,20 @@ def _redis(config: Config) -> Broker:
     return RedisBroker.from_url(config.redis_url)
 
 
-STORES: dict[str, Callable[[Config], Store]] = {"sqlite": _sqlite, "mongo": _mongo}
+#: Store factories take the config and whether they may create an empty store.
+STORES: dict[str, Callable[[Config, bool], Store]] = {"sqlite": _sqlite, "mongo": _mongo}
 BROKERS: dict[str, Callable[[Config], Broker]] = {"memory": _memory, "redis": _redis}
 
 
-def open_store(config: Config) -> Store:
+def open_store(config: Config, *, create: bool = True) -> Store:
+    """The configured store. ``create=False`` refuses to start an empty SQLite
+    database (chatctl: a mistyped data dir is an error, not an empty store)."""
     factory = STORES.get(config.store_kind)
     if factory is None:
         raise ConfigError(
             f"unknown store '{config.store_kind}' (available: {', '.join(sorted(STORES))})"
         )
-    return factory(config)
+    return factory(config, create)
 
 
 def open_broker(config: Config) -> Broker:

@@ -73,6 +73,7 @@ from chatd.core.model import (
     Transition,
     User,
 )
+from chatd.core.names import dm_id
 from chatd.ports import Reseal, StoreStats, UserDeleted
 
 T = TypeVar("T")
@@ -424,8 +425,8 @@ class MongoStore:
         }
 
     async def ensure_dm(self, a: str, b: str, ts: int) -> Conversation:
+        id = dm_id(a, b)
         first, second = sorted((a, b))
-        id = f"dm:{first}:{second}"
         doc = self._new_conversation(id, "dm", None, (first, second), ts)
 
         def fn() -> Conversation:

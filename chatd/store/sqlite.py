@@ -35,6 +35,7 @@ from chatd.core.model import (
     Transition,
     User,
 )
+from chatd.core.names import dm_id
 from chatd.ports import Reseal, StoreStats, UserDeleted
 
 T = TypeVar("T")
@@ -118,15 +119,24 @@ _OWED_RECEIPT = (
 )
 
 
+#: What acking a receipt of each status sets, derived from SETTLED_BY_ACK.
+#: Only a receipt that happened is marked acked: an ack ahead of it must not
+#: swallow the real one later.
+_ACK_COLUMN = {
+    Status.DELIVERED: "d_acked = (delivered_ts IS NOT NULL) OR d_acked",
+    Status.SEEN: "s_acked = (seen_ts IS NOT NULL) OR s_acked",
+}
+_ACK_SET = {status: ", ".join(_ACK_COLUMN[s] for s in SETTLED_BY_ACK[status]) for status in Status}
+
+
 class _Tx:
     """``with _Tx(conn):`` runs a BEGIN IMMEDIATE … COMMIT/ROLLBACK block."""
 
-    def __init__(self, conn: sqlite3.Connection, immediate: bool = True) -> None:
+    def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.immediate = immediate
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+        self.conn.execute("BEGIN IMMEDIATE")
         return self.conn
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -173,9 +183,14 @@ class SqliteStore:
         self._pool[0].executescript(SCHEMA)
 
     @classmethod
-    def open(cls, data_dir: Path, pool_size: int = 4) -> SqliteStore:
+    def open(cls, data_dir: Path, pool_size: int = 4, *, create: bool = True) -> SqliteStore:
+        """The store in ``data_dir``; with ``create=False`` an existing one only
+        (raises FileNotFoundError)."""
+        path = data_dir / "chatd.sqlite3"
+        if not create and not path.is_file():
+            raise FileNotFoundError(f"no {path.name} there")
         data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(data_dir / "chatd.sqlite3", pool_size=pool_size)
+        return cls(path, pool_size=pool_size)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         async with self._limiter:
@@ -261,8 +276,8 @@ class SqliteStore:
         )
 
     async def ensure_dm(self, a: str, b: str, ts: int) -> Conversation:
+        id = dm_id(a, b)
         first, second = sorted((a, b))
-        id = f"dm:{first}:{second}"
 
         def fn(db: sqlite3.Connection) -> Conversation:
             conv = self._conversation(db, id)
@@ -289,14 +304,15 @@ class SqliteStore:
         self, id: str, title: str | None, members: Sequence[str], ts: int
     ) -> Conversation:
         def fn(db: sqlite3.Connection) -> Conversation:
-            if self._conversation(db, id) is not None:
-                raise Conflict(f"conversation '{id}' exists")
             with _Tx(db):
-                db.execute(
-                    "INSERT INTO conversations (id, kind, title, created_ts)"
-                    " VALUES (?, 'group', ?, ?)",
-                    (id, title, ts),
-                )
+                try:
+                    db.execute(
+                        "INSERT INTO conversations (id, kind, title, created_ts)"
+                        " VALUES (?, 'group', ?, ?)",
+                        (id, title, ts),
+                    )
+                except sqlite3.IntegrityError:
+                    raise Conflict(f"conversation '{id}' exists") from None
                 db.executemany(
                     "INSERT INTO members (conversation, username) VALUES (?, ?)",
                     [(id, m) for m in sorted(set(members))],
@@ -540,24 +556,17 @@ class SqliteStore:
         return await self._write(fn)
 
     async def ack_receipts(self, acks: Sequence[tuple[str, ReceiptKey]]) -> list[None]:
+        by_status: dict[Status, list[tuple[str, str, str]]] = {}
+        for sender, key in acks:
+            by_status.setdefault(key.status, []).append((key.message_id, key.member, sender))
+
         def fn(db: sqlite3.Connection) -> list[None]:
-            updates = []
-            for sender, key in acks:
-                for status in SETTLED_BY_ACK[key.status]:
-                    # Only a receipt that happened can be acked: an ack ahead of
-                    # it must not swallow the real one later.
-                    column, happened = (
-                        ("d_acked", "delivered_ts")
-                        if status is Status.DELIVERED
-                        else ("s_acked", "seen_ts")
-                    )
-                    updates.append((column, happened, key.message_id, key.member, sender))
             with _Tx(db):
-                for column, happened, mid, member, sender in updates:
-                    db.execute(
-                        f"UPDATE receipts SET {column} = 1 WHERE message_id = ?"
-                        f" AND username = ? AND sender = ? AND {happened} IS NOT NULL",
-                        (mid, member, sender),
+                for status, rows in by_status.items():
+                    db.executemany(
+                        f"UPDATE receipts SET {_ACK_SET[status]}"
+                        " WHERE message_id = ? AND username = ? AND sender = ?",
+                        rows,
                     )
             return [None] * len(acks)
 
@@ -589,8 +598,7 @@ class SqliteStore:
             out: list[Receipt] = []
             for mid, member, conv, d_ts, s_ts, d_acked, s_acked in db.execute(
                 "SELECT message_id, username, conversation, delivered_ts, seen_ts, d_acked,"
-                " s_acked FROM receipts WHERE sender = ? AND ((delivered_ts IS NOT NULL AND"
-                " d_acked = 0) OR (seen_ts IS NOT NULL AND s_acked = 0))"
+                f" s_acked FROM receipts WHERE sender = ? AND ({_OWED_RECEIPT})"
                 " AND (message_id, username) > (?, ?)"
                 " ORDER BY message_id, username LIMIT ?",
                 (username, mid_after, member_after, limit),
@@ -652,8 +660,7 @@ class SqliteStore:
                     (username,),
                 ).fetchone()[0]
                 db.execute(
-                    "UPDATE receipts SET d_acked = (delivered_ts IS NOT NULL) OR d_acked,"
-                    " s_acked = (seen_ts IS NOT NULL) OR s_acked"
+                    f"UPDATE receipts SET {_ACK_SET[Status.SEEN]}"
                     f" WHERE sender = ? AND ({_OWED_RECEIPT})",
                     (username,),
                 )

@@ -15,7 +15,7 @@ from chatd.ports import Store
 from chatd.testing import mongomock_support
 
 
-def _mongomock_store(config: Config) -> Store:
+def _mongomock_store(config: Config, create: bool) -> Store:
     from chatd.store.mongo import MongoStore
 
     return MongoStore.open("mongodb://mongomock.invalid/chatd", client=mongomock_support.client())
