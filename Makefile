@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= chatd-data
 
-.PHONY: run test venv venv-test system-deps lint format check-docs loadtest bench dist clean
+.PHONY: run test venv venv-test system-deps lint format loadtest bench dist clean
 
 $(VENV)/.base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ format: venv-test
 	$(VENV)/bin/ruff check --fix .
 
 test: system-deps venv-test lint
-	$(PY) -m pytest
+	CHATD_TEST_STRICT=1 $(PY) -m pytest
 
 dist:
 	./scripts/build-dist

@@ -158,6 +158,12 @@ class BrokerContract:
         await n1.settle_down()
         assert n1.got == []
         assert [o.key for o in await n1.broker.owed("bob")] == ["m1"]
+        # Once bob connects, the next item is delivered, and only that one:
+        # what was queued while he was away waits for his backlog.
+        await n1.broker.attach("bob", "n1", "c1")
+        await n1.broker.route([Routed("bob", "m2", "y", owed=True)])
+        [got] = await n1.wait_for(1)
+        assert got.key == "m2"
 
     async def test_many_items_one_call(self, brokers: Make, nursery) -> None:
         n1 = await start_node(nursery, brokers(), "n1")

@@ -31,6 +31,15 @@ def nginx_binary() -> str | None:
     )
 
 
+def requires_nginx():  # pragma: no cover - a marker factory
+    """A pytest skip marker for tests that run a real nginx (make test installs it)."""
+    import pytest
+
+    return pytest.mark.skipif(
+        nginx_binary() is None, reason="nginx is not installed (make test does)"
+    )
+
+
 def render(template: str, values: dict[str, str]) -> str:
     """Substitute ``${NAME}`` like envsubst; an unknown name is an error."""
 

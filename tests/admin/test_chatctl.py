@@ -346,7 +346,7 @@ def test_queue_purge_and_requeue(deployment, world):
         "receipts": 0,
     }
     rebuilt = as_json(ctl(env, "queue", "show", "carol", "--decrypt", "--json"))
-    assert sorted(e["body"] for e in rebuilt) == [
+    assert [e["body"] for e in rebuilt] == [  # by conversation (dm: < g:), then seq
         "hi carol 0",
         "hi carol 1",
         "hi carol 2",
@@ -360,8 +360,20 @@ def test_queue_purge_and_requeue(deployment, world):
 
 
 async def test_requeued_items_reach_the_device(deployment, world):
-    """What requeue put in the queue is what carol gets at her next connect."""
+    """carol gets what is owed at her next connect, and her acks settle the
+    requeued entries: requeue keys them exactly as routing does (a wrong key
+    would leave them in the queue for good)."""
+    env = deployment.env
+
+    async def show() -> list:  # chatctl runs its own trio loop: in a thread
+        return as_json(await trio.to_thread.run_sync(ctl, env, "queue", "show", "carol", "--json"))
+
+    assert len(await show()) == 4
     async with connect(deployment.chatd.ws_url, "carol") as c:
         await c.auth(world["tokens"]["carol"])
-        bodies = sorted([(await c.expect("message"))["body"] for _ in range(4)])
-    assert bodies == ["hi carol 0", "hi carol 1", "hi carol 2", "morning team"]
+        got = [await c.expect("message") for _ in range(4)]
+        await c.ack([m["id"] for m in got])
+        await c.send_json({"type": "ping"})
+        await c.expect("pong")  # the ack was handled before the ping
+    assert [m["body"] for m in got] == ["hi carol 0", "hi carol 1", "hi carol 2", "morning team"]
+    assert await show() == []

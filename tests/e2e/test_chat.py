@@ -59,10 +59,15 @@ async def test_offline_recipient_gets_backlog_in_order(server, api, names):
         assert [m["id"] for m in got] == [s["id"] for s in sent]
         await b.ack([m["id"] for m in got])
         await trio.sleep(0.2)
-    # Acked: the next connection is offered nothing.
-    async with connect(server.ws_url, bob) as b:
+    # Acked: the next connection is offered nothing — the first message it
+    # gets is one sent after it connected.
+    async with connect(server.ws_url, bob) as b, connect(server.ws_url, alice) as a:
         await b.auth(tb)
+        await a.auth(ta)
         await b.quiet("message", 0.5)
+        cid = await a.send("fresh", to=bob)
+        fresh = await a.expect("sent", cid=cid)
+        assert (await b.expect("message"))["id"] == fresh["id"]
 
 
 async def test_receipt_waits_for_offline_sender(server, api, names):
@@ -84,6 +89,12 @@ async def test_receipt_waits_for_offline_sender(server, api, names):
         await a.ack(receipts=[s["rid"]])  # seen supersedes delivered
         await trio.sleep(0.2)
         assert d["by"] == s["by"] == bob
-    async with connect(server.ws_url, alice) as a:
+    async with connect(server.ws_url, alice) as a, connect(server.ws_url, bob) as b:
         await a.auth(ta)
         await a.quiet("receipt", 0.5)
+        # Nothing acked came back: the first receipt is for a new message.
+        cid = await a.send("and now?", to=bob)
+        fresh = await a.expect("sent", cid=cid)
+        await b.auth(tb)
+        await b.ack([(await b.expect("message", id=fresh["id"]))["id"]])
+        assert (await a.expect("receipt"))["id"] == fresh["id"]

@@ -63,13 +63,22 @@ async def test_two_devices_of_one_user(server, api, names):
         await a1.expect("receipt", id=sent["id"], status="delivered")
         r = await a2.expect("receipt", id=sent["id"], status="delivered")
         await a2.ack(receipts=[r["rid"]])
-    # Acked by one device: not owed to bob any more, on any device.
-    async with connect(server.ws_url, "bob-tablet") as b3:
+    # Acked by one device: not owed to bob any more, on any device; the
+    # receipt acked by one of alice's devices is not owed to her either. The
+    # first frames the new devices get are about a message sent afterwards.
+    async with (
+        connect(server.ws_url, "bob-tablet") as b3,
+        connect(server.ws_url, "alice-new") as a3,
+    ):
         await b3.auth(tb)
-        await b3.quiet("message", 0.4)
-    async with connect(server.ws_url, "alice-new") as a3:
         await a3.auth(ta)
+        await b3.quiet("message", 0.4)
         await a3.quiet("receipt", 0.4)
+        cid = await a3.send("later", to=bob)
+        later = await a3.expect("sent", cid=cid)
+        assert (await b3.expect("message"))["id"] == later["id"]
+        await b3.ack([later["id"]])
+        assert (await a3.expect("receipt"))["id"] == later["id"]
 
 
 async def test_unacked_message_is_offered_again(server, api, names):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from chatd.testing.nginx import nginx_binary
+from chatd.testing.nginx import requires_nginx
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 REQUEST_NAMES = ("send→sent", "send→delivered", "send→delivered receipt", "seen→seen receipt")
@@ -25,7 +25,7 @@ REQUEST_NAMES = ("send→sent", "send→delivered", "send→delivered receipt", 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.slow,
-    pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (make test does)"),
+    requires_nginx(),
 ]
 
 
@@ -64,7 +64,8 @@ def test_locust_smoke_run_loses_nothing_and_records_every_request_type(load_venv
     assert loss["sent"] > 0, output
     assert loss["missing"] == 0, loss["missing_sample"]
     assert loss["receipts_missing"] == 0, output
-    assert loss["delivered"] == loss["expected_deliveries"]
+    # Nothing reached a user it was not sent to.
+    assert loss["unexpected"] == 0, loss
 
     with (results / "locust_stats.csv").open(newline="", encoding="utf-8") as f:
         counts = {(r["Type"], r["Name"]): int(r["Request Count"]) for r in csv.DictReader(f)}

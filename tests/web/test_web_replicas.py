@@ -13,11 +13,11 @@ if SKIP_REASON:
 from playwright.sync_api import expect
 
 from chatd.testing.cluster import Cluster
-from chatd.testing.nginx import nginx_binary
+from chatd.testing.nginx import requires_nginx
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (make test does)"),
+    requires_nginx(),
 ]
 
 
