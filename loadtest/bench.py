@@ -136,6 +136,26 @@ def machine_jiffies() -> tuple[float, float, float]:
     return (sum(values[:8]) - idle - steal) / hz, steal / hz, sum(values[:8]) / hz
 
 
+#: Counters summed over the replicas' /metrics before and after each step.
+COUNTERS = ("chatd_task_steps_total", "chatd_store_writes_total")
+
+
+def scrape(urls: list[str]) -> dict[str, float] | None:
+    """The sums of :data:`COUNTERS` over these /metrics pages (None if one fails)."""
+    totals = dict.fromkeys(COUNTERS, 0.0)
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in totals:
+                totals[name] += float(value)
+    return totals
+
+
 def cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -158,6 +178,8 @@ class Target:
     server_pids: list[int]
     other_pids: list[int] = field(default_factory=list)  # nginx, redis
     stop: object = None  # callable
+    #: chatd replicas' /metrics (read for task steps); none for the references
+    metrics: list[str] = field(default_factory=list)
 
 
 class RefProcess:
@@ -191,7 +213,15 @@ class RefProcess:
 def start_target(name: str, work: Path, python: Path, secret: str) -> Target:
     if name == "chatd1":
         node = ChatdProcess(work / "chatd" / "data", args=CHATD_ARGS).start()
-        return Target(name, "chatd", node.http_url, node.ws_url, [node.proc.pid], stop=node.stop)
+        return Target(
+            name,
+            "chatd",
+            node.http_url,
+            node.ws_url,
+            [node.proc.pid],
+            stop=node.stop,
+            metrics=[node.http_url + "/metrics"],
+        )
     if name in ("chatd2", "chatd-idle"):
         replicas = 2 if name == "chatd2" else 1
         cluster = Cluster(
@@ -201,7 +231,8 @@ def start_target(name: str, work: Path, python: Path, secret: str) -> Target:
         ws = cluster.ws_url if cluster.nginx else cluster.nodes[0].ws_url
         others = [cluster.redis.proc.pid] + ([cluster.nginx.proc.pid] if cluster.nginx else [])
         pids = [n.proc.pid for n in cluster.nodes]
-        return Target(name, "chatd", http, ws, pids, others, stop=cluster.close)
+        metrics = [n.http_url + "/metrics" for n in cluster.nodes]
+        return Target(name, "chatd", http, ws, pids, others, stop=cluster.close, metrics=metrics)
     data = work / "reference"
     if name == "ref1":
         ref = RefProcess(python, data, secret, "ref1")
@@ -318,6 +349,7 @@ def run_step(args, python: Path, target: Target, users: Path, rate: float) -> di
             d.read()  # ready
         pids = target.server_pids + target.other_pids
         cpu0 = {p: cpu_seconds(p) for p in pids + [d.proc.pid for d in drivers]}
+        steps0 = scrape(target.metrics) if target.metrics else None
         m0 = machine_jiffies()
         start = time.monotonic() + 0.5
         for d in drivers:
@@ -326,6 +358,7 @@ def run_step(args, python: Path, target: Target, users: Path, rate: float) -> di
         elapsed = time.monotonic() - start
         cpu = {p: cpu_seconds(p) - c for p, c in cpu0.items()}
         m1 = machine_jiffies()
+        steps1 = scrape(target.metrics) if steps0 is not None else None
     finally:
         for d in drivers:
             d.close()
@@ -337,6 +370,11 @@ def run_step(args, python: Path, target: Target, users: Path, rate: float) -> di
         vs.sort()
     loss = {k: sum(r["loss"][k] for r in results) for k in results[0]["loss"]}
     window = results[0]["window"]
+    # Per delivered message, over the whole step (warm-up and drain included:
+    # CPU and steps are counted from the start signal to the last result).
+    delivered = max(1, loss["delivered"])
+    server_cpu = sum(cpu[p] for p in target.server_pids)
+    other_cpu = sum(cpu[p] for p in target.other_pids)
     step = {
         "rate": rate,
         "scheduled": sum(r["scheduled"] for r in results),
@@ -362,6 +400,21 @@ def run_step(args, python: Path, target: Target, users: Path, rate: float) -> di
             # hypervisor's steal: a noisy step shows here
             "others": round(100 * (m1[0] - m0[0] - sum(cpu.values())) / elapsed, 1),
             "steal": round(100 * (m1[1] - m0[1]) / elapsed, 1),
+        },
+        "per_message": {
+            "server_cpu_ms": round(1000 * server_cpu / delivered, 3),
+            "nginx_redis_cpu_ms": round(1000 * other_cpu / delivered, 3),
+            **{
+                key: (
+                    round((steps1[name] - steps0[name]) / delivered, 2)
+                    if steps0 is not None and steps1 is not None
+                    else None
+                )
+                for key, name in (
+                    ("task_steps", "chatd_task_steps_total"),
+                    ("store_writes", "chatd_store_writes_total"),
+                )
+            },
         },
     }
     p99 = step["percentiles"]["delivered"]["99"]
@@ -409,6 +462,7 @@ def bench_config(args, python: Path, name: str, work: Path, secret: str, users: 
                     f"  {rate:6.0f} msg/s offered: delivered {step['delivered_per_s']:7.1f}/s"
                     f"  delivery p50 {d['50']:6.1f} p99 {d['99']:7.1f} p99.9 {d['99.9']:7.1f} ms"
                     f"  seen-rtt p99 {s['99']:7.1f} ms  cpu {step['cpu_pct']}"
+                    f"  per msg {per_msg_cell(step)} ms, {steps_cell(step)} steps/commits"
                     f"  {'ok' if step['held'] else 'missed: ' + step['why_not']}",
                     flush=True,
                 )
@@ -482,11 +536,12 @@ RULES = [
     ("chatd/store/", "SQLite (store calls in worker threads)"),
     ("cryptography", "AES-GCM"),
     ("chatd/crypto", "AES-GCM"),
-    ("wsproto", "WebSocket framing (wsproto, trio-websocket)"),
-    ("trio_websocket", "WebSocket framing (wsproto, trio-websocket)"),
+    ("chatd/net/websocket", "WebSocket framing (chatd.net.websocket)"),
+    ("h11/", "WebSocket framing (chatd.net.websocket)"),
     ("json/", "JSON encode/decode"),
-    ("coredis", "Redis client (coredis on anyio)"),
-    ("anyio/", "Redis client (coredis on anyio)"),
+    ("orjson", "JSON encode/decode"),
+    ("chatd/broker/resp", "Redis client (chatd.broker.resp, hiredis)"),
+    ("hiredis", "Redis client (chatd.broker.resp, hiredis)"),
     ("logging/", "logging"),
     ("trio/_core/_thread_cache", "handing work to threads (trio.to_thread)"),
     ("trio/_threads", "handing work to threads (trio.to_thread)"),
@@ -580,6 +635,28 @@ def cpu_cell(cpu: dict) -> str:
     return " / ".join(f"{max(0.0, cpu[k]):.0f}%" if k in cpu else "—" for k in keys)
 
 
+def per_msg_cell(step: dict) -> str:
+    """Server CPU ms per delivered message (+ NGINX and Redis), and task steps."""
+    pm = step.get("per_message")
+    if not pm:
+        return "—"
+    cell = f"{pm['server_cpu_ms']:.2f}"
+    if pm["nginx_redis_cpu_ms"]:
+        cell += f" (+{pm['nginx_redis_cpu_ms']:.2f})"
+    return cell
+
+
+def steps_cell(step: dict) -> str:
+    """Task steps and store commits per delivered message."""
+    pm = step.get("per_message") or {}
+    if pm.get("task_steps") is None:
+        return "—"
+    cell = f"{pm['task_steps']:.0f}"
+    if pm.get("store_writes") is not None:
+        cell += f" / {pm['store_writes']:.2f}"
+    return cell
+
+
 def report_md(doc: dict) -> str:
     m = doc["machine"]
     lines = [
@@ -608,22 +685,24 @@ def report_md(doc: dict) -> str:
         "## Throughput and latency",
         "",
         "| configuration | highest rate held | delivered msg/s | delivery p50 / p99 / p99.9 ms"
-        " | seen RTT p50 / p99 / p99.9 ms | server CPU | driver CPU | others | next step |",
-        "|---|---:|---:|---|---|---:|---:|---:|---|",
+        " | seen RTT p50 / p99 / p99.9 ms | server CPU | server CPU ms / msg (+ NGINX, Redis)"
+        " | task steps / commits per msg | driver CPU | others | next step |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for c in doc["configs"]:
         b = c["best"]
         nxt = c["steps"][-1] if c["steps"] and not c["steps"][-1]["held"] else None
         why = f"{nxt['rate']:.0f}/s: {nxt['why_not']}" if nxt else "not reached (raise --rates)"
         if b is None:
-            lines.append(f"| {c['label']} | — | — | — | — | — | — | — | {why} |")
+            lines.append(f"| {c['label']} | — | — | — | — | — | — | — | — | — | {why} |")
             continue
         d, s = b["percentiles"]["delivered"], b["percentiles"]["seen_rtt"]
         lines.append(
             f"| {c['label']} | {b['rate']:.0f} | {b['delivered_per_s']:.0f}"
             f" | {fmt(d['50'])} / {fmt(d['99'])} / {fmt(d['99.9'])}"
             f" | {fmt(s['50'])} / {fmt(s['99'])} / {fmt(s['99.9'])}"
-            f" | {b['cpu_pct']['servers']:.0f}% | {b['cpu_pct']['drivers']:.0f}%"
+            f" | {b['cpu_pct']['servers']:.0f}% | {per_msg_cell(b)} | {steps_cell(b)}"
+            f" | {b['cpu_pct']['drivers']:.0f}%"
             f" | {max(0.0, b['cpu_pct'].get('others', 0.0)):.0f}% | {why} |"
         )
     best = {c["name"]: c["best"] for c in doc["configs"]}
@@ -703,8 +782,9 @@ def report_md(doc: dict) -> str:
         "## Every step",
         "",
         "| configuration | offered msg/s | delivered msg/s | delivery p50 / p99 / p99.9 ms"
-        " | seen RTT p99 ms | missing | CPU: servers / NGINX+Redis / drivers / others | held |",
-        "|---|---:|---:|---|---:|---:|---|---|",
+        " | seen RTT p99 ms | missing | CPU: servers / NGINX+Redis / drivers / others"
+        " | server CPU ms / msg | task steps / commits per msg | held |",
+        "|---|---:|---:|---|---:|---:|---|---:|---:|---|",
     ]
     for c in doc["configs"]:
         for s in c["steps"]:
@@ -715,6 +795,7 @@ def report_md(doc: dict) -> str:
                 f" | {fmt(d['50'])} / {fmt(d['99'])} / {fmt(d['99.9'])}"
                 f" | {fmt(s['percentiles']['seen_rtt']['99'])} | {s['loss']['missing']}"
                 f" | {cpu_cell(s['cpu_pct'])}{' (disturbed)' if s.get('disturbed') else ''}"
+                f" | {per_msg_cell(s)} | {steps_cell(s)}"
                 f" | {'yes' if s['held'] else 'no: ' + s['why_not']} |"
             )
     lines += ["", "![latency percentiles](bench.png)", ""]
@@ -738,7 +819,7 @@ def main() -> int:
         type=float,
         default=25.0,
         help="repeat (up to 3 times, uncounted) a step during which other processes on the"
-        " machine used more than this % of a core",
+        " machine used more than this %% of a core",
     )
     parser.add_argument("--idle", default="1000,5000,10000")
     parser.add_argument("--idle-users", type=int, default=200)
