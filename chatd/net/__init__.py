@@ -1,1 +1,1 @@
-"""Thin I/O adapters: WebSocket (trio-websocket) and HTTP (Starlette on hypercorn)."""
+"""Thin I/O adapters: WebSocket (our own, on trio sockets) and HTTP (Starlette on hypercorn)."""

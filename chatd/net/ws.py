@@ -1,50 +1,76 @@
-"""The WebSocket adapter: one :class:`WsConnection` per socket.
+"""The WebSocket adapter: the listener, and one :class:`WsConnection` per socket.
 
-Each connection runs in its own nursery (a child of the server's handler
-nursery): a reader that parses frames and calls the service one frame at a
-time, and a writer that drains the connection's bounded outbox onto the
-socket. Live items from the hub go into the outbox without blocking; if it
-overflows the connection is closed with 4008 and the device reconnects to
-get what is owed.
+chatd speaks WebSocket itself (:mod:`chatd.net.websocket` does the
+protocol, without I/O) over plain non-blocking sockets driven by trio's
+``wait_readable`` / ``wait_writable``. Two choices keep a message cheap:
 
-Close codes: 4001 unauthorized, 4008 too slow, 1001 server going away,
-1011 internal error. Oversize frames do not close the connection: they are
-discarded while they arrive and answered with ``too_large``.
+* **One task per connection.** It reads what the socket has, turns it into
+  frames and handles them in order. Nothing passes a frame to another task.
+* **Writes go straight to the socket**, from whichever task has something
+  for this device (its own reader answering, another connection's reader
+  routing a message, the broker delivering one): ``send()`` on a
+  non-blocking socket takes it at once unless the kernel's buffer is full.
+  Only then is the rest queued and a flusher task started (in the
+  connection's nursery) to wait until the socket is writable.
+
+A connection's queued bytes are bounded (:data:`OUTBOX_FRAMES` frames,
+:data:`OUTBOX_BYTES` bytes): past either, the device is too slow and is
+closed with 4008; what was owed stays owed and comes with its next
+``ready``. Keepalive pings for every connection come from one task
+(:func:`keepalive`), not one per connection.
+
+Close codes: 4001 unauthorized, 4008 too slow, 1001 server going away or no
+pong, 1002/1007 protocol errors, 1011 internal error. Oversize messages do
+not close the connection: they are dropped as they arrive and answered with
+``too_large``.
 """
 
 from __future__ import annotations
 
+import errno
+import heapq
 import logging
 import math
 import secrets
+import socket
 import time
+from collections import deque
+from collections.abc import Callable
 from functools import partial
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    WebSocketRequest,
-    WebSocketServer,
-)
-from wsproto import ConnectionType, WSConnection
 
 from chatd.core import frames
-from chatd.core.errors import BadRequest, ChatError, NotFound, Unauthorized
+from chatd.core.errors import BadRequest, ChatError, Unauthorized
 from chatd.core.session import Outbound, Session, SlowConsumer
+from chatd.net import websocket as wsp
 from chatd.service import ChatService
 
 log = logging.getLogger("chatd.ws")
 
-OUTBOX = 1024
-#: A client frame larger than this is read and thrown away as it arrives (it
-#: is never buffered) and answered with ``too_large``; the connection stays.
+#: Queued frames / bytes a device may have waiting for its socket before it
+#: counts as too slow (4008). Bytes bound the memory one slow phone holds.
+OUTBOX_FRAMES = 1024
+OUTBOX_BYTES = 1024 * 1024
+#: The backlog writer waits for the socket above these, so a long backlog
+#: never fills the outbox that live frames need.
+BACKLOG_HIGH_FRAMES = 256
+BACKLOG_HIGH_BYTES = 256 * 1024
+#: A client message larger than this is dropped as it arrives (it is never
+#: buffered) and answered with ``too_large``; the connection stays.
 DISCARD_OVER = frames.MAX_FRAME_BYTES + 1
-#: Seconds between WebSocket pings; a peer that does not answer within the
-#: next interval is dropped. Proxies need read timeouts above this.
+#: Seconds between keepalive pings; a peer that has sent nothing (not even a
+#: pong) by the next round is dropped. Proxies need read timeouts above this.
 PING_INTERVAL = 30.0
-#: Seconds a dropped connection's writer gets to finish the frame in hand.
+#: Seconds a dropped connection gets to finish the frame in hand.
 DROP_GRACE = 5.0
+#: Seconds for the HTTP upgrade request, and for the peer's closing frame.
+HANDSHAKE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0
+RECV_SIZE = 65536
+#: Writes (sends, acks, seen reports) one connection may have queued at once
+#: before its reader waits for them to commit.
+MAX_INFLIGHT = 256
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_TOO_SLOW = 4008
 CLOSE_GOING_AWAY = 1001
@@ -60,27 +86,192 @@ _FRAME_TYPES: dict[type, str] = {
     frames.Ping: "ping",
 }
 
+_PING = wsp.ping_frame(b"chatd")
+
+
+class Transport:
+    """One non-blocking TCP socket: reads, and writes that never wait.
+
+    :meth:`write` hands bytes to the kernel at once; what it does not take is
+    queued and a flusher task (started in ``nursery``) writes it when the
+    socket is writable. The owner closes the socket with :meth:`close`.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.nursery: trio.Nursery | None = None
+        self._queue: deque[bytes | memoryview] = deque()
+        self.queued_frames = 0
+        self.queued_bytes = 0
+        self._flushing = False
+        self._drained = trio.Event()
+        self._drained.set()
+        self.broken = False
+        #: Called (once) when a write finds the peer gone.
+        self.on_broken: Callable[[], None] | None = None
+        self.closed = False
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Flusher tasks run in ``nursery`` (the connection's) from now on."""
+        self.nursery = nursery
+        if self._queue and not self._flushing:
+            self._flushing = True
+            self._drained = trio.Event()
+            nursery.start_soon(self._flush)
+
+    async def recv(self) -> bytes:
+        """What the peer sent (b"" once it closed or the socket broke)."""
+        while True:
+            # Wait first: right after a frame was handled, the next one is
+            # rarely there yet, and a recv that fails costs a system call.
+            try:
+                await trio.lowlevel.wait_readable(self.sock)
+            except (trio.ClosedResourceError, OSError):
+                return b""
+            try:
+                return self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return b""
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` now, or queue it behind what is already queued."""
+        if self.broken or self.closed:
+            return
+        if not self._queue:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._break()
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        self._queue.append(data)
+        self.queued_frames += 1
+        self.queued_bytes += len(data)
+        if not self._flushing and self.nursery is not None:
+            self._flushing = True
+            self._drained = trio.Event()
+            self.nursery.start_soon(self._flush)
+
+    def discard_queued(self) -> None:
+        """Drop what is queued, except the rest of a frame already begun."""
+        if not self._queue:
+            return
+        first = self._queue[0]
+        partial_frame = isinstance(first, memoryview)
+        self._queue.clear()
+        self.queued_frames = self.queued_bytes = 0
+        if partial_frame:
+            self._queue.append(first)
+            self.queued_frames, self.queued_bytes = 1, len(first)
+
+    async def drain(self) -> None:
+        """Wait until everything queued was handed to the kernel (or the
+        socket broke)."""
+        await self._drained.wait()
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue and not self.broken:
+                await trio.lowlevel.wait_writable(self.sock)
+                while self._queue:
+                    chunk = self._queue[0]
+                    try:
+                        sent = self.sock.send(chunk)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        self._break()
+                        return
+                    self.queued_bytes -= sent
+                    if sent == len(chunk):
+                        self._queue.popleft()
+                        self.queued_frames -= 1
+                    else:
+                        self._queue[0] = memoryview(chunk)[sent:]
+                        break
+        except (trio.ClosedResourceError, OSError):
+            self._break()
+        finally:
+            self._flushing = False
+            self._drained.set()
+
+    def _break(self) -> None:
+        self.broken = True
+        self._queue.clear()
+        self.queued_frames = self.queued_bytes = 0
+        self._drained.set()
+        if self.on_broken is not None:
+            callback, self.on_broken = self.on_broken, None
+            callback()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.clear()
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+
+class Deadlines:
+    """Auth deadlines and token expiries of every connection, on one timer
+    task (:meth:`run`) instead of a cancel scope around each read. Entries
+    are never removed: one that is no longer a connection's deadline is
+    ignored when it comes up (:meth:`WsConnection.deadline_passed`)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, WsConnection]] = []
+        self._count = 0
+        self._changed = trio.Event()
+
+    def add(self, when: float, conn: WsConnection) -> None:
+        if when == math.inf:
+            return
+        self._count += 1
+        earliest = self._heap[0][0] if self._heap else math.inf
+        heapq.heappush(self._heap, (when, self._count, conn))
+        if when < earliest:
+            self._changed.set()
+
+    async def run(self) -> None:
+        while True:
+            now = trio.current_time()
+            while self._heap and self._heap[0][0] <= now:
+                when, _, conn = heapq.heappop(self._heap)
+                conn.deadline_passed(when)
+            self._changed = trio.Event()
+            with trio.move_on_at(self._heap[0][0] if self._heap else math.inf):
+                await self._changed.wait()
+
 
 class WsConnection:
-    """One WebSocket: its session, its outbox, and the tasks that serve it.
+    """One WebSocket after its handshake: its session and its socket.
 
     Closing has two speeds. :meth:`close_soon` (shutdown, token expiry)
-    stops reading, lets the writer flush the outbox, then closes.
-    :meth:`_drop` (slow consumer, dead peer) discards the outbox; the writer
-    still finishes the frame it is writing, so a close never cuts a frame in
-    half, and a peer that cannot take even that is cut off after a timeout.
+    stops reading, lets what is queued go out, then closes. :meth:`_drop`
+    (slow consumer, dead peer) discards what is queued but the rest of a
+    frame already begun, so a close never cuts a frame in half; a peer that
+    cannot take even that is cut off after :data:`DROP_GRACE` seconds.
     """
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        transport: Transport,
         service: ChatService,
         *,
+        deadlines: Deadlines,
         auth_timeout: float,
         rate: float,
         burst: float,
     ) -> None:
-        self.ws = ws
+        self.transport = transport
+        self.deadlines = deadlines
         self.service = service
         self._frames_in = service.metrics.frames_in
         self._frame_out = service.metrics.frame_out
@@ -88,67 +279,152 @@ class WsConnection:
         self.user: str | None = None
         self.auth_timeout = auth_timeout
         self.session = Session(rate=rate, burst=burst, now=trio.current_time())
-        self._out_send, self._out_recv = trio.open_memory_channel[str](OUTBOX)
+        self.reader = wsp.FrameReader(DISCARD_OVER)
         self._close: tuple[int, str] = (1000, "bye")
         self._closing = False
         self._dropping = False
+        self._peer_closed = False
+        #: The deadline in force (auth, then token expiry), trio time.
+        self.deadline = math.inf
+        #: One cancel scope for the whole read loop (a scope per read costs
+        #: ~10 µs); it is cancelled only while the reader waits for bytes.
         self._read_scope: trio.CancelScope | None = None
+        self._waiting = False
+        #: Writes queued for this connection whose answers are still to come.
+        self._inflight = 0
+        self._inflight_lot = trio.lowlevel.ParkingLot()
+        self._expired = False
         self._scope: trio.CancelScope | None = None
+        #: Keepalive: set by each ping round, cleared by anything received.
+        self.awaiting_pong = False
+        #: Set once our close frame is written: nothing may follow it.
+        self._close_sent = False
+        transport.on_broken = self._peer_gone
 
-    # -- called from other tasks (hub, shutdown) -------------------------------------
+    # -- called from other tasks (hub, shutdown, keepalive) ---------------------------
 
     def offer(self, item: Outbound) -> None:
         try:
             for out in self.session.offer(item):
-                self._out_send.send_nowait(out.text)
-        except (trio.WouldBlock, SlowConsumer):
-            log.warning("closing a slow connection", extra={"user": self.user, "conn": self.id})
-            self._drop(CLOSE_TOO_SLOW, "too slow: reconnect to get what is owed")
-        except trio.ClosedResourceError:
-            pass  # closing; what was owed stays owed
-
-    def close_soon(self, code: int, reason: str) -> None:
-        """Stop reading, flush what is queued, then close with ``code``."""
-        if not self._closing:
-            self._close = (code, reason)
-        self._closing = True
-        if self._read_scope is not None:
-            self._read_scope.cancel()
+                self._write(out.data)
+        except SlowConsumer:
+            self._too_slow()
 
     def reply(self, item: Outbound) -> None:
         """A direct answer to this device (``sent``): never held, never deduplicated."""
-        self._send_now(item.text)
+        self._write(item.data)
+
+    def hold(self) -> None:
+        self._inflight += 1
+
+    def release(self) -> None:
+        self._inflight -= 1
+        if self._inflight_lot and (self._inflight < MAX_INFLIGHT // 2 or self._closing):
+            self._inflight_lot.unpark_all()
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Stop reading, send what is queued, then close with ``code``."""
+        if not self._closing:
+            self._close = (code, reason)
+        self._closing = True
+        # Only a reader waiting for bytes is interrupted; one handling a frame
+        # finishes it and then sees _closing.
+        if self._waiting and self._read_scope is not None:
+            self._read_scope.cancel()
+
+    def deadline_passed(self, when: float) -> None:
+        """Called by :class:`Deadlines`: the auth deadline or the token's
+        expiry, if it is still the one in force. The frame in hand (if any)
+        is answered first; the error frame follows it (see _read_loop)."""
+        if when == self.deadline and not self._closing:
+            self._expired = True
+            self.close_soon(CLOSE_UNAUTHORIZED, "expired")
+
+    def ping(self) -> None:
+        """One keepalive round: drop a peer silent since the last round, else ping."""
+        if self._closing:
+            return
+        if self.awaiting_pong:
+            log.info("dropping a connection that stopped answering pings", extra={"conn": self.id})
+            self._drop(CLOSE_GOING_AWAY, "no pong")
+            return
+        self.awaiting_pong = True
+        self.transport.write(_PING)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _write(self, payload: bytes) -> None:
+        if self._dropping or self._close_sent:
+            return
+        # Counted as it is handed to the socket.
+        self._frame_out(payload)
+        self.transport.write(wsp.text_frame(payload))
+        t = self.transport
+        if t.queued_frames > OUTBOX_FRAMES or t.queued_bytes > OUTBOX_BYTES:
+            self._too_slow()
+
+    def _push(self, frame: dict) -> None:
+        """An answer from this connection's reader. While earlier frames'
+        writes are still to be answered, it waits its turn behind them, so
+        a device gets its answers in the order of its frames."""
+        data = frames.encode(frame)
+        if not self._inflight:
+            self._write(data)
+            return
+        self.hold()
+
+        def in_turn() -> None:
+            self.release()
+            self._write(data)
+
+        self.service.after_writes(in_turn)
+
+    def _too_slow(self) -> None:
+        log.warning("closing a slow connection", extra={"user": self.user, "conn": self.id})
+        self._drop(CLOSE_TOO_SLOW, "too slow: reconnect to get what is owed")
 
     def _drop(self, code: int, reason: str) -> None:
-        """Close without flushing: what was owed stays owed for the next connection.
-
-        The writer may finish the frame it is writing; a peer that does not
-        take it within DROP_GRACE seconds is cut off.
-        """
+        """Close without sending what is queued: what was owed stays owed."""
+        if self._dropping:
+            return
         self._dropping = True
         self.close_soon(code, reason)
         self._close = (code, reason)
+        self.transport.discard_queued()
         if self._scope is not None:
             self._scope.deadline = min(self._scope.deadline, trio.current_time() + DROP_GRACE)
 
-    # -- the connection's own tasks --------------------------------------------------
+    def _peer_gone(self) -> None:
+        self._peer_closed = True
+        self.close_soon(1006, "connection lost")
 
-    async def serve(self) -> None:
+    async def _write_backlog(self, items: list[Outbound]) -> None:
+        for item in items:
+            self._write(item.data)
+            t = self.transport
+            if t.queued_frames > BACKLOG_HIGH_FRAMES or t.queued_bytes > BACKLOG_HIGH_BYTES:
+                await t.drain()
+
+    # -- the connection's own task ------------------------------------------------------
+
+    async def serve(self, initial: bytes) -> None:
+        """Serve until the connection ends; ``initial``: bytes that came with
+        the upgrade request."""
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
-                nursery.start_soon(self._write_loop, nursery.cancel_scope)
-                nursery.start_soon(self._keepalive)
+                self.transport.attach(nursery)
                 try:
-                    await self._read_loop(nursery)
+                    await self._read_loop(nursery, initial)
                 except Exception:
                     # A bug in one connection: tell the device, close with 1011
                     # (clients reconnect); never take the server down.
                     log.exception("connection failed", extra={"user": self.user, "conn": self.id})
                     self._push(frames.error("internal", "internal error"))
                     self._close = (CLOSE_INTERNAL, "internal error")
-                finally:
-                    self._out_send.close()  # the writer drains (or drops), then ends
+                self.session.closed()  # no more live items
+                await self._finish()
+                nursery.cancel_scope.cancel()  # a backlog still running
         finally:
             self.session.closed()
             with trio.CancelScope(shield=True):
@@ -157,125 +433,107 @@ class WsConnection:
                         await self.service.detach(self)
                     except ChatError as exc:
                         log.warning("detach failed", extra={"conn": self.id, "reason": exc.message})
-                # A peer that cannot take the close frame is cut off (1006).
-                with trio.move_on_after(2):
-                    await self.ws.aclose(*self._close)
+            self.transport.close()
 
-    async def _write_loop(self, scope: trio.CancelScope) -> None:
-        """Drain the outbox onto the socket; when the outbox is closed and empty,
-        or the socket is gone, end the connection's other tasks."""
-        try:
-            async for text in self._out_recv:
-                if self._dropping:
-                    break
-                # Counted as it is handed to the socket (a send that then fails
-                # on a closed connection is counted too).
-                self._frame_out(text)
-                await self.ws.send_message(text)
-        except ConnectionClosed:
-            self.close_soon(1000, "bye")
-        finally:
-            scope.cancel()
-
-    async def _keepalive(self) -> None:
-        """WebSocket pings: keep proxies from timing out an idle connection and
-        find peers that vanished without closing (a dead phone, a cut cable)."""
-        while True:
-            await trio.sleep(PING_INTERVAL)
-            with trio.move_on_after(PING_INTERVAL) as wait:
-                try:
-                    await self.ws.ping()
-                except ConnectionClosed:
+    async def _finish(self) -> None:
+        """The closing handshake: our close frame after what is queued, then
+        the peer's (bounded), then the socket closes."""
+        t = self.transport
+        if t.broken:
+            return
+        code, reason = self._close
+        if code == 1006:
+            return
+        if self._inflight and not self._dropping:
+            # Frames taken before the close are answered before it.
+            with trio.move_on_after(CLOSE_TIMEOUT * 5):
+                while self._inflight:
+                    await self._inflight_lot.park()
+        t.write(wsp.close_frame(code, reason))
+        self._close_sent = True
+        with trio.move_on_after(DROP_GRACE if self._dropping else CLOSE_TIMEOUT * 5):
+            await t.drain()
+        if self._peer_closed or t.broken:
+            return
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            while True:
+                data = await t.recv()
+                if not data:
                     return
-            if wait.cancelled_caught:
-                log.info(
-                    "dropping a connection that stopped answering pings", extra={"conn": self.id}
-                )
-                self._drop(CLOSE_GOING_AWAY, "no pong")
-                return
+                for event in self.reader.feed(data):
+                    if isinstance(event, (wsp.Close, wsp.ProtocolError)):
+                        return
 
-    def _push(self, frame: dict) -> None:
-        self._send_now(frames.encode(frame))
-
-    def _send_now(self, text: str) -> None:
-        try:
-            self._out_send.send_nowait(text)
-        except trio.WouldBlock:
-            self._drop(CLOSE_TOO_SLOW, "too slow: reconnect to get what is owed")
-        except trio.ClosedResourceError:
-            pass
-
-    async def _next(self, deadline: float = math.inf) -> str | bytes | None:
-        """The next client frame; None once the socket closed, we are closing,
-        or ``deadline`` (trio time) passed while waiting."""
+    async def _events(self) -> list[wsp.Event] | None:
+        """The next events from the socket; None once the peer closed or we
+        are closing (a deadline passed, shutdown, a drop)."""
         if self._closing:
             return None
-        with trio.CancelScope(deadline=deadline) as self._read_scope:
-            try:
-                return await self.ws.get_message()
-            except ConnectionClosed:
-                self._closing = True
-                return None
-        return None
-
-    async def _read_loop(self, nursery: trio.Nursery) -> None:
-        expires_at = await self._authenticate()
-        if expires_at is None:
-            return
+        self._waiting = True
         try:
-            await self._start(nursery)
-        except ChatError as exc:
-            self._push(frames.error(exc.code, exc.message))
-            self._close = (CLOSE_INTERNAL, "could not start the session")
+            data = await self.transport.recv()
+        finally:
+            self._waiting = False
+        if not data:
+            self._peer_closed = True
+            self._closing = True
+            self._close = (1006, "connection lost")
+            return None
+        self.awaiting_pong = False
+        return self.reader.feed(data)
+
+    def _set_deadline(self, when: float) -> None:
+        self.deadline = when
+        self.deadlines.add(when, self)
+
+    async def _read_loop(self, nursery: trio.Nursery, initial: bytes) -> None:
+        self._set_deadline(trio.current_time() + self.auth_timeout)
+        pending = self.reader.feed(initial) if initial else []
+        with trio.CancelScope() as self._read_scope:
+            while True:
+                events = pending or await self._events()
+                pending = []
+                if events is None:
+                    break
+                for event in events:
+                    if not await self._on_event(event, nursery):
+                        break
+        self._read_scope = None
+        if not self._expired:
             return
-        # The connection lives as long as its token (then the client logs in
-        # again). Expiry is only noticed between frames: a frame in hand is
-        # always answered.
-        deadline = trio.current_time() + max(0.0, expires_at - time.time())
-        while True:
-            raw = await self._next(deadline)
-            if raw is None:
-                break
-            await self._handle(raw)
-        if not self._closing and trio.current_time() >= deadline:
+        # A frame in hand was answered; now the reason, then 4001.
+        if self.user is None:
+            self._push(frames.error("unauthorized", f"no auth within {self.auth_timeout:g} s"))
+            self._close = (CLOSE_UNAUTHORIZED, "no auth")
+        else:
             self._push(frames.error("unauthorized", "token expired"))
             self._close = (CLOSE_UNAUTHORIZED, "token expired")
 
-    async def _authenticate(self) -> float | None:
-        """Wait for a good ``auth``; returns the token's expiry or None (closing)."""
-        deadline = trio.current_time() + self.auth_timeout
-        while True:
-            raw = await self._next(deadline)
-            if raw is None:
-                break
-            try:
-                frame = self._parse(raw)
-            except Unauthorized as exc:  # an ``auth`` without a usable token
-                return self._refuse(exc)
-            except ChatError as exc:
-                self._push(frames.error(exc.code, exc.message, exc.cid))
-                continue
-            try:
-                self.session.check(frame, trio.current_time())
-            except ChatError as exc:  # anything but auth: refused, keep waiting
-                self._push(frames.error(exc.code, exc.message, exc.cid))
-                continue
-            assert isinstance(frame, frames.Auth)
-            try:
-                user, expires_at = await self.service.authenticate(frame.token)
-            except Unauthorized as exc:
-                return self._refuse(exc)
-            except ChatError as exc:
-                self._push(frames.error(exc.code, exc.message))
-                self._close = (CLOSE_INTERNAL, "could not check the token")
-                return None
-            self.user = user
-            self.session.authenticated(user)
-            return expires_at
-        if not self._closing and trio.current_time() >= deadline:
-            self._push(frames.error("unauthorized", f"no auth within {self.auth_timeout:g} s"))
-            self._close = (CLOSE_UNAUTHORIZED, "no auth")
-        return None
+    async def _on_event(self, event: wsp.Event, nursery: trio.Nursery) -> bool:
+        """Handle one event; False when the connection is to close."""
+        if self._closing:
+            return False
+        match event:
+            case wsp.Text(data=data):
+                await self._handle(data, nursery)
+            case wsp.Binary(data=data):
+                await self._handle(data, nursery)
+            case wsp.Oversize():
+                await self._handle(frames.OVERSIZE, nursery)
+            case wsp.Ping(payload=payload):
+                self.transport.write(wsp.pong_frame(payload))
+            case wsp.Pong():
+                pass
+            case wsp.Close(code=code):
+                self._peer_closed = True
+                self._closing = True
+                self._close = (1000 if code in (1005, 1006) else code, "")
+                return False
+            case wsp.ProtocolError(code=code, reason=reason):
+                self._closing = True
+                self._close = (code, reason)
+                return False
+        return not self._closing
 
     def _parse(self, raw: str | bytes) -> frames.ClientFrame:
         """Parse a client frame and count it (by type, or as invalid)."""
@@ -287,41 +545,10 @@ class WsConnection:
         self._frames_in[_FRAME_TYPES[type(frame)]].inc()
         return frame
 
-    def _refuse(self, exc: ChatError) -> None:
-        self._push(frames.error(exc.code, exc.message))
-        self._close = (CLOSE_UNAUTHORIZED, exc.message)
-
-    async def _start(self, nursery: trio.Nursery) -> None:
-        """Attach, say ``ready``, then offer the backlog in its own task.
-
-        The backlog runs beside the reader, so the device's acks (and the
-        transport's pongs) are taken while a long backlog streams out.
-        """
-        assert self.user is not None
-        await self.service.attach(self)
-        await self._out_send.send(frames.encode(frames.ready(self.user, self.service.node)))
-        nursery.start_soon(self._backlog)
-
-    async def _backlog(self) -> None:
-        assert self.user is not None
-
-        async def emit(items: list[Outbound]) -> None:
-            for item in self.session.backlog(items):
-                await self._out_send.send(item.text)
-
-        try:
-            try:
-                await self.service.backlog(self.user, emit)
-            except ChatError as exc:
-                # The store is down: the device is online and gets live traffic;
-                # what is owed stays owed for the next connection.
-                self._push(frames.error(exc.code, f"backlog not available: {exc.message}"))
-            for item in self.session.finish_backlog():
-                await self._out_send.send(item.text)
-        except trio.ClosedResourceError:
-            pass  # the connection is closing
-
-    async def _handle(self, raw: str | bytes) -> None:
+    async def _handle(self, raw: str | bytes, nursery: trio.Nursery) -> None:
+        if self.user is None:
+            await self._handle_unauthenticated(raw, nursery)
+            return
         frame: frames.ClientFrame | None = None
         try:
             try:
@@ -333,17 +560,20 @@ class WsConnection:
                 case frames.Send():
                     await self.service.send(self, frame)
                 case frames.Ack():
-                    unknown = await self.service.ack(self, frame)
                     self.session.settled(list(frame.ids) + list(frame.receipts))
-                    self._refuse_unknown(unknown)
+                    await self.service.ack(self, frame)
                 case frames.Seen():
-                    unknown = await self.service.seen(self, frame)
                     self.session.settled(list(frame.ids))
-                    self._refuse_unknown(unknown)
+                    await self.service.seen(self, frame)
                 case frames.Typing():
                     await self.service.typing(self, frame)
                 case frames.Ping():
                     self._push(frames.pong())
+            if self._inflight >= MAX_INFLIGHT:
+                # Its writes are answered after they commit: a device that
+                # sends faster than they do waits here (back pressure).
+                while self._inflight >= MAX_INFLIGHT // 2 and not self._closing:
+                    await self._inflight_lot.park()
         except ChatError as exc:
             self._push(frames.error(exc.code, exc.message, exc.cid))
         except Exception:
@@ -351,89 +581,192 @@ class WsConnection:
             cid = frame.cid if isinstance(frame, frames.Send) else None
             self._push(frames.error("internal", "internal error", cid))
 
-    def _refuse_unknown(self, unknown: list[str]) -> None:
-        if unknown:
-            exc = NotFound("no such message for you")
-            self._push(frames.error(exc.code, exc.message, ids=unknown))
-
-
-class _BoundedConnection(WebSocketConnection):
-    """A server connection that never buffers more than ``DISCARD_OVER`` bytes
-    of one message: the rest is dropped as it arrives, and the reader gets
-    :data:`chatd.core.frames.OVERSIZE` in its place. (trio-websocket itself would close the
-    connection with 1009 instead, after buffering up to its own limit.)
-
-    Relies on trio-websocket's ``_handle_message_event``; the version range is
-    pinned in setup.cfg and tests/e2e/test_bad_input.py checks the behaviour.
-    """
-
-    _discarding = False
-
-    async def _handle_message_event(self, event) -> None:  # type: ignore[override]
-        if self._discarding or self._message_size + len(event.data) > DISCARD_OVER:
-            self._discarding = True
-            self._message_parts = []
-            self._message_size = 0
-            if event.message_finished:
-                self._discarding = False
-                try:
-                    await self._send_channel.send(frames.OVERSIZE)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    pass
+    async def _handle_unauthenticated(self, raw: str | bytes, nursery: trio.Nursery) -> None:
+        """Before a good ``auth``: only ``auth`` is taken; a bad token closes."""
+        try:
+            frame = self._parse(raw)
+        except Unauthorized as exc:  # an ``auth`` without a usable token
+            self._refuse(exc)
             return
-        await super()._handle_message_event(event)
+        except ChatError as exc:
+            self._push(frames.error(exc.code, exc.message, exc.cid))
+            return
+        try:
+            self.session.check(frame, trio.current_time())
+        except ChatError as exc:  # anything but auth: refused, keep waiting
+            self._push(frames.error(exc.code, exc.message, exc.cid))
+            return
+        if not isinstance(frame, frames.Auth):
+            raise RuntimeError("the session let a frame other than auth through")
+        try:
+            user, expires_at = await self.service.authenticate(frame.token)
+        except Unauthorized as exc:
+            self._refuse(exc)
+            return
+        except ChatError as exc:
+            self._push(frames.error(exc.code, exc.message))
+            self._close = (CLOSE_INTERNAL, "could not check the token")
+            self._closing = True
+            return
+        self.user = user
+        self.session.authenticated(user)
+        # The connection lives as long as its token (then the client logs in
+        # again); a frame in hand when it expires is still answered.
+        self._set_deadline(trio.current_time() + max(0.0, expires_at - time.time()))
+        try:
+            await self.service.attach(self)
+        except ChatError as exc:
+            self._push(frames.error(exc.code, exc.message))
+            self._close = (CLOSE_INTERNAL, "could not start the session")
+            self._closing = True
+            return
+        self._push(frames.ready(user, self.service.node))
+        # The backlog runs beside the reader, so the device's acks (and its
+        # pongs) are taken while a long backlog streams out.
+        nursery.start_soon(self._backlog)
+
+    def _refuse(self, exc: ChatError) -> None:
+        self._push(frames.error(exc.code, exc.message))
+        self._close = (CLOSE_UNAUTHORIZED, exc.message)
+        self._closing = True
+
+    async def _backlog(self) -> None:
+        if self.user is None:
+            raise RuntimeError("backlog before authentication")
+
+        async def emit(items: list[Outbound]) -> None:
+            await self._write_backlog(self.session.backlog(items))
+
+        try:
+            await self.service.backlog(self.user, emit)
+        except ChatError as exc:
+            # The store is down: the device is online and gets live traffic;
+            # what is owed stays owed for the next connection.
+            self._push(frames.error(exc.code, f"backlog not available: {exc.message}"))
+        if self.session.phase == "backlog":
+            await self._write_backlog(self.session.finish_backlog())
 
 
-class _BoundedServer(WebSocketServer):
-    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
-        # As WebSocketServer._handle_connection, with _BoundedConnection.
-        async with trio.open_nursery() as nursery:
-            connection = _BoundedConnection(
-                stream,
-                WSConnection(ConnectionType.SERVER),
-                message_queue_size=self._message_queue_size,
-                max_message_size=self._max_message_size,
-                receive_buffer_size=self._receive_buffer_size,
-            )
-            nursery.start_soon(connection._reader_task)
-            with trio.move_on_after(self._connect_timeout) as connect_scope:
-                request = await connection._get_request()
-            if connect_scope.cancelled_caught:
-                nursery.cancel_scope.cancel()
-                await stream.aclose()
-                return
-            try:
-                await self._handler(request)
-            finally:
-                with trio.move_on_after(self._disconnect_timeout):
-                    await connection.aclose()
+# -- the listener ------------------------------------------------------------------------------
 
 
-async def handle_request(
-    request: WebSocketRequest,
+async def handle_socket(
+    sock: socket.socket,
     *,
     service: ChatService,
     connections: set[WsConnection],
+    deadlines: Deadlines,
     auth_timeout: float,
     rate: float,
     burst: float,
 ) -> None:
-    if request.path.split("?", 1)[0] != "/ws":
-        await request.reject(404, body=b"not found: the WebSocket path is /ws")
-        return
-    ws = await request.accept()
-    conn = WsConnection(ws, service, auth_timeout=auth_timeout, rate=rate, burst=burst)
-    connections.add(conn)
-    service.metrics.ws_accepted.inc()
-    service.metrics.ws_connections.inc()
+    """One accepted socket: the upgrade, then the connection until it ends."""
+    transport = Transport(sock)
     try:
-        await conn.serve()
+        shake = wsp.Handshake("/ws")
+        result: wsp.Upgrade | wsp.Reject | None = None
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            while result is None:
+                data = await transport.recv()
+                if not data:
+                    return
+                result = shake.feed(data)
+        if result is None:
+            return  # no request within the timeout
+        if isinstance(result, wsp.Reject):
+            async with trio.open_nursery() as nursery:
+                transport.attach(nursery)
+                transport.write(result.response)
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await transport.drain()
+            return
+        transport.write(result.response)
+        conn = WsConnection(
+            transport,
+            service,
+            deadlines=deadlines,
+            auth_timeout=auth_timeout,
+            rate=rate,
+            burst=burst,
+        )
+        connections.add(conn)
+        service.metrics.ws_accepted.inc()
+        service.metrics.ws_connections.inc()
+        try:
+            await conn.serve(result.rest)
+        finally:
+            connections.discard(conn)
+            service.metrics.ws_connections.dec()
     except Exception:
         # One connection's bug must never take the server down with it.
-        log.exception("connection failed", extra={"user": conn.user, "conn": conn.id})
+        log.exception("connection failed")
     finally:
-        connections.discard(conn)
-        service.metrics.ws_connections.dec()
+        transport.close()
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for ``host`` (every address it resolves to), non-blocking."""
+    socks: list[socket.socket] = []
+    try:
+        seen: set[tuple] = set()
+        for family, type_, proto, _, addr in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(socks) > 1:
+                # Every address on the same (first) free port.
+                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
+            sock.bind(addr)
+            sock.listen(4096)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+#: accept() errors that mean "out of resources for now": wait, then go on.
+_ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+async def _accept_loop(
+    lsock: socket.socket, handler: Callable[[socket.socket], object], nursery: trio.Nursery
+) -> None:
+    while True:
+        await trio.lowlevel.wait_readable(lsock)
+        while True:  # take every connection that is waiting
+            try:
+                sock, _ = lsock.accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in _ACCEPT_CAPACITY:
+                    log.error("accept failed; pausing", extra={"reason": str(exc)})
+                    await trio.sleep(0.1)
+                    break
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                raise
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            nursery.start_soon(handler, sock)
+
+
+async def keepalive(connections: set[WsConnection], interval: float = PING_INTERVAL) -> None:
+    """Every ``interval``: ping each connection, dropping any that stayed
+    silent since the previous ping (a dead phone, a cut cable)."""
+    while True:
+        await trio.sleep(interval)
+        for conn in list(connections):
+            conn.ping()
 
 
 async def serve_ws(
@@ -448,28 +781,26 @@ async def serve_ws(
     burst: float,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen for WebSockets; handlers run in ``handler_nursery``. Reports the port."""
+    """Accept WebSockets until cancelled; each runs in ``handler_nursery``.
+    Reports the port once listening."""
+    deadlines = Deadlines()
     handler = partial(
-        handle_request,
+        handle_socket,
         service=service,
         connections=connections,
+        deadlines=deadlines,
         auth_timeout=auth_timeout,
         rate=rate,
         burst=burst,
     )
-
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    server = _BoundedServer(
-        handler,
-        listeners,
-        handler_nursery=handler_nursery,
-        message_queue_size=8,
-        max_message_size=2 * DISCARD_OVER,  # never reached: see _BoundedConnection
-        # A TCP connection that never finishes the handshake, or never answers
-        # our close, must not hold a handler for long.
-        connect_timeout=10,
-        disconnect_timeout=5,
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        task_status.started(server.port)
+    socks = bind(host, port)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deadlines.run)
+            for lsock in socks:
+                nursery.start_soon(_accept_loop, lsock, handler, handler_nursery)
+            task_status.started(socks[0].getsockname()[1])
+    finally:
+        for lsock in socks:
+            trio.lowlevel.notify_closing(lsock)
+            lsock.close()
