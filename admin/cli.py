@@ -116,6 +116,12 @@ def run(
     async def main() -> Any:
         s = _open_store(config) if store else None
         b = _open_broker(config, required=broker is True) if broker is not False else None
+        if b is None:
+            return await _main(s, b)
+        async with b:
+            return await _main(s, b)
+
+    async def _main(s: Store | None, b: Broker | None) -> Any:
         try:
             # Fail fast with one clear line when a backend is away.
             for name, port in (("store", s), ("Redis", b)):

@@ -127,6 +127,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("burst", float, 60.0, ("CHATD_BURST",), "Frames a connection may send at once."),
     Setting(
+        "commit_window",
+        float,
+        2.0,
+        ("CHATD_COMMIT_WINDOW",),
+        "Milliseconds a store write waits for others to share its commit (0: none).",
+    ),
+    Setting(
         "auth_timeout",
         float,
         10.0,
@@ -169,6 +176,7 @@ class Config:
     public_ws_url: str = ""
     rate: float = 30.0
     burst: float = 60.0
+    commit_window: float = 2.0
     auth_timeout: float = 10.0
     shutdown_grace: float = 5.0
     log_level: str = "info"
@@ -257,6 +265,8 @@ def validate(config: Config) -> None:
         raise ConfigError("log_format must be json or text")
     if config.rate < 0 or config.burst < 1:
         raise ConfigError("rate must be >= 0 and burst >= 1")
+    if not 0 <= config.commit_window <= 1000:
+        raise ConfigError("commit_window must be 0-1000 ms")
     if config.auth_timeout <= 0 or config.shutdown_grace < 0:
         raise ConfigError("auth_timeout must be > 0 and shutdown_grace >= 0")
     if config.jwt_secret and len(config.jwt_secret) < 16:

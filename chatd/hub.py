@@ -43,6 +43,14 @@ class Connection(Protocol):
 
     def close_soon(self, code: int, reason: str) -> None: ...
 
+    def hold(self) -> None:
+        """A write for this connection was queued (its answer is to come)."""
+        ...
+
+    def release(self) -> None:
+        """That write's callback ran."""
+        ...
+
 
 def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
     """The frame a device gets for an envelope; None if it cannot be opened."""
@@ -55,8 +63,8 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                 # message stays owed and is offered again once the key is back.
                 log.error("cannot open message body", extra={"id": m.id, "reason": str(exc)})
                 return None
-            text = frames.encode(frames.message(m.id, m.conversation, m.seq, m.sender, body, m.ts))
-            return Outbound(text, m.id if owed else None, message_order(m.conversation, m.seq))
+            data = frames.encode(frames.message(m.id, m.conversation, m.seq, m.sender, body, m.ts))
+            return Outbound(data, m.id if owed else None, message_order(m.conversation, m.seq))
         case ReceiptEnvelope(receipt=r):
             receipt_id = rid(r.message_id, r.member, r.status)
             frame = frames.receipt(
@@ -86,6 +94,8 @@ class Hub:
     def __init__(self, keyring: crypto.Keys) -> None:
         self.keyring = keyring
         self._by_user: dict[str, dict[str, Connection]] = {}
+        #: The last envelope rendered: (envelope, its owed frame, its key).
+        self._last: tuple[Envelope, Outbound | None, str | None] | None = None
 
     def add(self, conn: Connection) -> None:
         assert conn.user is not None
@@ -119,8 +129,33 @@ class Hub:
         targets = [c for c in conns.values() if c.id != item.exclude]
         if not targets:
             return
-        out = render_payload(item.payload, self.keyring, item.owed)
+        env = item.envelope
+        if env is None:
+            try:
+                env = decode(item.payload)
+            except ValueError as exc:
+                log.error("dropping an undecodable broker payload", extra={"reason": str(exc)})
+                return
+        out = self._render(env, item.owed)
         if out is None:
             return
         for conn in targets:
             conn.offer(out)
+
+    def _render(self, env: Envelope, owed: bool) -> Outbound | None:
+        """:func:`render`, remembering the last envelope: the items of one
+        route (a message for the recipient and for the sender's other
+        devices) are rendered, and a body opened, once."""
+        last = self._last
+        if last is not None and last[0] is env:
+            out = last[1]
+            if out is None:
+                return None
+            if (out.key is not None) == owed:
+                return out
+            return Outbound(out.data, last[2] if owed else None, out.order)
+        out = render(env, self.keyring, owed=True)
+        self._last = (env, out, out.key if out is not None else None)
+        if out is not None and not owed:
+            return Outbound(out.data, None, out.order)
+        return out

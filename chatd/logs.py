@@ -58,6 +58,3 @@ def setup(node: str, level: str = "info", fmt: str = "json") -> None:
     root.setLevel(level.upper())
     # hypercorn's own loggers: keep errors, drop per-request access lines.
     logging.getLogger("hypercorn.access").disabled = True
-    # coredis reports every dropped connection at INFO with a traceback; the
-    # broker already logs outages in its own words.
-    logging.getLogger("coredis").setLevel(logging.WARNING)

@@ -84,8 +84,8 @@ CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 QUEUE_SAMPLE_SECONDS = 10.0
 QUEUE_SAMPLE_TIMEOUT = 2.0
 
-_FRAME_PREFIX = '{"type":"'
-_ERROR_PREFIX = '{"type":"error","code":"'
+_FRAME_PREFIX = b'{"type":"'
+_ERROR_PREFIX = b'{"type":"error","code":"'
 
 
 class _Null:
@@ -168,6 +168,11 @@ class Metrics:
             CALL_BUCKETS,
             ["method"],
         )
+        self.broker_nowait = self._counter(
+            "chatd_broker_nowait_calls",
+            "Broker calls that do not wait for Redis (route_nowait, settle_nowait), by method.",
+            ["method"],
+        )
         self.port_unavailable = self._counter(
             "chatd_port_unavailable",
             "Store or broker calls that failed as unavailable, by port and method.",
@@ -186,6 +191,19 @@ class Metrics:
             "chatd_owed_queue_sampled_timestamp_seconds",
             "When the owed queues were last sampled (0: never).",
         )
+        #: Counts trio task steps while installed (``chatd serve`` installs it):
+        #: the benchmark divides its growth by the messages delivered.
+        self.task_steps = TaskSteps()
+        #: name -> (help, read): counters read at scrape time from plain ints
+        #: the hot path keeps (see :meth:`count`).
+        self._read_counters: dict[str, tuple[str, Callable[[], float]]] = {
+            "chatd_task_steps": (
+                "trio task steps taken by this process since chatd serve started.",
+                lambda: self.task_steps.steps,
+            )
+        }
+        if self.enabled:
+            self.registry.register(_ReadCounters(self._read_counters))
         info = self._gauge("chatd_node_info", "This node: its id and version.", ["node", "version"])
         info.labels(node, __version__).set(1)
         self._key_info = self._gauge(
@@ -221,16 +239,16 @@ class Metrics:
 
     # -- the hot path ------------------------------------------------------------
 
-    def frame_out(self, text: str) -> None:
+    def frame_out(self, data: bytes) -> None:
         """Count a server frame by the type it starts with (every server frame
         is encoded with ``type`` first, see :func:`chatd.core.frames.encode`)."""
-        if text.startswith(_FRAME_PREFIX):
-            kind = text[9 : text.find('"', 9)]
+        if data.startswith(_FRAME_PREFIX):
+            kind = data[9 : data.find(b'"', 9)].decode("ascii", "replace")
             child = self.frames_out.get(kind)
             if child is not None:
                 child.inc()
-                if kind == "error" and text.startswith(_ERROR_PREFIX):
-                    self.ws_error(text[24 : text.find('"', 24)])
+                if kind == "error" and data.startswith(_ERROR_PREFIX):
+                    self.ws_error(data[24 : data.find(b'"', 24)].decode("ascii", "replace"))
                 return
         self.frames_out["other"].inc()
 
@@ -255,6 +273,11 @@ class Metrics:
                 self.seen_latency.observe(seconds)
 
     # -- scrapes -----------------------------------------------------------------
+
+    def count(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """Expose ``read()`` as the counter ``<name>_total`` (read at scrape
+        time, so the hot path only adds to a plain int)."""
+        self._read_counters[name] = (doc, read)
 
     def watch(self, sessions: Callable[[], int], active_key: Callable[[], str]) -> None:
         """Read these at scrape time: authenticated connections, the active key."""
@@ -297,16 +320,57 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+class TaskSteps(trio.abc.Instrument):
+    """A trio instrument counting task steps: each time the scheduler runs a
+    task until its next ``await`` that blocks or yields. Their number per
+    delivered message is the benchmark's measure of scheduling work (one
+    step costs a few microseconds); the count itself costs well under one.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+class _ReadCounters:
+    """Counters whose values are read from callables at scrape time."""
+
+    def __init__(self, counters: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        self._counters = counters
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, (doc, read) in list(self._counters.items()):
+            yield CounterMetricFamily(name, doc, value=read())
+
+
 class Timed:
     """A port whose coroutine methods are timed into ``histogram`` (label:
     method) and whose Unavailable failures are counted; everything else is
     the wrapped object's. Made by :func:`chatd.wiring.instrument`."""
 
-    def __init__(self, inner: Any, port: type, name: str, histogram: Any, unavailable: Any) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        port: type,
+        name: str,
+        histogram: Any,
+        unavailable: Any,
+        nowait: Any = None,
+    ) -> None:
         self._inner = inner
         skip = {"run", "aclose"}
         for method, fn in vars(port).items():
-            if method in skip or not inspect.iscoroutinefunction(fn):
+            if nowait is not None and method.endswith("_nowait") and hasattr(inner, method):
+                setattr(self, method, _counted(getattr(inner, method), nowait.labels(method)))
+                continue
+            if method in skip or method.startswith("__") or not inspect.iscoroutinefunction(fn):
                 continue
             if not hasattr(inner, method):
                 continue
@@ -324,8 +388,25 @@ class Timed:
     def wrapped(self) -> Any:
         return self._inner
 
+    # Looked up on the type, so not reached through __getattr__.
+    async def __aenter__(self) -> Timed:
+        await self._inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self._inner.__aexit__(*exc)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+def _counted(fn: Callable[..., Any], counter: Any) -> Callable[..., Any]:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counter.inc()
+        return fn(*args, **kwargs)
+
+    counted.__name__ = getattr(fn, "__name__", "counted")
+    return counted
 
 
 def _timed(

@@ -17,14 +17,28 @@ from chatd.core.names import rid
 from chatd.ports import Store
 
 
+def message_item(m: StoredMessage) -> tuple[str, str, MessageEnvelope]:
+    """(queue key, broker payload, the envelope it encodes) of an owed message."""
+    env = MessageEnvelope(m)
+    return m.id, encode(env), env
+
+
+def receipt_item(r: Receipt) -> tuple[str, str, ReceiptEnvelope]:
+    """(queue key, broker payload, the envelope it encodes) of an owed receipt."""
+    env = ReceiptEnvelope(r)
+    return rid(r.message_id, r.member, r.status), encode(env), env
+
+
 def message_entry(m: StoredMessage) -> tuple[str, str]:
     """(queue key, broker payload) of an owed message."""
-    return m.id, encode(MessageEnvelope(m))
+    key, payload, _ = message_item(m)
+    return key, payload
 
 
 def receipt_entry(r: Receipt) -> tuple[str, str]:
     """(queue key, broker payload) of an owed receipt."""
-    return rid(r.message_id, r.member, r.status), encode(ReceiptEnvelope(r))
+    key, payload, _ = receipt_item(r)
+    return key, payload
 
 
 async def message_pages(store: Store, user: str, page: int) -> AsyncIterator[list[StoredMessage]]:

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import trio
 
+from chatd.core.envelope import Envelope
 from chatd.core.model import (
     Appended,
     Conversation,
@@ -68,6 +69,24 @@ class Reseal:
     message_id: str
     expected: Sealed
     body: Sealed
+
+
+@dataclass(frozen=True, slots=True)
+class Writes:
+    """Writes that arrived together, for one :meth:`Store.write`."""
+
+    appends: Sequence[NewMessage] = ()
+    marks: Sequence[Mark] = ()
+    #: (sender, receipt) pairs, as for :meth:`Store.ack_receipts`.
+    receipt_acks: Sequence[tuple[str, ReceiptKey]] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What a :meth:`Store.write` did: one result per append and per mark, in order."""
+
+    appended: list[Appended]
+    marked: list[MarkResult]
 
 
 class Clock(Protocol):
@@ -152,6 +171,14 @@ class Store(Protocol):
         """Apply (sender, receipt) acks in one commit: each settles the receipt
         and what it supersedes (:data:`chatd.core.delivery.SETTLED_BY_ACK`).
         A key of a message the sender did not send is ignored."""
+        ...
+
+    async def write(self, writes: Writes) -> Written:
+        """:meth:`append`, :meth:`mark` and :meth:`ack_receipts` of what arrived
+        together, in that order, with the same results and guarantees. The
+        service sends every write through here; a store that can (SQLite)
+        does it in one transaction, so one commit serves a whole scheduler
+        pass of sends, acks and seen reports. Durable on return."""
         ...
 
     async def owed_messages(
@@ -246,7 +273,8 @@ class Routed:
 
     ``owed``: keep it in the user's owed queue under ``key`` until settled.
     ``exclude``: a connection id that must not get the live copy (the one
-    that sent it).
+    that sent it). ``envelope``: the payload decoded, if the caller has it:
+    a broker hands it to local connections so they need not decode again.
     """
 
     user: str
@@ -254,17 +282,20 @@ class Routed:
     payload: str
     owed: bool
     exclude: str | None = None
+    envelope: Envelope | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Inbound:
-    """A routed item arriving at a node for one of its local users."""
+    """A routed item arriving at a node for one of its local users
+    (``envelope``: the payload decoded, when it did not cross a process)."""
 
     user: str
     key: str
     payload: str
     owed: bool
     exclude: str | None = None
+    envelope: Envelope | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,7 +369,14 @@ class Broker(Protocol):
       live. It survives its backend going away: it keeps retrying (with
       backoff, bounded memory) and calls ``resync`` once delivery is live
       again. Other methods raise Unavailable while the backend is away.
+    * A broker is used inside ``async with broker:``: the block owns whatever
+      tasks its connections need (an implementation may also take a nursery
+      of the caller's).
     """
+
+    async def __aenter__(self) -> Broker: ...
+
+    async def __aexit__(self, *exc: object) -> object: ...
 
     async def run(
         self,
@@ -351,11 +389,27 @@ class Broker(Protocol):
 
     async def route(self, items: Sequence[Routed]) -> None: ...
 
+    def route_nowait(self, items: Sequence[Routed]) -> None:
+        """:meth:`route` without waiting for the backend (the hot path uses
+        it from the group commit's callbacks, which cannot wait): the items
+        reach this node's own connections at once, and go to the backend in
+        order with every call made after this one (a later :meth:`owed`
+        sees them). If the backend is away now, or fails before it took
+        them, the broker calls ``resync`` of every node it runs once it is
+        back, so the store re-offers what is owed. Never raises."""
+        ...
+
     async def owed(self, user: str) -> list[Owed]:
         """The user's owed queue, oldest first."""
         ...
 
     async def settle(self, user: str, keys: Sequence[str]) -> None: ...
+
+    def settle_nowait(self, user: str, keys: Sequence[str]) -> None:
+        """:meth:`settle` without waiting, ordered like :meth:`route_nowait`.
+        A settle that is lost only leaves a stale queue entry, which the
+        next backlog drops. Never raises."""
+        ...
 
     async def attach(self, user: str, node: str, conn: str) -> bool:
         """Register a connection; True when it is the user's first anywhere."""

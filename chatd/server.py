@@ -7,7 +7,8 @@
     └── front
         ├── hypercorn          HTTP API (+ web client); graceful on stop
         └── handlers           one nursery per WebSocket connection
-            └── ws listener    accepts until stop
+            ├── ws listener    accepts until stop
+            └── keepalive      pings every connection (one task for all)
 
 Shutdown, in order: stop accepting WebSockets; ask every connection to
 close with 1001 (each finishes the frame in hand and flushes its outbox);
@@ -34,7 +35,7 @@ from chatd.auth import Passwords, Tokens, load_or_create_secret
 from chatd.config import Config
 from chatd.metrics import Metrics
 from chatd.net.http import create_app
-from chatd.net.ws import CLOSE_GOING_AWAY, WsConnection, serve_ws
+from chatd.net.ws import CLOSE_GOING_AWAY, WsConnection, keepalive, serve_ws
 from chatd.service import ChatService
 
 log = logging.getLogger("chatd.server")
@@ -77,6 +78,7 @@ def build_service(config: Config) -> ChatService:
         passwords=Passwords(),
         node=config.node,
         metrics=metrics,
+        commit_window=config.commit_window / 1000,
     )
 
 
@@ -118,8 +120,9 @@ async def serve(
     stop = stop or trio.Event()
     service = build_service(config)
     connections: set[WsConnection] = set()
+    trio.lowlevel.add_instrument(service.metrics.task_steps)
     try:
-        async with trio.open_nursery() as root:
+        async with service.broker, trio.open_nursery() as root:
             await root.start(service.run)
             if handle_signals:
                 root.start_soon(_watch_signals, stop)
@@ -168,6 +171,7 @@ async def serve(
                             "broker": config.broker_kind,
                         },
                     )
+                    listener.start_soon(keepalive, connections)
                     task_status.started(Listening(http_port, ws_port))
                     await stop.wait()
                     listener.cancel_scope.cancel()
@@ -179,6 +183,6 @@ async def serve(
             root.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            await service.broker.aclose()
             await service.store.aclose()
+        trio.lowlevel.remove_instrument(service.metrics.task_steps)
     log.info("stopped")

@@ -36,6 +36,7 @@ from chatd.core.errors import (
     ChatError,
     Conflict,
     Forbidden,
+    Internal,
     NotFound,
     Unauthorized,
     Unavailable,
@@ -64,9 +65,20 @@ from chatd.core.names import (
 from chatd.core.session import Outbound
 from chatd.hub import Connection, Hub, render, render_payload
 from chatd.metrics import Metrics
-from chatd.ports import Broker, Clock, Routed, Store
+from chatd.ports import Broker, Clock, Routed, Store, Writes
 
 log = logging.getLogger("chatd.service")
+
+#: What goes through the one group commit: a send, a mark, a (sender, receipt) ack.
+WriteRequest = NewMessage | Mark | tuple[str, ReceiptKey]
+WriteResult = Appended | MarkResult | None
+#: A write's callback: its results, or the error that failed its batch.
+Done = Callable[[list[WriteResult] | ChatError], None]
+
+
+def _error(exc: ChatError) -> Outbound:
+    return Outbound(frames.encode(frames.error(exc.code, exc.message, exc.cid)))
+
 
 #: The backlog is read from the store in pages of this many items, so a
 #: device that was away for long gets everything without one huge read.
@@ -99,6 +111,7 @@ class ChatService:
         clock: Clock | None = None,
         cpu_threads: int = 2,
         metrics: Metrics | None = None,
+        commit_window: float = 0.0,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -118,10 +131,21 @@ class ChatService:
         # to cache; this saves a store round trip on every send and typing.
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._conversation_cache = 10_000
-        self._append: Batcher[NewMessage, Appended] = Batcher("append", store.append)
-        self._mark: Batcher[Mark, MarkResult] = Batcher("mark", store.mark)
-        self._receipt_acks: Batcher[tuple[str, ReceiptKey], None] = Batcher(
-            "ack_receipts", store.ack_receipts
+        # Every write goes through one group commit: the sends, acks and seen
+        # reports of a scheduler pass share one store transaction.
+        self._writes: Batcher[WriteRequest, WriteResult] = Batcher(
+            "write", self._write_batch, window=commit_window
+        )
+        self.metrics.count(
+            "chatd_store_writes",
+            "Store writes (one commit each) made by the group commit.",
+            lambda: self._writes.batches,
+        )
+        self.metrics.count(
+            "chatd_store_write_requests",
+            "Sends, marks and receipt acks written; divided by chatd_store_writes_total:"
+            " requests per commit.",
+            lambda: self._writes.items,
         )
         self._stop = trio.Event()
         self._resync_wanted = trio.Event()
@@ -140,18 +164,33 @@ class ChatService:
                 await outer.start(self.broker.run, self.node, self.hub.dispatch, self.resync)
                 outer.start_soon(self._resync_loop)
                 async with trio.open_nursery() as writers:
-                    for batcher in (self._append, self._mark, self._receipt_acks):
-                        await writers.start(batcher.run)
+                    await writers.start(self._writes.run)
                     task_status.started()
                     await self._stop.wait()
-                    for batcher in (self._append, self._mark, self._receipt_acks):
-                        batcher.close()
+                    self._writes.close()
                 outer.cancel_scope.cancel()
         finally:
             self.stopped.set()
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _write_batch(self, requests: list[WriteRequest]) -> list[WriteResult]:
+        """One Store.write for a batch of mixed requests; results in request order."""
+        appends = [r for r in requests if isinstance(r, NewMessage)]
+        marks = [r for r in requests if isinstance(r, Mark)]
+        acks = [r for r in requests if isinstance(r, tuple)]
+        done = await self.store.write(Writes(appends, marks, acks))
+        appended, marked = iter(done.appended), iter(done.marked)
+        out: list[WriteResult] = []
+        for r in requests:
+            if isinstance(r, NewMessage):
+                out.append(next(appended))
+            elif isinstance(r, Mark):
+                out.append(next(marked))
+            else:
+                out.append(None)
+        return out
 
     def resync(self) -> None:
         """The broker lost live delivery for a while: re-offer what is owed."""
@@ -378,8 +417,9 @@ class ChatService:
     async def _announce(self, user: str, online: bool, last_seen: int | None) -> None:
         peers = await self.store.dm_peers(user)
         if peers:
-            payload = encode(PresenceEnvelope(user, online, last_seen))
-            await self._route([Routed(p, "presence", payload, owed=False) for p in peers])
+            env = PresenceEnvelope(user, online, last_seen)
+            payload = encode(env)
+            await self._route([Routed(p, "presence", payload, False, None, env) for p in peers])
 
     async def backlog(self, user: str, emit: Callable[[list[Outbound]], Awaitable[None]]) -> None:
         """Offer everything owed to ``user``, page by page, through ``emit``.
@@ -440,10 +480,15 @@ class ChatService:
     async def send(self, conn: Connection, frame: frames.Send) -> None:
         """Store a message, answer ``sent`` on ``conn``, then route it.
 
-        ``sent`` is pushed before routing so that it always precedes the
-        receipts of the same message on the sender's connection.
+        Returns once the message is queued for the group commit (it waits
+        only to look up a conversation it has not seen yet, and when the
+        commit queue is full); ``sent`` and the routing follow from the
+        commit's callback, ``sent`` first, so that it always precedes the
+        receipts of the same message on the sender's connection. A failed
+        write answers an ``error`` with the ``cid``.
         """
-        assert conn.user is not None
+        if conn.user is None:
+            raise Internal("send on a connection that is not authenticated")
         sender = conn.user
         target = target_of(frame, sender)
         if target.peer is not None:
@@ -460,28 +505,46 @@ class ChatService:
         mid = self.ids.new()
         ts = self.clock.now_ms()
         sealed = self.keyring.seal(frame.body, mid, conv.id)
+        cid = frame.cid
+
+        def stored(result: list[WriteResult] | ChatError) -> None:
+            conn.release()
+            if isinstance(result, ChatError):
+                conn.reply(_error(result.with_cid(cid)))
+                return
+            done = result[0]
+            if not isinstance(done, Appended):
+                raise Internal("a send's write result is not an Appended")
+            conn.reply(
+                Outbound(
+                    frames.encode(frames.sent(cid, done.id, done.conversation, done.seq, done.ts))
+                )
+            )
+            if done.duplicate:
+                # Stored (and routed) the first time; the store keeps it owed.
+                self.metrics.messages_duplicate.inc()
+                return
+            self.metrics.messages_stored.inc()
+            key, payload, env = owed.message_item(
+                StoredMessage(done.id, conv.id, done.seq, sender, done.ts, sealed)
+            )
+            items = [Routed(r, key, payload, True, None, env) for r in to]
+            items.append(Routed(sender, done.id, payload, False, conn.id, env))
+            self.broker.route_nowait(items)
+
+        await self._write([NewMessage(mid, conv.id, sender, cid, ts, sealed, to)], conn, stored)
+
+    async def _write(self, requests: list[WriteRequest], conn: Connection, done: Done) -> None:
+        """Queue ``requests`` for the group commit; ``done`` gets the results.
+        Waits only while the commit queue is full (back pressure)."""
+        if self._writes.full:
+            await self._writes.wait_for_room()
+        conn.hold()
         try:
-            done = await self._append.submit(
-                NewMessage(mid, conv.id, sender, frame.cid, ts, sealed, to)
-            )
-        except ChatError as exc:
-            raise exc.with_cid(frame.cid) from None
-        conn.reply(
-            Outbound(
-                frames.encode(frames.sent(frame.cid, done.id, done.conversation, done.seq, done.ts))
-            )
-        )
-        if done.duplicate:
-            # Stored (and routed) the first time; the store keeps it owed.
-            self.metrics.messages_duplicate.inc()
-            return
-        self.metrics.messages_stored.inc()
-        key, payload = owed.message_entry(
-            StoredMessage(done.id, conv.id, done.seq, sender, done.ts, sealed)
-        )
-        items = [Routed(r, key, payload, owed=True) for r in to]
-        items.append(Routed(sender, done.id, payload, owed=False, exclude=conn.id))
-        await self._route(items)
+            self._writes.submit_nowait(requests, done)
+        except ChatError:
+            conn.release()
+            raise
 
     async def _route(self, items: list[Routed]) -> None:
         try:
@@ -491,50 +554,75 @@ class ChatService:
             # offers it. Live delivery waits for the broker to come back.
             log.warning("broker unavailable; delivery deferred", extra={"reason": exc.message})
 
-    async def ack(self, conn: Connection, frame: frames.Ack) -> list[str]:
-        """Apply an ``ack``; returns the message ids the user may not ack."""
-        assert conn.user is not None
-        unknown: list[str] = []
-        settle: list[str] = []
-        if frame.ids:
-            unknown, settle = await self._mark_many(conn.user, frame.ids, Status.DELIVERED)
-        if frame.receipts:
-            keys = [parse_rid(r) for r in frame.receipts]
-            await self._receipt_acks.submit_many([(conn.user, k) for k in keys])
-            settle += [r for k in keys for r in settled_rids(k)]
-        await self._settle(conn.user, settle)  # one broker call for the whole frame
-        return unknown
+    async def ack(self, conn: Connection, frame: frames.Ack) -> None:
+        """Apply an ``ack`` (marks and receipt acks: one write). Message ids
+        the user may not ack are answered with ``not_found``, after the
+        write."""
+        if conn.user is None:
+            raise Internal("ack on a connection that is not authenticated")
+        user = conn.user
+        keys = [parse_rid(r) for r in frame.receipts]
+        settle = [r for k in keys for r in settled_rids(k)]
+        await self._mark_many(conn, frame.ids, Status.DELIVERED, [(user, k) for k in keys], settle)
 
-    async def seen(self, conn: Connection, frame: frames.Seen) -> list[str]:
-        assert conn.user is not None
-        unknown, settle = await self._mark_many(conn.user, frame.ids, Status.SEEN)
-        await self._settle(conn.user, settle)
-        return unknown
+    async def seen(self, conn: Connection, frame: frames.Seen) -> None:
+        if conn.user is None:
+            raise Internal("seen on a connection that is not authenticated")
+        await self._mark_many(conn, frame.ids, Status.SEEN, [], [])
 
     async def _mark_many(
-        self, user: str, ids: Sequence[str], status: Status
-    ) -> tuple[list[str], list[str]]:
-        """Apply marks and route the receipts they make. Returns the ids the
-        user may not mark, and the ids that became delivered just now: only
-        those can still sit in the user's owed queue (a queue entry left by a
-        failed settle is dropped by the next backlog)."""
+        self,
+        conn: Connection,
+        ids: Sequence[str],
+        status: Status,
+        receipt_acks: list[tuple[str, ReceiptKey]],
+        settle: list[str],
+    ) -> None:
+        """Apply marks (and receipt acks, in the same write); then route the
+        receipts they made, settle the user's queue entries of what became
+        delivered just now (only those can still sit there: an entry left by
+        a failed settle is dropped by the next backlog) and of ``settle``,
+        and refuse the ids the user may not mark."""
+        user = conn.user
+        if user is None:
+            raise Internal("marks on a connection that is not authenticated")
+        if not ids and not receipt_acks:
+            return
         now = self.clock.now_ms()
-        results = await self._mark.submit_many([Mark(user, i, status, now) for i in ids])
-        unknown = [i for i, r in zip(ids, results, strict=True) if not r.known]
-        delivered: list[str] = []
-        routed: list[Routed] = []
-        for result in results:
-            if result.transitions:
-                self.metrics.transitions(result.transitions)
-            for t in result.transitions:
-                if t.status is Status.DELIVERED:
-                    delivered.append(t.message_id)
-                receipt = Receipt(t.message_id, t.conversation, t.sender, t.member, t.status, t.ts)
-                key, payload = owed.receipt_entry(receipt)
-                routed.append(Routed(t.sender, key, payload, owed=True))
-        if routed:
-            await self._route(routed)
-        return unknown, delivered
+        requests: list[WriteRequest] = [Mark(user, i, status, now) for i in ids]
+        requests += receipt_acks
+
+        def written(result: list[WriteResult] | ChatError) -> None:
+            conn.release()
+            if isinstance(result, ChatError):
+                conn.reply(_error(result))
+                return
+            results = [r for r in result if isinstance(r, MarkResult)]
+            unknown = [i for i, r in zip(ids, results, strict=True) if not r.known]
+            delivered: list[str] = []
+            routed: list[Routed] = []
+            for r in results:
+                if r.transitions:
+                    self.metrics.transitions(r.transitions)
+                for t in r.transitions:
+                    if t.status is Status.DELIVERED:
+                        delivered.append(t.message_id)
+                    receipt = Receipt(
+                        t.message_id, t.conversation, t.sender, t.member, t.status, t.ts
+                    )
+                    key, payload, env = owed.receipt_item(receipt)
+                    routed.append(Routed(t.sender, key, payload, True, None, env))
+            if routed:
+                self.broker.route_nowait(routed)
+            if delivered or settle:
+                self.broker.settle_nowait(user, delivered + settle)  # one call for the frame
+            if unknown:
+                error = NotFound("no such message for you")
+                conn.reply(
+                    Outbound(frames.encode(frames.error(error.code, error.message, ids=unknown)))
+                )
+
+        await self._write(requests, conn, written)
 
     async def _settle(self, user: str, keys: list[str]) -> None:
         if not keys:
@@ -546,10 +634,20 @@ class ChatService:
             # offered again and acked again.
             log.warning("broker unavailable; queue settle skipped", extra={"reason": exc.message})
 
+    async def flush(self) -> None:
+        """Wait until every write queued so far is done (their callbacks ran)."""
+        await self._writes.flush()
+
+    def after_writes(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every write queued so far is done (its
+        callbacks ran): a connection's later answers keep their frames' order."""
+        self._writes.call_after(callback)
+
     async def typing(self, conn: Connection, frame: frames.Typing) -> None:
         assert conn.user is not None
         conv = await self.member_conversation(conn.user, frame.conversation)
-        payload = encode(TypingEnvelope(conv.id, conn.user))
+        env = TypingEnvelope(conv.id, conn.user)
+        payload = encode(env)
         others = recipients(conv.members, conn.user)
         if others:
-            await self._route([Routed(m, "typing", payload, owed=False) for m in others])
+            await self._route([Routed(m, "typing", payload, False, None, env) for m in others])

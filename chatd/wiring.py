@@ -86,6 +86,14 @@ def instrument(store: Store, broker: Broker, metrics: Metrics) -> tuple[Store, B
     return (
         cast(Store, Timed(store, Store, "store", metrics.store_calls, metrics.port_unavailable)),
         cast(
-            Broker, Timed(broker, Broker, "broker", metrics.broker_calls, metrics.port_unavailable)
+            Broker,
+            Timed(
+                broker,
+                Broker,
+                "broker",
+                metrics.broker_calls,
+                metrics.port_unavailable,
+                metrics.broker_nowait,
+            ),
         ),
     )

@@ -8,6 +8,7 @@ re-supplies what was owed (see the Store port's guarantees).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ import trio
 
 from chatd.core.model import Presence
 from chatd.ports import Deliver, Inbound, NodeInfo, Owed, QueueInfo, Resync, Routed
+
+log = logging.getLogger("chatd.broker.memory")
 
 DEFAULT_QUEUE_LIMIT = 10_000
 
@@ -60,6 +63,10 @@ class MemoryBroker:
         return True
 
     async def route(self, items: Sequence[Routed]) -> None:
+        self.route_nowait(items)
+        await trio.lowlevel.checkpoint()
+
+    def route_nowait(self, items: Sequence[Routed]) -> None:
         now = _now_ms()
         for item in items:
             if item.owed:
@@ -67,22 +74,31 @@ class MemoryBroker:
             nodes = set(self._conns.get(item.user, {}).values())
             for node in nodes:
                 deliver = self._nodes.get(node)
-                if deliver is not None:
-                    deliver(Inbound(item.user, item.key, item.payload, item.owed, item.exclude))
-        await trio.lowlevel.checkpoint()
+                if deliver is None:
+                    continue
+                inbound = Inbound(
+                    item.user, item.key, item.payload, item.owed, item.exclude, item.envelope
+                )
+                try:
+                    deliver(inbound)
+                except Exception:
+                    log.exception("deliver failed", extra={"user": item.user, "key": item.key})
 
     async def owed(self, user: str) -> list[Owed]:
         await trio.lowlevel.checkpoint()
         return [Owed(k, p, ts) for k, (p, ts) in self._owed.get(user, {}).items()]
 
     async def settle(self, user: str, keys: Sequence[str]) -> None:
+        self.settle_nowait(user, keys)
+        await trio.lowlevel.checkpoint()
+
+    def settle_nowait(self, user: str, keys: Sequence[str]) -> None:
         queue = self._owed.get(user)
         if queue is not None:
             for key in keys:
                 queue.pop(key, None)
             if not queue:
                 del self._owed[user]
-        await trio.lowlevel.checkpoint()
 
     async def attach(self, user: str, node: str, conn: str) -> bool:
         conns = self._conns.setdefault(user, {})
@@ -147,6 +163,12 @@ class MemoryBroker:
 
     async def ping(self) -> None:
         await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> MemoryBroker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

@@ -33,13 +33,13 @@ the outage behaviour and the client measurements; in short:
   keeps retrying with capped exponential backoff; once subscribed again it
   re-asserts the heartbeat and the connections, then calls ``resync``.
 
-The client is coredis 6.9 (it runs on trio through anyio). Its connection
-pool must be entered as an async context manager by a task that outlives
-every use; the broker enters it lazily in a trio *system task*, so callers
-need no extra setup: create with :meth:`RedisBroker.from_url`, use, then
-:meth:`RedisBroker.aclose`. Requests share multiplexed connections; the
-pool is patched (:class:`_Pool`) so that connections lost in an outage give
-their slots back.
+The client is chatd's own (:mod:`chatd.broker.resp`): one pipelined
+connection for commands, one for the subscription. Every command submitted
+during a scheduler pass goes out in one write, so all the broker work of a
+pass costs one round trip. The connections' tasks run in the broker's
+nursery: use the broker as ``async with RedisBroker.from_url(url) as b``
+(or pass ``nursery=``). Items for a user with a connection on this node
+are handed to it at once, not through Redis.
 """
 
 from __future__ import annotations
@@ -50,22 +50,18 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
-import anyio
-import coredis
-import coredis.exceptions
+import orjson
 import trio
-from coredis.retry import NoRetryPolicy
 
+from chatd.broker import resp
 from chatd.core.errors import Unavailable
 from chatd.core.model import Presence
 from chatd.ports import Deliver, Inbound, NodeInfo, Owed, QueueInfo, Resync, Routed
 
 log = logging.getLogger("chatd.broker.redis")
-
-T = TypeVar("T")
 
 DAY = 86_400
 
@@ -85,7 +81,6 @@ DEFAULTS: dict[str, Any] = {
     "stream_timeout": 1.0,
     "backoff_min": 0.1,
     "backoff_max": 5.0,
-    "max_connections": 64,
     "tombstone_limit": 100_000,  # failed detaches kept for retry
     "reassert_chunk": 500,  # users per round trip when re-asserting
 }
@@ -132,19 +127,21 @@ local function trim_queue(q, qo, limit, ttl)
 end
 """
 
-#: KEYS: conns, q, qo. ARGV: channel prefix, queue limit, queue ttl, user, then
+#: KEYS: conns, q, qo. ARGV: channel prefix, queue limit, queue ttl, user,
+#: skip (incarnations that deliver locally, each between spaces), then
 #: per item: key, payload, owed ("1"/"0"), exclude ("" for none).
 #: Queues the owed items (once per key, oldest dropped beyond the limit) and
-#: publishes the items once to each incarnation holding a connection of the
-#: user. Returns the number of channels published to.
+#: publishes the items once to each other incarnation holding a connection
+#: of the user. Returns the number of channels published to.
 ROUTE = (
     _QUEUE
     + """
 local limit = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
+local skip = ARGV[5]
 local queued = false
 local top = nil
-for i = 5, #ARGV, 4 do
+for i = 6, #ARGV, 4 do
   if ARGV[i + 2] == '1' then
     if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
       top = next_arrival(KEYS[3], top)
@@ -160,16 +157,19 @@ local incs = redis.call('HVALS', KEYS[1])
 if #incs == 0 then
   return 0
 end
-local items = {}
-for i = 5, #ARGV, 4 do
-  items[#items + 1] = {ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]}
-end
-local message = cjson.encode({u = ARGV[4], i = items})
+local message = nil
 local done = {}
 local count = 0
 for _, inc in ipairs(incs) do
-  if not done[inc] then
+  if not done[inc] and not string.find(skip, ' ' .. inc .. ' ', 1, true) then
     done[inc] = true
+    if message == nil then
+      local items = {}
+      for i = 6, #ARGV, 4 do
+        items[#items + 1] = {ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]}
+      end
+      message = cjson.encode({u = ARGV[4], i = items})
+    end
     redis.call('PUBLISH', ARGV[1] .. inc, message)
     count = count + 1
   end
@@ -312,6 +312,9 @@ SCRIPTS = {
 }
 
 _Call = tuple[_Script, list[str], list[str | int]]
+_NOTHING = object()
+#: Calls sent without waiting that may wait for a connection (see _fire).
+UNSENT_LIMIT = 10_000
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
@@ -322,90 +325,31 @@ def node_of(incarnation: str) -> str:
     return incarnation.rpartition("#")[0]
 
 
-class _Pool(coredis.ConnectionPool):  # type: ignore[type-arg]
-    """coredis 6.9's pool, with two slot leaks closed.
-
-    The pool hands out at most ``max_connections`` slots. Stock 6.9 loses a
-    slot (1) when a connection dies while leased (a pub/sub subscription or
-    a pipeline in flight when Redis goes away: ``release`` drops the dead
-    connection without giving its slot back), and (2) when the caller is
-    cancelled while a new connection is being set up. Each Redis restart
-    under load lost a few slots until the pool was empty and every call
-    timed out for good; here a lost connection always gives its slot back.
-    """
-
-    async def get_connection(self, **_: Any) -> Any:
-        with anyio.fail_after(self.timeout):
-            connection = await self._available_connections.get()
-        if connection is not None and connection.reusable:
-            self.statistics.connection_leased(connection)
-            return connection
-        if connection is not None:
-            connection.invalidate()
-        try:
-            connection = await self._construct_connection()
-            err = await self.task_group.start(self._ConnectionPool__wrap_connection, connection)
-        except BaseException:
-            self._give_back_slot()
-            raise
-        if err:
-            self._give_back_slot()
-            raise err
-        self.statistics.connection_created(connection)
-        self._online_connections.add(connection)
-        self.statistics.connection_leased(connection)
-        return connection
-
-    def release(self, connection: Any) -> None:
-        self.statistics.connection_released(connection)
-        if connection.usable:
-            self._available_connections.put_nowait(connection)
-        else:
-            connection.invalidate()
-            self._give_back_slot()
-
-    def _give_back_slot(self) -> None:
-        if not self._available_connections.full():
-            self._available_connections.append_nowait(None)
+def _evalsha(call: _Call) -> resp.Command:
+    script, keys, args = call
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
-class _Host:
-    """Owns one coredis client: enters its pool in a trio system task (coredis
-    needs a task that outlives every use) and leaves it on :meth:`close`."""
+def _eval(call: _Call) -> resp.Command:
+    """The same script with its source (after Redis lost its script cache)."""
+    script, keys, args = call
+    return ("EVAL", script.source, len(keys), *keys, *args)
 
-    def __init__(self, client: coredis.Redis[str]) -> None:
-        self.client = client
-        self.opened = trio.Event()
-        self.closing = trio.Event()
-        self.done = trio.Event()
-        self.dead = False
 
-    async def run(self) -> None:
-        try:
-            async with self.client:
-                self.opened.set()
-                await self.closing.wait()
-        except Exception:
-            log.exception("redis client host failed; a new client is made on next use")
-        finally:
-            self.dead = True
-            self.opened.set()
-            self.done.set()
-
-    async def close(self) -> None:
-        self.closing.set()
-        await self.done.wait()
+def _noscript(reply: Any) -> bool:
+    return isinstance(reply, resp.ReplyError) and str(reply).startswith("NOSCRIPT")
 
 
 class RedisBroker:
     """The :class:`chatd.ports.Broker` on Redis; see the module docstring."""
 
-    def __init__(self, url: str, **tuning: Any) -> None:
+    def __init__(self, url: str, *, nursery: trio.Nursery | None = None, **tuning: Any) -> None:
         unknown = set(tuning) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"unknown RedisBroker tuning: {', '.join(sorted(unknown))}")
         opts = {**DEFAULTS, **tuning}
         self.url = url
+        self.address = resp.Address.from_url(url)
         self.prefix: str = opts["prefix"]
         self.queue_limit = int(opts["queue_limit"])
         self.queue_ttl = max(1, int(opts["queue_ttl"]))
@@ -419,7 +363,6 @@ class RedisBroker:
         self.stream_timeout = float(opts["stream_timeout"])
         self.backoff_min = float(opts["backoff_min"])
         self.backoff_max = float(opts["backoff_max"])
-        self.max_connections = int(opts["max_connections"])
         self.tombstone_limit = int(opts["tombstone_limit"])
         self.reassert_chunk = max(1, int(opts["reassert_chunk"]))
         if self.heartbeat_interval >= self.presence_ttl:
@@ -430,8 +373,26 @@ class RedisBroker:
 
         #: This instance's token: its nodes are the incarnations ``<node>#<token>``.
         self.token = secrets.token_hex(8)
-        self._host: _Host | None = None
+        #: Where the connections' tasks run: given, or opened by ``async with``.
+        self._nursery = nursery
+        self._nursery_manager: Any = None
+        self._conn: resp.Connection | None = None
+        self._connecting = trio.Lock()
         self._closed = False
+        #: incarnation -> (deliver, resync) of the nodes run() serves here.
+        self._nodes: dict[str, tuple[Deliver, Resync]] = {}
+        #: user -> {conn: incarnation}: the connections attached through here.
+        self._by_user: dict[str, dict[str, str]] = {}
+        #: " inc1 inc2 ": the incarnations route() delivers to itself.
+        self._skip = " "
+        #: Something sent without waiting may be lost: resync once connected.
+        self._resync_when_connected = False
+        self._reconnecting = False
+        #: Scripts sent without waiting while there was no connection: they go
+        #: out first once there is one (bounded; beyond, dropped and resynced).
+        self._unsent: list[tuple[str, Sequence[_Call]]] = []
+        #: The connection whose loss was last reported (see _lost).
+        self._failed_conn: object = _NOTHING
         #: (user, conn) -> incarnation, for every connection attached through here.
         self._local: dict[tuple[str, str], str] = {}
         #: (user, conn) -> (incarnation, ts): detaches Redis may not have seen.
@@ -443,10 +404,34 @@ class RedisBroker:
         self._started: dict[str, int] = {}
 
     @classmethod
-    def from_url(cls, url: str, **tuning: Any) -> RedisBroker:
+    def from_url(
+        cls, url: str, *, nursery: trio.Nursery | None = None, **tuning: Any
+    ) -> RedisBroker:
         """A broker on the Redis at ``url`` (``redis://``, ``rediss://`` or
-        ``unix://``); ``tuning`` overrides :data:`DEFAULTS`."""
-        return cls(url, **tuning)
+        ``unix://``, see :class:`chatd.broker.resp.Address`); ``tuning``
+        overrides :data:`DEFAULTS`. Its connections run in ``nursery``, or in
+        its own once entered with ``async with``."""
+        return cls(url, nursery=nursery, **tuning)
+
+    async def __aenter__(self) -> RedisBroker:
+        if self._nursery is None:
+            self._nursery_manager = trio.open_nursery()
+            self._nursery = await self._nursery_manager.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        await self.aclose()
+        manager, self._nursery_manager = self._nursery_manager, None
+        if manager is None:
+            return None
+        try:
+            return await manager.__aexit__(*exc)  # type: ignore[no-any-return]
+        except BaseExceptionGroup as group:
+            # The connections' tasks end quietly: a group holding only what
+            # the block raised is that exception, which goes on unwrapped.
+            if exc[1] is not None and all(e is exc[1] for e in group.exceptions):
+                return False
+            raise
 
     # -- names ---------------------------------------------------------------------------
 
@@ -463,97 +448,183 @@ class RedisBroker:
     def channel(self, incarnation: str) -> str:
         return f"{self.prefix}:node:{incarnation}"
 
-    # -- the client ------------------------------------------------------------------------
+    # -- the connection ------------------------------------------------------------------------
 
-    def _new_client(self) -> coredis.Redis[str]:
-        pool = _Pool.from_url(
-            self.url,
-            decode_responses=True,
-            connect_timeout=self.connect_timeout,
-            stream_timeout=self.stream_timeout,
-            max_connections=self.max_connections,
-        )
-        return coredis.Redis(
-            connection_pool=pool, decode_responses=True, retry_policy=NoRetryPolicy()
-        )
+    async def _connection(self) -> resp.Connection:
+        """The command connection, made on first use (and again after a loss);
+        raises Unavailable when Redis cannot be reached."""
+        conn = self._conn
+        if conn is not None and conn.alive:
+            return conn
+        async with self._connecting:
+            conn = self._conn
+            if conn is not None and conn.alive:
+                return conn
+            conn = await self._open("commands")
+            unsent, self._unsent = self._unsent, []
+            for what, calls in unsent:
+                self._submit(conn, what, calls)  # before anything that came later
+            self._conn = conn
+        if self._resync_when_connected:
+            self._resync_when_connected = False
+            log.info("redis connection back; resync")
+            self._resync_all()
+        return conn
 
-    async def _client(self) -> coredis.Redis[str]:
+    def _resync_all(self) -> None:
+        for _deliver, resync in list(self._nodes.values()):
+            resync()
+
+    def _fire(self, what: str, calls: Sequence[_Call]) -> None:
+        """Send scripts without waiting for them (see Broker.route_nowait)."""
+        conn = self._conn
+        if conn is not None and conn.alive:
+            self._submit(conn, what, calls)
+            return
+        if len(self._unsent) < UNSENT_LIMIT:
+            self._unsent.append((what, calls))
+        else:
+            self._unsent.clear()
+            self._lost(what, "redis away and too much waiting to be sent", None)
+        self._start_reconnect()
+
+    def _submit(self, conn: resp.Connection, what: str, calls: Sequence[_Call]) -> None:
+        def done(result: list[Any] | BaseException) -> None:
+            if isinstance(result, BaseException):
+                self._lost(what, str(result), conn)
+                return
+            missing = []
+            for call, reply in zip(calls, result, strict=True):
+                if _noscript(reply):
+                    missing.append(call)
+                elif isinstance(reply, resp.ReplyError):
+                    log.error("redis %s failed: %s", what, reply)
+            if missing:  # Redis lost its scripts (SCRIPT FLUSH): again, with the source
+                try:
+                    conn.submit([_eval(c) for c in missing], done)
+                except resp.ConnectionLost as exc:
+                    self._lost(what, str(exc), conn)
+
+        try:
+            conn.submit([_evalsha(c) for c in calls], done)
+        except resp.ConnectionLost as exc:
+            self._lost(what, str(exc), conn)
+
+    def _lost(self, what: str, reason: str, conn: resp.Connection | None) -> None:
+        """Work sent without waiting may not have happened: once connected
+        again, every node here resyncs from the store. Reported once per
+        lost connection."""
+        if conn is None or conn is not self._failed_conn:
+            log.warning(
+                "redis %s not done; resync once redis answers", what, extra={"reason": reason}
+            )
+        self._failed_conn = conn
+        self._resync_when_connected = True
+        self._start_reconnect()
+
+    def _start_reconnect(self) -> None:
+        if not self._reconnecting and self._nursery is not None and not self._closed:
+            self._reconnecting = True
+            self._nursery.start_soon(self._reconnect)
+
+    async def _reconnect(self) -> None:
+        delay = self.backoff_min
+        try:
+            while not self._closed:
+                try:
+                    await self._connection()
+                    return
+                except Unavailable:
+                    await trio.sleep(delay * random.uniform(0.5, 1.0))
+                    delay = min(self.backoff_max, delay * 2)
+        finally:
+            self._reconnecting = False
+
+    async def _open(self, what: str, nursery: trio.Nursery | None = None) -> resp.Connection:
+        """A new connection, logged in, its tasks in ``nursery`` (default: the
+        broker's)."""
         if self._closed:
             raise Unavailable("the redis broker is closed")
-        host = self._host
-        if host is None or host.dead:
-            host = self._host = _Host(self._new_client())
-            trio.lowlevel.spawn_system_task(host.run, name=f"redis-broker-{self.token}")
-        await host.opened.wait()
-        if host.dead:
-            raise Unavailable("redis client could not start")
-        return host.client
-
-    async def _do(self, what: str, fn: Callable[[coredis.Redis[str]], Awaitable[T]]) -> T:
-        """Run ``fn`` with the client; every failure becomes Unavailable, fast."""
+        nursery = nursery or self._nursery
+        if nursery is None:
+            raise RuntimeError("use the RedisBroker as `async with broker:` (or pass nursery=)")
+        try:
+            conn = await resp.Connection.open(
+                self.address,
+                connect_timeout=self.connect_timeout,
+                reply_timeout=self.op_timeout,
+                name=f"{what}-{self.token}",
+            )
+        except resp.ConnectionLost as exc:
+            raise Unavailable(f"redis unavailable: {exc}") from None
+        await nursery.start(conn.run)
+        hello: list[resp.Command] = []
+        if self.address.password is not None:
+            user = [self.address.username] if self.address.username else []
+            hello.append(("AUTH", *user, self.address.password))
+        if self.address.db:
+            hello.append(("SELECT", self.address.db))
+        hello.append(("CLIENT", "SETNAME", f"chatd-{what}-{self.token}"))
+        if what == "commands":
+            # Loaded up front, so a script sent without waiting never meets
+            # NOSCRIPT (only a SCRIPT FLUSH while connected could cause one;
+            # then it is sent again with its source).
+            hello += [("SCRIPT", "LOAD", script.source) for script in SCRIPTS.values()]
         try:
             with trio.fail_after(self.op_timeout):
-                return await fn(await self._client())
-        except trio.TooSlowError:
-            raise Unavailable(f"redis did not answer {what} within {self.op_timeout:g} s") from None
-        except Unavailable:
-            raise
-        except (coredis.exceptions.ConnectionError, TimeoutError, OSError) as exc:
-            raise Unavailable(f"redis unavailable ({what}): {exc}") from None
-        except Exception as exc:
-            log.error("redis %s failed", what, exc_info=True)
-            raise Unavailable(f"redis error ({what}): {exc}") from None
+                replies = await conn.call(*hello)
+        except (resp.ConnectionLost, trio.TooSlowError) as exc:
+            conn.close()
+            raise Unavailable(f"redis unavailable: {exc}") from None
+        for reply in replies:
+            if isinstance(reply, resp.ReplyError):
+                conn.close()
+                raise Unavailable(f"redis refused the connection: {reply}")
+        return conn
 
-    async def _eval(self, client: coredis.Redis[str], call: _Call) -> Any:
-        script, keys, args = call
+    async def _commands(self, what: str, commands: Sequence[resp.Command]) -> list[Any]:
+        """Run ``commands`` in one round trip; their replies, in order. Any
+        failure, an error reply included, is Unavailable (within op_timeout)."""
+        conn = await self._connection()
         try:
-            return await client.evalsha(script.sha, keys, args)
-        except coredis.exceptions.NoScriptError:
-            await client.script_load(script.source)
-            return await client.evalsha(script.sha, keys, args)
+            replies = await conn.call(*commands)
+        except resp.ConnectionLost as exc:
+            raise Unavailable(f"redis unavailable ({what}): {exc}") from None
+        for reply in replies:
+            if isinstance(reply, resp.ReplyError) and not _noscript(reply):
+                log.error("redis %s failed: %s", what, reply)
+                raise Unavailable(f"redis error ({what}): {reply}")
+        return replies
 
-    async def _batch(self, client: coredis.Redis[str], commands: Sequence[Any]) -> list[Any]:
-        """Send ``commands`` in one write and read their replies: one round trip.
-
-        The connection is shared: it goes back to the pool before the replies
-        arrive, so concurrent callers' batches ride the same socket (coredis's
-        multiplexing). The wait is shielded because coredis drops a connection
-        whose batch is abandoned mid-reply, which would fail every other
-        caller's requests on it; it is bounded by ``stream_timeout``. Replies
-        come back as values or exception instances, in order.
-        """
-        async with client.connection_pool.acquire() as connection:
-            batch = connection.create_request_batch(commands)
-        with trio.CancelScope(shield=True):
-            return list(await batch)
-
-    async def _eval_many(self, client: coredis.Redis[str], calls: Sequence[_Call]) -> list[Any]:
+    async def _scripts(self, what: str, calls: Sequence[_Call]) -> list[Any]:
         """Run scripts in one round trip (a second one only after Redis lost
         its script cache); results in order."""
-        if len(calls) == 1:
-            return [await self._eval(client, calls[0])]
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
-            replies = await self._batch(
-                client, [client.evalsha(calls[i][0].sha, calls[i][1], calls[i][2]) for i in todo]
-            )
-            missing: list[int] = []
-            for i, reply in zip(todo, replies, strict=True):
-                if isinstance(reply, coredis.exceptions.NoScriptError) and attempt == 0:
-                    missing.append(i)
-                else:
-                    results[i] = _value(reply)
-            if not missing:
-                break
-            for script in {calls[i][0].name: calls[i][0] for i in missing}.values():
-                await client.script_load(script.source)
-            todo = missing
-        return results
+        if not calls:
+            return []
+        replies = await self._commands(what, [_evalsha(c) for c in calls])
+        missing = [i for i, r in enumerate(replies) if _noscript(r)]
+        if missing:
+            again = await self._commands(what, [_eval(calls[i]) for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
 
     # -- the owed queue and routing -----------------------------------------------------------
 
     async def route(self, items: Sequence[Routed]) -> None:
+        calls = self._route_calls(items)
+        if calls:
+            await self._scripts("route", calls)
+            self._deliver_locally(items)
+
+    def route_nowait(self, items: Sequence[Routed]) -> None:
+        calls = self._route_calls(items)
+        if calls:
+            self._fire("route", calls)
+            self._deliver_locally(items)
+
+    def _route_calls(self, items: Sequence[Routed]) -> list[_Call]:
+        """One ROUTE script per user of ``items``."""
         by_user: dict[str, list[str | int]] = {}
         for item in items:
             args = by_user.get(item.user)
@@ -563,11 +634,10 @@ class RedisBroker:
                     self.queue_limit,
                     self.queue_ttl,
                     item.user,
+                    self._skip,
                 ]
             args += [item.key, item.payload, "1" if item.owed else "0", item.exclude or ""]
-        if not by_user:
-            return
-        calls: list[_Call] = [
+        return [
             (
                 SCRIPTS["route"],
                 [self.user_key(u, "conns"), self.user_key(u, "q"), self.user_key(u, "qo")],
@@ -575,11 +645,28 @@ class RedisBroker:
             )
             for u, args in by_user.items()
         ]
-        await self._do("route", lambda c: self._eval_many(c, calls))
+
+    def _deliver_locally(self, items: Sequence[Routed]) -> None:
+        """Connections of these users on this node get the items at once; the
+        scripts publish them only to the other nodes."""
+        local: list[tuple[Deliver, Inbound]] = []
+        for item in items:
+            for inc in set(self._by_user.get(item.user, {}).values()):
+                node = self._nodes.get(inc)
+                if node is not None:
+                    inbound = Inbound(
+                        item.user, item.key, item.payload, item.owed, item.exclude, item.envelope
+                    )
+                    local.append((node[0], inbound))
+        for deliver, inbound in local:
+            try:
+                deliver(inbound)
+            except Exception:
+                log.exception("deliver failed", extra={"user": inbound.user, "key": inbound.key})
 
     async def owed(self, user: str) -> list[Owed]:
         keys = [self.user_key(user, "q"), self.user_key(user, "qo")]
-        flat = await self._do("owed", lambda c: self._eval(c, (SCRIPTS["owed"], keys, [])))
+        [flat] = await self._scripts("owed", [(SCRIPTS["owed"], keys, [])])
         return [
             Owed(str(flat[i]), str(flat[i + 1]), _arrival_ms(flat[i + 2]))
             for i in range(0, len(flat) - 2, 3)
@@ -589,7 +676,12 @@ class RedisBroker:
         if not keys:
             return
         names = [self.user_key(user, "q"), self.user_key(user, "qo")]
-        await self._do("settle", lambda c: self._eval(c, (SCRIPTS["settle"], names, list(keys))))
+        await self._scripts("settle", [(SCRIPTS["settle"], names, list(keys))])
+
+    def settle_nowait(self, user: str, keys: Sequence[str]) -> None:
+        if keys:
+            names = [self.user_key(user, "q"), self.user_key(user, "qo")]
+            self._fire("settle", [(SCRIPTS["settle"], names, list(keys))])
 
     # -- presence ----------------------------------------------------------------------------
 
@@ -602,27 +694,20 @@ class RedisBroker:
             [self.user_key(user, "conns")],
             [conn, inc, self.conns_ttl],
         )
+        self._by_user.setdefault(user, {})[conn] = inc
         beat = trio.current_time() >= self._fresh_until.get(inc, -1.0)
-
-        async def go(client: coredis.Redis[str]) -> list[Any]:
-            if not beat:
-                return await self._eval(client, call)
+        if beat:
             # This instance's heartbeat for the node is stale (its run() is not
             # beating, or not yet): refresh it in the same round trip.
-            beat_reply, reply = await self._batch(
-                client,
-                [
-                    client.set(self.heartbeat_key(inc), self._beat_value(inc), px=self._ttl_ms()),
-                    client.evalsha(call[0].sha, call[1], call[2]),
-                ],
-            )
-            _value(beat_reply)
+            beat_cmd = ("SET", self.heartbeat_key(inc), self._beat_value(inc), "PX", self._ttl_ms())
+            replies = await self._commands("attach", [beat_cmd, _evalsha(call)])
             self._mark_fresh(inc)
-            if isinstance(reply, coredis.exceptions.NoScriptError):
-                return await self._eval(client, call)
-            return _value(reply)
-
-        before = _pairs(await self._do("attach", go))
+            reply = replies[1]
+            if _noscript(reply):
+                [reply] = await self._scripts("attach", [call])
+        else:
+            [reply] = await self._scripts("attach", [call])
+        before = _pairs(reply)
         before.pop(conn, None)
         if not before:
             return True
@@ -631,10 +716,15 @@ class RedisBroker:
     async def detach(self, user: str, node: str, conn: str, ts: int) -> bool:
         inc = self.incarnation(node)
         self._local.pop((user, conn), None)
+        mine = self._by_user.get(user)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self._by_user[user]
         keys = [self.user_key(user, "conns"), self.user_key(user, "seen")]
         call: _Call = (SCRIPTS["detach"], keys, [conn, ts, self.last_seen_ttl])
         try:
-            reply = await self._do("detach", lambda c: self._eval(c, call))
+            [reply] = await self._scripts("detach", [call])
         except BaseException:
             # Redis may or may not have seen it: retry from the heartbeat, so
             # that a connection that is gone never stays in presence.
@@ -652,18 +742,12 @@ class RedisBroker:
         if not users:
             return {}
 
-        async def read(client: coredis.Redis[str]) -> list[Any]:
-            commands = []
-            for user in users:
-                commands.append(client.hgetall(self.user_key(user, "conns")))
-                commands.append(client.get(self.user_key(user, "seen")))
-            return [_value(r) for r in await self._batch(client, commands)]
-
-        replies = await self._do("presence", read)
-        conns = {
-            u: {str(k): str(v) for k, v in (replies[2 * i] or {}).items()}
-            for i, u in enumerate(users)
-        }
+        commands: list[resp.Command] = []
+        for user in users:
+            commands.append(("HGETALL", self.user_key(user, "conns")))
+            commands.append(("GET", self.user_key(user, "seen")))
+        replies = await self._commands("presence", commands)
+        conns = {u: _pairs(replies[2 * i] or []) for i, u in enumerate(users)}
         seen = {u: replies[2 * i + 1] for i, u in enumerate(users)}
         live = await self._live_incarnations({inc for c in conns.values() for inc in c.values()})
         now = time.time_ns() // 1_000_000
@@ -686,7 +770,7 @@ class RedisBroker:
         return out
 
     async def ping(self) -> None:
-        await self._do("ping", lambda c: c.ping())
+        await self._commands("ping", [("PING",)])
 
     # -- administration ------------------------------------------------------------------------
 
@@ -696,11 +780,9 @@ class RedisBroker:
         found: list[str] = []
         cursor = 0
         while True:
-
-            async def step(client: coredis.Redis[str], cursor: int = cursor) -> Any:
-                return await client.scan(cursor, match=pattern, count=1000)
-
-            cursor, keys = await self._do(what, step)
+            [(cursor, keys)] = await self._commands(
+                what, [("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)]
+            )
             found.extend(str(k) for k in keys)
             if int(cursor) == 0:
                 return sorted(set(found))
@@ -721,19 +803,16 @@ class RedisBroker:
         for start in range(0, len(users), self.reassert_chunk):
             chunk = users[start : start + self.reassert_chunk]
 
-            async def read(client: coredis.Redis[str], chunk: list[str] = chunk) -> list[Any]:
-                commands = []
-                for user in chunk:
-                    key = self.user_key(user, "qo")
-                    commands.append(client.zcard(key))
-                    commands.append(client.zrange(key, 0, 0, withscores=True))
-                return [_value(r) for r in await self._batch(client, commands)]
-
-            replies = await self._do("queues", read)
+            commands: list[resp.Command] = []
+            for user in chunk:
+                key = self.user_key(user, "qo")
+                commands.append(("ZCARD", key))
+                commands.append(("ZRANGE", key, 0, 0, "WITHSCORES"))
+            replies = await self._commands("queues", commands)
             for i, user in enumerate(chunk):
                 count, first = int(replies[2 * i]), replies[2 * i + 1]
                 if count:
-                    oldest = _arrival_ms(first[0][1]) if first else None
+                    oldest = _arrival_ms(first[1]) if first else None
                     out.append(QueueInfo(user, count, oldest))
         return out
 
@@ -745,12 +824,14 @@ class RedisBroker:
         for item in items:
             args += [item.key, item.payload]
         call: _Call = (SCRIPTS["enqueue"], names, args)
-        return int(await self._do("enqueue", lambda c: self._eval(c, call)))
+        [added] = await self._scripts("enqueue", [call])
+        return int(added)
 
     async def purge(self, user: str) -> int:
         names = [self.user_key(user, "q"), self.user_key(user, "qo")]
         call: _Call = (SCRIPTS["purge"], names, [])
-        return int(await self._do("purge", lambda c: self._eval(c, call)))
+        [count] = await self._scripts("purge", [call])
+        return int(count)
 
     async def nodes(self) -> list[NodeInfo]:
         head = f"{self.prefix}:hb:"
@@ -758,14 +839,11 @@ class RedisBroker:
         if not incs:
             return []
 
-        async def read(client: coredis.Redis[str]) -> list[Any]:
-            commands = []
-            for inc in incs:
-                commands.append(client.get(self.heartbeat_key(inc)))
-                commands.append(client.pttl(self.heartbeat_key(inc)))
-            return [_value(r) for r in await self._batch(client, commands)]
-
-        replies = await self._do("nodes", read)
+        commands: list[resp.Command] = []
+        for inc in incs:
+            commands.append(("GET", self.heartbeat_key(inc)))
+            commands.append(("PTTL", self.heartbeat_key(inc)))
+        replies = await self._commands("nodes", commands)
         out: list[NodeInfo] = []
         for i, inc in enumerate(incs):
             raw, pttl = replies[2 * i], int(replies[2 * i + 1])
@@ -834,12 +912,9 @@ class RedisBroker:
         }
         ask = sorted(incs - live)
         if ask:
-
-            async def check(client: coredis.Redis[str]) -> list[Any]:
-                commands = [client.exists([self.heartbeat_key(inc)]) for inc in ask]
-                return [_value(r) for r in await self._batch(client, commands)]
-
-            found = await self._do("presence", check)
+            found = await self._commands(
+                "presence", [("EXISTS", self.heartbeat_key(inc)) for inc in ask]
+            )
             live |= {inc for inc, n in zip(ask, found, strict=True) if n}
         return live
 
@@ -856,7 +931,7 @@ class RedisBroker:
         """Remove dead incarnations' connections; best effort, since every
         read ignores them anyway and the next read tries again."""
         try:
-            await self._do("prune", lambda c: self._eval_many(c, calls))
+            await self._scripts("prune", calls)
         except Unavailable as exc:
             log.warning("could not prune dead connections", extra={"reason": exc.message})
 
@@ -882,11 +957,9 @@ class RedisBroker:
 
     async def _beat(self, inc: str) -> bool:
         """Refresh the heartbeat key; True if it had been lost."""
-        old = await self._do(
+        [old] = await self._commands(
             "heartbeat",
-            lambda c: c.set(
-                self.heartbeat_key(inc), self._beat_value(inc), px=self._ttl_ms(), get=True
-            ),
+            [("SET", self.heartbeat_key(inc), self._beat_value(inc), "PX", self._ttl_ms(), "GET")],
         )
         self._mark_fresh(inc)
         return old is None
@@ -902,16 +975,13 @@ class RedisBroker:
         for start in range(0, len(users), self.reassert_chunk):
             chunk = users[start : start + self.reassert_chunk]
 
-            async def write(client: coredis.Redis[str], chunk: list[str] = chunk) -> None:
-                commands = []
-                for user in chunk:
-                    key = self.user_key(user, "conns")
-                    commands.append(client.hset(key, snapshot[user]))
-                    commands.append(client.expire(key, self.conns_ttl))
-                for reply in await self._batch(client, commands):
-                    _value(reply)
-
-            await self._do("re-assert", write)
+            commands: list[resp.Command] = []
+            for user in chunk:
+                key = self.user_key(user, "conns")
+                fields = [x for conn_inc in snapshot[user].items() for x in conn_inc]
+                commands.append(("HSET", key, *fields))
+                commands.append(("EXPIRE", key, self.conns_ttl))
+            await self._commands("re-assert", commands)
         now = time.time_ns() // 1_000_000
         for user, conns in snapshot.items():
             for conn in conns:
@@ -924,7 +994,7 @@ class RedisBroker:
             return
         items = list(self._tombstones.items())[: self.reassert_chunk]
         calls = [self._prune_call(user, {conn: inc}, ts) for (user, conn), (inc, ts) in items]
-        await self._do("detach", lambda c: self._eval_many(c, calls))
+        await self._scripts("detach", calls)
         for key, value in items:
             if self._tombstones.get(key) == value:
                 del self._tombstones[key]
@@ -947,6 +1017,8 @@ class RedisBroker:
         with trio.CancelScope() as scope:
             self._running[node] = scope
             self._started[inc] = time.time_ns() // 1_000_000
+            self._nodes[inc] = (deliver, resync)
+            self._skip = " " + " ".join(self._nodes) + " "
             try:
                 while not self._closed:
                     try:
@@ -970,6 +1042,8 @@ class RedisBroker:
             finally:
                 del self._running[node]
                 self._started.pop(inc, None)
+                del self._nodes[inc]
+                self._skip = " " + " ".join(self._nodes) + " "
 
     async def _session(
         self,
@@ -980,42 +1054,51 @@ class RedisBroker:
         state: _RunState,
     ) -> None:
         """One subscription, from connect to loss."""
-        client = await self._client()
-        async with client.pubsub(
-            channels=[self.channel(inc)],
-            ignore_subscribe_messages=True,
-            retry_policy=NoRetryPolicy(),
-            subscription_timeout=self.stream_timeout,
-            max_idle_seconds=self.heartbeat_interval,
-        ) as pubsub:
-            # Subscribed: anything routed from now on reaches us. Put our
-            # presence back (Redis may have lost it), then re-offer what may
-            # have been missed while we were away.
-            await self._beat(inc)
-            await self._reassert(inc)
-            state.live_since = trio.current_time()
-            if not state.started:
-                state.started = True
-                task_status.started()
-            else:
-                log.info("redis subscription back; resync", extra={"incarnation": inc})
-                resync()
-            async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
+            conn = await self._open("subscription", nursery)
+            try:
+                conn.on_push = lambda message: self._dispatch(message, deliver)
+                try:
+                    with trio.fail_after(self.op_timeout):
+                        await conn.call(("SUBSCRIBE", self.channel(inc)))
+                except trio.TooSlowError:
+                    raise resp.ConnectionLost("SUBSCRIBE not answered") from None
+                # Subscribed: anything routed from now on reaches us. Put our
+                # presence back (Redis may have lost it), then re-offer what may
+                # have been missed while we were away.
+                await self._beat(inc)
+                await self._reassert(inc)
+                state.live_since = trio.current_time()
+                if not state.started:
+                    state.started = True
+                    task_status.started()
+                else:
+                    log.info("redis subscription back; resync", extra={"incarnation": inc})
+                    resync()
                 nursery.start_soon(self._heartbeat, inc, resync)
-                async for message in pubsub:
-                    if message["type"] == "message":
-                        self._dispatch(message["data"], deliver)
+                # Keepalive: a subscription that stops answering PING is dead.
+                while True:
+                    with trio.move_on_after(self.heartbeat_interval):
+                        await conn.done.wait()
+                    if not conn.alive:
+                        raise resp.ConnectionLost(str(conn.error))
+                    await conn.call(("PING",))
+            finally:
+                conn.close()
                 nursery.cancel_scope.cancel()
 
-    def _dispatch(self, data: Any, deliver: Deliver) -> None:
+    def _dispatch(self, message: list[Any], deliver: Deliver) -> None:
+        if message[0] != "message":
+            log.warning("unexpected message on the subscription", extra={"kind": str(message[0])})
+            return
         try:
-            doc = json.loads(data)
+            doc = orjson.loads(message[2])
             user = doc["u"]
             items = [
                 Inbound(user, str(key), str(payload), owed == "1", exclude or None)
                 for key, payload, owed, exclude in doc["i"]
             ]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, IndexError):
             log.error("dropping an undecodable broker message")
             return
         for item in items:
@@ -1051,10 +1134,11 @@ class RedisBroker:
         self._closed = True
         for scope in list(self._running.values()):
             scope.cancel()
-        host, self._host = self._host, None
-        if host is not None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
             with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await host.close()
+                await conn.done.wait()
 
 
 class _RunState:
@@ -1071,13 +1155,6 @@ def _arrival_ms(score: Any) -> int | None:
     except (TypeError, ValueError):
         return None
     return int(value // 1000) if value >= 1e14 else None
-
-
-def _value(reply: Any) -> Any:
-    """A batch reply, or its error raised."""
-    if isinstance(reply, BaseException):
-        raise reply
-    return reply
 
 
 def _reraise_cancellation(exc: BaseException) -> None:

@@ -8,8 +8,9 @@ socket opens it. Receipts, typing and presence carry no body at all.
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
+
+import orjson
 
 from chatd.core.model import Receipt, Sealed, Status, StoredMessage
 
@@ -74,13 +75,13 @@ def encode(env: Envelope) -> str:
             obj = {"k": "p", "u": env.user, "on": env.online, "ls": env.last_seen}
         case _:
             raise TypeError(f"not an envelope: {env!r}")
-    return json.dumps(obj, separators=(",", ":"))
+    return orjson.dumps(obj).decode("utf-8")
 
 
 def decode(payload: str | bytes) -> Envelope:
     """Decode a broker payload; raises ValueError when it is not one."""
     try:
-        obj = json.loads(payload)
+        obj = orjson.loads(payload)
         kind = obj["k"]
         if kind == "m":
             return MessageEnvelope(

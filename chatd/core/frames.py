@@ -6,9 +6,10 @@ this module works with those. Nothing here does I/O.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from chatd.core.errors import BadRequest, TooLarge, Unauthorized
 from chatd.core.names import check_cid, parse_rid
@@ -108,8 +109,10 @@ def parse_client_frame(raw: str | bytes) -> ClientFrame:
     if isinstance(raw, bytes):
         raise BadRequest("binary frames are not accepted; send JSON text frames")
     try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError):
+        # orjson is strict where the stdlib is lenient: no NaN or Infinity, no
+        # lone surrogates (which could never be encoded again), depth <= 1024.
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         raise BadRequest("frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise BadRequest("frame must be a JSON object")
@@ -182,8 +185,9 @@ _PARSERS = {
 # Built as dicts; ``encode`` turns one into the text frame.
 
 
-def encode(frame: dict[str, Any]) -> str:
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+def encode(frame: dict[str, Any]) -> bytes:
+    """The frame as compact JSON text, UTF-8 encoded (``type`` comes first)."""
+    return orjson.dumps(frame)
 
 
 def ready(user: str, node: str) -> dict[str, Any]:

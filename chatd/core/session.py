@@ -53,9 +53,11 @@ class SlowConsumer(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Outbound:
-    """One frame for a device. ``key`` is set when it is owed (and must be acked)."""
+    """One frame for a device: ``data`` is its JSON text, UTF-8 encoded (made
+    once, whatever the number of devices). ``key`` is set when it is owed
+    (and must be acked)."""
 
-    text: str
+    data: bytes
     key: str | None = None
     order: tuple = ()
 

@@ -74,7 +74,7 @@ from chatd.core.model import (
     User,
 )
 from chatd.core.names import dm_id
-from chatd.ports import Reseal, StoreStats, UserDeleted
+from chatd.ports import Reseal, StoreStats, UserDeleted, Writes, Written
 
 T = TypeVar("T")
 
@@ -804,6 +804,16 @@ class MongoStore:
         if pending:
             raise Unavailable("too much contention applying receipts")
         return [_need(r) for r in results]
+
+    async def write(self, writes: Writes) -> Written:
+        # No multi-document transaction: the three steps are applied in order,
+        # each durable (majority write concern) before the next; each is
+        # idempotent, so a retry after a failure in between is safe.
+        appended = await self.append(writes.appends) if writes.appends else []
+        marked = await self.mark(writes.marks) if writes.marks else []
+        if writes.receipt_acks:
+            await self.ack_receipts(writes.receipt_acks)
+        return Written(appended, marked)
 
     async def ack_receipts(self, acks: Sequence[tuple[str, ReceiptKey]]) -> list[None]:
         if not acks:

@@ -1,15 +1,35 @@
 """The embedded store: SQLite in the data dir.
 
-Blocking sqlite3 calls run in worker threads behind a limiter; each thread
-borrows one connection from a small pool. The database runs in WAL mode so
-readers never block the writer, and every write transaction starts with
-``BEGIN IMMEDIATE`` under a busy timeout, which makes seq assignment and the
-(sender, cid) idempotency index atomic across threads *and* processes (the
-tests run several replicas on one data dir). Production uses MongoDB.
+The database runs in WAL mode so readers never block the writer, and every
+write transaction starts with ``BEGIN IMMEDIATE``, which makes seq
+assignment and the (sender, cid) idempotency index atomic across threads
+*and* processes (the tests run several replicas on one data dir).
+Production uses MongoDB.
+
+Where the work runs:
+
+* **The hot path** (:meth:`SqliteStore.write`: sends, marks, receipt acks,
+  group-committed by the service) runs its statements on the trio thread,
+  on a connection of its own, and only the fsync goes to a worker thread.
+  A worker thread running the statements costs more than the statements:
+  sqlite3 releases the GIL around every step, and each hand-back is a
+  futex round trip with the event loop (docs/performance.md measures it).
+  That connection uses ``synchronous=NORMAL`` — commit without fsync — and
+  :meth:`SqliteStore.write` then calls ``fdatasync`` on the WAL file before
+  it returns: the same durability as ``synchronous=FULL``. It never waits
+  in SQLite's busy handler (which sleeps, and would stop the event loop):
+  a ``BEGIN IMMEDIATE`` that finds another process writing is retried
+  after a trio sleep. Auto-checkpoints are off on it; every
+  :data:`CHECKPOINT_EVERY` commits a PASSIVE checkpoint runs in a worker
+  thread instead.
+* **Everything else** (reads, accounts, conversations, administration) is
+  a blocking call in a worker thread behind a limiter, on a pooled
+  connection with ``synchronous=FULL`` and a busy timeout.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -36,7 +56,7 @@ from chatd.core.model import (
     User,
 )
 from chatd.core.names import dm_id
-from chatd.ports import Reseal, StoreStats, UserDeleted
+from chatd.ports import Reseal, StoreStats, UserDeleted, Writes, Written
 
 T = TypeVar("T")
 
@@ -100,6 +120,13 @@ CREATE INDEX IF NOT EXISTS unseen ON receipts (username, conversation)
 CREATE INDEX IF NOT EXISTS owed_receipts ON receipts (sender, message_id, username)
     WHERE (delivered_ts IS NOT NULL AND d_acked = 0) OR (seen_ts IS NOT NULL AND s_acked = 0);
 """
+
+
+#: Hot-path commits between two checkpoints of the WAL into the database.
+CHECKPOINT_EVERY = 500
+#: How long a hot-path write waits, in total, for another process's write
+#: lock before it gives up (Unavailable).
+BUSY_WAIT = 30.0
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -168,6 +195,100 @@ def _user(row: sqlite3.Row | tuple) -> User:
     return User(name, pw_hash, created_ts, last_seen, bool(disabled), disabled == _DELETED)
 
 
+def _append_rows(db: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[Appended]:
+    """Store messages inside the caller's transaction (see Store.append)."""
+    out: list[Appended] = []
+    for msg in batch:
+        row = db.execute(
+            "SELECT id, conversation, seq, ts FROM messages WHERE sender = ? AND cid = ?",
+            (msg.sender, msg.cid),
+        ).fetchone()
+        if row is not None:
+            out.append(Appended(row[0], row[1], row[2], row[3], duplicate=True))
+            continue
+        seq_row = db.execute(
+            "UPDATE conversations SET last_seq = last_seq + 1, last_ts = ?"
+            " WHERE id = ? RETURNING last_seq",
+            (msg.ts, msg.conversation),
+        ).fetchone()
+        if seq_row is None:
+            # Rolls the whole batch back: nothing is half-written.
+            raise NotFound(f"conversation {msg.conversation} does not exist")
+        seq = seq_row[0]
+        db.execute(
+            "INSERT INTO messages (id, conversation, seq, sender, cid, ts, key_id,"
+            " nonce, ciphertext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                msg.id,
+                msg.conversation,
+                seq,
+                msg.sender,
+                msg.cid,
+                msg.ts,
+                msg.body.key_id,
+                msg.body.nonce,
+                msg.body.ciphertext,
+            ),
+        )
+        db.executemany(
+            "INSERT INTO receipts (message_id, username, conversation, seq, sender)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(msg.id, r, msg.conversation, seq, msg.sender) for r in msg.recipients],
+        )
+        out.append(Appended(msg.id, msg.conversation, seq, msg.ts, duplicate=False))
+    return out
+
+
+def _mark_rows(db: sqlite3.Connection, batch: Sequence[Mark]) -> list[MarkResult]:
+    """Apply marks inside the caller's transaction (see Store.mark)."""
+    out: list[MarkResult] = []
+    for mark in batch:
+        row = db.execute(
+            "SELECT conversation, sender, delivered_ts, seen_ts FROM receipts"
+            " WHERE message_id = ? AND username = ?",
+            (mark.message_id, mark.user),
+        ).fetchone()
+        if row is None:
+            own = db.execute(
+                "SELECT 1 FROM messages WHERE id = ? AND sender = ?",
+                (mark.message_id, mark.user),
+            ).fetchone()
+            out.append(MarkResult((), known=own is not None))
+            continue
+        conversation, sender, d_ts, s_ts = row
+        ts = mark.ts
+        new_d, new_s, made = apply_mark(d_ts, s_ts, mark.status, ts)
+        if made:
+            db.execute(
+                "UPDATE receipts SET delivered_ts = ?, seen_ts = ?"
+                " WHERE message_id = ? AND username = ?",
+                (new_d, new_s, mark.message_id, mark.user),
+            )
+        out.append(
+            MarkResult(
+                tuple(
+                    Transition(mark.message_id, conversation, sender, mark.user, s, ts)
+                    for s in made
+                ),
+                known=True,
+            )
+        )
+    return out
+
+
+def _ack_rows(db: sqlite3.Connection, acks: Sequence[tuple[str, ReceiptKey]]) -> None:
+    """Apply receipt acks inside the caller's transaction (see Store.ack_receipts)."""
+    by_status: dict[Status, list[tuple[str, str, str]]] = {}
+    for sender, key in acks:
+        by_status.setdefault(key.status, []).append((key.message_id, key.member, sender))
+    for status, rows in by_status.items():
+        db.executemany(
+            f"UPDATE receipts SET {_ACK_SET[status]}"
+            " WHERE message_id = ? AND username = ? AND sender = ?",
+            rows,
+        )
+
+
 class SqliteStore:
     """The Store port on SQLite. Open with :meth:`open`; close with :meth:`aclose`."""
 
@@ -181,6 +302,13 @@ class SqliteStore:
         # CREATE ... IF NOT EXISTS throughout: safe when several replicas
         # sharing the data dir start at once (the busy timeout serialises them).
         self._pool[0].executescript(SCHEMA)
+        # The hot path's own connection (see the module docstring).
+        self._hot = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+        self._hot.execute("PRAGMA synchronous=NORMAL")
+        self._hot.execute("PRAGMA wal_autocheckpoint=0")
+        self._wal_path = f"{path}-wal"
+        self._wal_fd: int | None = None
+        self._commits = 0
 
     @classmethod
     def open(cls, data_dir: Path, pool_size: int = 4, *, create: bool = True) -> SqliteStore:
@@ -211,6 +339,69 @@ class SqliteStore:
     async def aclose(self) -> None:
         for conn in self._pool:
             conn.close()
+        self._hot.close()
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+
+    # -- the hot path ------------------------------------------------------------
+
+    async def _begin(self) -> None:
+        """BEGIN IMMEDIATE on the hot connection, waiting (in trio) while
+        another process holds the write lock."""
+        delay, waited = 0.0002, 0.0
+        while True:
+            try:
+                self._hot.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise Unavailable(f"store error: {exc}") from None
+            if waited >= BUSY_WAIT:
+                raise Unavailable(f"store is locked by another writer for {BUSY_WAIT:g} s")
+            await trio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.05)
+
+    def _wal(self) -> int:
+        """An fd on the WAL file as it is now (SQLite creates it on first
+        use; reopened if it was replaced)."""
+        fd = self._wal_fd
+        if fd is not None:
+            try:
+                if os.fstat(fd).st_ino == os.stat(self._wal_path).st_ino:
+                    return fd
+            except OSError:
+                pass
+            os.close(fd)
+        self._wal_fd = fd = os.open(self._wal_path, os.O_RDONLY)
+        return fd
+
+    async def _hot_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one transaction on the hot connection; durable on return."""
+        async with self._write_lock:
+            await self._begin()
+            db = self._hot
+            try:
+                result = fn(db)
+                db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise Unavailable(f"store error: {exc}") from None
+                raise
+            try:
+                # Made durable before anyone hears of it; shielded so that a
+                # cancelled caller does not leave a commit unsynced for the next.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(os.fdatasync, self._wal())
+            except OSError as exc:
+                raise Unavailable(f"store could not sync its log: {exc}") from None
+            self._commits += 1
+            if self._commits % CHECKPOINT_EVERY == 0:
+                await self._run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+            return result
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
@@ -408,51 +599,7 @@ class SqliteStore:
     # -- messages ------------------------------------------------------------------
 
     async def append(self, batch: Sequence[NewMessage]) -> list[Appended]:
-        def fn(db: sqlite3.Connection) -> list[Appended]:
-            out: list[Appended] = []
-            with _Tx(db):
-                for msg in batch:
-                    row = db.execute(
-                        "SELECT id, conversation, seq, ts FROM messages"
-                        " WHERE sender = ? AND cid = ?",
-                        (msg.sender, msg.cid),
-                    ).fetchone()
-                    if row is not None:
-                        out.append(Appended(row[0], row[1], row[2], row[3], duplicate=True))
-                        continue
-                    seq_row = db.execute(
-                        "UPDATE conversations SET last_seq = last_seq + 1, last_ts = ?"
-                        " WHERE id = ? RETURNING last_seq",
-                        (msg.ts, msg.conversation),
-                    ).fetchone()
-                    if seq_row is None:
-                        # Rolls the whole batch back: nothing is half-written.
-                        raise NotFound(f"conversation {msg.conversation} does not exist")
-                    seq = seq_row[0]
-                    db.execute(
-                        "INSERT INTO messages (id, conversation, seq, sender, cid, ts, key_id,"
-                        " nonce, ciphertext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            msg.id,
-                            msg.conversation,
-                            seq,
-                            msg.sender,
-                            msg.cid,
-                            msg.ts,
-                            msg.body.key_id,
-                            msg.body.nonce,
-                            msg.body.ciphertext,
-                        ),
-                    )
-                    db.executemany(
-                        "INSERT INTO receipts (message_id, username, conversation, seq, sender)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        [(msg.id, r, msg.conversation, seq, msg.sender) for r in msg.recipients],
-                    )
-                    out.append(Appended(msg.id, msg.conversation, seq, msg.ts, duplicate=False))
-            return out
-
-        return await self._write(fn)
+        return (await self.write(Writes(appends=batch))).appended
 
     @staticmethod
     def _with_receipts(
@@ -517,60 +664,24 @@ class SqliteStore:
     # -- receipts ------------------------------------------------------------------
 
     async def mark(self, batch: Sequence[Mark]) -> list[MarkResult]:
-        def fn(db: sqlite3.Connection) -> list[MarkResult]:
-            out: list[MarkResult] = []
-            with _Tx(db):
-                for mark in batch:
-                    row = db.execute(
-                        "SELECT conversation, sender, delivered_ts, seen_ts FROM receipts"
-                        " WHERE message_id = ? AND username = ?",
-                        (mark.message_id, mark.user),
-                    ).fetchone()
-                    if row is None:
-                        own = db.execute(
-                            "SELECT 1 FROM messages WHERE id = ? AND sender = ?",
-                            (mark.message_id, mark.user),
-                        ).fetchone()
-                        out.append(MarkResult((), known=own is not None))
-                        continue
-                    conversation, sender, d_ts, s_ts = row
-                    ts = mark.ts
-                    new_d, new_s, made = apply_mark(d_ts, s_ts, mark.status, ts)
-                    if made:
-                        db.execute(
-                            "UPDATE receipts SET delivered_ts = ?, seen_ts = ?"
-                            " WHERE message_id = ? AND username = ?",
-                            (new_d, new_s, mark.message_id, mark.user),
-                        )
-                    out.append(
-                        MarkResult(
-                            tuple(
-                                Transition(mark.message_id, conversation, sender, mark.user, s, ts)
-                                for s in made
-                            ),
-                            known=True,
-                        )
-                    )
-            return out
-
-        return await self._write(fn)
+        return (await self.write(Writes(marks=batch))).marked
 
     async def ack_receipts(self, acks: Sequence[tuple[str, ReceiptKey]]) -> list[None]:
-        by_status: dict[Status, list[tuple[str, str, str]]] = {}
-        for sender, key in acks:
-            by_status.setdefault(key.status, []).append((key.message_id, key.member, sender))
+        await self.write(Writes(receipt_acks=acks))
+        return [None] * len(acks)
 
-        def fn(db: sqlite3.Connection) -> list[None]:
-            with _Tx(db):
-                for status, rows in by_status.items():
-                    db.executemany(
-                        f"UPDATE receipts SET {_ACK_SET[status]}"
-                        " WHERE message_id = ? AND username = ? AND sender = ?",
-                        rows,
-                    )
-            return [None] * len(acks)
+    async def write(self, writes: Writes) -> Written:
+        """Appends, then marks, then receipt acks: one transaction, one commit
+        (on the trio thread; see the module docstring)."""
 
-        return await self._write(fn)
+        def fn(db: sqlite3.Connection) -> Written:
+            appended = _append_rows(db, writes.appends) if writes.appends else []
+            marked = _mark_rows(db, writes.marks) if writes.marks else []
+            if writes.receipt_acks:
+                _ack_rows(db, writes.receipt_acks)
+            return Written(appended, marked)
+
+        return await self._hot_write(fn)
 
     async def owed_messages(
         self, username: str, limit: int, after: tuple[str, int] | None = None

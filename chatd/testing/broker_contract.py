@@ -70,6 +70,31 @@ class BrokerContract:
 
     # -- owed queue --------------------------------------------------------------
 
+    async def test_nowait_calls_come_before_later_calls(self, brokers: Make) -> None:
+        """route_nowait and settle_nowait are in order with every later call."""
+        b = brokers()
+        b.route_nowait([Routed("bob", "m1", "p1", owed=True), Routed("bob", "m2", "p2", owed=True)])
+        b.settle_nowait("bob", ["m1"])
+        b.route_nowait([Routed("bob", "m3", "p3", owed=True)])
+        assert [(o.key, o.payload) for o in await b.owed("bob")] == [("m2", "p2"), ("m3", "p3")]
+        b.settle_nowait("bob", ["m2", "m3"])
+        assert await b.owed("bob") == []
+
+    async def test_route_nowait_reaches_this_node_at_once_and_others_soon(
+        self, brokers: Make, nursery: trio.Nursery
+    ) -> None:
+        n1 = await start_node(nursery, brokers(), "n1")
+        n2 = await start_node(nursery, brokers(), "n2")
+        await n1.broker.attach("bob", "n1", "c1")
+        await n2.broker.attach("bob", "n2", "c2")
+        n1.broker.route_nowait([Routed("bob", "m1", "p1", owed=True)])
+        # No await in between: the local connection has it already.
+        assert [(i.key, i.payload, i.owed) for i in n1.got] == [("m1", "p1", True)]
+        [got] = await n2.wait_for(1)
+        assert (got.key, got.payload, got.owed) == ("m1", "p1", True)
+        await n1.settle_down()
+        assert len(n1.got) == 1  # not a second time through the backend
+
     async def test_owed_items_wait_until_settled(self, brokers: Make) -> None:
         b = brokers()
         await b.route([Routed("bob", "m1", "p1", owed=True), Routed("bob", "m2", "p2", owed=True)])

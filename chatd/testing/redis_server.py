@@ -220,6 +220,16 @@ class RedisServer:
             sock.sendall(_encode(args))
             return _Reader(sock).reply()
 
+    def transaction(self, *commands: tuple[str | int | float | bytes, ...]) -> list[Any]:
+        """Run ``commands`` as one MULTI/EXEC transaction (nothing else runs in
+        between); their replies."""
+        with socket.create_connection((self.host, self.port), timeout=5.0) as sock:
+            sock.sendall(b"".join(_encode(c) for c in (("MULTI",), *commands, ("EXEC",))))
+            reader = _Reader(sock)
+            for _ in range(len(commands) + 1):
+                reader.reply()  # OK, then QUEUED per command
+            return reader.reply()  # type: ignore[no-any-return]
+
     def flushall(self) -> None:
         self.command("FLUSHALL")
 

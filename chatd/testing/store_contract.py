@@ -24,7 +24,7 @@ import trio
 from chatd.core.errors import Conflict, NotFound
 from chatd.core.ids import UlidFactory
 from chatd.core.model import Mark, NewMessage, ReceiptKey, Sealed, Status, User
-from chatd.ports import Reseal, Store
+from chatd.ports import Reseal, Store, Writes
 
 _ids = UlidFactory()
 
@@ -353,6 +353,50 @@ class StoreContract:
         assert [(r.member, r.status.value) for r in await store.owed_receipts("alice", 100)] == [
             ("carol", "seen")
         ]
+
+    async def test_write_does_appends_then_marks_then_acks(self, store: Store) -> None:
+        """One write with everything that arrived together: the same results as
+        the three calls in that order (a mark may name a message appended in
+        the same write, an ack a receipt its marks just made)."""
+        await users(store, "alice", "bob", "carol")
+        dm = await store.ensure_dm("alice", "bob", 1)
+        g = await store.create_group("g:1", None, ["alice", "bob", "carol"], 1)
+        old = new_message(dm.id, "alice", ("bob",))
+        await store.append([old])
+        fresh = new_message(g.id, "bob", ("alice", "carol"), cid="fresh")
+        again = NewMessage(
+            _ids.new(), dm.id, "alice", old.cid, 2, sealed(), ("bob",)
+        )  # a retry of `old`
+        done = await store.write(
+            Writes(
+                appends=[fresh, again],
+                marks=[
+                    Mark("bob", old.id, Status.SEEN, 10),
+                    Mark("carol", fresh.id, Status.DELIVERED, 11),
+                    Mark("eve", old.id, Status.SEEN, 12),
+                ],
+                receipt_acks=[("alice", ReceiptKey(old.id, "bob", Status.SEEN))],
+            )
+        )
+        assert [(a.id, a.seq, a.duplicate) for a in done.appended] == [
+            (fresh.id, 1, False),
+            (old.id, 1, True),
+        ]
+        assert [[t.status.value for t in r.transitions] for r in done.marked] == [
+            ["delivered", "seen"],
+            ["delivered"],
+            [],
+        ]
+        assert [r.known for r in done.marked] == [True, True, False]
+        # The seen ack in the same write settled both of bob's receipts.
+        assert await store.owed_receipts("alice", 100) == []
+        [r] = await store.owed_receipts("bob", 100)
+        assert (r.message_id, r.member, r.status) == (fresh.id, "carol", Status.DELIVERED)
+        assert [m.id for m in await store.owed_messages("alice", 100)] == [fresh.id]
+
+    async def test_write_of_nothing(self, store: Store) -> None:
+        done = await store.write(Writes())
+        assert done.appended == [] and done.marked == []
 
     async def test_owed_receipts_page_by_message_and_member(self, store: Store) -> None:
         """The port's paging: up to ``limit`` (message id, member) pairs after

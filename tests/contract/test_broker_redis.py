@@ -10,11 +10,13 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
 from chatd.broker.redis import RedisBroker
+from chatd.broker.resp import hash_slot
 from chatd.core.errors import Unavailable
 from chatd.ports import Routed
 from chatd.testing.broker_contract import BrokerContract, start_node
@@ -47,32 +49,35 @@ def server() -> Iterator[RedisServer]:
         yield server
 
 
+@asynccontextmanager
 async def _factory(server: RedisServer) -> AsyncIterator[Make]:
+    """Brokers on ``server`` whose connections run in one nursery of the test's."""
     made: list[RedisBroker] = []
+    async with trio.open_nursery() as nursery:
 
-    def make(**tuning: object) -> RedisBroker:
-        broker = RedisBroker.from_url(server.url, **{**FAST, **tuning})
-        made.append(broker)
-        return broker
+        def make(**tuning: object) -> RedisBroker:
+            broker = RedisBroker.from_url(server.url, nursery=nursery, **{**FAST, **tuning})
+            made.append(broker)
+            return broker
 
-    try:
-        yield make
-    finally:
-        for broker in made:
-            await broker.aclose()
+        try:
+            yield make
+        finally:
+            for broker in made:
+                await broker.aclose()
 
 
 class TestRedisBroker(BrokerContract):
     @pytest.fixture
     async def brokers(self, shared_server: RedisServer) -> AsyncIterator[Make]:
         shared_server.flushall()
-        async for make in _factory(shared_server):
+        async with _factory(shared_server) as make:
             yield make
 
 
 @pytest.fixture
 async def make(server: RedisServer) -> AsyncIterator[Make]:
-    async for make in _factory(server):
+    async with _factory(server) as make:
         yield make
 
 
@@ -226,11 +231,47 @@ async def test_a_hung_server_gives_unavailable_not_a_hang(
     await eventually(lambda: any(i.key == "m2" for i in n1.got), timeout=3)
 
 
+async def test_work_sent_without_waiting_and_lost_resyncs(
+    make: Make, server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """The command connection dies with a route in flight while the
+    subscription stays: the broker reconnects and the node resyncs."""
+    n1 = await start_node(nursery, make(), "n1")
+    b = n1.broker
+    await b.ping()
+    server.command("CLIENT", "KILL", "TYPE", "normal")  # not the subscription
+    b.route_nowait([Routed("bob", "m1", "p1", owed=True)])
+    await eventually(lambda: n1.resyncs == 1, timeout=3)
+    await b.ping()
+    await trio.sleep(0.3)
+    assert n1.resyncs == 1  # once per lost connection, not per call
+
+
+async def test_nowait_while_redis_is_away_resyncs_once_back(
+    make: Make, server: RedisServer, nursery: trio.Nursery
+) -> None:
+    n1 = await start_node(nursery, make(), "n1")
+    b = n1.broker
+    await b.ping()
+    server.kill()
+    for i in range(20):
+        b.route_nowait([Routed("bob", f"m{i}", "p", owed=True)])  # never raises
+        b.settle_nowait("bob", [f"m{i}"])
+        await trio.sleep(0.01)
+    server.start()
+    await eventually(lambda: n1.resyncs >= 1, timeout=5)
+    await b.ping()
+    b.route_nowait([Routed("bob", "after", "p", owed=True)])
+    assert [o.key for o in await b.owed("bob")] == ["after"]
+
+
 async def test_run_starts_only_once_redis_answers() -> None:
     server = RedisServer()  # not started yet
-    broker = RedisBroker.from_url(server.url, **FAST)
     try:
-        async with trio.open_nursery() as nursery:
+        async with (
+            RedisBroker.from_url(server.url, **FAST) as broker,
+            trio.open_nursery() as nursery,
+        ):
             started = trio.Event()
 
             async def node() -> None:
@@ -245,7 +286,6 @@ async def test_run_starts_only_once_redis_answers() -> None:
                 await started.wait()
             nursery.cancel_scope.cancel()
     finally:
-        await broker.aclose()
         server.close()
 
 
@@ -282,8 +322,6 @@ async def test_queue_is_bounded_dropping_the_oldest_and_expires(
 async def test_keys_carry_one_hash_tag_per_user(
     make: Make, server: RedisServer, nursery: trio.Nursery
 ) -> None:
-    from coredis._utils import hash_slot
-
     n1 = await start_node(nursery, make(), "n1")
     b = n1.broker
     users = ["alice", "bob.b", "c-d_e"]
@@ -325,16 +363,16 @@ class TestRedisBrokerOnAClusterNode(BrokerContract):
     @pytest.fixture
     async def brokers(self, cluster_node: RedisServer) -> AsyncIterator[Make]:
         cluster_node.flushall()
-        async for make in _factory(cluster_node):
+        async with _factory(cluster_node) as make:
             yield make
 
 
-async def test_repeated_restarts_under_load_do_not_exhaust_the_pool(
+async def test_repeated_restarts_under_load_are_each_recovered(
     make: Make, server: RedisServer, nursery: trio.Nursery
 ) -> None:
-    # coredis 6.9 lost a pool slot for each connection that died while in use;
-    # with 3 slots, the second restart used to leave the broker dead for good.
-    n1 = await start_node(nursery, make(max_connections=3), "n1")
+    """Redis killed and started three times while routes flow: each time the
+    node notices, resyncs, and its connections work again."""
+    n1 = await start_node(nursery, make(), "n1")
     b = n1.broker
     await b.attach("bob", "n1", "c1")
     for restart in range(1, 4):

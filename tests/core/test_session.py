@@ -9,7 +9,7 @@ from chatd.core.session import TRANSITIONS, Outbound, Phase, Session, SlowConsum
 
 
 def msg(key, conv="c", seq=1):
-    return Outbound(f"text-{key}", key, message_order(conv, seq))
+    return Outbound(f"text-{key}".encode(), key, message_order(conv, seq))
 
 
 def test_only_auth_before_authentication():
@@ -37,9 +37,9 @@ def test_backlog_order_and_held_live_items():
     s.authenticated("bob")
     # Live items during the backlog are held.
     assert s.offer(msg("m9", "b", 2)) == []
-    assert s.offer(Outbound("typing")) == []
+    assert s.offer(Outbound(b"typing")) == []
     backlog = [
-        Outbound("r1", "r1", receipt_order(5, "r1")),
+        Outbound(b"r1", "r1", receipt_order(5, "r1")),
         msg("m3", "b", 1),
         msg("m2", "a", 2),
         msg("m1", "a", 1),
@@ -47,7 +47,7 @@ def test_backlog_order_and_held_live_items():
     ]
     assert [i.key for i in s.backlog(backlog)] == ["m1", "m2", "m3", "m9", "r1"]
     # m9 came in the backlog too: released once.
-    assert [i.text for i in s.finish_backlog()] == ["typing"]
+    assert [i.data for i in s.finish_backlog()] == [b"typing"]
     assert s.phase is Phase.LIVE
 
 
@@ -60,7 +60,7 @@ def test_live_dedupe_until_settled():
     s.settled(["m1"])
     assert s.offer(msg("m1")) == [msg("m1")]
     # Items that are never owed are never deduplicated.
-    assert len(s.offer(Outbound("x"))) == len(s.offer(Outbound("x"))) == 1
+    assert len(s.offer(Outbound(b"x"))) == len(s.offer(Outbound(b"x"))) == 1
 
 
 def test_too_much_held_during_backlog_is_a_slow_consumer():

@@ -29,13 +29,19 @@ class FakeConn:
 
     def offer(self, item: Outbound) -> None:
         for out in self.session.offer(item):
-            self.frames.append(json.loads(out.text))
+            self.frames.append(json.loads(out.data))
             self.arrived.set()
 
     def reply(self, item: Outbound) -> None:
-        self.frames.append(json.loads(item.text))
+        self.frames.append(json.loads(item.data))
 
     def close_soon(self, code: int, reason: str) -> None:
+        pass
+
+    def hold(self) -> None:
+        pass
+
+    def release(self) -> None:
         pass
 
     def of(self, kind: str) -> list[dict]:
@@ -77,11 +83,13 @@ async def test_backlog_comes_in_pages_and_in_order(svc, monkeypatch):
     a = FakeConn("a1", "alice")
     for i in range(8):
         await svc.send(a, Send(f"c{i}", f"m{i}", to="bob"))
+        await svc.flush()
     for i in range(2):
         await svc.send(a, Send(f"g{i}", f"x{i}", to="carol"))
+        await svc.flush()
     pages = await collect_backlog(svc, "bob")
     assert [len(p) for p in pages] == [3, 3, 2]
-    frames = [json.loads(o.text) for p in pages for o in p]
+    frames = [json.loads(o.data) for p in pages for o in p]
     assert [f["body"] for f in frames] == [f"m{i}" for i in range(8)]
     assert [f["seq"] for f in frames] == list(range(1, 9))
 
@@ -92,11 +100,13 @@ async def test_receipts_backlog_pages_by_member(svc, monkeypatch):
     await svc.attach(b)
     for i in range(3):
         await svc.send(a, Send(f"c{i}", f"m{i}", to="bob"))
+        await svc.flush()
     ids = [f["id"] for f in b.of("message")]
     assert len(ids) == 3
     await svc.seen(b, Seen(tuple(ids)))
+    await svc.flush()
     pages = await collect_backlog(svc, "alice")
-    receipts = [json.loads(o.text) for p in pages for o in p]
+    receipts = [json.loads(o.data) for p in pages for o in p]
     assert sorted((r["id"], r["status"]) for r in receipts) == sorted(
         (i, s) for i in ids for s in ("delivered", "seen")
     )
@@ -106,6 +116,7 @@ async def test_receipts_backlog_pages_by_member(svc, monkeypatch):
 async def test_stale_queue_entries_are_settled(svc):
     a = FakeConn("a1", "alice")
     await svc.send(a, Send("c1", "hi", to="bob"))
+    await svc.flush()
     [entry] = await svc.broker.owed("bob")
     [msg] = await svc.store.owed_messages("bob", 10)
     # Delivered as the store records it, but the queue did not hear (a
@@ -121,6 +132,7 @@ async def test_stale_queue_entries_are_settled(svc):
 async def test_resync_offers_what_live_delivery_missed(svc):
     a, b = FakeConn("a1", "alice"), FakeConn("b1", "bob")
     await svc.send(a, Send("c1", "sent while bob's node was cut off", to="bob"))
+    await svc.flush()
     svc.hub.add(b)  # bob is connected but missed the live copy
     assert b.of("message") == []
     svc.resync()
@@ -135,7 +147,10 @@ async def test_resync_offers_what_live_delivery_missed(svc):
 async def test_ack_of_foreign_ids_is_reported_not_applied(svc):
     a, c = FakeConn("a1", "alice"), FakeConn("c1", "carol")
     await svc.send(a, Send("c1", "for bob", to="bob"))
+    await svc.flush()
     [msg] = await svc.store.owed_messages("bob", 10)
-    unknown = await svc.ack(c, Ack(ids=(msg.id, "nope")))
-    assert unknown == [msg.id, "nope"]
+    await svc.ack(c, Ack(ids=(msg.id, "nope")))
+    await svc.flush()
+    [refused] = c.of("error")
+    assert refused["code"] == "not_found" and refused["ids"] == [msg.id, "nope"]
     assert [m.id for m in await svc.store.owed_messages("bob", 10)] == [msg.id]
