@@ -6,8 +6,8 @@ everything queued at that moment (up to ``max_batch`` items) and hands it
 to one call of the batch function, so everything that arrives while one
 transaction commits shares the next one instead of paying a commit each.
 
-``window``: after the first request of a batch arrives, the writer waits
-this long for more before it writes. A commit has a fixed cost (an fsync
+``window``: batches start at least this far apart, and after a quiet
+spell the first request waits this long for company. A commit has a fixed cost (an fsync
 takes ~0.1 ms of CPU and ~0.3 ms of wall time on the benchmark machine, plus
 the hand-over to a worker thread); without a window a lightly loaded writer
 commits back to back, one or two requests at a time, and that fixed cost is
@@ -24,6 +24,7 @@ the results (:meth:`Batcher.submit_many`; no channel, no Event of its own).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -75,6 +76,7 @@ class Batcher(Generic[Req, Res]):
         self._lot = trio.lowlevel.ParkingLot()
         self._idle = False  # the writer waits for a first request
         self._busy = False  # a batch is being written
+        self._was_idle = False  # woken by a first request after a quiet spell
         self._gathering = False  # the writer waits out the window
         self._closed = False
         self.batches = 0
@@ -140,7 +142,9 @@ class Batcher(Generic[Req, Res]):
         self._requests.extend(requests)
         self._waiters.append(waiter)
         if self._idle or (self._gathering and len(self._requests) >= self.max_batch):
-            self._idle = False
+            if self._idle:
+                self._idle = False
+                self._was_idle = True
             self._lot.unpark()
 
     def close(self) -> None:
@@ -151,21 +155,32 @@ class Batcher(Generic[Req, Res]):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        last_start = -math.inf
         while True:
             if not self._waiters:
                 if self._closed:
                     return
                 self._idle = True
                 await self._lot.park()
-                if self.window > 0 and not self._closed and len(self._requests) < self.max_batch:
-                    # Woken from idle by a first request: gather what else
-                    # arrives (a full batch or close() ends the wait early).
-                    # Requests that came during a commit go at once.
+                continue
+            # Batches start at least ``window`` apart: what arrives meanwhile
+            # joins (a full batch or close() ends the wait early). Idle, the
+            # first request waits up to the window; busy, a batch that took
+            # longer than the window is followed at once.
+            due = last_start + self.window
+            if self.window > 0 and not self._closed and len(self._requests) < self.max_batch:
+                if trio.current_time() < due:
+                    self._gathering = True
+                    with trio.move_on_at(due):
+                        await self._lot.park()
+                    self._gathering = False
+                elif self._was_idle:
                     self._gathering = True
                     with trio.move_on_after(self.window):
                         await self._lot.park()
                     self._gathering = False
-                continue
+            self._was_idle = False
+            last_start = trio.current_time()
             # Whole waiters, up to max_batch requests (at least one waiter).
             count = taken = 0
             for waiter in self._waiters:

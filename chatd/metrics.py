@@ -129,22 +129,22 @@ class Metrics:
         self.ws_accepted = self._counter(
             "chatd_ws_connections_accepted", "WebSocket connections accepted."
         )
-        frames_in = self._counter(
+        frames_in = self._fast_counter(
             "chatd_frames_in", "WebSocket frames received, by type.", ["type"]
         )
-        frames_out = self._counter(
+        frames_out = self._fast_counter(
             "chatd_frames_out", "WebSocket frames handed to the socket, by type.", ["type"]
         )
-        errors = self._counter(
+        errors = self._fast_counter(
             "chatd_errors",
             "Errors answered to clients, by code and transport (ws: error frames; http:"
             " error responses).",
             ["code", "transport"],
         )
-        self.messages_stored = self._counter(
+        self.messages_stored = self._fast_counter(
             "chatd_messages_stored", "Messages stored (new ones; not idempotent repeats)."
         )
-        self.messages_duplicate = self._counter(
+        self.messages_duplicate = self._fast_counter(
             "chatd_messages_duplicate",
             "Sends answered with the message already stored for the same (sender, cid).",
         )
@@ -168,7 +168,7 @@ class Metrics:
             CALL_BUCKETS,
             ["method"],
         )
-        self.broker_nowait = self._counter(
+        self.broker_nowait = self._fast_counter(
             "chatd_broker_nowait_calls",
             "Broker calls that do not wait for Redis (route_nowait, settle_nowait), by method.",
             ["method"],
@@ -191,17 +191,13 @@ class Metrics:
             "chatd_owed_queue_sampled_timestamp_seconds",
             "When the owed queues were last sampled (0: never).",
         )
-        #: Counts trio task steps while installed (``chatd serve`` installs it):
-        #: the benchmark divides its growth by the messages delivered.
+        #: Counts trio task steps while installed (``chatd serve
+        #: --count-task-steps 1``): the benchmark divides its growth by the
+        #: messages delivered. See :meth:`count_task_steps`.
         self.task_steps = TaskSteps()
         #: name -> (help, read): counters read at scrape time from plain ints
         #: the hot path keeps (see :meth:`count`).
-        self._read_counters: dict[str, tuple[str, Callable[[], float]]] = {
-            "chatd_task_steps": (
-                "trio task steps taken by this process since chatd serve started.",
-                lambda: self.task_steps.steps,
-            )
-        }
+        self._read_counters: dict[str, tuple[str, Callable[[], float]]] = {}
         if self.enabled:
             self.registry.register(_ReadCounters(self._read_counters))
         info = self._gauge("chatd_node_info", "This node: its id and version.", ["node", "version"])
@@ -224,6 +220,15 @@ class Metrics:
         if not self.enabled:
             return _Null()
         return Counter(name, doc, list(labels), registry=self.registry)
+
+    def _fast_counter(self, name: str, doc: str, labels: Iterable[str] = ()) -> Any:
+        """A counter for the hot path: a plain int per label set, read when
+        Prometheus scrapes (no lock: only the trio thread counts)."""
+        if not self.enabled:
+            return _Null()
+        family = FastCounter(name, doc, tuple(labels))
+        self.registry.register(family)
+        return family
 
     def _gauge(self, name: str, doc: str, labels: Iterable[str] = ()) -> Any:
         if not self.enabled:
@@ -274,6 +279,15 @@ class Metrics:
 
     # -- scrapes -----------------------------------------------------------------
 
+    def count_task_steps(self) -> TaskSteps:
+        """Expose ``chatd_task_steps_total``; the caller installs the instrument."""
+        self.count(
+            "chatd_task_steps",
+            "trio task steps taken by this process while counting (--count-task-steps 1).",
+            lambda: self.task_steps.steps,
+        )
+        return self.task_steps
+
     def count(self, name: str, doc: str, read: Callable[[], float]) -> None:
         """Expose ``read()`` as the counter ``<name>_total`` (read at scrape
         time, so the hot path only adds to a plain int)."""
@@ -318,6 +332,44 @@ class Metrics:
                 self._key_info.labels(active).set(1)
                 self._active_key = active
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class FastCounter:
+    """A Prometheus counter family kept as plain ints (see Metrics._fast_counter).
+    Without labels it counts itself; with labels, ``labels(...)`` gives the
+    child that counts (made on first use, like prometheus-client's)."""
+
+    __slots__ = ("_children", "doc", "labelnames", "name", "value")
+
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.doc = doc
+        self.labelnames = labelnames
+        self.value = 0
+        self._children: dict[tuple[str, ...], FastCounter] = {}
+
+    def labels(self, *values: str) -> FastCounter:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = FastCounter(self.name, self.doc)
+        return child
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(self.name, self.doc, labels=list(self.labelnames))
+        if self.labelnames:
+            for values, child in list(self._children.items()):
+                family.add_metric(list(values), child.value)
+        else:
+            family.add_metric([], self.value)
+        yield family
 
 
 class TaskSteps(trio.abc.Instrument):

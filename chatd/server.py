@@ -120,7 +120,9 @@ async def serve(
     stop = stop or trio.Event()
     service = build_service(config)
     connections: set[WsConnection] = set()
-    trio.lowlevel.add_instrument(service.metrics.task_steps)
+    steps = service.metrics.count_task_steps() if config.count_task_steps else None
+    if steps is not None:
+        trio.lowlevel.add_instrument(steps)
     try:
         async with service.broker, trio.open_nursery() as root:
             await root.start(service.run)
@@ -184,5 +186,6 @@ async def serve(
     finally:
         with trio.CancelScope(shield=True):
             await service.store.aclose()
-        trio.lowlevel.remove_instrument(service.metrics.task_steps)
+        if steps is not None:
+            trio.lowlevel.remove_instrument(steps)
     log.info("stopped")

@@ -561,7 +561,7 @@ class ChatService:
         if conn.user is None:
             raise Internal("ack on a connection that is not authenticated")
         user = conn.user
-        keys = [parse_rid(r) for r in frame.receipts]
+        keys = frame.keys or tuple(parse_rid(r) for r in frame.receipts)
         settle = [r for k in keys for r in settled_rids(k)]
         await self._mark_many(conn, frame.ids, Status.DELIVERED, [(user, k) for k in keys], settle)
 

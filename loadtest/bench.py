@@ -51,6 +51,7 @@ import os
 import platform
 import resource
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -59,6 +60,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
@@ -74,18 +76,23 @@ from chatd.testing.cluster import Cluster  # noqa: E402
 from chatd.testing.nginx import NginxProcess  # noqa: E402
 from chatd.testing.procs import ChatdProcess, free_port, wait_http  # noqa: E402
 from chatd.testing.redis_server import RedisServer  # noqa: E402
-from loadtest import loadvenv  # noqa: E402
+from loadtest import loadvenv, noderef  # noqa: E402
 
 PASSWORD = "bench-password"
 PERCENTILES = (50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99)
 DEFAULT_RATES = "100,200,300,400,500,600,700,800,1000,1200,1400,1700,2000,2400,3000"
-CHATD_ARGS = ["--rate", "0", "--log-level", "warning"]
+CHATD_ARGS = ["--rate", "0", "--log-level", "warning", "--count-task-steps", "1"]
 LABELS = {
     "chatd1": "chatd, 1 replica (direct)",
     "chatd2": "chatd, 2 replicas + NGINX + Redis",
-    "ref1": "reference, 1 instance (direct)",
-    "ref2": "reference, 2 instances + NGINX + Redis",
+    "ref1": "python-socketio reference, 1 instance (direct)",
+    "ref2": "python-socketio reference, 2 instances + NGINX + Redis",
+    "node1": "Node.js socket.io reference, 1 instance (direct)",
+    "node2": "Node.js socket.io reference, 2 instances + NGINX + Redis",
 }
+#: Configurations in report order, and which reference each chatd shape meets.
+CONFIGS = ("chatd1", "chatd2", "node1", "node2", "ref1", "ref2")
+REFERENCES = {"node": ("node1", "node2"), "python-socketio": ("ref1", "ref2")}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -172,7 +179,8 @@ class Target:
     """A running configuration: where to connect and which pids serve it."""
 
     name: str
-    impl: str  # chatd | sio
+    impl: str  # the driver's protocol: chatd | sio
+    family: str  # whose users: chatd | pysio | node (each has its own accounts)
     http: str
     ws: str
     server_pids: list[int]
@@ -216,6 +224,7 @@ def start_target(name: str, work: Path, python: Path, secret: str) -> Target:
         return Target(
             name,
             "chatd",
+            "chatd",
             node.http_url,
             node.ws_url,
             [node.proc.pid],
@@ -232,50 +241,65 @@ def start_target(name: str, work: Path, python: Path, secret: str) -> Target:
         others = [cluster.redis.proc.pid] + ([cluster.nginx.proc.pid] if cluster.nginx else [])
         pids = [n.proc.pid for n in cluster.nodes]
         metrics = [n.http_url + "/metrics" for n in cluster.nodes]
-        return Target(name, "chatd", http, ws, pids, others, stop=cluster.close, metrics=metrics)
-    data = work / "reference"
-    if name == "ref1":
-        ref = RefProcess(python, data, secret, "ref1")
         return Target(
-            name,
-            "sio",
-            ref.url,
-            ref.url.replace("http", "ws") + "/ws",
-            [ref.proc.pid],
-            stop=ref.stop,
+            name, "chatd", "chatd", http, ws, pids, others, stop=cluster.close, metrics=metrics
         )
-    if name in ("ref2", "ref-idle"):
-        count = 2 if name == "ref2" else 1
-        redis = RedisServer().start()
-        refs: list[RefProcess] = []
-        nginx = None
-        try:
-            refs = [
-                RefProcess(python, data, secret, f"ref{i + 1}", redis.url) for i in range(count)
-            ]
-            if count > 1:
-                ups = [f"127.0.0.1:{r.port}" for r in refs]
-                nginx = NginxProcess(
-                    work / "ref-nginx", http_upstreams=ups, ws_upstreams=ups
-                ).start()
-        except BaseException:
-            for r in refs:
-                r.stop()
-            redis.close()
-            raise
+    if name in ("ref1", "ref2", "ref-idle"):
+        data = work / "reference"
 
-        def stop() -> None:
-            if nginx is not None:
-                nginx.stop()
-            for r in refs:
-                r.stop()
-            redis.close()
+        def make_ref(node: str, redis_url: str) -> Any:
+            return RefProcess(python, data, secret, node, redis_url)
 
-        http = nginx.url if nginx else refs[0].url
-        ws = nginx.ws_url if nginx else refs[0].url.replace("http", "ws") + "/ws"
-        others = [redis.proc.pid] + ([nginx.proc.pid] if nginx else [])
-        return Target(name, "sio", http, ws, [r.proc.pid for r in refs], others, stop=stop)
+        # The python reference keeps its users in SQLite: ref1 and ref2 share them.
+        return _references(
+            name, "pysio", work, make_ref, 2 if name == "ref2" else 1, name != "ref1"
+        )
+    if name in ("node1", "node2", "node-idle"):
+        node_bin = noderef.ensure_installed()
+        data = work / "node-reference"
+
+        def make_node(node: str, redis_url: str) -> Any:
+            return noderef.NodeRefProcess(node_bin, data, secret, node, redis_url)
+
+        # Its users live in its memory (one instance) or its Redis: each start is new.
+        count = 2 if name == "node2" else 1
+        return _references(name, name, work, make_node, count, name != "node1")
     raise ValueError(name)
+
+
+def _references(
+    name: str, family: str, work: Path, make: Any, count: int, with_redis: bool
+) -> Target:
+    """``count`` reference instances (on one Redis when ``with_redis``; behind
+    the repository's NGINX config when more than one)."""
+    redis = RedisServer().start() if with_redis else None
+    refs: list[Any] = []
+    nginx = None
+    try:
+        refs = [make(f"{name}-{i + 1}", redis.url if redis else "") for i in range(count)]
+        if count > 1:
+            ups = [f"127.0.0.1:{r.port}" for r in refs]
+            nginx = NginxProcess(work / f"{name}-nginx", http_upstreams=ups, ws_upstreams=ups)
+            nginx.start()
+    except BaseException:
+        for r in refs:
+            r.stop()
+        if redis is not None:
+            redis.close()
+        raise
+
+    def stop() -> None:
+        if nginx is not None:
+            nginx.stop()
+        for r in refs:
+            r.stop()
+        if redis is not None:
+            redis.close()
+
+    http = nginx.url if nginx else refs[0].url
+    ws = nginx.ws_url if nginx else refs[0].url.replace("http", "ws") + "/ws"
+    others = ([redis.proc.pid] if redis else []) + ([nginx.proc.pid] if nginx else [])
+    return Target(name, "sio", family, http, ws, [r.proc.pid for r in refs], others, stop=stop)
 
 
 # -- users -------------------------------------------------------------------------------
@@ -437,13 +461,13 @@ def bench_config(args, python: Path, name: str, work: Path, secret: str, users: 
     target = start_target(name, work, python, secret)
     steps = []
     try:
-        impl_users = users.get(target.impl)
+        impl_users = users.get(target.family)
         if impl_users is None:
-            impl_users = work / f"users-{target.impl}.json"
+            impl_users = work / f"users-{target.family}.json"
             t0 = time.monotonic()
             make_users(target.http, args.pairs, impl_users)
             print(f"  {args.pairs} pairs registered in {time.monotonic() - t0:.0f} s", flush=True)
-            users[target.impl] = impl_users
+            users[target.family] = impl_users
         for rate in args.rates:
             attempt = disturbed = 0
             while attempt <= args.retries:
@@ -657,6 +681,71 @@ def steps_cell(step: dict) -> str:
     return cell
 
 
+def ratio_table(doc: dict) -> list[str]:
+    """chatd / each reference, for one process and for two: throughput at each
+    one's highest held rate, p99s there, and CPU per message there."""
+    best = {c["name"]: c["best"] for c in doc["configs"]}
+    rows = []
+    for ref, shapes in REFERENCES.items():
+        for n, (a, r) in enumerate(zip(("chatd1", "chatd2"), shapes, strict=True), start=1):
+            ca, cr = best.get(a), best.get(r)
+            if not (ca and cr):
+                continue
+            pa, pr = ca["percentiles"], cr["percentiles"]
+            cpu_a = (ca.get("per_message") or {}).get("server_cpu_ms")
+            cpu_r = (cr.get("per_message") or {}).get("server_cpu_ms")
+            cpu = f"{cpu_a / cpu_r:.2f}" if cpu_a and cpu_r else "—"
+            rows.append(
+                f"| {ref} | {n} | {ca['delivered_per_s'] / cr['delivered_per_s']:.2f}"
+                f" | {pa['delivered']['99'] / pr['delivered']['99']:.2f}"
+                f" | {pa['seen_rtt']['99'] / pr['seen_rtt']['99']:.2f} | {cpu} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "chatd / reference (throughput: higher is better for chatd; p99 and server CPU per"
+        " message at each one's own highest held rate: lower is better for chatd):",
+        "",
+        "| reference | replicas | delivered msg/s | delivery p99 | seen RTT p99"
+        " | server CPU per message |",
+        "|---|---|---:|---:|---:|---:|",
+        *rows,
+    ]
+
+
+IDLE = (("chatd", "chatd-idle"), ("Node.js", "node-idle"), ("python-socketio", "ref-idle"))
+
+
+def idle_table(doc: dict) -> list[str]:
+    runs = {label: doc["idle"].get(name, {}).get("rows", []) for label, name in IDLE}
+    runs = {label: {r["connections"]: r for r in rows} for label, rows in runs.items() if rows}
+    if not runs:
+        return []
+    users = next(iter(doc["idle"].values())).get("users", doc["params"]["pairs"] * 2)
+    labels = list(runs)
+    head = " | ".join(f"{label} RSS MiB | {label} KiB/conn" for label in labels)
+    lines = [
+        "",
+        "## Idle connections",
+        "",
+        "Authenticated, silent WebSockets held by one process; RSS growth over the"
+        " process's baseline (after start-up and user registration) per connection."
+        f" {users} users of their own (a fresh data dir), each holding several connections"
+        " (devices).",
+        "",
+        f"| connections | {head} |",
+        "|---:|" + "---:|---:|" * len(labels),
+    ]
+    for n in sorted({c for rows in runs.values() for c in rows}):
+        cells = []
+        for label in labels:
+            r = runs[label].get(n)
+            cells.append(f"{r['rss_mib']} | {r['kib_per_conn']}" if r else "— | —")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_md(doc: dict) -> str:
     m = doc["machine"]
     lines = [
@@ -705,52 +794,9 @@ def report_md(doc: dict) -> str:
             f" | {b['cpu_pct']['drivers']:.0f}%"
             f" | {max(0.0, b['cpu_pct'].get('others', 0.0)):.0f}% | {why} |"
         )
-    best = {c["name"]: c["best"] for c in doc["configs"]}
-    ratio_rows = []
-    for n, (a, r) in {"1": ("chatd1", "ref1"), "2": ("chatd2", "ref2")}.items():
-        if best.get(a) and best.get(r):
-            ca, cr = best[a], best[r]
-            pa, pr = ca["percentiles"], cr["percentiles"]
-            ratio_rows.append(
-                f"| {n} | {ca['delivered_per_s'] / cr['delivered_per_s']:.2f}"
-                f" | {pa['delivered']['99'] / pr['delivered']['99']:.2f}"
-                f" | {pa['seen_rtt']['99'] / pr['seen_rtt']['99']:.2f} |"
-            )
-    if ratio_rows:
-        lines += [
-            "",
-            "chatd / reference (throughput: higher is better for chatd; p99 at each one's own"
-            " highest held rate: lower is better for chatd):",
-            "",
-            "| replicas | delivered msg/s | delivery p99 | seen RTT p99 |",
-            "|---|---:|---:|---:|",
-            *ratio_rows,
-        ]
+    lines += ratio_table(doc)
     if doc.get("idle"):
-        lines += [
-            "",
-            "## Idle connections",
-            "",
-            "Authenticated, silent WebSockets held by one process; RSS growth over the"
-            " process's baseline (after start-up and user registration) per connection."
-            f" {next(iter(doc['idle'].values())).get('users', doc['params']['pairs'] * 2)} users"
-            " of their own (a fresh data dir), each holding several connections (devices).",
-            "",
-            "| connections | chatd RSS MiB | chatd KiB/conn | reference RSS MiB"
-            " | reference KiB/conn | chatd / reference |",
-            "|---:|---:|---:|---:|---:|---:|",
-        ]
-        chatd_rows = {
-            r["connections"]: r for r in doc["idle"].get("chatd-idle", {}).get("rows", [])
-        }
-        ref_rows = {r["connections"]: r for r in doc["idle"].get("ref-idle", {}).get("rows", [])}
-        for n in sorted(set(chatd_rows) | set(ref_rows)):
-            c, r = chatd_rows.get(n), ref_rows.get(n)
-            ratio = f"{c['kib_per_conn'] / r['kib_per_conn']:.2f}" if c and r else "—"
-            lines.append(
-                f"| {n} | {c['rss_mib'] if c else '—'} | {c['kib_per_conn'] if c else '—'}"
-                f" | {r['rss_mib'] if r else '—'} | {r['kib_per_conn'] if r else '—'} | {ratio} |"
-            )
+        lines += idle_table(doc)
     profiles = [p for p in doc.get("profiles", []) if "categories" in p]
     if profiles:
         lines += [
@@ -829,7 +875,16 @@ def main() -> int:
         default=None,
         help="a results dir: run only --only's parts again and replace them in its bench.json",
     )
-    parser.add_argument("--only", default="chatd1,chatd2,ref1,ref2,idle,profile")
+    parser.add_argument(
+        "--only",
+        default=",".join((*CONFIGS, "idle", "profile")),
+        help="what to run: chatd1,chatd2,node1,node2,ref1,ref2,idle,profile",
+    )
+    parser.add_argument(
+        "--chatd-args",
+        default="",
+        help="extra arguments for every chatd, e.g. '--commit-window 5' (for measuring levers)",
+    )
     parser.add_argument("--quick", action="store_true", help="a short run: to try the tooling")
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--publish", action="store_true", help="copy to docs/bench.{md,png}")
@@ -838,6 +893,7 @@ def main() -> int:
         args.pairs, args.seconds, args.warmup = 20, 5.0, 1.0
         args.rates, args.idle = "200,400", "500,1000"
     args.rates = [float(r) for r in args.rates.split(",")]
+    CHATD_ARGS.extend(shlex.split(args.chatd_args))
     args.idle = [int(n) for n in args.idle.split(",")]
     only = set(args.only.split(","))
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -870,17 +926,17 @@ def main() -> int:
     }
     if args.update:
         old = json.loads((results / "bench.json").read_text())
-        if only & {"chatd1", "chatd2", "ref1", "ref2", "idle", "profile"}:
+        if only & {*CONFIGS, "idle", "profile"}:
             old["command"] += f"`, then `{doc['command']}"
         old["machine"] = doc["machine"]
         doc = old
     t_start = time.monotonic()
-    for name in ("chatd1", "chatd2", "ref1", "ref2"):
+    for name in CONFIGS:
         if name in only:
             result = bench_config(args, python, name, work, secret, users)
             doc["configs"] = [c for c in doc["configs"] if c["name"] != name] + [result]
     if "idle" in only:
-        for name in ("chatd-idle", "ref-idle"):
+        for _label, name in IDLE:
             doc["idle"][name] = bench_idle(args, python, name, work, secret)
     if "profile" in only:
         if "chatd" not in users:
@@ -906,7 +962,7 @@ def main() -> int:
                 if src.exists():
                     kind = "gil" if gil else "wall"
                     shutil.copy(src, results / f"profile-{name}-{rate:.0f}-{kind}.txt")
-    order = ["chatd1", "chatd2", "ref1", "ref2"]
+    order = list(CONFIGS)
     doc["configs"].sort(key=lambda c: order.index(c["name"]))
     doc["duration_s"] = round(time.monotonic() - t_start)
     (results / "bench.json").write_text(json.dumps(doc, indent=1))

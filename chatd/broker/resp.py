@@ -83,7 +83,17 @@ def hash_slot(key: str | bytes) -> int:
 
 
 def encode(command: Command) -> bytes:
-    """One command in RESP: ``*<n>\\r\\n`` then ``$<len>\\r\\n<arg>\\r\\n`` per argument."""
+    """One command in RESP: ``*<n>\r\n`` then ``$<len>\r\n<arg>\r\n`` per argument."""
+    if not any(type(arg) is bytes for arg in command):
+        # The usual case (keys, ids, JSON payloads of base64 bodies): built as
+        # one ASCII string, where a length in characters is one in bytes.
+        text = f"*{len(command)}\r\n" + "".join(
+            [f"${len(a)}\r\n{a}\r\n" for a in map(str, command)]
+        )
+        try:
+            return text.encode("ascii")
+        except UnicodeEncodeError:
+            pass
     out = [b"*%d\r\n" % len(command)]
     for arg in command:
         if isinstance(arg, str):

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from chatd.core.errors import BadRequest, TooLarge, Unauthorized
+from chatd.core.model import ReceiptKey
 from chatd.core.names import check_cid, parse_rid
 
 MAX_FRAME_BYTES = 64 * 1024
@@ -37,6 +38,8 @@ class Send:
 class Ack:
     ids: tuple[str, ...] = ()
     receipts: tuple[str, ...] = ()
+    #: ``receipts`` parsed (the parser fills it; empty when built by hand).
+    keys: tuple[ReceiptKey, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +157,9 @@ def _parse_send(obj: dict[str, Any]) -> Send:
 
 def _parse_ack(obj: dict[str, Any]) -> Ack:
     receipts = _ids(obj, "receipts", required=False)
-    for rid in receipts:  # checked before anything in the frame is applied
-        parse_rid(rid)
-    return Ack(ids=_ids(obj, "ids", required=False), receipts=receipts)
+    # Checked before anything in the frame is applied.
+    keys = tuple(parse_rid(rid) for rid in receipts)
+    return Ack(ids=_ids(obj, "ids", required=False), receipts=receipts, keys=keys)
 
 
 def _parse_seen(obj: dict[str, Any]) -> Seen:

@@ -24,11 +24,14 @@ Where the work runs:
   thread instead.
 * **Everything else** (reads, accounts, conversations, administration) is
   a blocking call in a worker thread behind a limiter, on a pooled
-  connection with ``synchronous=FULL`` and a busy timeout.
+  connection with ``synchronous=FULL`` and a busy timeout; its writes are
+  serialised with the hot path's by SQLite's own lock (they wait in their
+  thread, never in trio's).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -36,6 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import outcome
 import trio
 
 from chatd.core.delivery import SETTLED_BY_ACK, apply_mark
@@ -59,6 +63,8 @@ from chatd.core.names import dm_id
 from chatd.ports import Reseal, StoreStats, UserDeleted, Writes, Written
 
 T = TypeVar("T")
+
+log = logging.getLogger("chatd.store.sqlite")
 
 SCHEMA = """
 -- disabled: 0 active, 1 disabled, 2 deleted (a tombstone; see Store.delete_user).
@@ -309,6 +315,11 @@ class SqliteStore:
         self._wal_path = f"{path}-wal"
         self._wal_fd: int | None = None
         self._commits = 0
+        # Checkpoints run on a connection of their own in a worker thread,
+        # beside the hot path (never holding it up).
+        self._checkpointer = _connect(path)
+        self._checkpoint_idle = trio.Event()
+        self._checkpoint_idle.set()
 
     @classmethod
     def open(cls, data_dir: Path, pool_size: int = 4, *, create: bool = True) -> SqliteStore:
@@ -331,15 +342,17 @@ class SqliteStore:
                     self._free.append(conn)
 
     async def _write(self, fn: Callable[..., T], *args: object) -> T:
-        # One writer at a time inside this process: SQLite would serialise
-        # the transactions anyway, but through its busy handler, which sleeps.
-        async with self._write_lock:
-            return await self._run(fn, *args)
+        # In a worker thread like a read: SQLite serialises it with the hot
+        # path's writes (its busy handler sleeps in this thread, not in trio's).
+        return await self._run(fn, *args)
 
     async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._checkpoint_idle.wait()
         for conn in self._pool:
             conn.close()
         self._hot.close()
+        self._checkpointer.close()
         if self._wal_fd is not None:
             os.close(self._wal_fd)
             self._wal_fd = None
@@ -400,8 +413,27 @@ class SqliteStore:
                 raise Unavailable(f"store could not sync its log: {exc}") from None
             self._commits += 1
             if self._commits % CHECKPOINT_EVERY == 0:
-                await self._run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+                self._checkpoint_soon()
             return result
+
+    def _checkpoint_soon(self) -> None:
+        """Copy the WAL into the database in a worker thread (PASSIVE: it never
+        waits for writers or readers); writes go on meanwhile."""
+        if not self._checkpoint_idle.is_set():
+            return
+        self._checkpoint_idle = idle = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        conn = self._checkpointer
+
+        def work() -> None:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+        def done(result: outcome.Outcome[None]) -> None:
+            if isinstance(result, outcome.Error):
+                log.warning("WAL checkpoint failed", extra={"reason": str(result.error)})
+            token.run_sync_soon(idle.set)
+
+        trio.lowlevel.start_thread_soon(work, done, name="chatd sqlite checkpoint")
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())

@@ -7,6 +7,7 @@ import pytest
 from chatd.core import frames
 from chatd.core.errors import BadRequest, TooLarge, Unauthorized
 from chatd.core.frames import Ack, Auth, Ping, Seen, Send, Typing, parse_client_frame
+from chatd.core.model import ReceiptKey, Status
 
 
 def j(obj) -> str:
@@ -23,7 +24,13 @@ def j(obj) -> str:
             Send("c1", "hi", conversation="g:1"),
         ),
         (j({"type": "ack", "ids": ["a", "b", "a"]}), Ack(ids=("a", "b"))),
-        (j({"type": "ack", "receipts": ["01A:bob:seen"]}), Ack(receipts=("01A:bob:seen",))),
+        (
+            j({"type": "ack", "receipts": ["01A:bob:seen"]}),
+            Ack(
+                receipts=("01A:bob:seen",),
+                keys=(ReceiptKey("01A", "bob", Status.SEEN),),
+            ),
+        ),
         (j({"type": "ack"}), Ack()),
         (j({"type": "seen", "ids": ["a"]}), Seen(("a",))),
         (j({"type": "typing", "conversation": "dm:a:b"}), Typing("dm:a:b")),
