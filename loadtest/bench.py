@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Capacity benchmark: chatd beside a python-socketio reference, same workload.
+"""Capacity benchmark: chatd beside two references, same workload, one run.
 
-    .venv/bin/python loadtest/bench.py [--publish] [--quick] [--only chatd1,ref1 ...]
+    .venv/bin/python loadtest/bench.py [--publish] [--quick] [--only chatd1,node1 ...]
 
 For each configuration — chatd with 1 replica (direct, embedded broker),
-chatd with 2 replicas behind NGINX (Redis), and the same two shapes of the
-socket.io reference in ``loadtest/reference/`` (1 instance; 2 instances with
-its ``AsyncRedisManager`` behind the same NGINX config) — it:
+chatd with 2 replicas behind NGINX (Redis), and the same two shapes of each
+reference: the Node.js stack chatd replaces (``loadtest/reference/node/``:
+socket.io 4 with ``@socket.io/redis-adapter``, relay and receipts, no store;
+installed with ``npm ci`` by the bench itself) and a python-socketio server
+(``loadtest/reference/server.py``: store, fsync and AES-GCM like chatd; its
+``AsyncRedisManager`` for two instances) — 2 instances behind the same NGINX
+config — it:
 
 1. registers ``--pairs`` pairs of users over the HTTP API (once per
    implementation: the configurations of one implementation share a data dir);
@@ -23,9 +27,14 @@ its ``AsyncRedisManager`` behind the same NGINX config) — it:
    the highest step that held: delivered msgs/s and p50 / p99 / p99.9 of
    delivery and of the seen-receipt round trip.
 
-Then **idle memory**: one replica (Redis broker, as deployed) and one
-reference instance (Redis manager) each hold 1k, 5k and 10k authenticated
-idle connections; RSS growth over the baseline divided by the connections.
+Every step reports the servers' CPU per delivered message (ms; NGINX and
+Redis beside it) and, for chatd, trio task steps and store commits per
+message (``--count-task-steps``, ``chatd_store_writes_total``).
+
+Then **idle memory**: one replica of chatd (Redis broker, as deployed) and
+one instance of each reference (on Redis) each hold 1k, 5k and 10k
+authenticated idle connections; RSS growth over the baseline divided by the
+connections.
 
 Then **profiles** of chatd under load with py-spy: one replica at 70% of
 its highest held rate, and replica r1 of the 2-replica setup at the first rate

@@ -362,7 +362,7 @@ class SqliteStore:
     async def _begin(self) -> None:
         """BEGIN IMMEDIATE on the hot connection, waiting (in trio) while
         another process holds the write lock."""
-        delay, waited = 0.0002, 0.0
+        delay, waited = 0.0001, 0.0
         while True:
             try:
                 self._hot.execute("BEGIN IMMEDIATE")
@@ -374,7 +374,7 @@ class SqliteStore:
                 raise Unavailable(f"store is locked by another writer for {BUSY_WAIT:g} s")
             await trio.sleep(delay)
             waited += delay
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, 0.002)  # the holder commits without fsync: soon
 
     def _wal(self) -> int:
         """An fd on the WAL file as it is now (SQLite creates it on first
