@@ -565,8 +565,8 @@ RULES = [
     ("get_events (trio/_core/_io_epoll", "idle: trio waiting in epoll"),
     ("_Tx.__enter__ (chatd/store/sqlite", "SQLite BEGIN IMMEDIATE (waiting for the write lock)"),
     ("_Tx.__exit__ (chatd/store/sqlite", "SQLite COMMIT (fsync)"),
-    ("sqlite3", "SQLite (store calls in worker threads)"),
-    ("chatd/store/", "SQLite (store calls in worker threads)"),
+    ("sqlite3", "SQLite (store)"),
+    ("chatd/store/", "SQLite (store)"),
     ("cryptography", "AES-GCM"),
     ("chatd/crypto", "AES-GCM"),
     ("chatd/net/websocket", "WebSocket framing (chatd.net.websocket)"),
@@ -625,10 +625,22 @@ def profile_chatd(
     if not out.exists():
         print(f"  py-spy wrote nothing: {spy_log.read_text()[-500:]}", flush=True)
         return {"name": name, "error": "py-spy wrote nothing (is ptrace permitted?)"}
+    return {
+        "name": name,
+        "rate": rate,
+        "gil": gil,
+        **summarize_profile(out, args.seconds),
+        "step": {k: step[k] for k in ("delivered_per_s", "cpu_pct", "held", "percentiles")},
+        "file": out.name,
+    }
+
+
+def summarize_profile(raw: Path, seconds: float) -> dict:
+    """Samples by category (:data:`RULES`) and the top leaves of a py-spy raw file."""
     cats: dict[str, int] = {}
     leaves: dict[str, int] = {}
     total = 0
-    for line in out.read_text().splitlines():
+    for line in raw.read_text().splitlines():
         stack_text, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
@@ -641,18 +653,13 @@ def profile_chatd(
         leaves[leaf] = leaves.get(leaf, 0) + n
     top = sorted(cats.items(), key=lambda kv: -kv[1])
     return {
-        "name": name,
-        "rate": rate,
-        "gil": gil,
         "samples": total,
-        "busy_pct": round(100 * total / (200 * int(args.seconds)), 1),
-        "categories": [(k, round(100 * v / total, 1)) for k, v in top],
+        "busy_pct": round(100 * total / (200 * int(seconds)), 1),
+        "categories": [(k, round(100 * v / max(1, total), 1)) for k, v in top],
         "top_leaves": [
-            (k, round(100 * v / total, 1))
+            (k, round(100 * v / max(1, total), 1))
             for k, v in sorted(leaves.items(), key=lambda kv: -kv[1])[:15]
         ],
-        "step": {k: step[k] for k in ("delivered_per_s", "cpu_pct", "held", "percentiles")},
-        "file": out.name,
     }
 
 
@@ -815,7 +822,7 @@ def report_md(doc: dict) -> str:
             "py-spy at 200 samples/s on one replica (`r1`) for one step. *GIL* samples only"
             " the thread holding the GIL: where Python CPU goes; *busy* is the share of the"
             " time the GIL was held. *Wall* samples every thread that is not idle: it shows"
-            " waiting too (fsync, SQLite's busy handler). Each sample is counted once, under"
+            " waiting too (the fsync worker, idle threads). Each sample is counted once, under"
             " the first frame from the top of its stack that names the work.",
         ]
         for p in profiles:
@@ -897,6 +904,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a short run: to try the tooling")
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--publish", action="store_true", help="copy to docs/bench.{md,png}")
+    parser.add_argument(
+        "--rerender",
+        action="store_true",
+        help="with --update DIR: measure nothing; write DIR's report again from its bench.json"
+        " (profiles re-read from their raw files with the current categories)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.pairs, args.seconds, args.warmup = 20, 5.0, 1.0
@@ -933,11 +946,21 @@ def main() -> int:
         "configs": [],
         "idle": {},
     }
+    if args.rerender and not args.update:
+        parser.error("--rerender needs --update DIR")
     if args.update:
         old = json.loads((results / "bench.json").read_text())
-        if only & {*CONFIGS, "idle", "profile"}:
-            old["command"] += f"`, then `{doc['command']}"
-        old["machine"] = doc["machine"]
+        if args.rerender:
+            only = set()  # measure nothing; the run's own machine and command stay
+            for prof in old.get("profiles", []):
+                kind = "gil" if prof["gil"] else "wall"
+                raw = results / f"profile-{prof['name']}-{prof['rate']:.0f}-{kind}.txt"
+                if "categories" in prof and raw.exists():
+                    prof.update(summarize_profile(raw, old["params"]["seconds"]))
+        else:
+            if only & {*CONFIGS, "idle", "profile"}:
+                old["command"] += f"`, then `{doc['command']}"
+            old["machine"] = doc["machine"]
         doc = old
     t_start = time.monotonic()
     for name in CONFIGS:
@@ -973,7 +996,9 @@ def main() -> int:
                     shutil.copy(src, results / f"profile-{name}-{rate:.0f}-{kind}.txt")
     order = list(CONFIGS)
     doc["configs"].sort(key=lambda c: order.index(c["name"]))
-    doc["duration_s"] = round(time.monotonic() - t_start)
+    if not args.rerender:
+        doc["duration_s"] = round(time.monotonic() - t_start)
+    doc["command"] = doc["command"].strip()
     (results / "bench.json").write_text(json.dumps(doc, indent=1))
     (results / "bench.md").write_text(report_md(doc))
     plot = subprocess.run(

@@ -131,4 +131,10 @@ class NodeRefProcess:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        description="Install the Node.js reference (node, npm, npm ci) if needed;"
+        " print the path of node."
+    ).parse_args()
     print(ensure_installed(quiet=False))

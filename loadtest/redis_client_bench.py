@@ -10,20 +10,22 @@ never the machine's Redis) and measures, for each client:
   PUBLISH to a node channel that a subscriber drains.
 * **round trips per message**: sequential routes through a counting TCP
   proxy; a round trip is one burst of bytes from the client to the server.
-* **Redis commands per message** (INFO commandstats), to show both clients
-  make Redis do the same work.
+* **Redis commands per message** (INFO commandstats), to show every client
+  makes Redis do the same work.
 
-Clients:
+Clients (each runs the broker's own ROUTE script with the same arguments):
 
-* ``coredis/trio``: the project's broker itself, ``RedisBroker.route``
-  (coredis on trio through anyio; the scripts go out as one request batch
-  on a shared, multiplexed connection).
-* ``coredis/trio Pipeline``: the same scripts through coredis's
-  ``pipeline(transaction=False)``, which holds a connection per batch.
-* ``redis-py/asyncio``: redis-py's asyncio client running the same script
-  with the same arguments in a ``pipeline(transaction=False)``. It has no
-  trio support, so it is here for comparison only (``pip install redis``;
-  skipped if missing).
+* ``chatd resp/trio``: the broker itself, ``RedisBroker.route`` on
+  :mod:`chatd.broker.resp` (one pipelined connection, hiredis; what every
+  task submits in a scheduler pass goes out in one write).
+* ``coredis/trio Pipeline``: coredis's ``pipeline(transaction=False)`` on
+  trio (the broker's client until chatd 0.3); skipped unless ``coredis`` is
+  installed (``pip install coredis``).
+* ``redis-py+hiredis thread``: redis-py, synchronous, on one dedicated
+  thread that takes every request queued meanwhile into one pipeline, called
+  from trio (the other design the issue named); skipped without ``redis``.
+* ``redis-py/asyncio``: redis-py's asyncio client (no trio support, so for
+  comparison only); skipped without ``redis``.
 
 Usage::
 
@@ -52,6 +54,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import hiredis
 import trio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,16 +104,13 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "redis_server": server,
     }
-    import coredis
-
-    info["coredis"] = coredis.__version__
     info["trio"] = trio.__version__
-    try:
-        import redis
-
-        info["redis_py"] = redis.__version__
-    except ImportError:
-        info["redis_py"] = None
+    info["hiredis"] = hiredis.__version__
+    for module, key in (("coredis", "coredis"), ("redis", "redis_py")):
+        try:
+            info[key] = __import__(module).__version__
+        except ImportError:
+            info[key] = None
     return info
 
 
@@ -231,19 +231,9 @@ def evalsha_calls(server: RedisServer) -> dict[str, int]:
 # -- clients ------------------------------------------------------------------------------------
 
 
-def script_args(names: RedisBroker, user: str, items: list[Routed]) -> tuple[list[str], list[Any]]:
-    keys = [names.user_key(user, "conns"), names.user_key(user, "q"), names.user_key(user, "qo")]
-    args: list[Any] = [names.channel(""), names.queue_limit, names.queue_ttl, user]
-    for i in items:
-        args += [i.key, i.payload, "1" if i.owed else "0", i.exclude or ""]
-    return keys, args
-
-
 def batches(names: RedisBroker, items: list[Routed]) -> list[tuple[list[str], list[Any]]]:
-    by_user: dict[str, list[Routed]] = {}
-    for item in items:
-        by_user.setdefault(item.user, []).append(item)
-    return [script_args(names, u, its) for u, its in by_user.items()]
+    """(keys, args) of the broker's ROUTE scripts for ``items``, as it builds them."""
+    return [(keys, args) for _script, keys, args in names._route_calls(items)]
 
 
 async def drive_trio(route: Route, work: Workload, seconds: float, concurrency: int) -> dict:
@@ -295,34 +285,28 @@ def summary(done: int, elapsed: float, latencies: list[float]) -> dict:
     }
 
 
-async def coredis_run(url: str, work: Workload, seconds: float, conc: list[int], seq: int) -> dict:
-    broker = RedisBroker.from_url(url)
-    try:
+async def chatd_run(url: str, work: Workload, seconds: float, conc: list[int]) -> dict:
+    async with RedisBroker.from_url(url) as broker:
         for _ in range(50):  # warm up: connection, script cache
             await broker.route(work.message())
         out: dict[str, Any] = {}
         for c in conc:
             out[f"c{c}"] = await drive_trio(broker.route, work, seconds, c)
         return out
-    finally:
-        await broker.aclose()
 
 
-async def coredis_pipeline_run(
-    url: str, work: Workload, seconds: float, conc: list[int], seq: int
-) -> dict:
-    broker = RedisBroker.from_url(url)
-    try:
-        client = await broker._client()
-        route = coredis_pipeline_route(client, broker)
-        for _ in range(50):
-            await route(work.message())
-        out: dict[str, Any] = {}
-        for c in conc:
-            out[f"c{c}"] = await drive_trio(route, work, seconds, c)
-        return out
-    finally:
-        await broker.aclose()
+async def chatd_sequential(url: str, work: Workload, n: int, proxy: CountingProxy) -> None:
+    async with RedisBroker.from_url(url) as broker:
+        await sequential(broker.route, work, n, proxy)
+
+
+async def sequential(route: Route, work: Workload, n: int, proxy: CountingProxy) -> None:
+    for _ in range(20):
+        await route(work.message())
+    proxy.mark = proxy.snapshot()  # type: ignore[attr-defined]
+    for _ in range(n):
+        await route(work.message())
+    proxy.end = proxy.snapshot()  # type: ignore[attr-defined]
 
 
 def coredis_pipeline_route(client: Any, names: RedisBroker) -> Route:
@@ -345,33 +329,107 @@ def coredis_pipeline_route(client: Any, names: RedisBroker) -> Route:
     return route
 
 
-async def coredis_pipeline_sequential(
-    url: str, work: Workload, n: int, proxy: CountingProxy
-) -> None:
-    broker = RedisBroker.from_url(url)
-    try:
-        route = coredis_pipeline_route(await broker._client(), broker)
-        for _ in range(20):
+async def coredis_run(url: str, work: Workload, seconds: float, conc: list[int]) -> dict:
+    import coredis
+
+    names = RedisBroker(url)
+    async with coredis.Redis.from_url(url, decode_responses=True) as client:
+        route = coredis_pipeline_route(client, names)
+        for _ in range(50):
             await route(work.message())
-        proxy.mark = proxy.snapshot()  # type: ignore[attr-defined]
-        for _ in range(n):
-            await route(work.message())
-        proxy.end = proxy.snapshot()  # type: ignore[attr-defined]
-    finally:
-        await broker.aclose()
+        out: dict[str, Any] = {}
+        for c in conc:
+            out[f"c{c}"] = await drive_trio(route, work, seconds, c)
+        return out
 
 
 async def coredis_sequential(url: str, work: Workload, n: int, proxy: CountingProxy) -> None:
-    broker = RedisBroker.from_url(url)
+    import coredis
+
+    names = RedisBroker(url)
+    async with coredis.Redis.from_url(url, decode_responses=True) as client:
+        await sequential(coredis_pipeline_route(client, names), work, n, proxy)
+
+
+class ThreadClient:
+    """redis-py (hiredis parser) on one dedicated thread: every request queued
+    while the thread was busy goes into its next pipeline; trio callers park
+    until the thread hands their replies back through the trio token."""
+
+    def __init__(self, url: str, names: RedisBroker) -> None:
+        import queue
+
+        import redis
+
+        self.names = names
+        self.client = redis.Redis.from_url(url, decode_responses=True)
+        self.sha = SCRIPTS["route"].sha
+        self.client.script_load(SCRIPTS["route"].source)
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.token = trio.lowlevel.current_trio_token()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        import queue
+
+        import outcome
+
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            while True:
+                try:
+                    jobs.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in jobs:
+                return
+            pipe = self.client.pipeline(transaction=False)
+            for calls, _task in jobs:
+                for keys, args in calls:
+                    pipe.evalsha(self.sha, len(keys), *keys, *args)
+            result = outcome.capture(pipe.execute)
+            for _calls, task in jobs:
+                # An outcome is unwrapped once: one of its own for every caller.
+                each = (
+                    outcome.Value(result.value)
+                    if isinstance(result, outcome.Value)
+                    else outcome.Error(result.error)
+                )
+                self.token.run_sync_soon(trio.lowlevel.reschedule, task, each)
+
+    async def route(self, items: list[Routed]) -> None:
+        self.queue.put((batches(self.names, items), trio.lowlevel.current_task()))
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.client.close()
+
+
+async def thread_run(url: str, work: Workload, seconds: float, conc: list[int]) -> dict:
+    client = ThreadClient(url, RedisBroker(url))
     try:
-        for _ in range(20):
-            await broker.route(work.message())
-        proxy.mark = proxy.snapshot()  # type: ignore[attr-defined]
-        for _ in range(n):
-            await broker.route(work.message())
-        proxy.end = proxy.snapshot()  # type: ignore[attr-defined]
+        for _ in range(50):
+            await client.route(work.message())
+        out: dict[str, Any] = {}
+        for c in conc:
+            out[f"c{c}"] = await drive_trio(client.route, work, seconds, c)
+        return out
     finally:
-        await broker.aclose()
+        client.close()
+
+
+async def thread_sequential(url: str, work: Workload, n: int, proxy: CountingProxy) -> None:
+    client = ThreadClient(url, RedisBroker(url))
+    try:
+        await sequential(client.route, work, n, proxy)
+    finally:
+        client.close()
 
 
 def redis_py_route(client: Any, names: RedisBroker) -> Route:
@@ -452,28 +510,40 @@ class Client:
 def clients() -> list[Client]:
     out = [
         Client(
-            "coredis/trio",
-            lambda url, work, secs, conc: trio.run(coredis_run, url, work, secs, conc, 0),
-            lambda url, work, n, proxy: trio.run(coredis_sequential, url, work, n, proxy),
-        ),
-        Client(
-            "coredis/trio Pipeline",
-            lambda url, work, secs, conc: trio.run(coredis_pipeline_run, url, work, secs, conc, 0),
-            lambda url, work, n, proxy: trio.run(coredis_pipeline_sequential, url, work, n, proxy),
-        ),
+            "chatd resp/trio",
+            lambda url, work, secs, conc: trio.run(chatd_run, url, work, secs, conc),
+            lambda url, work, n, proxy: trio.run(chatd_sequential, url, work, n, proxy),
+        )
     ]
+    try:
+        import coredis  # noqa: F401
+    except ImportError:
+        print("coredis is not installed: skipped (pip install coredis)", flush=True)
+    else:
+        out.append(
+            Client(
+                "coredis/trio Pipeline",
+                lambda url, work, secs, conc: trio.run(coredis_run, url, work, secs, conc),
+                lambda url, work, n, proxy: trio.run(coredis_sequential, url, work, n, proxy),
+            )
+        )
     try:
         import redis  # noqa: F401
     except ImportError:
         print("redis-py is not installed: skipped (pip install redis)", flush=True)
     else:
-        out.append(
+        out += [
+            Client(
+                "redis-py+hiredis thread",
+                lambda url, work, secs, conc: trio.run(thread_run, url, work, secs, conc),
+                lambda url, work, n, proxy: trio.run(thread_sequential, url, work, n, proxy),
+            ),
             Client(
                 "redis-py/asyncio",
                 lambda url, work, secs, conc: asyncio.run(redis_py_run(url, work, secs, conc)),
                 lambda url, work, n, proxy: asyncio.run(redis_py_sequential(url, work, n, proxy)),
-            )
-        )
+            ),
+        ]
     return out
 
 

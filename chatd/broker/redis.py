@@ -78,7 +78,6 @@ DEFAULTS: dict[str, Any] = {
     "reassert_interval": 600.0,  # re-write this node's connections even if nothing was lost
     "op_timeout": 2.0,  # hard ceiling per call; the socket timeouts below come first
     "connect_timeout": 0.5,
-    "stream_timeout": 1.0,
     "backoff_min": 0.1,
     "backoff_max": 5.0,
     "tombstone_limit": 100_000,  # failed detaches kept for retry
@@ -360,16 +359,14 @@ class RedisBroker:
         self.reassert_interval = float(opts["reassert_interval"])
         self.op_timeout = float(opts["op_timeout"])
         self.connect_timeout = float(opts["connect_timeout"])
-        self.stream_timeout = float(opts["stream_timeout"])
         self.backoff_min = float(opts["backoff_min"])
         self.backoff_max = float(opts["backoff_max"])
         self.tombstone_limit = int(opts["tombstone_limit"])
         self.reassert_chunk = max(1, int(opts["reassert_chunk"]))
         if self.heartbeat_interval >= self.presence_ttl:
             raise ValueError("heartbeat_interval must be shorter than presence_ttl")
-        if not 0 < self.stream_timeout < self.op_timeout or self.connect_timeout <= 0:
-            # stream_timeout bounds every wait that cannot be cancelled (see _batch).
-            raise ValueError("need 0 < stream_timeout < op_timeout and connect_timeout > 0")
+        if self.op_timeout <= 0 or self.connect_timeout <= 0:
+            raise ValueError("need op_timeout > 0 and connect_timeout > 0")
 
         #: This instance's token: its nodes are the incarnations ``<node>#<token>``.
         self.token = secrets.token_hex(8)

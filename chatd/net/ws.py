@@ -34,6 +34,7 @@ import math
 import secrets
 import socket
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -223,10 +224,12 @@ class Deadlines:
     """Auth deadlines and token expiries of every connection, on one timer
     task (:meth:`run`) instead of a cancel scope around each read. Entries
     are never removed: one that is no longer a connection's deadline is
-    ignored when it comes up (:meth:`WsConnection.deadline_passed`)."""
+    ignored when it comes up (:meth:`WsConnection.deadline_passed`). They
+    hold the connection weakly: a token may expire an hour after its
+    connection ended, which must not keep the connection alive."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, WsConnection]] = []
+        self._heap: list[tuple[float, int, weakref.ref[WsConnection]]] = []
         self._count = 0
         self._changed = trio.Event()
 
@@ -235,7 +238,7 @@ class Deadlines:
             return
         self._count += 1
         earliest = self._heap[0][0] if self._heap else math.inf
-        heapq.heappush(self._heap, (when, self._count, conn))
+        heapq.heappush(self._heap, (when, self._count, weakref.ref(conn)))
         if when < earliest:
             self._changed.set()
 
@@ -243,8 +246,10 @@ class Deadlines:
         while True:
             now = trio.current_time()
             while self._heap and self._heap[0][0] <= now:
-                when, _, conn = heapq.heappop(self._heap)
-                conn.deadline_passed(when)
+                when, _, ref = heapq.heappop(self._heap)
+                conn = ref()
+                if conn is not None:
+                    conn.deadline_passed(when)
             self._changed = trio.Event()
             with trio.move_on_at(self._heap[0][0] if self._heap else math.inf):
                 await self._changed.wait()

@@ -30,7 +30,6 @@ FAST = {
     "backoff_max": 0.3,
     "op_timeout": 1.0,
     "connect_timeout": 0.3,
-    "stream_timeout": 0.5,
 }
 
 Make = Callable[..., RedisBroker]

@@ -55,11 +55,16 @@ function cli() {
         "redis-url": { type: "string", default: "" },
         node: { type: "string", default: "ref1" },
         host: { type: "string", default: "127.0.0.1" },
+        help: { type: "boolean", short: "h", default: false },
       },
     }));
   } catch (err) {
     console.error(`${err.message}\n${usage}`);
     process.exit(2);
+  }
+  if (values.help) {
+    console.log(`${usage}\n\nREFERENCE for loadtest/bench.py (socket.io 4 + redis adapter), not chatd.`);
+    process.exit(0);
   }
   const port = Number(values.port);
   if (!Number.isInteger(port) || port < 0 || port > 65535 || !values.secret) {
