@@ -62,7 +62,6 @@ import resource
 import secrets
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -83,7 +82,7 @@ except ImportError:  # re-run with the project's python, which has chatd's deps
 sys.path.insert(0, str(ROOT))
 from chatd.testing.cluster import Cluster  # noqa: E402
 from chatd.testing.nginx import NginxProcess  # noqa: E402
-from chatd.testing.procs import ChatdProcess, free_port, wait_http  # noqa: E402
+from chatd.testing.procs import ChatdProcess, free_port, stop_process, wait_http  # noqa: E402
 from chatd.testing.redis_server import RedisServer  # noqa: E402
 from loadtest import loadvenv, noderef  # noqa: E402
 
@@ -218,13 +217,7 @@ class RefProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_target(name: str, work: Path, python: Path, secret: str) -> Target:

@@ -16,7 +16,6 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench.py does this already; `python loadtest/noderef.py` not
     sys.path.insert(0, str(ROOT))
-from chatd.testing.procs import free_port, wait_http  # noqa: E402
+from chatd.testing.procs import free_port, stop_process, wait_http  # noqa: E402
 
 NODE_DIR = ROOT / "loadtest" / "reference" / "node"
 SERVER = NODE_DIR / "server.js"
@@ -121,13 +120,7 @@ class NodeRefProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 if __name__ == "__main__":

@@ -477,13 +477,7 @@ async def redis_py_sequential(url: str, work: Workload, n: int, proxy: CountingP
     names = RedisBroker(url)
     client = redis.asyncio.Redis.from_url(url, decode_responses=True)
     try:
-        route = redis_py_route(client, names)
-        for _ in range(20):
-            await route(work.message())
-        proxy.mark = proxy.snapshot()  # type: ignore[attr-defined]
-        for _ in range(n):
-            await route(work.message())
-        proxy.end = proxy.snapshot()  # type: ignore[attr-defined]
+        await sequential(redis_py_route(client, names), work, n, proxy)
     finally:
         await client.aclose()
 
