@@ -19,6 +19,7 @@ What was owed stays owed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -174,6 +175,12 @@ async def serve(
                         },
                     )
                     listener.start_soon(keepalive, connections)
+                    # Everything made so far (modules, the app, the service)
+                    # lives as long as the process: out of the garbage
+                    # collector's sight, a full collection no longer walks it
+                    # (it did, for tens of ms, every few seconds under load:
+                    # the p99 spikes of docs/performance.md, lever 7).
+                    gc.freeze()
                     task_status.started(Listening(http_port, ws_port))
                     await stop.wait()
                     listener.cancel_scope.cancel()
