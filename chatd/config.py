@@ -70,6 +70,14 @@ SETTINGS: tuple[Setting, ...] = (
         "redis_url", str, "", ("CHATD_REDIS_URL", "REDIS_URL"), "Redis URL for the redis broker."
     ),
     Setting(
+        "redis_mode",
+        str,
+        "auto",
+        ("CHATD_REDIS_MODE",),
+        "auto, standalone, cluster or sentinel (auto: a redis+sentinel:// URL means"
+        " sentinel, else ask the server).",
+    ),
+    Setting(
         "mongo_uri", str, "", ("CHATD_MONGO_URI", "MONGO_URI"), "MongoDB URI for the mongo store."
     ),
     Setting(
@@ -134,6 +142,20 @@ SETTINGS: tuple[Setting, ...] = (
         "Milliseconds a store write waits for others to share its commit (0: none).",
     ),
     Setting(
+        "resync_concurrency",
+        int,
+        8,
+        ("CHATD_RESYNC_CONCURRENCY",),
+        "Users whose owed items are re-read from the store at once after Redis lost live delivery.",
+    ),
+    Setting(
+        "resync_jitter",
+        float,
+        1.0,
+        ("CHATD_RESYNC_JITTER",),
+        "Seconds (at most, at random) a resync waits first, so replicas do not all start at once.",
+    ),
+    Setting(
         "auth_timeout",
         float,
         10.0,
@@ -161,6 +183,8 @@ SETTINGS: tuple[Setting, ...] = (
 _BY_NAME = {s.name: s for s in SETTINGS}
 _KNOWN_ENV = {name for s in SETTINGS for name in s.env if name.startswith("CHATD_")}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+#: chatd.broker.topology.Mode's values (a test keeps them equal).
+REDIS_MODES = ("auto", "standalone", "cluster", "sentinel")
 
 
 @dataclass(frozen=True)
@@ -173,6 +197,7 @@ class Config:
     store: str = ""
     broker: str = ""
     redis_url: str = ""
+    redis_mode: str = "auto"
     mongo_uri: str = ""
     jwt_secret: str = dataclasses.field(default="", repr=False)
     token_ttl: int = 3600
@@ -184,6 +209,8 @@ class Config:
     rate: float = 30.0
     burst: float = 60.0
     commit_window: float = 5.0
+    resync_concurrency: int = 8
+    resync_jitter: float = 1.0
     auth_timeout: float = 10.0
     shutdown_grace: float = 5.0
     count_task_steps: int = 0
@@ -277,6 +304,10 @@ def validate(config: Config) -> None:
         raise ConfigError("count_task_steps must be 0 or 1")
     if not 0 <= config.commit_window <= 1000:
         raise ConfigError("commit_window must be 0-1000 ms")
+    if config.redis_mode not in REDIS_MODES:
+        raise ConfigError(f"redis_mode must be one of {', '.join(REDIS_MODES)}")
+    if config.resync_concurrency < 1 or not 0 <= config.resync_jitter <= 600:
+        raise ConfigError("resync_concurrency must be >= 1 and resync_jitter 0-600 s")
     if config.auth_timeout <= 0 or config.shutdown_grace < 0:
         raise ConfigError("auth_timeout must be > 0 and shutdown_grace >= 0")
     if config.jwt_secret and len(config.jwt_secret) < 16:

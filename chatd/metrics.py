@@ -178,6 +178,10 @@ class Metrics:
             "Store or broker calls that failed as unavailable, by port and method.",
             ["port", "method"],
         )
+        self.resyncs = self._counter(
+            "chatd_resync_users",
+            "Users whose owed items were re-offered because live delivery broke (resync).",
+        )
         self.queue_users = self._gauge(
             "chatd_owed_queue_users", "Users with a non-empty owed queue (sampled)."
         )

@@ -339,8 +339,15 @@ Deliver = Callable[[Inbound], None]
 #: Called by the broker when live delivery to this node was interrupted and
 #: is back (a lost subscription, a backend restart): items routed meanwhile
 #: may not have arrived, so the service re-offers what is owed from the
-#: store. Must not block.
-Resync = Callable[[], None]
+#: store — to the users given, or to every local user when called without
+#: them. Must not block.
+Resync = Callable[..., None]
+
+#: Called by the broker of one surviving node (exactly one) when another
+#: node died without detaching its connections: for each user who was
+#: online there and is online nowhere now, with the user's last-seen (ms).
+#: The service announces them offline. Must not block.
+Gone = Callable[[str, int], None]
 
 
 class Broker(Protocol):
@@ -384,6 +391,7 @@ class Broker(Protocol):
         deliver: Deliver,
         resync: Resync,
         *,
+        gone: Gone | None = None,
         task_status: trio.TaskStatus[None] = ...,
     ) -> None: ...
 

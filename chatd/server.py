@@ -80,6 +80,8 @@ def build_service(config: Config) -> ChatService:
         node=config.node,
         metrics=metrics,
         commit_window=config.commit_window / 1000,
+        resync_concurrency=config.resync_concurrency,
+        resync_jitter=config.resync_jitter,
     )
 
 

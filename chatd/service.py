@@ -11,10 +11,12 @@ a recipient → the recipient's connection.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -112,6 +114,8 @@ class ChatService:
         cpu_threads: int = 2,
         metrics: Metrics | None = None,
         commit_window: float = 0.0,
+        resync_concurrency: int = 8,
+        resync_jitter: float = 0.0,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -149,6 +153,13 @@ class ChatService:
         )
         self._stop = trio.Event()
         self._resync_wanted = trio.Event()
+        #: Users to resync (None: every local user).
+        self._resync_users: set[str] | None = set()
+        self.resync_concurrency = max(1, resync_concurrency)
+        self.resync_jitter = max(0.0, resync_jitter)
+        #: Users of dead nodes to announce offline (see gone).
+        self._departures: list[tuple[str, int]] = []
+        self._departed = trio.Event()
         self.stopped = trio.Event()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -161,8 +172,14 @@ class ChatService:
         """
         try:
             async with trio.open_nursery() as outer:
-                await outer.start(self.broker.run, self.node, self.hub.dispatch, self.resync)
+                await outer.start(
+                    partial(self.broker.run, gone=self.gone),
+                    self.node,
+                    self.hub.dispatch,
+                    self.resync,
+                )
                 outer.start_soon(self._resync_loop)
+                outer.start_soon(self._departures_loop)
                 async with trio.open_nursery() as writers:
                     await writers.start(self._writes.run)
                     task_status.started()
@@ -192,16 +209,44 @@ class ChatService:
                 out.append(None)
         return out
 
-    def resync(self) -> None:
-        """The broker lost live delivery for a while: re-offer what is owed."""
+    def resync(self, users: Iterable[str] | None = None) -> None:
+        """The broker lost live delivery for a while (for ``users``, or for
+        every local user): re-offer what is owed."""
+        if users is None:
+            self._resync_users = None
+        elif self._resync_users is not None:
+            self._resync_users.update(users)
         self._resync_wanted.set()
 
     async def _resync_loop(self) -> None:
+        """Re-offer owed items, paced: after a random delay of up to
+        ``resync_jitter`` seconds (nodes that lost Redis together do not all
+        read the store at once), ``resync_concurrency`` users at a time."""
         while True:
             await self._resync_wanted.wait()
+            if self.resync_jitter:
+                await trio.sleep(random.uniform(0, self.resync_jitter))
             self._resync_wanted = trio.Event()
-            log.info("resync: offering owed items again", extra={"users": len(self.hub.users())})
-            for user in self.hub.users():
+            wanted, self._resync_users = self._resync_users, set()
+            users = self.hub.users() if wanted is None else sorted(wanted)
+            log.info("resync: offering owed items again", extra={"users": len(users)})
+            failed = await self.reoffer(users)
+            self.metrics.resyncs.inc(len(users))
+            if failed:
+                await trio.sleep(1)
+                self.resync(failed)
+
+    async def reoffer(self, users: Sequence[str]) -> list[str]:
+        """Offer what is owed to each of ``users`` to their connections here,
+        ``resync_concurrency`` users at a time; the users whose store or queue
+        could not be read."""
+        failed: list[str] = []
+        pending = iter(users)
+
+        async def worker() -> None:
+            for user in pending:
+                if not self.hub.connections(user):
+                    continue
 
                 async def emit(items: list[Outbound], user: str = user) -> None:
                     for conn in self.hub.connections(user):
@@ -211,10 +256,35 @@ class ChatService:
                 try:
                     await self.backlog(user, emit)
                 except ChatError as exc:
-                    log.warning("resync failed; retrying", extra={"reason": exc.message})
-                    await trio.sleep(1)
-                    self._resync_wanted.set()
-                    break
+                    if not failed:
+                        log.warning("resync failed; retrying", extra={"reason": exc.message})
+                    failed.append(user)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(self.resync_concurrency, len(users))):
+                nursery.start_soon(worker)
+        return failed
+
+    def gone(self, user: str, last_seen: int) -> None:
+        """A dead node's user is online nowhere now (the broker says so on
+        one surviving node): announce them offline."""
+        self._departures.append((user, last_seen))
+        self._departed.set()
+
+    async def _departures_loop(self) -> None:
+        while True:
+            await self._departed.wait()
+            self._departed = trio.Event()
+            batch, self._departures = self._departures, []
+            for user, last_seen in batch:
+                try:
+                    await self.store.set_last_seen(user, last_seen)
+                    await self._announce(user, online=False, last_seen=last_seen)
+                except ChatError as exc:
+                    log.warning(
+                        "could not announce a dead node's user offline",
+                        extra={"user": user, "reason": exc.message},
+                    )
 
     async def metrics_text(self) -> tuple[bytes, str]:
         """The Prometheus exposition of this node (owed queues sampled first)."""

@@ -49,7 +49,10 @@ def _redis(config: Config) -> Broker:
 
     if not config.redis_url:
         raise ConfigError("the redis broker needs --redis-url (or REDIS_URL)")
-    return RedisBroker.from_url(config.redis_url)
+    try:
+        return RedisBroker.from_url(config.redis_url, mode=config.redis_mode)
+    except ValueError as exc:  # a malformed URL
+        raise ConfigError(f"redis_url: {exc}") from None
 
 
 #: Store factories take the config and whether they may create an empty store.

@@ -7,7 +7,7 @@ never the machine's Redis) and measures, for each client:
   (the recipient's owed copy and the sender's other devices' live copy, so
   two users, two scripts, one pipelined round trip), with N concurrent
   senders for a few seconds. Half of the users are online: their scripts
-  PUBLISH to a node channel that a subscriber drains.
+  SPUBLISH to their node channels, which a subscriber drains.
 * **round trips per message**: sequential routes through a counting TCP
   proxy; a round trip is one burst of bytes from the client to the server.
 * **Redis commands per message** (INFO commandstats), to show every client
@@ -139,11 +139,14 @@ class Workload:
 
 
 class Drain:
-    """A subscriber on the node channel that reads and drops everything."""
+    """A subscriber on the online users' channels of the node that reads and
+    drops everything."""
 
-    def __init__(self, server: RedisServer, channel: str) -> None:
+    def __init__(self, server: RedisServer, channels: list[str]) -> None:
         self.sock = socket.create_connection((server.host, server.port))
-        payload = f"*2\r\n$9\r\nSUBSCRIBE\r\n${len(channel)}\r\n{channel}\r\n".encode()
+        payload = b"".join(
+            f"*2\r\n$11\r\nSSUBSCRIBE\r\n${len(c)}\r\n{c}\r\n".encode() for c in channels
+        )
         self.sock.sendall(payload)
         self.bytes = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -545,7 +548,7 @@ def run_round(
     client: Client, server: RedisServer, work: Workload, names: RedisBroker, opts: Any
 ) -> None:
     work.seed(server, names)
-    drain = Drain(server, names.channel(INCARNATION))
+    drain = Drain(server, [names.user_channel(u, INCARNATION) for u in work.online])
     try:
         before = evalsha_calls(server)
         sent_before = work.seq

@@ -19,6 +19,7 @@ PROJECT = [
     ["loadtest/pairs.py", "--help"],
     ["loadtest/redis_client_bench.py", "--help"],
     ["loadtest/microbench.py", "--help"],
+    ["loadtest/resync_bench.py", "--help"],
     ["loadtest/runner.py", "--help"],
     ["loadtest/stack.py", "--help"],
     ["loadtest/noderef.py", "--help"],

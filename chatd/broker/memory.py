@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import trio
 
 from chatd.core.model import Presence
-from chatd.ports import Deliver, Inbound, NodeInfo, Owed, QueueInfo, Resync, Routed
+from chatd.ports import Deliver, Gone, Inbound, NodeInfo, Owed, QueueInfo, Resync, Routed
 
 log = logging.getLogger("chatd.broker.memory")
 
@@ -39,9 +39,11 @@ class MemoryBroker:
         deliver: Deliver,
         resync: Resync,
         *,
+        gone: Gone | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        # Delivery never breaks inside one process: ``resync`` is never called.
+        # Delivery never breaks inside one process, and no other node can die
+        # with connections here: ``resync`` and ``gone`` are never called.
         if node in self._nodes:
             raise RuntimeError(f"node '{node}' is already running on this broker")
         self._nodes[node] = deliver

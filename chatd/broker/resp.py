@@ -46,8 +46,13 @@ Command = Sequence[Arg]
 Done = Callable[[list[Any] | BaseException], None]
 
 
-#: First element of a message pushed to a subscribed connection.
-_PUSH_KINDS = frozenset(("message", "pmessage", "smessage"))
+#: First element of a message pushed to a subscribed connection. An
+#: unsubscribe is one too: the server may decide on it (a shard channel
+#: whose slot moved away), so the broker sends its own unsubscribes with
+#: :meth:`Connection.send` and reads every confirmation as a push.
+_PUSH_KINDS = frozenset(
+    ("message", "pmessage", "smessage", "unsubscribe", "sunsubscribe", "punsubscribe")
+)
 
 
 class ConnectionLost(Exception):
@@ -242,6 +247,17 @@ class Connection:
         scope = self._read_scope
         if scope is not None and scope.deadline > due:
             scope.deadline = due
+        if self._writer_parked:
+            self._writer_parked = False
+            self._wake_writer.unpark_all()
+
+    def send(self, commands: Sequence[Command]) -> None:
+        """Queue commands whose answers are pushes (unsubscribes on a
+        subscribed connection): nothing waits for a reply. Raises
+        ConnectionLost if the connection is gone."""
+        if not self.alive:
+            raise ConnectionLost(str(self.error or "connection closed"))
+        self._out.extend(encode(c) for c in commands)
         if self._writer_parked:
             self._writer_parked = False
             self._wake_writer.unpark_all()

@@ -43,7 +43,7 @@ class Node:
         self._arrived.set()
         self._arrived = trio.Event()
 
-    def resync(self) -> None:
+    def resync(self, users: object = None) -> None:
         self.resyncs += 1
 
     async def wait_for(self, count: int, timeout: float = 5.0) -> list[Inbound]:

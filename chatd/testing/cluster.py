@@ -1,7 +1,7 @@
 """A whole deployment on loopback, for tests and load runs: one real
-``redis-server``, N ``chatd serve`` replicas sharing it (and one SQLite data
-dir, as replicas on one host can), and a real ``nginx`` in front with the
-repository's config.
+``redis-server`` (or a Redis given by URL: a cluster, sentinels), N ``chatd
+serve`` replicas sharing it (and one SQLite data dir, as replicas on one
+host can), and a real ``nginx`` in front with the repository's config.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ class Cluster:
     extra_args: list[str] = field(default_factory=list)
     with_nginx: bool = True
     redis: RedisServer | None = None
+    #: Use this Redis (not started or stopped here) instead of starting one.
+    redis_url: str = ""
     nodes: list[ChatdProcess] = field(default_factory=list)
     nginx: NginxProcess | None = None
 
@@ -31,10 +33,10 @@ class Cluster:
         return self.workdir / "data"
 
     def _replica(self, i: int, http_port: int = 0, ws_port: int = 0) -> ChatdProcess:
-        assert self.redis is not None
+        url = self.redis_url or (self.redis.url if self.redis is not None else "")
         return ChatdProcess(
             self.data_dir,
-            env={"CHATD_REDIS_URL": self.redis.url, "CHATD_NODE_ID": f"r{i + 1}"},
+            env={"CHATD_REDIS_URL": url, "CHATD_NODE_ID": f"r{i + 1}"},
             args=["--public-ws-url", "/ws", *self.extra_args],
             http_port=http_port,
             ws_port=ws_port,
@@ -43,7 +45,8 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.redis = RedisServer().start()
+        if not self.redis_url:
+            self.redis = RedisServer().start()
         try:
             for i in range(self.replicas):
                 self.nodes.append(self._replica(i).start())

@@ -72,16 +72,20 @@ class RedisServer:
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 10.0,
         cluster: bool = False,
+        own_all_slots: bool = True,
     ) -> None:
         """``cluster=True`` starts a one-node Redis Cluster that owns every
         slot: a plain client works, and Redis refuses any command or script
-        whose keys span two slots (CROSSSLOT), as a real cluster would."""
+        whose keys span two slots (CROSSSLOT), as a real cluster would. With
+        ``own_all_slots=False`` the node starts empty, to be joined into a
+        bigger cluster (:mod:`chatd.testing.redis_cluster`)."""
         self.host = "127.0.0.1"
         self.port = port or (cluster_free_port() if cluster else free_port())
         self.executable = executable
         self.extra_args = extra_args
         self.start_timeout = start_timeout
         self.cluster = cluster
+        self.own_all_slots = own_all_slots
         self.dir = tempfile.mkdtemp(prefix="chatd-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -147,7 +151,7 @@ class RedisServer:
             time.sleep(0.02)
 
     def _cluster_ready(self) -> bool:
-        if not self.cluster:
+        if not self.cluster or not self.own_all_slots:
             return True
         if "cluster_state:ok" in self.command("CLUSTER", "INFO"):
             return True

@@ -7,20 +7,30 @@ Every test talks to a throwaway ``redis-server`` on a free loopback port
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import random
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from chatd.broker.redis import RedisBroker
 from chatd.broker.resp import hash_slot
 from chatd.core.errors import Unavailable
 from chatd.ports import Routed
 from chatd.testing.broker_contract import BrokerContract, start_node
-from chatd.testing.redis_server import RedisServer
+from chatd.testing.redis_cluster import RedisClusterSet, SentinelSet
+from chatd.testing.redis_server import RedisServer, free_port
 
 #: Short timings so that expiry and recovery happen within a test.
 FAST = {
@@ -49,13 +59,15 @@ def server() -> Iterator[RedisServer]:
 
 
 @asynccontextmanager
-async def _factory(server: RedisServer) -> AsyncIterator[Make]:
-    """Brokers on ``server`` whose connections run in one nursery of the test's."""
+async def _factory(server: RedisServer | str, **options: object) -> AsyncIterator[Make]:
+    """Brokers on ``server`` (or a URL) whose connections run in one nursery of
+    the test's."""
+    url = server if isinstance(server, str) else server.url
     made: list[RedisBroker] = []
     async with trio.open_nursery() as nursery:
 
         def make(**tuning: object) -> RedisBroker:
-            broker = RedisBroker.from_url(server.url, nursery=nursery, **{**FAST, **tuning})
+            broker = RedisBroker.from_url(url, nursery=nursery, **{**FAST, **options, **tuning})
             made.append(broker)
             return broker
 
@@ -130,6 +142,51 @@ async def test_a_dead_node_leaves_presence_within_seconds(make: Make, server: Re
         await start_node(nursery, reborn, "n1")
         assert await reborn.attach("bob", "n1", "c2") is True
         nursery.cancel_scope.cancel()
+
+
+async def test_one_survivor_announces_a_dead_nodes_users(make: Make, server: RedisServer) -> None:
+    """A node dies without detaching: exactly one of the survivors calls
+    ``gone`` for each user who was online only there (with a last-seen of
+    about its last beat), none for a user still online elsewhere; the dead
+    node's bookkeeping is cleared."""
+    gone: list[tuple[str, str, int]] = []
+    async with trio.open_nursery() as survivors:
+        for name in ("n1", "n2", "n3"):
+            b = make()
+            await survivors.start(
+                partial(b.run, gone=lambda u, ts, n=name: gone.append((n, u, ts))),
+                name,
+                lambda item: None,
+                lambda users=None: None,
+            )
+            if name == "n1":
+                n1 = b
+        dying = make()
+        async with trio.open_nursery() as nursery:
+            await start_node(nursery, dying, "nx")
+            await dying.attach("alice", "nx", "a1")
+            await dying.attach("alice", "nx", "a2")
+            await dying.attach("bob", "nx", "b1")
+            await dying.attach("carol", "nx", "c1")
+            await dying.detach("carol", "nx", "c1", 1)  # left properly: already announced
+            await n1.attach("bob", "n1", "b2")
+            before = time.time_ns() // 1_000_000
+            nursery.cancel_scope.cancel()  # stops beating, detaches nothing
+
+        await eventually(lambda: bool(gone), timeout=FAST["presence_ttl"] + 3)
+        # Every survivor has had several beats to claim it too.
+        await trio.sleep(FAST["heartbeat_interval"] * 5)
+        survivors.cancel_scope.cancel()
+
+    assert [(u) for _, u, _ in gone] == ["alice"], gone
+    _, _, last_seen = gone[0]
+    assert before - 2 * FAST["heartbeat_interval"] * 1000 <= last_seen <= before + 1000
+    p = await n1.presence(["alice", "bob"])
+    assert not p["alice"].online and p["alice"].last_seen == last_seen
+    assert p["bob"].nodes == ("n1",)
+    inc = dying.incarnation("nx")
+    assert server.command("EXISTS", dying.users_key(inc)) == 0
+    assert server.command("ZSCORE", dying.incarnations_key(), inc) is None
 
 
 async def test_first_attach_ignores_a_dead_node(make: Make) -> None:
@@ -338,11 +395,15 @@ async def test_keys_carry_one_hash_tag_per_user(
             assert key.count("{") == 1
             slots.setdefault(m.group(1), set()).add(hash_slot(key.encode()))
         else:
-            assert re.fullmatch(r"chatd:hb:n1#[0-9a-f]{16}", key), key
             node_keys.append(key)
     assert set(slots) == set(users)
     assert all(len(s) == 1 for s in slots.values())
-    assert node_keys == [b.heartbeat_key(b.incarnation("n1"))]
+    # Besides the users' keys: the node's heartbeat, the users it serves (for
+    # a survivor to announce if it dies) and the index of incarnations.
+    inc = b.incarnation("n1")
+    assert sorted(node_keys) == sorted(
+        [b.heartbeat_key(inc), b.users_key(inc), b.incarnations_key()]
+    )
     # Every per-user key has a TTL: nothing is kept forever.
     for key in server.keys("chatd:*"):
         assert server.command("TTL", key) > 0, key
@@ -427,3 +488,211 @@ async def test_callers_cancelled_mid_call_do_not_disturb_others(
         assert owed[-1].key == "last"
         assert all(o.payload == "p" + o.key[1:] or o.key == "last" for o in owed)
     await eventually(lambda: sum(1 for g in n1.got if g.key == "last") == 2)
+
+
+# -- a real Redis Cluster, Sentinel, and Redis without sharded pub/sub ---------------------
+
+
+@pytest.fixture(scope="module")
+def real_cluster() -> Iterator[RedisClusterSet]:
+    with RedisClusterSet() as cluster:
+        yield cluster
+
+
+class TestRedisBrokerOnARealCluster(BrokerContract):
+    """The contract on three masters with a replica each: every user's keys
+    and channel on the shard of the user's slot, sharded pub/sub between
+    nodes, scans over every shard."""
+
+    @pytest.fixture
+    async def brokers(self, real_cluster: RedisClusterSet) -> AsyncIterator[Make]:
+        for master in real_cluster.masters():
+            master.server.flushall()
+        async with _factory(real_cluster.url) as make:
+            yield make
+
+
+@pytest.fixture(scope="module")
+def sentinels() -> Iterator[SentinelSet]:
+    with SentinelSet() as sentinels:
+        yield sentinels
+
+
+class TestRedisBrokerThroughSentinel(BrokerContract):
+    @pytest.fixture
+    async def brokers(self, sentinels: SentinelSet) -> AsyncIterator[Make]:
+        sentinels.master.flushall()
+        async with _factory(sentinels.url) as make:
+            yield make
+
+
+class TestRedisBrokerWithClassicPubSub(BrokerContract):
+    """A Redis older than 7.0 has no SPUBLISH: the same channels, PUBLISH and
+    SUBSCRIBE (forced here on a 7.0 server)."""
+
+    @pytest.fixture
+    async def brokers(self, shared_server: RedisServer) -> AsyncIterator[Make]:
+        shared_server.flushall()
+        made: list[RedisBroker] = []
+        async with _factory(shared_server) as make:
+
+            def classic(**tuning: object) -> RedisBroker:
+                broker = make(**tuning)
+                broker._sharded_allowed = False
+                made.append(broker)
+                return broker
+
+            yield classic
+        assert made and not any(b.sharded for b in made)
+
+
+async def test_a_cluster_routes_on_the_users_shard_only(
+    real_cluster: RedisClusterSet, nursery: trio.Nursery
+) -> None:
+    """A routed item is published on the shard of the user's slot: the other
+    shards see no PUBLISH traffic (not broadcast over the cluster bus)."""
+    for master in real_cluster.masters():
+        master.server.flushall()
+        master.server.command("CONFIG", "RESETSTAT")
+    async with _factory(real_cluster.url) as make:
+        n1 = await start_node(nursery, make(), "n1")
+        n2 = await start_node(nursery, make(), "n2")
+        await n2.broker.attach("bob", "n2", "c1")
+        assert n1.broker.sharded
+        await n1.broker.route([Routed("bob", f"m{i}", "p", owed=True) for i in range(20)])
+        await n2.wait_for(20)
+    owner = real_cluster.owner(hash_slot(n1.broker.user_key("bob", "conns")))
+    for master in real_cluster.masters():
+        stats = str(master.server.command("INFO", "commandstats"))
+        spublish = "cmdstat_spublish:" in stats
+        assert spublish == (master is owner), (master.address, owner.address)
+        assert "cmdstat_publish:" not in stats
+
+
+async def test_a_modes_url_must_match(nursery: trio.Nursery) -> None:
+    with pytest.raises(ValueError):
+        RedisBroker.from_url("redis+sentinel://h:1")  # no master name
+    broker = RedisBroker.from_url("redis://127.0.0.1:1", mode="sentinel", nursery=nursery)
+    with pytest.raises(Unavailable, match="redis\\+sentinel://"):
+        await broker.ping()
+
+
+# -- TLS and ACL users from the URL, in every mode --------------------------------------------
+
+ACL = ("on", ">s3cret pass", "~*", "&*", "+@all")
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, written to ``directory``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, str]]:
+    """A server with a TLS port beside its plain one (the plain one is the
+    test harness's), and an ACL user; yields it and chatd's rediss:// URL."""
+    cert, key = _self_signed(tmp_path_factory.mktemp("tls"))
+    port = free_port()
+    tls = ("--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key))
+    tls += ("--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no")
+    with RedisServer(extra_args=tls) as server:
+        server.command("ACL", "SETUSER", "chatd", *ACL)
+        yield server, f"rediss://chatd:s3cret%20pass@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+
+
+def _logged_in_as_chatd(server: RedisServer, port: int | None = None) -> bool:
+    """Whether the server has chatd's connections, all as the ACL user (on
+    ``port``, the TLS one, when given)."""
+    clients = [
+        dict(field.split("=", 1) for field in line.split(" ") if "=" in field)
+        for line in server.command("CLIENT", "LIST").splitlines()
+    ]
+    ours = [c for c in clients if c.get("name", "").startswith("chatd-")]
+    return bool(ours) and all(
+        c["user"] == "chatd" and (port is None or c["laddr"].endswith(f":{port}")) for c in ours
+    )
+
+
+class TestRedisBrokerOverTlsAsAnAclUser(BrokerContract):
+    """The contract through ``rediss://user:password@…`` (the certificate
+    checked against ``ssl_ca_certs``), logged in as an ACL user."""
+
+    @pytest.fixture
+    async def brokers(self, tls_server: tuple[RedisServer, str]) -> AsyncIterator[Make]:
+        server, url = tls_server
+        server.flushall()
+        async with _factory(url) as make:
+            yield make
+
+
+async def test_tls_and_acl_user_are_what_the_server_sees(
+    tls_server: tuple[RedisServer, str], nursery: trio.Nursery
+) -> None:
+    server, url = tls_server
+    async with _factory(url) as make:
+        n1 = await start_node(nursery, make(), "n1")
+        n2 = await start_node(nursery, make(), "n2")
+        await n2.broker.attach("bob", "n2", "c1")
+        await n1.broker.route([Routed("bob", "m1", "p", owed=True)])
+        await n2.wait_for(1)
+        tls_port = int(url.split("@127.0.0.1:")[1].split("/")[0])
+        assert _logged_in_as_chatd(server, tls_port)
+
+
+async def test_a_cluster_and_sentinel_log_in_as_the_urls_user(
+    real_cluster: RedisClusterSet, sentinels: SentinelSet, nursery: trio.Nursery
+) -> None:
+    """Credentials in the URL log in to every cluster node chatd discovers,
+    and to the master the sentinels name."""
+    for node in real_cluster.nodes:
+        node.server.command("ACL", "SETUSER", "chatd", *ACL)
+    for server in (sentinels.master, sentinels.replica):
+        if server is not None:
+            server.command("ACL", "SETUSER", "chatd", *ACL)
+    seed = real_cluster.url.replace("redis://", "redis://chatd:s3cret%20pass@")
+    via_sentinels = sentinels.url.replace(
+        "redis+sentinel://", "redis+sentinel://chatd:s3cret%20pass@"
+    )
+    for url, servers in (
+        (seed, [m.server for m in real_cluster.masters()]),
+        (via_sentinels, [sentinels.master]),
+    ):
+        for server in servers:
+            server.flushall()
+        async with _factory(url) as make:
+            n1 = await start_node(nursery, make(), "n1")
+            n2 = await start_node(nursery, make(), "n2")
+            users = [f"user{i}" for i in range(30)]  # spread over the shards
+            for user in users:
+                await n2.broker.attach(user, "n2", f"c-{user}")
+            await n1.broker.route([Routed(u, "m1", "p", owed=True) for u in users])
+            await n2.wait_for(len(users))
+            used = [s for s in servers if _logged_in_as_chatd(s)]
+            assert len(used) == len(servers), url  # every shard, each as the ACL user

@@ -9,17 +9,15 @@ are allowed only as repeated ids.
 
 from __future__ import annotations
 
-import random
 import time
 
 import pytest
 import trio
 
-from chatd.testing.client import Api, connect
+from chatd.testing.client import Api, ExpectTimeout, connect
 from chatd.testing.cluster import Cluster
-from chatd.testing.loss import LossChecker
+from chatd.testing.faults import run_with_fault
 from chatd.testing.nginx import requires_nginx
-from chatd.testing.resilient import ResilientClient
 
 pytestmark = [
     pytest.mark.e2e,
@@ -150,68 +148,6 @@ async def test_nginx_serves_api_websocket_and_web_client(cluster, api, names):
 # -- fault injection ----------------------------------------------------------------------
 
 
-class Traffic:
-    """Users chatting in pairs through NGINX until stopped."""
-
-    def __init__(self, url: str, users: list[tuple[str, str]], checker: LossChecker) -> None:
-        self.clients = [ResilientClient(url, u, t, checker) for u, t in users]
-        self.checker = checker
-        self.sending = True
-
-    async def run(self, nursery: trio.Nursery) -> None:
-        for c in self.clients:
-            await nursery.start(c.run)
-        for i, c in enumerate(self.clients):
-            nursery.start_soon(self._chat, c, self.clients[(i + 1) % len(self.clients)].user, i)
-
-    async def _chat(self, client: ResilientClient, peer: str, seed: int) -> None:
-        rnd = random.Random(seed)
-        n = 0
-        while self.sending:
-            n += 1
-            await client.send(f"{client.user} #{n}", [peer], to=peer)
-            await trio.sleep(rnd.uniform(0.02, 0.08))
-
-    async def finish(self, timeout: float = 30.0) -> None:
-        """Stop sending, wait until everything sent is confirmed and delivered."""
-        self.sending = False
-        for c in self.clients:
-            await c.wait_all_sent(timeout)
-        with trio.move_on_after(timeout):
-            while self.checker.report().missing:  # noqa: ASYNC110 - polls other tasks' bookkeeping
-                await trio.sleep(0.1)
-
-
-async def run_with_fault(tmp_path, names, fault, replicas: int = 3, pairs: int = 4) -> Traffic:
-    cluster = Cluster(tmp_path, replicas=replicas).start()
-    checker = LossChecker()
-    api = Api(cluster.url)
-    try:
-        users = [names("f") for _ in range(pairs * 2)]
-        creds = [(u, await api.user(u)) for u in users]
-        traffic = Traffic(cluster.ws_url, creds, checker)
-        async with trio.open_nursery() as nursery:
-            await traffic.run(nursery)
-            await trio.sleep(1.0)
-            await fault(cluster)
-            await trio.sleep(1.5)
-            await traffic.finish()
-            nursery.cancel_scope.cancel()
-        report = checker.report()
-        print(report.summary(), [c.connections for c in traffic.clients])
-        assert report.sent > 50, report.summary()
-        assert report.ok, f"{report.summary()}; missing {report.missing[:10]}\n{cluster.logs()}"
-        # Nothing reached a user it was not sent to; repeats are repeated ids
-        # of what was sent (bounded: at most one redelivery each here).
-        assert report.unexpected == 0, report.summary()
-        assert report.duplicates <= report.sent, report.summary()
-        assert not [e for c in traffic.clients for e in c.errors], "no send was refused"
-        return traffic
-    finally:
-        await api.aclose()
-        cluster.close()
-
-
 async def test_kill_9_a_replica_while_messages_flow(tmp_path, names):
     async def fault(cluster):
         cluster.kill(0)
@@ -220,6 +156,42 @@ async def test_kill_9_a_replica_while_messages_flow(tmp_path, names):
     # The clients NGINX had put on r1 lost their socket and came back elsewhere.
     assert any(c.connections > 1 for c in traffic.clients)
     assert all(c.nodes[-1] != "r1" for c in traffic.clients)
+
+
+async def test_a_killed_replicas_users_go_offline_for_their_peers(tmp_path, names):
+    """kill -9 a replica: once its heartbeat expires, exactly one survivor
+    announces its users offline (last-seen about when it died); a user who
+    is also connected to a survivor stays online."""
+    c = Cluster(tmp_path, replicas=3, with_nginx=False).start()
+    try:
+        api = Api(c.nodes[0].http_url)
+        alice, bob, carol = names("alice"), names("bob"), names("carol")
+        ta, tb, tc = await api.user(alice), await api.user(bob), await api.user(carol)
+        async with (
+            connect(c.nodes[0].ws_url, alice) as a,
+            connect(c.nodes[1].ws_url, bob) as b,
+            connect(c.nodes[1].ws_url, "carol@r2") as c2,
+            connect(c.nodes[2].ws_url, "carol@r3") as c3,
+        ):
+            for conn, token in ((a, ta), (b, tb), (c2, tc), (c3, tc)):
+                await conn.auth(token)
+            for peer in (bob, carol):  # one-to-one conversations: presence peers
+                await a.expect("sent", cid=await a.send("hi", to=peer))
+            killed_at = time.time() * 1000
+            c.kill(1)
+            p = await a.expect("presence", lambda f: not f["online"], user=bob, timeout=30)
+            assert killed_at - 4000 <= p["last_seen"] <= killed_at + 100, (p, killed_at)
+            with pytest.raises(ExpectTimeout):
+                await a.expect("presence", lambda f: not f["online"], user=carol, timeout=2)
+            status, info = await api.call("GET", f"/api/users/{bob}", ta)
+            assert status == 200 and info["online"] is False
+            status, info = await api.call("GET", f"/api/users/{carol}", ta)
+            assert status == 200 and info["online"] is True
+        announced = [i for i in (0, 2) if "node died" in c.nodes[i].logs()]
+        assert len(announced) == 1, c.logs()
+        await api.aclose()
+    finally:
+        c.close()
 
 
 async def test_flushall_mid_run(tmp_path, names):

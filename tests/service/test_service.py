@@ -144,6 +144,50 @@ async def test_resync_offers_what_live_delivery_missed(svc):
     assert len(b.of("message")) == 1
 
 
+async def test_resync_is_paced_and_can_name_its_users(svc, monkeypatch):
+    """At most resync_concurrency backlogs at once; resync(users) re-offers
+    to those users only; a failed user is retried."""
+    names = [f"user{i}" for i in range(12)]
+    for name in names:
+        await svc.register(name, "password123")
+    a = FakeConn("a1", "alice")
+    for i, name in enumerate(names):
+        await svc.send(a, Send(f"c{i}", f"for {name}", to=name))
+    await svc.flush()
+    conns = {name: FakeConn(f"{name}-1", name) for name in names}
+    for conn in conns.values():
+        svc.hub.add(conn)
+
+    running = peak = 0
+    backlog = svc.backlog
+
+    async def slow_backlog(user, emit):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await trio.sleep(0.02)
+            await backlog(user, emit)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(svc, "backlog", slow_backlog)
+    svc.resync_concurrency = 3
+    svc.resync(names[:2])
+    with trio.fail_after(5):
+        for name in names[:2]:
+            await conns[name].arrived.wait()
+    await trio.sleep(0.1)
+    assert all(conns[n].of("message") == [] for n in names[2:])
+
+    svc.resync()
+    with trio.fail_after(5):
+        for name in names:
+            await conns[name].arrived.wait()
+    assert peak == 3
+    assert all(len(conns[n].of("message")) == 1 for n in names)
+
+
 async def test_ack_of_foreign_ids_is_reported_not_applied(svc):
     a, c = FakeConn("a1", "alice"), FakeConn("c1", "carol")
     await svc.send(a, Send("c1", "for bob", to="bob"))

@@ -1,0 +1,90 @@
+"""Fault injection under traffic, shared by the end-to-end tests: users
+chatting in pairs through NGINX while something breaks, then the zero-loss
+accounting (:class:`~chatd.testing.loss.LossChecker`)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from chatd.testing.client import Api
+from chatd.testing.cluster import Cluster
+from chatd.testing.loss import LossChecker
+from chatd.testing.resilient import ResilientClient
+
+
+class Traffic:
+    """Users chatting in pairs through NGINX until stopped."""
+
+    def __init__(self, url: str, users: list[tuple[str, str]], checker: LossChecker) -> None:
+        self.clients = [ResilientClient(url, u, t, checker) for u, t in users]
+        self.checker = checker
+        self.sending = True
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        for c in self.clients:
+            await nursery.start(c.run)
+        for i, c in enumerate(self.clients):
+            nursery.start_soon(self._chat, c, self.clients[(i + 1) % len(self.clients)].user, i)
+
+    async def _chat(self, client: ResilientClient, peer: str, seed: int) -> None:
+        rnd = random.Random(seed)
+        n = 0
+        while self.sending:
+            n += 1
+            await client.send(f"{client.user} #{n}", [peer], to=peer)
+            await trio.sleep(rnd.uniform(0.02, 0.08))
+
+    async def finish(self, timeout: float = 30.0) -> None:
+        """Stop sending, wait until everything sent is confirmed and delivered."""
+        self.sending = False
+        for c in self.clients:
+            await c.wait_all_sent(timeout)
+        with trio.move_on_after(timeout):
+            while self.checker.report().missing:  # noqa: ASYNC110 - polls other tasks' bookkeeping
+                await trio.sleep(0.1)
+
+
+async def run_with_fault(
+    tmp_path: Path,
+    names: Callable[[str], str],
+    fault: Callable[[Cluster], Awaitable[None]],
+    replicas: int = 3,
+    pairs: int = 4,
+    redis_url: str = "",
+) -> Traffic:
+    """Users chatting in pairs through NGINX across ``replicas`` chatd
+    replicas while ``fault(cluster)`` runs; then every message that got
+    ``sent`` must have reached its recipient (the zero-loss checker), nothing
+    unexpected arrived, and no send was refused. ``redis_url``: a Redis of
+    the caller's (a cluster, sentinels) instead of one started here."""
+    cluster = Cluster(tmp_path, replicas=replicas, redis_url=redis_url).start()
+    checker = LossChecker()
+    api = Api(cluster.url)
+    try:
+        users = [names("f") for _ in range(pairs * 2)]
+        creds = [(u, await api.user(u)) for u in users]
+        traffic = Traffic(cluster.ws_url, creds, checker)
+        async with trio.open_nursery() as nursery:
+            await traffic.run(nursery)
+            await trio.sleep(1.0)
+            await fault(cluster)
+            await trio.sleep(1.5)
+            await traffic.finish()
+            nursery.cancel_scope.cancel()
+        report = checker.report()
+        print(report.summary(), [c.connections for c in traffic.clients])
+        assert report.sent > 50, report.summary()
+        assert report.ok, f"{report.summary()}; missing {report.missing[:10]}\n{cluster.logs()}"
+        # Nothing reached a user it was not sent to; repeats are repeated ids
+        # of what was sent (bounded: at most one redelivery each here).
+        assert report.unexpected == 0, report.summary()
+        assert report.duplicates <= report.sent, report.summary()
+        assert not [e for c in traffic.clients for e in c.errors], "no send was refused"
+        return traffic
+    finally:
+        await api.aclose()
+        cluster.close()
