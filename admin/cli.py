@@ -44,7 +44,7 @@ EXIT_REFUSED = 4
 EXIT_INTERNAL = 5
 
 #: The ``chatd serve`` settings chatctl takes as flags (the rest do not apply).
-FLAGS = ("data_dir", "store", "broker", "redis_url", "mongo_uri", "key_file")
+FLAGS = ("data_dir", "store", "broker", "redis_url", "redis_mode", "mongo_uri", "key_file")
 
 NO_BROKER = (
     "this command needs the Redis broker: set --redis-url or CHATD_REDIS_URL (a chatd"
@@ -603,10 +603,11 @@ def presence(ctx: Ctx, as_json: bool) -> None:
 @json_flag
 @pass_ctx
 def nodes(ctx: Ctx, as_json: bool) -> None:
-    """Live replicas: connections, users, last heartbeat."""
+    """Live replicas: connections, users, last heartbeat; then the Redis
+    deployment (a cluster's shards, Sentinel's master)."""
     from admin import ops
 
-    found = run(ctx, ops.nodes, broker=True)
+    found, redis = run(ctx, ops.nodes_and_redis, broker=True)
     if wants_json(ctx, as_json):
         emit_json(found)
         return
@@ -627,6 +628,29 @@ def nodes(ctx: Ctx, as_json: bool) -> None:
         ],
     )
     click.echo(f"{plural(len(found), 'live node')}")
+    if redis is not None:
+        click.echo("")
+        redis_lines(redis)
+
+
+def redis_lines(redis: dict[str, Any]) -> None:
+    """The Redis deployment, for people."""
+    pubsub = "sharded pub/sub" if redis.get("sharded_pubsub") else "classic pub/sub"
+    mode = redis["mode"]
+    if mode == "cluster":
+        shards = redis["shards"]
+        click.echo(f"redis: cluster, {plural(len(shards), 'shard')}, {pubsub}")
+        table(
+            ("MASTER", "REPLICAS", "SLOTS"),
+            [(s["master"], ", ".join(s["replicas"]) or "-", s["slots"]) for s in shards],
+        )
+    elif mode == "sentinel":
+        click.echo(
+            f"redis: sentinel, master {redis['master_name']!r} at {redis['master'] or '?'}"
+            f" (sentinels {', '.join(redis['sentinels'])}), {pubsub}"
+        )
+    else:
+        click.echo(f"redis: {mode}, {redis.get('server', '?')}, {pubsub}")
 
 
 @main.command()
@@ -686,6 +710,8 @@ def stats(ctx: Ctx, window: float, as_json: bool) -> None:
             )
         )
     pairs(rows)
+    if st.get("redis") is not None:
+        redis_lines(st["redis"])
 
 
 # -- keys ----------------------------------------------------------------------------------

@@ -293,6 +293,17 @@ async def nodes(broker: Broker) -> list[dict[str, Any]]:
     ]
 
 
+async def redis_topology(broker: Broker) -> dict[str, Any] | None:
+    """The Redis deployment as the broker sees it (mode; a cluster's shards;
+    Sentinel's master), or None for a broker without one."""
+    describe = getattr(broker, "describe", None)
+    return await describe() if describe is not None else None
+
+
+async def nodes_and_redis(broker: Broker) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    return await nodes(broker), await redis_topology(broker)
+
+
 async def stats(store: Store, broker: Broker | None, window_s: float) -> dict[str, Any]:
     now = now_ms()
     st = await store.stats(now - int(window_s * 1000))
@@ -315,6 +326,7 @@ async def stats(store: Store, broker: Broker | None, window_s: float) -> dict[st
         "keys": await store.count_by_key(),
         "queues": None,
         "nodes": None,
+        "redis": None,
     }
     if broker is not None:
         queues = await broker.queues()
@@ -325,6 +337,7 @@ async def stats(store: Store, broker: Broker | None, window_s: float) -> dict[st
             "oldest_queued_at": min(oldest) if oldest else None,
         }
         out["nodes"] = {n.node: n.connections for n in await broker.nodes()}
+        out["redis"] = await redis_topology(broker)
     return out
 
 

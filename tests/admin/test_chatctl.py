@@ -157,6 +157,7 @@ def test_stats(deployment, world):
     assert st["keys"] == {"k1": 9}
     assert st["queues"]["users"] == 4 and st["queues"]["entries"] == 11
     assert st["nodes"] == {"solo": 0}
+    assert st["redis"]["mode"] == "standalone" and st["redis"]["sharded_pubsub"] is True
     text = ok(ctl(deployment.env, "stats")).stdout
     assert "messages        9 stored; 9 in the last 300 s (1.8/min)" in text
 
