@@ -12,7 +12,7 @@ import click
 import trio
 
 from chatd import __version__
-from chatd.config import SETTINGS, ConfigError, load
+from chatd.config import SETTINGS, ConfigError, load, require_shared_secrets
 
 
 def config_options(names: Collection[str] | None = None) -> Callable[[Any], Any]:
@@ -62,6 +62,11 @@ def serve(**flags: Any) -> None:
         config = load(os.environ, flags)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    try:
+        require_shared_secrets(config)
+    except ConfigError as exc:
+        click.echo(f"chatd: {exc}", err=True)
+        sys.exit(2)
 
     from chatd import logs
     from chatd.crypto import KeyringError

@@ -127,6 +127,14 @@ SETTINGS: tuple[Setting, ...] = (
         "WebSocket URL the web client uses, e.g. /ws behind a proxy (default: this host, ws port).",
     ),
     Setting(
+        "allowed_origins",
+        str,
+        "",
+        ("CHATD_ALLOWED_ORIGINS",),
+        "More web origins whose pages may open a WebSocket, comma-separated"
+        " (* for any); the page's own origin and this HTTP listener's always may.",
+    ),
+    Setting(
         "rate",
         float,
         30.0,
@@ -206,6 +214,7 @@ class Config:
     key_file: Path | None = None
     web_dir: Path | None = None
     public_ws_url: str = ""
+    allowed_origins: str = ""
     rate: float = 30.0
     burst: float = 60.0
     commit_window: float = 5.0
@@ -224,6 +233,10 @@ class Config:
     @property
     def broker_kind(self) -> str:
         return self.broker or ("redis" if self.redis_url else "memory")
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        return tuple(o.strip() for o in self.allowed_origins.split(",") if o.strip())
 
     @property
     def node(self) -> str:
@@ -304,6 +317,9 @@ def validate(config: Config) -> None:
         raise ConfigError("count_task_steps must be 0 or 1")
     if not 0 <= config.commit_window <= 1000:
         raise ConfigError("commit_window must be 0-1000 ms")
+    for origin in config.origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ConfigError(f"allowed_origins: {origin!r} is not an origin (https://host[:port])")
     if config.redis_mode not in REDIS_MODES:
         raise ConfigError(f"redis_mode must be one of {', '.join(REDIS_MODES)}")
     if config.resync_concurrency < 1 or not 0 <= config.resync_jitter <= 600:
@@ -312,6 +328,39 @@ def validate(config: Config) -> None:
         raise ConfigError("auth_timeout must be > 0 and shutdown_grace >= 0")
     if config.jwt_secret and len(config.jwt_secret) < 16:
         raise ConfigError("JWT secret must be at least 16 characters")
+
+
+#: The shortest JWT secret chatd serve accepts when replicas share it.
+SHARED_SECRET_BYTES = 32
+
+
+def require_shared_secrets(config: Config) -> None:
+    """``chatd serve`` with a Redis broker or a MongoDB store runs beside
+    other replicas, which must check each other's tokens and open each
+    other's messages: a secret or keyring generated per replica would split
+    logins and make stored bodies unreadable elsewhere. So those deployments
+    must name both: a JWT secret of at least 32 bytes and a keyring
+    (``CHATD_KEYS``, or ``--key-file`` on storage every replica shares).
+    Raises ConfigError with one line that says what is missing."""
+    if config.broker_kind != "redis" and config.store_kind != "mongo":
+        return
+    missing = []
+    if len(config.jwt_secret.encode()) < SHARED_SECRET_BYTES:
+        missing.append(f"CHATD_JWT_SECRET of at least {SHARED_SECRET_BYTES} bytes")
+    if not config.keys and config.key_file is None:
+        missing.append("CHATD_KEYS (or --key-file on storage every replica shares)")
+    if missing:
+        shared = " and ".join(
+            w
+            for w, used in (
+                ("Redis", config.broker_kind == "redis"),
+                ("MongoDB", config.store_kind == "mongo"),
+            )
+            if used
+        )
+        raise ConfigError(
+            f"with {shared} every replica must share its secrets: set {' and '.join(missing)}"
+        )
 
 
 def settings_table() -> str:

@@ -36,6 +36,7 @@ from chatd.auth import Passwords, Tokens, load_or_create_secret
 from chatd.config import Config
 from chatd.metrics import Metrics
 from chatd.net.http import create_app
+from chatd.net.websocket import OriginPolicy
 from chatd.net.ws import CLOSE_GOING_AWAY, WsConnection, keepalive, serve_ws
 from chatd.service import ChatService
 
@@ -135,6 +136,11 @@ async def serve(
                 root.start_soon(partial(_watch_keys, service.keyring, on_sighup=handle_signals))
             async with trio.open_nursery() as front, trio.open_nursery() as handlers:
                 async with trio.open_nursery() as listener:
+                    # Bind the HTTP socket here so its port is known (also for
+                    # --http-port 0) before the app and the origin check are
+                    # built; hypercorn takes the fd.
+                    http_sock = _bind(config.host, config.http_port)
+                    http_port = http_sock.getsockname()[1]
                     ws_port = await listener.start(
                         partial(
                             serve_ws,
@@ -146,12 +152,9 @@ async def serve(
                             auth_timeout=config.auth_timeout,
                             rate=config.rate,
                             burst=config.burst,
+                            origins=OriginPolicy(config.origins, http_port),
                         )
                     )
-                    # Bind the HTTP socket here so its port is known (also for
-                    # --http-port 0) before the app is built; hypercorn takes the fd.
-                    http_sock = _bind(config.host, config.http_port)
-                    http_port = http_sock.getsockname()[1]
                     hconf = HypercornConfig()
                     hconf.bind = [f"fd://{http_sock.detach()}"]
                     hconf.accesslog = None

@@ -220,9 +220,16 @@ class RefProcess:
         stop_process(self.proc)
 
 
+def chatd_secrets(data: Path, secret: str) -> dict[str, str]:
+    """One JWT secret and key file for every chatd configuration of a run:
+    the users registered (and tokens issued) on the first serve them all."""
+    return {"CHATD_JWT_SECRET": secret, "CHATD_KEY_FILE": str(data / "keys.json")}
+
+
 def start_target(name: str, work: Path, python: Path, secret: str) -> Target:
     if name == "chatd1":
-        node = ChatdProcess(work / "chatd" / "data", args=CHATD_ARGS).start()
+        data = work / "chatd" / "data"
+        node = ChatdProcess(data, args=CHATD_ARGS, env=chatd_secrets(data, secret)).start()
         return Target(
             name,
             "chatd",
@@ -236,7 +243,11 @@ def start_target(name: str, work: Path, python: Path, secret: str) -> Target:
     if name in ("chatd2", "chatd-idle"):
         replicas = 2 if name == "chatd2" else 1
         cluster = Cluster(
-            work / "chatd", replicas=replicas, extra_args=CHATD_ARGS, with_nginx=replicas > 1
+            work / "chatd",
+            replicas=replicas,
+            extra_args=CHATD_ARGS,
+            with_nginx=replicas > 1,
+            secrets=chatd_secrets(work / "chatd" / "data", secret),
         ).start()
         http = cluster.url if cluster.nginx else cluster.nodes[0].http_url
         ws = cluster.ws_url if cluster.nginx else cluster.nodes[0].ws_url

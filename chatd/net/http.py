@@ -97,7 +97,7 @@ def create_app(
     http_port: int,
     ws_port: int,
     public_ws_url: str | None = None,
-) -> Starlette:
+) -> SecurityHeaders:
     async def caller(request: Request) -> str:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -217,7 +217,7 @@ def create_app(
 
         return answer
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={
             ChatError: counted(_chat_error),
@@ -225,3 +225,69 @@ def create_app(
             Exception: counted(_crash),
         },
     )
+    return SecurityHeaders(app, ws_port=ws_port, public_ws_url=public_ws_url)
+
+
+def content_security_policy(
+    host: str | None, ws_port: int | None, public_ws_url: str | None
+) -> str:
+    """The page may run only its own scripts and styles (no inline script),
+    load images from itself, connect only to itself and to its WebSocket
+    (``public_ws_url`` when absolute; else this host's WebSocket port), and
+    be framed by nobody."""
+    connect = ["'self'"]
+    if public_ws_url and public_ws_url.startswith(("ws://", "wss://")):
+        scheme, _, rest = public_ws_url.partition("://")
+        connect.append(f"{scheme}://{rest.split('/', 1)[0]}")
+    elif not public_ws_url and host and ws_port:
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if host.count(":") > 1 and not host.startswith("["):
+            name = f"[{host}]"  # a bare IPv6 address
+        connect += [f"ws://{name}:{ws_port}", f"wss://{name}:{ws_port}"]
+    return "; ".join(
+        [
+            "default-src 'self'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "img-src 'self' data:",
+            f"connect-src {' '.join(connect)}",
+            "object-src 'none'",
+            "base-uri 'none'",
+            "form-action 'self'",
+            "frame-ancestors 'none'",
+        ]
+    )
+
+
+class SecurityHeaders:
+    """ASGI middleware: every response carries the Content-Security-Policy
+    (see :func:`content_security_policy`), ``X-Content-Type-Options:
+    nosniff``, ``Referrer-Policy: same-origin`` and ``X-Frame-Options: DENY``
+    (for browsers without ``frame-ancestors``)."""
+
+    def __init__(self, app: Any, *, ws_port: int | None, public_ws_url: str | None) -> None:
+        self.app = app
+        self.ws_port = ws_port
+        self.public_ws_url = public_ws_url
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+        extra = [
+            (
+                b"content-security-policy",
+                content_security_policy(host, self.ws_port, self.public_ws_url).encode(),
+            ),
+            (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"same-origin"),
+            (b"x-frame-options", b"DENY"),
+        ]
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)

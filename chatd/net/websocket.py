@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import h11
 
@@ -337,12 +338,75 @@ class Reject:
     response: bytes
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _origin_key(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin or URL, ports made explicit; None
+    for what is not one (``null``, a path, garbage)."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
+
+
+def _host_key(host: str, scheme: str) -> tuple[str, int] | None:
+    """(host, port) of a Host header, the port defaulting by ``scheme``."""
+    return (
+        (key[1], key[2]) if (key := _origin_key(f"{scheme}://{host.strip()}")) is not None else None
+    )
+
+
+@dataclass(frozen=True)
+class OriginPolicy:
+    """Which web pages may open a WebSocket: the handshake's ``Origin``.
+
+    A browser always sends ``Origin``; other clients usually do not, and a
+    handshake without one is allowed (an origin check protects browsers'
+    users from other sites, not the server from programs). Allowed:
+
+    * the origins listed in ``allowed`` (``*`` allows any);
+    * the page's own origin behind a proxy: the origin's host and port are
+      the request's ``Host`` (NGINX passes the browser's ``Host`` on);
+    * the embedded web client: the same host as ``Host`` on ``http_port``,
+      the HTTP listener that served the page.
+
+    Anything else (another site, ``null``) is refused with HTTP 403.
+    """
+
+    allowed: tuple[str, ...] = ()
+    http_port: int | None = None
+
+    def allows(self, origin: str | None, host: str | None) -> bool:
+        if origin is None or "*" in self.allowed:
+            return True
+        key = _origin_key(origin)
+        if key is None:
+            return False
+        if key in {_origin_key(a) for a in self.allowed}:
+            return True
+        scheme, name, port = key
+        if host:
+            here = _host_key(host, scheme)
+            if here == (name, port):
+                return True
+            if here is not None and self.http_port and (name, port) == (here[0], self.http_port):
+                return True
+        return False
+
+
 class Handshake:
     """Feed the bytes of an upgrade request until :meth:`feed` answers
     :class:`Upgrade` or :class:`Reject` (None: more bytes needed)."""
 
-    def __init__(self, path: str = "/ws") -> None:
+    def __init__(self, path: str = "/ws", origins: OriginPolicy | None = None) -> None:
         self.path = path
+        self.origins = origins
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
 
     def feed(self, data: bytes) -> Upgrade | Reject | None:
@@ -370,6 +434,10 @@ class Handshake:
             return _reject(426, "this is a WebSocket endpoint", [("Upgrade", "websocket")])
         if headers.get("sec-websocket-version") != "13":
             return _reject(426, "WebSocket version 13 only", [("Sec-WebSocket-Version", "13")])
+        if self.origins is not None and not self.origins.allows(
+            headers.get("origin"), headers.get("host")
+        ):
+            return _reject(403, "this page's origin may not open a WebSocket here")
         key = headers.get("sec-websocket-key", "")
         try:
             if len(base64.b64decode(key, validate=True)) != 16:

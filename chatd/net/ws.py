@@ -664,11 +664,12 @@ async def handle_socket(
     auth_timeout: float,
     rate: float,
     burst: float,
+    origins: wsp.OriginPolicy | None = None,
 ) -> None:
     """One accepted socket: the upgrade, then the connection until it ends."""
     transport = Transport(sock)
     try:
-        shake = wsp.Handshake("/ws")
+        shake = wsp.Handshake("/ws", origins)
         result: wsp.Upgrade | wsp.Reject | None = None
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             while result is None:
@@ -784,10 +785,12 @@ async def serve_ws(
     auth_timeout: float,
     rate: float,
     burst: float,
+    origins: wsp.OriginPolicy | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept WebSockets until cancelled; each runs in ``handler_nursery``.
-    Reports the port once listening."""
+    Reports the port once listening. ``origins``: which web pages may
+    connect (None: any)."""
     deadlines = Deadlines()
     handler = partial(
         handle_socket,
@@ -797,6 +800,7 @@ async def serve_ws(
         auth_timeout=auth_timeout,
         rate=rate,
         burst=burst,
+        origins=origins,
     )
     socks = bind(host, port)
     try:

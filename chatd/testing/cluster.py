@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatd.testing.nginx import NginxProcess
-from chatd.testing.procs import ChatdProcess
+from chatd.testing.procs import ChatdProcess, shared_secrets
 from chatd.testing.redis_server import RedisServer
 
 
@@ -27,6 +27,8 @@ class Cluster:
     redis_url: str = ""
     nodes: list[ChatdProcess] = field(default_factory=list)
     nginx: NginxProcess | None = None
+    #: The JWT secret and key file every replica shares (see shared_secrets).
+    secrets: dict[str, str] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:
@@ -34,9 +36,11 @@ class Cluster:
 
     def _replica(self, i: int, http_port: int = 0, ws_port: int = 0) -> ChatdProcess:
         url = self.redis_url or (self.redis.url if self.redis is not None else "")
+        if not self.secrets:
+            self.secrets = shared_secrets(self.data_dir)
         return ChatdProcess(
             self.data_dir,
-            env={"CHATD_REDIS_URL": url, "CHATD_NODE_ID": f"r{i + 1}"},
+            env={"CHATD_REDIS_URL": url, "CHATD_NODE_ID": f"r{i + 1}", **self.secrets},
             args=["--public-ws-url", "/ws", *self.extra_args],
             http_port=http_port,
             ws_port=ws_port,

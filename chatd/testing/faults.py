@@ -5,7 +5,9 @@ accounting (:class:`~chatd.testing.loss.LossChecker`)."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -16,6 +18,28 @@ from chatd.testing.loss import LossChecker
 from chatd.testing.resilient import ResilientClient
 
 
+@dataclass
+class FaultFigures:
+    """What a fault did to the traffic: messages in flight when it began
+    (sends not yet confirmed, and confirmed ones not yet delivered), the
+    longest time after it began during which no message reached anyone, how
+    many clients reconnected, and how many deliveries were lost."""
+
+    unconfirmed: int
+    undelivered: int
+    longest_stall_s: float
+    reconnected: int
+    lost: int
+
+    def __str__(self) -> str:
+        return (
+            f"in flight at the fault: {self.unconfirmed} unconfirmed sends,"
+            f" {self.undelivered} confirmed but undelivered; longest stall after it:"
+            f" {self.longest_stall_s:.2f} s; clients reconnected: {self.reconnected};"
+            f" lost: {self.lost}"
+        )
+
+
 class Traffic:
     """Users chatting in pairs through NGINX until stopped."""
 
@@ -23,6 +47,8 @@ class Traffic:
         self.clients = [ResilientClient(url, u, t, checker) for u, t in users]
         self.checker = checker
         self.sending = True
+        #: Measured around the fault by run_with_fault (see FaultFigures).
+        self.figures: FaultFigures | None = None
 
     async def run(self, nursery: trio.Nursery) -> None:
         for c in self.clients:
@@ -71,12 +97,23 @@ async def run_with_fault(
         async with trio.open_nursery() as nursery:
             await traffic.run(nursery)
             await trio.sleep(1.0)
+            began = time.monotonic()
+            unconfirmed = sum(len(c.pending) for c in traffic.clients)
+            undelivered = checker.undelivered_at(began)
             await fault(cluster)
             await trio.sleep(1.5)
             await traffic.finish()
             nursery.cancel_scope.cancel()
         report = checker.report()
+        traffic.figures = FaultFigures(
+            unconfirmed,
+            undelivered,
+            checker.longest_stall_after(began),
+            sum(1 for c in traffic.clients if c.connections > 1),
+            len(report.missing),
+        )
         print(report.summary(), [c.connections for c in traffic.clients])
+        print(traffic.figures)
         assert report.sent > 50, report.summary()
         assert report.ok, f"{report.summary()}; missing {report.missing[:10]}\n{cluster.logs()}"
         # Nothing reached a user it was not sent to; repeats are repeated ids

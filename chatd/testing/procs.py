@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -11,6 +12,17 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def shared_secrets(data_dir: Path) -> dict[str, str]:
+    """The environment that lets replicas share users and messages, as
+    ``chatd serve`` demands with a Redis broker or a MongoDB store: one
+    explicit JWT secret (48 random bytes, URL-safe) and an explicit key file
+    in ``data_dir`` (created by the first replica; chatctl finds it there)."""
+    return {
+        "CHATD_JWT_SECRET": secrets.token_urlsafe(48),
+        "CHATD_KEY_FILE": str(data_dir / "keys.json"),
+    }
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from admin.cli import main
-from chatd.testing.procs import ChatdProcess
+from chatd.testing.procs import ChatdProcess, shared_secrets
 from chatd.testing.redis_server import RedisServer
 
 
@@ -60,9 +60,10 @@ def ctl_process(
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory) -> Iterator[Deployment]:
     with RedisServer() as redis:
+        data = tmp_path_factory.mktemp("chatd")
         chatd = ChatdProcess(
-            tmp_path_factory.mktemp("chatd"),
-            env={"CHATD_REDIS_URL": redis.url, "CHATD_NODE_ID": "solo"},
+            data,
+            env={"CHATD_REDIS_URL": redis.url, "CHATD_NODE_ID": "solo", **shared_secrets(data)},
         ).start()
         try:
             yield Deployment(redis, chatd)

@@ -214,6 +214,34 @@ def test_config_errors(env, flags):
         cfg.load(env, flags)
 
 
+LONG = "s" * 32
+KEYS = "k1:" + base64.b64encode(b"k" * 32).decode()
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({}, None),  # one process, embedded: generated secrets are fine
+        ({"JWT_SECRET": "x" * 20}, None),
+        ({"REDIS_URL": "redis://r"}, "CHATD_JWT_SECRET of at least 32 bytes and CHATD_KEYS"),
+        ({"MONGO_URI": "mongodb://m", "CHATD_KEYS": KEYS}, "CHATD_JWT_SECRET of at least 32"),
+        ({"REDIS_URL": "redis://r", "JWT_SECRET": "x" * 31, "CHATD_KEYS": KEYS}, "32 bytes"),
+        ({"REDIS_URL": "redis://r", "JWT_SECRET": LONG}, "set CHATD_KEYS"),
+        ({"REDIS_URL": "redis://r", "JWT_SECRET": LONG, "CHATD_KEYS": KEYS}, None),
+        ({"REDIS_URL": "redis://r", "JWT_SECRET": LONG, "CHATD_KEY_FILE": "/k.json"}, None),
+        ({"MONGO_URI": "mongodb://m", "JWT_SECRET": LONG, "CHATD_KEYS": KEYS}, None),
+    ],
+)
+def test_replicas_must_name_their_shared_secrets(env, problem):
+    config = cfg.load(env, {})
+    if problem is None:
+        cfg.require_shared_secrets(config)
+        return
+    with pytest.raises(cfg.ConfigError, match=problem) as info:
+        cfg.require_shared_secrets(config)
+    assert "\n" not in str(info.value)
+
+
 def test_test_variables_are_not_config():
     cfg.load({"CHATD_TEST_MONGO_URL": "x"}, {})
 

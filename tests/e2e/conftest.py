@@ -4,7 +4,7 @@ import uuid
 import pytest
 
 from chatd.testing.client import Api
-from chatd.testing.procs import ChatdProcess
+from chatd.testing.procs import ChatdProcess, shared_secrets
 
 MONGO_URL = os.environ.get("CHATD_TEST_MONGO_URL", "")
 
@@ -31,11 +31,18 @@ def server(request, tmp_path_factory):
     if request.param == "sqlite":
         proc = ChatdProcess(data)
     elif request.param == "mongomock":
-        proc = ChatdProcess(data, module="chatd.testing.mongomock_serve", args=["--store", "mongo"])
+        proc = ChatdProcess(
+            data,
+            module="chatd.testing.mongomock_serve",
+            args=["--store", "mongo"],
+            env=shared_secrets(data),
+        )
     else:
         db = f"chatd_e2e_{uuid.uuid4().hex[:12]}"
         base = MONGO_URL.rstrip("/")
-        proc = ChatdProcess(data, args=["--store", "mongo", "--mongo-uri", f"{base}/{db}"])
+        proc = ChatdProcess(
+            data, args=["--store", "mongo", "--mongo-uri", f"{base}/{db}"], env=shared_secrets(data)
+        )
     proc.start()
     yield proc
     code = proc.stop()

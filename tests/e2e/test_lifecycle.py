@@ -1,7 +1,10 @@
 """Restarts, shutdown and what lands on disk, with real processes."""
 
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -121,3 +124,28 @@ async def test_no_plaintext_at_rest(tmp_path, names):
     # Passwords are argon2id hashes, never the password.
     for (pw_hash,) in db.execute("SELECT pw_hash FROM users"):
         assert pw_hash.startswith("$argon2id$") and "correct horse" not in pw_hash
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--redis-url", "redis://127.0.0.1:1"], ["--store", "mongo", "--mongo-uri", "mongodb://h/d"]],
+    ids=["redis", "mongo"],
+)
+def test_replicas_without_shared_secrets_refuse_to_start(tmp_path, args):
+    """With Redis or MongoDB, generated per-replica secrets would split logins
+    and keys: chatd serve exits 2 with one line saying what to set, and
+    writes no secret of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "chatd", "serve", "--data-dir", str(tmp_path / "d"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chatd: with "), run.stderr
+    assert "CHATD_JWT_SECRET of at least 32 bytes" in lines[0] and "CHATD_KEYS" in lines[0]
+    assert not (tmp_path / "d" / "jwt.secret").exists()
+    assert not (tmp_path / "d" / "keys.json").exists()

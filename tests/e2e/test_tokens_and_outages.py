@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from chatd.testing.client import Api, connect
-from chatd.testing.procs import ChatdProcess
+from chatd.testing.procs import ChatdProcess, shared_secrets
 
 pytestmark = pytest.mark.e2e
 
@@ -71,6 +71,7 @@ async def test_store_outage_answers_unavailable(tmp_path, names):
             "--mongo-uri",
             "mongodb://127.0.0.1:1/chatd?serverSelectionTimeoutMS=300&connectTimeoutMS=300",
         ],
+        env=shared_secrets(tmp_path),
     ).start()
     api = Api(proc.http_url)
     try:

@@ -163,3 +163,43 @@ async def test_a_plain_http_request_to_the_ws_port_is_told_to_upgrade(server):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 426 ")
     assert b"Upgrade: websocket" in reply
+
+
+async def handshake_status(server, origin: str | None, host: str | None = None) -> int:
+    """The status line's code of a handshake with ``Origin: origin``."""
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", server.ws_port))
+    head = f"GET /ws HTTP/1.1\r\nHost: {host or f'127.0.0.1:{server.ws_port}'}\r\n"
+    head += "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    head += f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+    head += "Sec-WebSocket-Version: 13\r\n"
+    if origin is not None:
+        head += f"Origin: {origin}\r\n"
+    await sock.send((head + "\r\n").encode())
+    buf = b""
+    with trio.fail_after(5):
+        while b"\r\n" not in buf:
+            buf += await sock.recv(4096)
+    sock.close()
+    return int(buf.split(b" ", 2)[1])
+
+
+async def test_a_page_of_another_origin_cannot_open_a_websocket(server):
+    """Cross-site WebSocket hijacking: a page elsewhere (or a sandboxed one)
+    is refused with 403; chatd's own page (its HTTP port), a page of the same
+    origin behind a proxy, and clients that send no Origin are let in."""
+    assert await handshake_status(server, "https://evil.example") == 403
+    assert await handshake_status(server, "null") == 403
+    assert await handshake_status(server, f"http://127.0.0.1:{server.ws_port + 1000}") == 403
+    assert await handshake_status(server, f"http://127.0.0.1:{server.http_port}") == 101
+    assert await handshake_status(server, "https://chat.example", host="chat.example") == 101
+    assert await handshake_status(server, None) == 101
+
+
+async def test_an_allowed_origin_is_let_in(tmp_path):
+    proc = ChatdProcess(tmp_path, args=["--allowed-origins", "https://app.example"]).start()
+    try:
+        assert await handshake_status(proc, "https://app.example") == 101
+        assert await handshake_status(proc, "https://other.example") == 403
+    finally:
+        assert proc.stop() == 0

@@ -107,6 +107,45 @@ def test_handshake_refusals(request_head, status):
     assert f"Content-Length: {len(body)}".encode() in head
 
 
+def upgrade_with(origin: str | None, host: str) -> bytes:
+    head = f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    head += "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    if origin is not None:
+        head += f"Origin: {origin}\r\n"
+    return (head + "\r\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed", "ok"),
+    [
+        (None, "chat.example.com", (), True),  # not a browser
+        ("https://chat.example.com", "chat.example.com", (), True),  # same origin behind a proxy
+        ("https://chat.example.com", "chat.example.com:443", (), True),
+        ("http://127.0.0.1:8000", "127.0.0.1:8000", (), True),  # NGINX on another port
+        ("http://127.0.0.1:8080", "127.0.0.1:8081", (), True),  # the embedded web client
+        ("http://LOCALHOST:8080", "localhost:8081", (), True),
+        ("http://127.0.0.1:9999", "127.0.0.1:8081", (), False),  # another local page
+        ("https://evil.example", "chat.example.com", (), False),
+        ("https://chat.example.com.evil.example", "chat.example.com", (), False),
+        ("http://chat.example.com", "chat.example.com:443", (), False),  # scheme changes the port
+        ("null", "chat.example.com", (), False),  # sandboxed frames, file: pages
+        ("not an origin", "chat.example.com", (), False),
+        ("https://app.example.org", "chat.example.com", ("https://app.example.org",), True),
+        ("https://app.example.org:443", "chat.example.com", ("https://app.example.org",), True),
+        ("https://other.example.org", "chat.example.com", ("https://app.example.org",), False),
+        ("https://anything.example", "chat.example.com", ("*",), True),
+    ],
+)
+def test_origin_policy(origin, host, allowed, ok):
+    shake = wsp.Handshake("/ws", wsp.OriginPolicy(allowed, http_port=8080))
+    result = shake.feed(upgrade_with(origin, host))
+    if ok:
+        assert isinstance(result, wsp.Upgrade)
+    else:
+        assert isinstance(result, wsp.Reject) and result.status == 403
+        assert result.response.startswith(b"HTTP/1.1 403 Forbidden")
+
+
 def test_messages_of_every_kind_and_split_anywhere():
     client, _, _ = client_and_server()
     stream = frames_of(

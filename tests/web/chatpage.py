@@ -57,6 +57,14 @@ class ChatPage:
     def new_page(self) -> Page:
         page = self.context.new_page()
         page.on("pageerror", lambda exc: self.errors.append(f"{self.name}: {exc}"))
+        # Chromium reports every Content-Security-Policy violation on the console.
+        page.on(
+            "console",
+            lambda msg: (
+                "Content Security Policy" in msg.text
+                and self.errors.append(f"{self.name}: CSP: {msg.text}")
+            ),
+        )
         page.on("dialog", self._dialog)
         self.page = page
         return page
