@@ -19,16 +19,18 @@ import trio
 from chatd import crypto, owed
 from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Passwords
 from chatd.core.envelope import (
+    KickEnvelope,
     MessageEnvelope,
     PresenceEnvelope,
     ReceiptEnvelope,
     TypingEnvelope,
     decode,
+    encode,
 )
 from chatd.core.errors import BadRequest, NotFound
 from chatd.core.model import User
 from chatd.core.names import normalize_username
-from chatd.ports import Broker, Owed, Reseal, Store
+from chatd.ports import Broker, Owed, Reseal, Routed, Store
 
 PAGE = 500
 
@@ -148,11 +150,20 @@ async def set_disabled(
     nodes: list[str] | None = None
     if broker is not None:
         nodes = list((await broker.presence([user.username]))[user.username].nodes)
+        if disabled:
+            await close_sockets(broker, user.username, "account disabled")
     return {
         "username": user.username,
         "status": "disabled" if disabled else "active",
         "online_on": nodes,
     }
+
+
+async def close_sockets(broker: Broker, user: str, reason: str) -> None:
+    """Close every socket of ``user`` on every replica (4001), through the
+    broker as the replicas route to each other."""
+    env = KickEnvelope(None, reason)
+    await broker.route([Routed(user, "kick", encode(env), owed=False, envelope=env)])
 
 
 async def delete_preview(store: Store, broker: Broker | None, name: str) -> dict[str, Any]:
@@ -171,7 +182,10 @@ async def delete_preview(store: Store, broker: Broker | None, name: str) -> dict
 async def delete_user(store: Store, broker: Broker | None, name: str) -> dict[str, Any]:
     user = await need_user(store, name)
     done = await store.delete_user(user.username)
-    purged = await broker.purge(user.username) if broker is not None else None
+    purged = None
+    if broker is not None:
+        purged = await broker.purge(user.username)
+        await close_sockets(broker, user.username, "account deleted")
     return {
         "username": user.username,
         "status": "deleted",

@@ -46,6 +46,9 @@ class Passwords:
 class Claims:
     user: str
     expires_at: float
+    #: The token's id (``jti``): what logout revokes. None for tokens issued
+    #: before chatd put one in.
+    token_id: str | None = None
 
 
 class Tokens:
@@ -59,7 +62,13 @@ class Tokens:
         return f"Tokens(ttl={self.ttl})"
 
     def issue(self, user: str, now: float) -> str:
-        claims = {"sub": user, "iat": int(now), "exp": int(now) + self.ttl, "iss": _ISSUER}
+        claims = {
+            "sub": user,
+            "iat": int(now),
+            "exp": int(now) + self.ttl,
+            "iss": _ISSUER,
+            "jti": secrets.token_urlsafe(12),
+        }
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
 
     def verify(self, token: str) -> Claims:
@@ -79,7 +88,12 @@ class Tokens:
         sub = claims.get("sub")
         if not isinstance(sub, str):
             raise Unauthorized("invalid token")
-        return Claims(user=sub, expires_at=float(claims["exp"]))
+        jti = claims.get("jti")
+        return Claims(
+            user=sub,
+            expires_at=float(claims["exp"]),
+            token_id=jti if isinstance(jti, str) else None,
+        )
 
 
 def load_or_create_secret(path: Path) -> str:

@@ -16,6 +16,7 @@ from chatd.core import frames
 from chatd.core.delivery import message_order, receipt_order
 from chatd.core.envelope import (
     Envelope,
+    KickEnvelope,
     MessageEnvelope,
     PresenceEnvelope,
     ReceiptEnvelope,
@@ -27,6 +28,9 @@ from chatd.core.session import Outbound
 from chatd.ports import Inbound
 
 log = logging.getLogger("chatd.hub")
+
+#: The close code of a socket whose token or account is no longer valid.
+CLOSE_UNAUTHORIZED = 4001
 
 
 class Connection(Protocol):
@@ -136,11 +140,20 @@ class Hub:
             except ValueError as exc:
                 log.error("dropping an undecodable broker payload", extra={"reason": str(exc)})
                 return
+        if isinstance(env, KickEnvelope):
+            self._kick(targets, env)
+            return
         out = self._render(env, item.owed)
         if out is None:
             return
         for conn in targets:
             conn.offer(out)
+
+    def _kick(self, conns: list[Connection], env: KickEnvelope) -> None:
+        for conn in conns:
+            if env.token_id is None or getattr(conn, "token_id", None) == env.token_id:
+                log.info("closing a socket", extra={"user": conn.user, "reason": env.reason})
+                conn.close_soon(CLOSE_UNAUTHORIZED, env.reason)
 
     def _render(self, env: Envelope, owed: bool) -> Outbound | None:
         """:func:`render`, remembering the last envelope: the items of one

@@ -430,6 +430,13 @@ class Broker(Protocol):
 
     async def presence(self, users: Sequence[str]) -> dict[str, Presence]: ...
 
+    async def revoke(self, token_id: str, until_ms: int) -> None:
+        """Refuse the token ``token_id`` until ``until_ms`` (its expiry), on
+        every node sharing this broker."""
+        ...
+
+    async def is_revoked(self, token_id: str) -> bool: ...
+
     # -- administration (chatctl) ------------------------------------------------
 
     async def queues(self) -> list[QueueInfo]:

@@ -22,11 +22,12 @@ from typing import Any
 import trio
 
 from chatd import crypto, owed
-from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Passwords, Tokens
+from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Claims, Passwords, Tokens
 from chatd.batching import Batcher
 from chatd.core import frames
 from chatd.core.delivery import recipients, settled_rids, target_of
 from chatd.core.envelope import (
+    KickEnvelope,
     MessageEnvelope,
     PresenceEnvelope,
     ReceiptEnvelope,
@@ -334,13 +335,40 @@ class ChatService:
         token = self.tokens.issue(user.username, self.clock.now_ms() / 1000)
         return token, self.tokens.ttl
 
-    async def authenticate(self, token: str) -> tuple[str, float]:
-        """The user a token names, and when it expires (epoch seconds)."""
+    async def authenticate(self, token: str) -> Claims:
+        """What a valid token says: its user, its expiry, its id. Raises
+        Unauthorized for a bad, expired or revoked token, or a disabled user.
+        Revocation lives in the broker (Redis: shared by every replica); when
+        it cannot be read the token is taken (chat goes on through a Redis
+        outage) and the failure is logged."""
         claims = self.tokens.verify(token)
         user = await self.store.get_user(claims.user)
         if user is None or user.disabled:
             raise Unauthorized("unknown or disabled user")
-        return user.username, claims.expires_at
+        if claims.token_id is not None:
+            try:
+                revoked = await self.broker.is_revoked(claims.token_id)
+            except Unavailable as exc:
+                log.warning("could not check token revocation", extra={"reason": exc.message})
+                revoked = False
+            if revoked:
+                raise Unauthorized("token revoked")
+        return claims
+
+    async def logout(self, token: str) -> None:
+        """Revoke the token until it expires, on every replica, and close the
+        sockets it authenticated (4001) wherever they are."""
+        claims = await self.authenticate(token)
+        if claims.token_id is None:
+            raise BadRequest("this token has no id to revoke; it expires on its own")
+        await self.broker.revoke(claims.token_id, int(claims.expires_at * 1000))
+        await self.kick(claims.user, claims.token_id, "logged out")
+        log.info("logged out", extra={"user": claims.user})
+
+    async def kick(self, user: str, token_id: str | None, reason: str) -> None:
+        """Close the user's sockets (those of ``token_id``, or all) on every node."""
+        env = KickEnvelope(token_id, reason)
+        await self._route([Routed(user, "kick", encode(env), False, None, env)])
 
     # -- conversations ---------------------------------------------------------------
 

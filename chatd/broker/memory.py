@@ -32,6 +32,7 @@ class MemoryBroker:
         self._last_seen: dict[str, int] = {}
         self._nodes: dict[str, Deliver] = {}
         self._started: dict[str, int] = {}
+        self._revoked: dict[str, int] = {}  # token id -> until (ms)
 
     async def run(
         self,
@@ -118,6 +119,18 @@ class MemoryBroker:
             last = True
         await trio.lowlevel.checkpoint()
         return last
+
+    async def revoke(self, token_id: str, until_ms: int) -> None:
+        await trio.lowlevel.checkpoint()
+        now = _now_ms()
+        for old in [t for t, until in self._revoked.items() if until <= now]:
+            del self._revoked[old]
+        if until_ms > now:
+            self._revoked[token_id] = until_ms
+
+    async def is_revoked(self, token_id: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        return self._revoked.get(token_id, 0) > _now_ms()
 
     async def presence(self, users: Sequence[str]) -> dict[str, Presence]:
         await trio.lowlevel.checkpoint()

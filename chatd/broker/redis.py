@@ -1096,6 +1096,19 @@ class RedisBroker:
         seen = {u: replies[2 * i + 1] for i, u in enumerate(users)}
         return conns, seen
 
+    def revoked_key(self, token_id: str) -> str:
+        return f"{self.prefix}:revoked:{token_id}"
+
+    async def revoke(self, token_id: str, until_ms: int) -> None:
+        if until_ms > time.time_ns() // 1_000_000:
+            await self._commands(
+                "revoke", [("SET", self.revoked_key(token_id), 1, "PXAT", until_ms)]
+            )
+
+    async def is_revoked(self, token_id: str) -> bool:
+        [found] = await self._commands("revoked", [("EXISTS", self.revoked_key(token_id))])
+        return bool(found)
+
     async def ping(self) -> None:
         topo = await self._ready()
         commands: list[resp.Command] = [("PING",)]

@@ -38,7 +38,17 @@ class PresenceEnvelope:
     last_seen: int | None
 
 
-Envelope = MessageEnvelope | ReceiptEnvelope | TypingEnvelope | PresenceEnvelope
+@dataclass(frozen=True, slots=True)
+class KickEnvelope:
+    """Close the user's sockets on every node (4001): those authenticated
+    with the token ``token_id``, or all of them when it is None (the account
+    was disabled or deleted)."""
+
+    token_id: str | None
+    reason: str
+
+
+Envelope = MessageEnvelope | ReceiptEnvelope | TypingEnvelope | PresenceEnvelope | KickEnvelope
 
 
 def _b64(data: bytes) -> str:
@@ -73,6 +83,8 @@ def encode(env: Envelope) -> str:
             obj = {"k": "t", "c": env.conversation, "f": env.sender}
         case PresenceEnvelope():
             obj = {"k": "p", "u": env.user, "on": env.online, "ls": env.last_seen}
+        case KickEnvelope():
+            obj = {"k": "x", "j": env.token_id, "r": env.reason}
         case _:
             raise TypeError(f"not an envelope: {env!r}")
     return orjson.dumps(obj).decode("utf-8")
@@ -113,6 +125,8 @@ def decode(payload: str | bytes) -> Envelope:
             return TypingEnvelope(conversation=obj["c"], sender=obj["f"])
         if kind == "p":
             return PresenceEnvelope(user=obj["u"], online=bool(obj["on"]), last_seen=obj["ls"])
+        if kind == "x":
+            return KickEnvelope(token_id=obj["j"], reason=str(obj["r"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"not a broker envelope: {exc}") from None
     raise ValueError(f"unknown envelope kind {kind!r}")

@@ -103,8 +103,17 @@ def create_app(
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing bearer token")
-        user, _ = await service.authenticate(token.strip())
-        return user
+        return (await service.authenticate(token.strip())).user
+
+    def bearer(request: Request) -> str:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing bearer token")
+        return token.strip()
+
+    async def logout(request: Request) -> Response:
+        await service.logout(bearer(request))
+        return Response(status_code=204)
 
     async def register(request: Request) -> Response:
         body = await _json(request)
@@ -193,6 +202,7 @@ def create_app(
         routes=[
             Route("/register", register, methods=["POST"]),
             Route("/login", login, methods=["POST"]),
+            Route("/logout", logout, methods=["POST"]),
             Route("/conversations", conversations, methods=["GET", "POST"]),
             Route("/conversations/{id}/messages", messages, methods=["GET"]),
             Route("/users/{name}", user_info, methods=["GET"]),

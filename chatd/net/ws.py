@@ -282,6 +282,8 @@ class WsConnection:
         self._frame_out = service.metrics.frame_out
         self.id = secrets.token_hex(8)
         self.user: str | None = None
+        #: The id of the token this connection authenticated with (logout closes it).
+        self.token_id: str | None = None
         self.auth_timeout = auth_timeout
         self.session = Session(rate=rate, burst=burst, now=trio.current_time())
         self.reader = wsp.FrameReader(DISCARD_OVER)
@@ -604,7 +606,7 @@ class WsConnection:
         if not isinstance(frame, frames.Auth):
             raise RuntimeError("the session let a frame other than auth through")
         try:
-            user, expires_at = await self.service.authenticate(frame.token)
+            claims = await self.service.authenticate(frame.token)
         except Unauthorized as exc:
             self._refuse(exc)
             return
@@ -613,11 +615,12 @@ class WsConnection:
             self._close = (CLOSE_INTERNAL, "could not check the token")
             self._closing = True
             return
-        self.user = user
-        self.session.authenticated(user)
+        self.user = claims.user
+        self.token_id = claims.token_id
+        self.session.authenticated(claims.user)
         # The connection lives as long as its token (then the client logs in
         # again); a frame in hand when it expires is still answered.
-        self._set_deadline(trio.current_time() + max(0.0, expires_at - time.time()))
+        self._set_deadline(trio.current_time() + max(0.0, claims.expires_at - time.time()))
         try:
             await self.service.attach(self)
         except ChatError as exc:
@@ -625,7 +628,7 @@ class WsConnection:
             self._close = (CLOSE_INTERNAL, "could not start the session")
             self._closing = True
             return
-        self._push(frames.ready(user, self.service.node))
+        self._push(frames.ready(claims.user, self.service.node))
         # The backlog runs beside the reader, so the device's acks (and its
         # pongs) are taken while a long backlog streams out.
         nursery.start_soon(self._backlog)

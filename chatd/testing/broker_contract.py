@@ -202,6 +202,23 @@ class BrokerContract:
         assert sorted((g.user, g.key) for g in got) == sorted((i.user, i.key) for i in items)
         assert len(await n1.broker.owed("bob")) == 50
 
+    # -- token revocation ---------------------------------------------------------
+
+    async def test_a_revoked_token_is_refused_everywhere_until_it_expires(
+        self, brokers: Make
+    ) -> None:
+        b1, b2 = brokers(), brokers()
+        now = int(time.time() * 1000)
+        assert not await b2.is_revoked("t1")
+        await b1.revoke("t1", now + 60_000)
+        await b1.revoke("t2", now + 300)
+        await b1.revoke("t3", now - 1)  # already expired: nothing to keep
+        assert await b2.is_revoked("t1") and await b2.is_revoked("t2")
+        assert not await b2.is_revoked("t3") and not await b2.is_revoked("t4")
+        await trio.sleep(0.4)
+        assert not await b2.is_revoked("t2")
+        assert await b1.is_revoked("t1")
+
     # -- presence ----------------------------------------------------------------
 
     async def test_first_attach_and_last_detach(self, brokers: Make) -> None:

@@ -10,6 +10,7 @@ import pytest
 from chatd import config as cfg
 from chatd.auth import Passwords, Tokens, load_or_create_secret
 from chatd.core.envelope import (
+    KickEnvelope,
     MessageEnvelope,
     PresenceEnvelope,
     ReceiptEnvelope,
@@ -73,6 +74,8 @@ def test_envelopes_roundtrip():
         ReceiptEnvelope(Receipt("id1", "dm:a:b", "a", "b", Status.SEEN, 10)),
         TypingEnvelope("dm:a:b", "a"),
         PresenceEnvelope("a", False, 12),
+        KickEnvelope("jti-1", "logged out"),
+        KickEnvelope(None, "account disabled"),
     ):
         assert decode(encode(env)) == env
     for bad in ("{}", "[]", "nope", '{"k":"z"}', '{"k":"m"}'):
@@ -152,14 +155,23 @@ def test_tokens():
         t.verify(token)  # issued long ago: expired
     import time
 
+    import jwt
+
     good = t.issue("alice", time.time())
     assert t.verify(good).user == "alice"
+    # Each token has an id of its own (what logout revokes).
+    ids = {t.verify(t.issue("alice", time.time())).token_id for _ in range(20)}
+    assert len(ids) == 20 and None not in ids
+    old_style = jwt.encode(
+        {"sub": "alice", "exp": int(time.time()) + 60, "iat": 1, "iss": "chatd"},
+        "s" * 32,
+        algorithm="HS256",
+    )
+    assert t.verify(old_style).token_id is None
     with pytest.raises(Unauthorized):
         Tokens("x" * 32, 60).verify(good)  # forged: another secret
     with pytest.raises(Unauthorized):
         t.verify(good + "x")
-    import jwt
-
     none_alg = jwt.encode(
         {"sub": "alice", "exp": 2**31, "iat": 1, "iss": "chatd"}, "", algorithm="none"
     )

@@ -122,3 +122,55 @@ async def test_drain_leaves_presence_clean(tmp_path, names):
     finally:
         await api.aclose()
         cluster.close()
+
+
+async def test_logout_revokes_the_token_and_closes_its_sockets_on_every_replica(tmp_path, names):
+    """POST /api/logout: the token's sockets on both replicas close with 4001
+    within 2 s, the token is refused everywhere (WebSocket and HTTP) until
+    it expires; the user's other device (another token) stays connected.
+    Then chatctl disables the user: every socket of theirs closes."""
+    from chatd.testing.cluster import Cluster
+    from tests.admin.conftest import ctl
+
+    cluster = Cluster(tmp_path, replicas=2, with_nginx=False).start()
+    api = Api(cluster.nodes[0].http_url)
+    try:
+        alice = names("alice")
+        laptop = await api.user(alice)
+        phone = await api.login(alice)
+        async with (
+            connect(cluster.nodes[0].ws_url, "laptop@r1") as l1,
+            connect(cluster.nodes[1].ws_url, "laptop@r2") as l2,
+            connect(cluster.nodes[1].ws_url, "phone@r2") as p2,
+        ):
+            for conn, token in ((l1, laptop), (l2, laptop), (p2, phone)):
+                await conn.auth(token)
+            status, _ = await api.call("POST", "/api/logout", laptop)
+            assert status == 204
+            for conn in (l1, l2):
+                assert (await conn.expect_closed(timeout=2))[0] == 4001
+            # The phone's token is another: still connected, still answered.
+            await p2.send_json({"type": "typing", "conversation": "dm:nobody:else"})
+            await p2.expect("error")
+            for node in cluster.nodes:
+                other = Api(node.http_url)
+                status, body = await other.call("GET", "/api/conversations", laptop)
+                await other.aclose()
+                assert status == 401 and "revoked" in body["error"]["message"], body
+            async with connect(cluster.nodes[1].ws_url, "laptop again") as again:
+                await again.send_json({"type": "auth", "token": laptop})
+                assert (await again.expect_closed())[0] == 4001
+            status, _ = await api.call("GET", "/api/conversations", phone)
+            assert status == 200
+
+            env = {
+                "CHATD_REDIS_URL": cluster.redis.url,
+                "CHATD_DATA_DIR": str(cluster.data_dir),
+                **cluster.secrets,
+            }
+            result = await trio.to_thread.run_sync(lambda: ctl(env, "users", "disable", alice))
+            assert result.exit_code == 0, result.output
+            assert (await p2.expect_closed(timeout=2))[0] == 4001
+    finally:
+        await api.aclose()
+        cluster.close()

@@ -182,9 +182,20 @@ def test_older_history_loads_on_scroll_up(user):
 def test_log_out_and_in(user):
     alice = user("alice")
     alice.register()
+    token = alice.page.evaluate("JSON.parse(sessionStorage.getItem('chatd.session')).token")
     alice.tid("logout").click()
     expect(alice.tid("login-view")).to_be_visible()
     assert alice.page.evaluate("sessionStorage.getItem('chatd.session')") is None
+    # Logging out revoked the token on the server: it is refused from now on.
+    status_of = (
+        "async t => (await fetch('/api/conversations',"
+        " {headers: {Authorization: 'Bearer ' + t}})).status"
+    )
+    for _ in range(40):
+        if alice.page.evaluate(status_of, token) == 401:
+            break
+        alice.page.wait_for_timeout(50)
+    assert alice.page.evaluate(status_of, token) == 401
     alice.tid("login-username").fill(alice.name)
     alice.tid("login-password").fill("wrong password")
     alice.tid("login-submit").click()

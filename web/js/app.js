@@ -252,6 +252,9 @@ export class App {
     }
     if (this.conn) this.conn.stop();
     this.conn = null;
+    // Revoke the token on the server (every replica refuses it from now on);
+    // logging out here does not wait for it.
+    if (this.token) api('/api/logout', { method: 'POST', token: this.token }).catch(() => {});
     sessionStorage.removeItem(SESSION_KEY);
     if (this.me) sessionStorage.removeItem(OUTBOX_PREFIX + this.me);
     this.reset();
@@ -263,6 +266,9 @@ export class App {
   sessionEnded(message) {
     if (this.conn) this.conn.stop();
     this.conn = null;
+    // Revoke the token on the server (every replica refuses it from now on);
+    // logging out here does not wait for it.
+    if (this.token) api('/api/logout', { method: 'POST', token: this.token }).catch(() => {});
     sessionStorage.removeItem(SESSION_KEY);
     // The outbox stays in sessionStorage: after logging in again it is sent.
     const user = this.me;
