@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chatd.net.clientip import parse_networks
+
 
 class ConfigError(Exception):
     """The configuration is invalid; the message says which setting and why."""
@@ -139,9 +141,44 @@ SETTINGS: tuple[Setting, ...] = (
         float,
         30.0,
         ("CHATD_RATE",),
-        "Sends and typing frames per second per connection (0: unlimited).",
+        "Sends per second per account, across its devices and replicas; also sends and"
+        " typing frames per connection (0: unlimited).",
     ),
-    Setting("burst", float, 60.0, ("CHATD_BURST",), "Frames a connection may send at once."),
+    Setting(
+        "burst",
+        float,
+        60.0,
+        ("CHATD_BURST",),
+        "Frames an account (and a connection) may send at once.",
+    ),
+    Setting(
+        "login_per_ip",
+        float,
+        30.0,
+        ("CHATD_LOGIN_PER_IP",),
+        "Login attempts per minute per client address, shared by the replicas (0: no limit).",
+    ),
+    Setting(
+        "login_per_user",
+        float,
+        60.0,
+        ("CHATD_LOGIN_PER_USER",),
+        "Login attempts per minute per username, shared by the replicas (0: no limit).",
+    ),
+    Setting(
+        "register_per_ip",
+        float,
+        10.0,
+        ("CHATD_REGISTER_PER_IP",),
+        "Registrations per minute per client address, shared by the replicas (0: no limit).",
+    ),
+    Setting(
+        "trusted_proxies",
+        str,
+        "",
+        ("CHATD_TRUSTED_PROXIES",),
+        "Addresses/networks of proxies whose X-Forwarded-For names the client (comma-separated).",
+    ),
     Setting(
         "commit_window",
         float,
@@ -217,6 +254,10 @@ class Config:
     allowed_origins: str = ""
     rate: float = 30.0
     burst: float = 60.0
+    login_per_ip: float = 30.0
+    login_per_user: float = 60.0
+    register_per_ip: float = 10.0
+    trusted_proxies: str = ""
     commit_window: float = 5.0
     resync_concurrency: int = 8
     resync_jitter: float = 1.0
@@ -320,6 +361,12 @@ def validate(config: Config) -> None:
     for origin in config.origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError(f"allowed_origins: {origin!r} is not an origin (https://host[:port])")
+    try:
+        parse_networks(config.trusted_proxies.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"trusted_proxies: {exc}") from None
+    if min(config.login_per_ip, config.login_per_user, config.register_per_ip) < 0:
+        raise ConfigError("login and register limits must be >= 0 (0: no limit)")
     if config.redis_mode not in REDIS_MODES:
         raise ConfigError(f"redis_mode must be one of {', '.join(REDIS_MODES)}")
     if config.resync_concurrency < 1 or not 0 <= config.resync_jitter <= 600:

@@ -299,6 +299,15 @@ class Inbound:
 
 
 @dataclass(frozen=True, slots=True)
+class Taken:
+    """What :meth:`Broker.take` gave."""
+
+    granted: int
+    #: Seconds until a token is there (0 when some were granted).
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
 class Owed:
     key: str
     payload: str
@@ -436,6 +445,13 @@ class Broker(Protocol):
         ...
 
     async def is_revoked(self, token_id: str) -> bool: ...
+
+    async def take(self, bucket: str, want: int, rate: float, burst: int) -> Taken:
+        """A token bucket shared by every node on this broker: ``bucket``
+        refills at ``rate`` tokens per second up to ``burst`` (starting
+        full). Takes up to ``want`` tokens (fewer if fewer are there) and
+        answers how many, and when none were, the seconds until one is."""
+        ...
 
     # -- administration (chatctl) ------------------------------------------------
 

@@ -35,6 +35,7 @@ from chatd import crypto, wiring
 from chatd.auth import Passwords, Tokens, load_or_create_secret
 from chatd.config import Config
 from chatd.metrics import Metrics
+from chatd.net.clientip import parse_networks
 from chatd.net.http import create_app
 from chatd.net.websocket import OriginPolicy
 from chatd.net.ws import CLOSE_GOING_AWAY, WsConnection, keepalive, serve_ws
@@ -83,6 +84,9 @@ def build_service(config: Config) -> ChatService:
         commit_window=config.commit_window / 1000,
         resync_concurrency=config.resync_concurrency,
         resync_jitter=config.resync_jitter,
+        rate=config.rate,
+        burst=config.burst,
+        login_limits=(config.login_per_ip, config.login_per_user, config.register_per_ip),
     )
 
 
@@ -166,6 +170,7 @@ async def serve(
                         http_port=http_port,
                         ws_port=ws_port,
                         public_ws_url=config.public_ws_url,
+                        trusted_proxies=parse_networks(config.trusted_proxies.split(",")),
                     )
                     await front.start(
                         partial(hypercorn_serve, app, hconf, shutdown_trigger=stop.wait)

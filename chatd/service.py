@@ -11,6 +11,7 @@ a recipient → the recipient's connection.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -41,6 +42,7 @@ from chatd.core.errors import (
     Forbidden,
     Internal,
     NotFound,
+    RateLimited,
     Unauthorized,
     Unavailable,
 )
@@ -69,6 +71,7 @@ from chatd.core.session import Outbound
 from chatd.hub import Connection, Hub, render, render_payload
 from chatd.metrics import Metrics
 from chatd.ports import Broker, Clock, Routed, Store, Writes
+from chatd.rates import UserRates
 
 log = logging.getLogger("chatd.service")
 
@@ -117,6 +120,9 @@ class ChatService:
         commit_window: float = 0.0,
         resync_concurrency: int = 8,
         resync_jitter: float = 0.0,
+        rate: float = 0.0,
+        burst: float = 1.0,
+        login_limits: tuple[float, float, float] = (0.0, 0.0, 0.0),
     ) -> None:
         self.store = store
         self.broker = broker
@@ -152,6 +158,10 @@ class ChatService:
             " requests per commit.",
             lambda: self._writes.items,
         )
+        #: Sends per account, across its devices and every replica.
+        self.rates = UserRates(broker, rate, burst)
+        #: Per minute: logins per address, logins per username, registrations per address.
+        self.login_limits = login_limits
         self._stop = trio.Event()
         self._resync_wanted = trio.Event()
         #: Users to resync (None: every local user).
@@ -304,6 +314,34 @@ class ChatService:
         return Readiness(all(v == "ok" for v in checks.values()), checks)
 
     # -- accounts --------------------------------------------------------------------
+
+    async def limit(self, action: str, address: str, username: object) -> None:
+        """Count a login or registration attempt from ``address`` (and for
+        ``username``) in buckets every replica shares; raise RateLimited
+        (with the seconds to wait) once a bucket is empty. Checked before
+        any password is hashed. If the buckets cannot be read, the attempt
+        goes on (logged): argon2 still slows guessing."""
+        per_ip, per_user, register_per_ip = self.login_limits
+        buckets = [(f"ip:{address}:{action}", register_per_ip if action == "register" else per_ip)]
+        if action == "login" and isinstance(username, str):
+            try:
+                buckets.append((f"u:{normalize_username(username)}:login", per_user))
+            except BadRequest:
+                pass  # not a name anyone has: the address's bucket counts it
+        for bucket, per_minute in buckets:
+            if per_minute <= 0:
+                continue
+            try:
+                taken = await self.broker.take(bucket, 1, per_minute / 60, max(1, int(per_minute)))
+            except Unavailable as exc:
+                log.warning("rate bucket unavailable", extra={"reason": exc.message})
+                return
+            if not taken.granted:
+                log.warning("too many attempts", extra={"action": action, "bucket": bucket})
+                raise RateLimited(
+                    f"too many {action} attempts; retry in {math.ceil(taken.retry_after)} s",
+                    retry_after=taken.retry_after,
+                )
 
     async def register(self, username: object, password: object) -> str:
         name = normalize_username(username)

@@ -16,7 +16,18 @@ from collections.abc import Sequence
 import trio
 
 from chatd.core.model import Presence
-from chatd.ports import Deliver, Gone, Inbound, NodeInfo, Owed, QueueInfo, Resync, Routed
+from chatd.core.ratelimit import fill_and_take
+from chatd.ports import (
+    Deliver,
+    Gone,
+    Inbound,
+    NodeInfo,
+    Owed,
+    QueueInfo,
+    Resync,
+    Routed,
+    Taken,
+)
 
 log = logging.getLogger("chatd.broker.memory")
 
@@ -33,6 +44,7 @@ class MemoryBroker:
         self._nodes: dict[str, Deliver] = {}
         self._started: dict[str, int] = {}
         self._revoked: dict[str, int] = {}  # token id -> until (ms)
+        self._buckets: dict[str, tuple[float, float]] = {}  # bucket -> (tokens, at s)
 
     async def run(
         self,
@@ -127,6 +139,20 @@ class MemoryBroker:
             del self._revoked[old]
         if until_ms > now:
             self._revoked[token_id] = until_ms
+
+    async def take(self, bucket: str, want: int, rate: float, burst: int) -> Taken:
+        await trio.lowlevel.checkpoint()
+        if rate <= 0:
+            return Taken(want, 0.0)
+        now = time.monotonic()
+        if len(self._buckets) > 100_000:  # full buckets need no memory: forget them
+            self._buckets = {
+                k: (t, at) for k, (t, at) in self._buckets.items() if t + (now - at) * rate < burst
+            }
+        tokens, at = self._buckets.get(bucket, (float(burst), now))
+        tokens, granted, wait = fill_and_take(tokens, now - at, want, rate, burst)
+        self._buckets[bucket] = (tokens, now)
+        return Taken(granted, wait)
 
     async def is_revoked(self, token_id: str) -> bool:
         await trio.lowlevel.checkpoint()

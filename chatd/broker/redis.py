@@ -69,7 +69,17 @@ from chatd.broker import resp, topology
 from chatd.broker.topology import Mode, Topology, TopologyError
 from chatd.core.errors import Unavailable
 from chatd.core.model import Presence
-from chatd.ports import Deliver, Gone, Inbound, NodeInfo, Owed, QueueInfo, Resync, Routed
+from chatd.ports import (
+    Deliver,
+    Gone,
+    Inbound,
+    NodeInfo,
+    Owed,
+    QueueInfo,
+    Resync,
+    Routed,
+    Taken,
+)
 
 log = logging.getLogger("chatd.broker.redis")
 
@@ -302,6 +312,32 @@ return left
 )
 
 
+#: KEYS: the bucket. ARGV: want, rate (tokens/s), burst. A token bucket on
+#: Redis's clock (the same arithmetic as chatd.core.ratelimit.fill_and_take):
+#: refill, take up to ``want`` whole tokens, remember; the key expires once
+#: it would be full again. Returns {taken, ms until a token is there}.
+TAKE = """
+local want = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local v = redis.call('HMGET', KEYS[1], 'n', 'at')
+local tokens = tonumber(v[1]) or burst
+local at = tonumber(v[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000)
+local taken = math.max(0, math.min(want, math.floor(tokens)))
+tokens = tokens - taken
+redis.call('HSET', KEYS[1], 'n', tostring(tokens), 'at', string.format('%.0f', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+local wait = 0
+if taken == 0 then
+  wait = math.ceil((1 - tokens) / rate * 1000)
+end
+return {taken, wait}
+"""
+
+
 class _Script:
     def __init__(self, name: str, source: str) -> None:
         self.name = name
@@ -320,6 +356,7 @@ SCRIPTS = {
         ("attach", ATTACH),
         ("detach", DETACH),
         ("prune", PRUNE),
+        ("take", TAKE),
     )
 }
 
@@ -1104,6 +1141,21 @@ class RedisBroker:
             await self._commands(
                 "revoke", [("SET", self.revoked_key(token_id), 1, "PXAT", until_ms)]
             )
+
+    def bucket_key(self, bucket: str) -> str:
+        """A rate bucket's key; a bucket named ``u:<user>:…`` sits in the
+        user's slot."""
+        if bucket.startswith("u:"):
+            user, _, rest = bucket[2:].partition(":")
+            return self.user_key(user, f"rate:{rest}")
+        return f"{self.prefix}:rate:{bucket}"
+
+    async def take(self, bucket: str, want: int, rate: float, burst: int) -> Taken:
+        if rate <= 0:
+            return Taken(want, 0.0)
+        call: _Call = (SCRIPTS["take"], [self.bucket_key(bucket)], [want, rate, burst])
+        [(taken, wait_ms)] = await self._scripts("take", [call])
+        return Taken(int(taken), int(wait_ms) / 1000)
 
     async def is_revoked(self, token_id: str) -> bool:
         [found] = await self._commands("revoked", [("EXISTS", self.revoked_key(token_id))])

@@ -70,6 +70,13 @@ class RateLimited(ChatError):
     code = "rate_limited"
     http_status = 429
 
+    def __init__(
+        self, message: str, *, cid: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, cid=cid)
+        #: Seconds until trying again can succeed (HTTP: the Retry-After header).
+        self.retry_after = retry_after
+
 
 class Unavailable(ChatError):
     code = "unavailable"

@@ -22,3 +22,18 @@ class TokenBucket:
             self._tokens -= cost
             return True
         return False
+
+
+def fill_and_take(
+    tokens: float, elapsed: float, want: int, rate: float, burst: int
+) -> tuple[float, int, float]:
+    """One step of a shared token bucket (the memory broker runs it; the
+    Redis broker's TAKE script is the same arithmetic): refill ``tokens`` for
+    ``elapsed`` seconds at ``rate`` up to ``burst``, take up to ``want``
+    whole tokens. Returns (tokens left, taken, seconds until one is there
+    when none was taken)."""
+    tokens = min(float(burst), tokens + max(0.0, elapsed) * rate)
+    taken = max(0, min(want, int(tokens)))
+    tokens -= taken
+    wait = 0.0 if taken else (1.0 - tokens) / rate if rate > 0 else float("inf")
+    return tokens, taken, wait

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from chatd import __version__
 from chatd.core.errors import BadRequest, ChatError, TooLarge, Unauthorized
+from chatd.net.clientip import Network, client_ip
 from chatd.service import ChatService
 
 log = logging.getLogger("chatd.http")
@@ -46,7 +48,11 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 
 async def _chat_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ChatError)
-    return error_response(exc.http_status, exc.code, exc.message)
+    response = error_response(exc.http_status, exc.code, exc.message)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -97,6 +103,7 @@ def create_app(
     http_port: int,
     ws_port: int,
     public_ws_url: str | None = None,
+    trusted_proxies: tuple[Network, ...] = (),
 ) -> SecurityHeaders:
     async def caller(request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -115,14 +122,21 @@ def create_app(
         await service.logout(bearer(request))
         return Response(status_code=204)
 
+    def address(request: Request) -> str:
+        peer = request.client.host if request.client is not None else ""
+        return client_ip(peer, request.headers.get("x-forwarded-for"), trusted_proxies)
+
     async def register(request: Request) -> Response:
         body = await _json(request)
+        await service.limit("register", address(request), None)
         name = await service.register(body.get("username"), body.get("password"))
         return JSONResponse({"username": name}, 201)
 
     async def login(request: Request) -> Response:
         body = await _json(request)
-        token, ttl = await service.login(body.get("username"), body.get("password"))
+        username = body.get("username")
+        await service.limit("login", address(request), username)
+        token, ttl = await service.login(username, body.get("password"))
         return JSONResponse({"token": token, "expires_in": ttl})
 
     async def conversations(request: Request) -> Response:

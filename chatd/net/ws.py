@@ -42,7 +42,7 @@ from functools import partial
 import trio
 
 from chatd.core import frames
-from chatd.core.errors import BadRequest, ChatError, Unauthorized
+from chatd.core.errors import BadRequest, ChatError, RateLimited, Unauthorized
 from chatd.core.session import Outbound, Session, SlowConsumer
 from chatd.net import websocket as wsp
 from chatd.service import ChatService
@@ -565,6 +565,10 @@ class WsConnection:
             self.session.check(frame, trio.current_time())
             match frame:
                 case frames.Send():
+                    try:
+                        await self.service.rates.admit(self.user)
+                    except RateLimited as exc:
+                        raise exc.with_cid(frame.cid) from None
                     await self.service.send(self, frame)
                 case frames.Ack():
                     self.session.settled(list(frame.ids) + list(frame.receipts))

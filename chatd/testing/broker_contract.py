@@ -219,6 +219,19 @@ class BrokerContract:
         assert not await b2.is_revoked("t2")
         assert await b1.is_revoked("t1")
 
+    async def test_a_rate_bucket_is_shared_by_every_node(self, brokers: Make) -> None:
+        b1, b2 = brokers(), brokers()
+        assert (await b1.take("u:alice:send", 3, rate=1, burst=5)).granted == 3
+        taken = await b2.take("u:alice:send", 3, rate=1, burst=5)
+        assert (taken.granted, taken.retry_after) == (2, 0)
+        empty = await b1.take("u:alice:send", 1, rate=1, burst=5)
+        assert empty.granted == 0 and 0 < empty.retry_after <= 1
+        assert (await b2.take("u:bob:send", 5, rate=1, burst=5)).granted == 5  # its own
+        assert (await b2.take("ip:10.0.0.1:login", 9, rate=1, burst=5)).granted == 5
+        await trio.sleep(empty.retry_after + 0.05)
+        assert (await b2.take("u:alice:send", 3, rate=1, burst=5)).granted == 1
+        assert (await b1.take("u:alice:send", 1, rate=0, burst=5)).granted == 1  # no limit
+
     # -- presence ----------------------------------------------------------------
 
     async def test_first_attach_and_last_detach(self, brokers: Make) -> None:

@@ -25,6 +25,14 @@ def shared_secrets(data_dir: Path) -> dict[str, str]:
     }
 
 
+#: The environment that turns the login and registration limits off.
+UNLIMITED_LOGINS = {
+    "CHATD_LOGIN_PER_IP": "0",
+    "CHATD_LOGIN_PER_USER": "0",
+    "CHATD_REGISTER_PER_IP": "0",
+}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -92,6 +100,9 @@ class ChatdProcess:
             for k, v in os.environ.items()
             if not k.startswith("CHATD_") or k.startswith("CHATD_TEST_")
         }
+        # Every test user logs in and registers from 127.0.0.1: the per-address
+        # limits are off unless a test sets them (its flags beat these).
+        env.update(UNLIMITED_LOGINS)
         env.update(self.env)
         cmd = [
             sys.executable,

@@ -232,3 +232,48 @@ async def test_unknown_ws_path_is_refused(server):
         async with open_websocket_url(server.ws_url.replace("/ws", "/other")):
             pass
     assert info.value.status_code == 404
+
+
+async def outcome_of(client, cids: list[str]) -> dict[str, str]:
+    """Each send's answer: "sent" or its error code."""
+    results: dict[str, str] = {}
+    with trio.fail_after(5):
+        while len(results) < len(cids):
+            for f in client.frames:
+                if f.get("cid") in cids and f["cid"] not in results:
+                    results[f["cid"]] = f["type"] if f["type"] == "sent" else f["code"]
+            await trio.sleep(0.02)
+    return results
+
+
+async def test_the_send_rate_is_per_account_across_devices_and_replicas(tmp_path, names):
+    """--rate 1 --burst 3 is the account's: a second device on another
+    replica does not get a burst of its own (each connection alone would
+    allow 3)."""
+    from chatd.testing.client import Api
+    from chatd.testing.cluster import Cluster
+
+    cluster = Cluster(
+        tmp_path, replicas=2, with_nginx=False, extra_args=["--rate", "1", "--burst", "3"]
+    ).start()
+    api = Api(cluster.nodes[0].http_url)
+    try:
+        alice, bob = names("alice"), names("bob")
+        ta = await api.user(alice)
+        await api.user(bob)
+        async with (
+            connect(cluster.nodes[0].ws_url, "alice@r1") as a1,
+            connect(cluster.nodes[1].ws_url, "alice@r2") as a2,
+        ):
+            await a1.auth(ta)
+            await a2.auth(ta)
+            first = await outcome_of(a1, [await a1.send(f"r1 #{i}", to=bob) for i in range(3)])
+            second = await outcome_of(a2, [await a2.send(f"r2 #{i}", to=bob) for i in range(3)])
+            assert list(first.values()) == ["sent"] * 3
+            # At most one token refilled meanwhile (1/s): the rest is refused.
+            assert list(second.values()).count("rate_limited") >= 2, second
+            error = next(f for f in a2.frames if f.get("code") == "rate_limited")
+            assert "this account" in error["message"] and error["cid"] in second
+    finally:
+        await api.aclose()
+        cluster.close()

@@ -174,3 +174,82 @@ async def test_logout_revokes_the_token_and_closes_its_sockets_on_every_replica(
     finally:
         await api.aclose()
         cluster.close()
+
+
+async def test_a_login_storm_from_one_address_is_refused_not_the_user(tmp_path, names):
+    """Wrong passwords from one address: after --login-per-ip attempts, HTTP
+    429 rate_limited with Retry-After, before any hashing; the user's correct
+    login from another address still works. Behind a trusted proxy the
+    address is X-Forwarded-For's; registrations are limited per address too."""
+    # Small limits, so that refills (a minute's worth spread over the minute)
+    # cannot show up within the test's few seconds.
+    args = ["--trusted-proxies", "127.0.0.1", "--login-per-ip", "5", "--register-per-ip", "3"]
+    proc = ChatdProcess(tmp_path, args=args).start()
+    api = Api(proc.http_url)
+    try:
+        alice = names("alice")
+        assert (await api.register(alice))[0] == 201
+        storm = {"X-Forwarded-For": "198.51.100.7"}
+        answers = []
+        for _ in range(8):
+            status, body = await api.call(
+                "POST",
+                "/api/login",
+                json={"username": alice, "password": "not it at all"},
+                headers=dict(storm),
+            )
+            answers.append(status)
+        assert answers == [401] * 5 + [429] * 3, answers
+        resp = await api.http.post(
+            "/api/login", json={"username": alice, "password": "x" * 9}, headers=storm
+        )
+        assert resp.status_code == 429 and resp.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(resp.headers["Retry-After"]) <= 60
+        status, body = await api.call(
+            "POST",
+            "/api/login",
+            json={"username": alice, "password": "correct horse"},
+            headers={"X-Forwarded-For": "203.0.113.5"},
+        )
+        assert status == 200 and body["token"]
+        statuses = [
+            (
+                await api.call(
+                    "POST",
+                    "/api/register",
+                    json={"username": names("new"), "password": "correct horse"},
+                    headers={"X-Forwarded-For": "192.0.2.44"},
+                )
+            )[0]
+            for _ in range(5)
+        ]
+        assert statuses == [201] * 3 + [429] * 2, statuses
+    finally:
+        await api.aclose()
+        assert proc.stop() == 0
+
+
+async def test_login_limits_are_shared_by_the_replicas(tmp_path, names):
+    from chatd.testing.cluster import Cluster
+
+    cluster = Cluster(
+        tmp_path,
+        replicas=2,
+        with_nginx=False,
+        extra_args=["--trusted-proxies", "127.0.0.1", "--login-per-ip", "6"],
+    ).start()
+    try:
+        alice = names("alice")
+        apis = [Api(n.http_url) for n in cluster.nodes]
+        assert (await apis[0].register(alice))[0] == 201
+        wrong = {"username": alice, "password": "not it at all"}
+        here = {"X-Forwarded-For": "198.51.100.8"}
+        answers = []
+        for i in range(8):
+            status, _ = await apis[i % 2].call("POST", "/api/login", json=wrong, headers=here)
+            answers.append(status)
+        assert answers == [401] * 6 + [429, 429], answers
+        for api in apis:
+            await api.aclose()
+    finally:
+        cluster.close()

@@ -298,3 +298,23 @@ def test_accept_key_formula():
 def test_opcode_constants_match_wsproto():
     assert wsp.OP_TEXT == Opcode.TEXT and wsp.OP_CLOSE == Opcode.CLOSE
     assert wsp.OP_PING == Opcode.PING and wsp.OP_PONG == Opcode.PONG
+
+
+@pytest.mark.parametrize(
+    ("peer", "xff", "trusted", "ip"),
+    [
+        ("203.0.113.9", None, (), "203.0.113.9"),
+        ("203.0.113.9", "1.2.3.4", (), "203.0.113.9"),  # not from a proxy: header ignored
+        ("10.0.0.2", "198.51.100.7", ("10.0.0.0/8",), "198.51.100.7"),
+        ("10.0.0.2", "6.6.6.6, 198.51.100.7", ("10.0.0.0/8",), "198.51.100.7"),  # forged left
+        ("10.0.0.2", "198.51.100.7, 10.0.0.5", ("10.0.0.0/8",), "198.51.100.7"),  # two proxies
+        ("10.0.0.2", "10.0.0.3", ("10.0.0.0/8",), "10.0.0.3"),  # all trusted: left-most
+        ("10.0.0.2", "", ("10.0.0.0/8",), "10.0.0.2"),
+        ("::1", "2001:db8::1", ("::1",), "2001:db8::1"),
+        ("10.0.0.2", "junk", ("10.0.0.0/8",), "junk"),
+    ],
+)
+def test_client_ip_believes_forwarded_for_only_from_trusted_proxies(peer, xff, trusted, ip):
+    from chatd.net.clientip import client_ip, parse_networks
+
+    assert client_ip(peer, xff, parse_networks(trusted)) == ip
