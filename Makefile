@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= chatd-data
 
-.PHONY: run test venv venv-test system-deps lint format loadtest bench dist clean
+.PHONY: run test venv venv-test system-deps lint format loadtest bench dist clean fuzz
 
 $(VENV)/.base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: system-deps venv-test lint
 
 dist:
 	./scripts/build-dist
+
+# The property-based tests with a long example budget (CI runs a short one).
+fuzz: venv-test
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/core/test_properties.py tests/e2e/test_fuzz_live.py
 
 USERS    ?= 40
 SPAWN    ?= 10

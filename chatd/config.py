@@ -173,6 +173,20 @@ SETTINGS: tuple[Setting, ...] = (
         "Registrations per minute per client address, shared by the replicas (0: no limit).",
     ),
     Setting(
+        "max_sockets_per_user",
+        int,
+        10,
+        ("CHATD_MAX_SOCKETS_PER_USER",),
+        "Live WebSockets an account may hold, on all replicas together (0: no cap).",
+    ),
+    Setting(
+        "max_sockets_per_ip",
+        int,
+        100,
+        ("CHATD_MAX_SOCKETS_PER_IP",),
+        "Live WebSockets per client address on one replica (0: no cap).",
+    ),
+    Setting(
         "trusted_proxies",
         str,
         "",
@@ -257,6 +271,8 @@ class Config:
     login_per_ip: float = 30.0
     login_per_user: float = 60.0
     register_per_ip: float = 10.0
+    max_sockets_per_user: int = 10
+    max_sockets_per_ip: int = 100
     trusted_proxies: str = ""
     commit_window: float = 5.0
     resync_concurrency: int = 8
@@ -365,6 +381,8 @@ def validate(config: Config) -> None:
         parse_networks(config.trusted_proxies.split(","))
     except ValueError as exc:
         raise ConfigError(f"trusted_proxies: {exc}") from None
+    if config.max_sockets_per_user < 0 or config.max_sockets_per_ip < 0:
+        raise ConfigError("socket caps must be >= 0 (0: no cap)")
     if min(config.login_per_ip, config.login_per_user, config.register_per_ip) < 0:
         raise ConfigError("login and register limits must be >= 0 (0: no limit)")
     if config.redis_mode not in REDIS_MODES:

@@ -439,6 +439,10 @@ class Broker(Protocol):
 
     async def presence(self, users: Sequence[str]) -> dict[str, Presence]: ...
 
+    async def devices(self, user: str) -> int:
+        """How many connections ``user`` has attached on live nodes."""
+        ...
+
     async def revoke(self, token_id: str, until_ms: int) -> None:
         """Refuse the token ``token_id`` until ``until_ms`` (its expiry), on
         every node sharing this broker."""

@@ -38,7 +38,7 @@ from chatd.metrics import Metrics
 from chatd.net.clientip import parse_networks
 from chatd.net.http import create_app
 from chatd.net.websocket import OriginPolicy
-from chatd.net.ws import CLOSE_GOING_AWAY, WsConnection, keepalive, serve_ws
+from chatd.net.ws import CLOSE_GOING_AWAY, AddressCap, WsConnection, keepalive, serve_ws
 from chatd.service import ChatService
 
 log = logging.getLogger("chatd.server")
@@ -87,6 +87,7 @@ def build_service(config: Config) -> ChatService:
         rate=config.rate,
         burst=config.burst,
         login_limits=(config.login_per_ip, config.login_per_user, config.register_per_ip),
+        max_sockets_per_user=config.max_sockets_per_user,
     )
 
 
@@ -127,6 +128,7 @@ async def serve(
 ) -> None:
     stop = stop or trio.Event()
     service = build_service(config)
+    proxies = parse_networks(config.trusted_proxies.split(","))
     connections: set[WsConnection] = set()
     steps = service.metrics.count_task_steps() if config.count_task_steps else None
     if steps is not None:
@@ -157,6 +159,7 @@ async def serve(
                             rate=config.rate,
                             burst=config.burst,
                             origins=OriginPolicy(config.origins, http_port),
+                            cap=AddressCap(config.max_sockets_per_ip, proxies),
                         )
                     )
                     hconf = HypercornConfig()
@@ -170,7 +173,7 @@ async def serve(
                         http_port=http_port,
                         ws_port=ws_port,
                         public_ws_url=config.public_ws_url,
-                        trusted_proxies=parse_networks(config.trusted_proxies.split(",")),
+                        trusted_proxies=proxies,
                     )
                     await front.start(
                         partial(hypercorn_serve, app, hconf, shutdown_trigger=stop.wait)

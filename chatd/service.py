@@ -123,6 +123,7 @@ class ChatService:
         rate: float = 0.0,
         burst: float = 1.0,
         login_limits: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        max_sockets_per_user: int = 0,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -162,6 +163,7 @@ class ChatService:
         self.rates = UserRates(broker, rate, burst)
         #: Per minute: logins per address, logins per username, registrations per address.
         self.login_limits = login_limits
+        self.max_sockets_per_user = max_sockets_per_user
         self._stop = trio.Event()
         self._resync_wanted = trio.Event()
         #: Users to resync (None: every local user).
@@ -392,6 +394,21 @@ class ChatService:
             if revoked:
                 raise Unauthorized("token revoked")
         return claims
+
+    async def admit_device(self, user: str) -> None:
+        """Raise RateLimited when ``user`` already has ``max_sockets_per_user``
+        live sockets, on every replica together (two connecting at the same
+        moment may both get in). If the broker cannot say, the socket is let in."""
+        cap = self.max_sockets_per_user
+        if cap <= 0:
+            return
+        try:
+            live = await self.broker.devices(user)
+        except Unavailable as exc:
+            log.warning("could not count the account's sockets", extra={"reason": exc.message})
+            return
+        if live >= cap:
+            raise RateLimited(f"at most {cap} connections per account")
 
     async def logout(self, token: str) -> None:
         """Revoke the token until it expires, on every replica, and close the

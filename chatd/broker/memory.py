@@ -132,6 +132,10 @@ class MemoryBroker:
         await trio.lowlevel.checkpoint()
         return last
 
+    async def devices(self, user: str) -> int:
+        await trio.lowlevel.checkpoint()
+        return len(self._conns.get(user, {}))
+
     async def revoke(self, token_id: str, until_ms: int) -> None:
         await trio.lowlevel.checkpoint()
         now = _now_ms()

@@ -1120,6 +1120,11 @@ class RedisBroker:
             )
         return out
 
+    async def devices(self, user: str) -> int:
+        conns, _seen = await self._read_presence([user])
+        live = await self._live_incarnations(set(conns[user].values()))
+        return sum(1 for inc in conns[user].values() if inc in live)
+
     async def _read_presence(
         self, users: list[str]
     ) -> tuple[dict[str, dict[str, str]], dict[str, str | None]]:

@@ -37,6 +37,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 
 import trio
@@ -45,6 +46,7 @@ from chatd.core import frames
 from chatd.core.errors import BadRequest, ChatError, RateLimited, Unauthorized
 from chatd.core.session import Outbound, Session, SlowConsumer
 from chatd.net import websocket as wsp
+from chatd.net.clientip import Network, client_ip
 from chatd.service import ChatService
 
 log = logging.getLogger("chatd.ws")
@@ -74,6 +76,8 @@ RECV_SIZE = 65536
 MAX_INFLIGHT = 256
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_TOO_SLOW = 4008
+#: Over a cap on live sockets (per account, per client address).
+CLOSE_TOO_MANY = 4029
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL = 1011
 
@@ -619,6 +623,13 @@ class WsConnection:
             self._close = (CLOSE_INTERNAL, "could not check the token")
             self._closing = True
             return
+        try:
+            await self.service.admit_device(claims.user)
+        except RateLimited as exc:
+            self._push(frames.error(exc.code, exc.message))
+            self._close = (CLOSE_TOO_MANY, "too many connections")
+            self._closing = True
+            return
         self.user = claims.user
         self.token_id = claims.token_id
         self.session.authenticated(claims.user)
@@ -662,6 +673,36 @@ class WsConnection:
 # -- the listener ------------------------------------------------------------------------------
 
 
+@dataclass
+class AddressCap:
+    """At most ``per_ip`` live WebSockets per client address on this replica
+    (0: no cap); the address as :func:`chatd.net.clientip.client_ip` reads it."""
+
+    per_ip: int = 0
+    proxies: tuple[Network, ...] = ()
+    live: dict[str, int] = field(default_factory=dict)
+
+    def address(self, sock: socket.socket, headers: dict[str, str]) -> str:
+        try:
+            peer = str(sock.getpeername()[0])
+        except OSError:
+            peer = ""
+        return client_ip(peer, headers.get("x-forwarded-for"), self.proxies)
+
+    def admit(self, address: str) -> bool:
+        if self.per_ip and self.live.get(address, 0) >= self.per_ip:
+            return False
+        self.live[address] = self.live.get(address, 0) + 1
+        return True
+
+    def leave(self, address: str) -> None:
+        left = self.live.get(address, 0) - 1
+        if left > 0:
+            self.live[address] = left
+        else:
+            self.live.pop(address, None)
+
+
 async def handle_socket(
     sock: socket.socket,
     *,
@@ -672,9 +713,11 @@ async def handle_socket(
     rate: float,
     burst: float,
     origins: wsp.OriginPolicy | None = None,
+    cap: AddressCap | None = None,
 ) -> None:
     """One accepted socket: the upgrade, then the connection until it ends."""
     transport = Transport(sock)
+    address: str | None = None
     try:
         shake = wsp.Handshake("/ws", origins)
         result: wsp.Upgrade | wsp.Reject | None = None
@@ -694,6 +737,19 @@ async def handle_socket(
                     await transport.drain()
             return
         transport.write(result.response)
+        if cap is not None:
+            candidate = cap.address(sock, result.headers)
+            if not cap.admit(candidate):
+                # Upgraded, so that a browser can read why: the error, then 4029.
+                error = frames.error("rate_limited", "too many connections from this address")
+                transport.write(wsp.text_frame(frames.encode(error)))
+                transport.write(wsp.close_frame(CLOSE_TOO_MANY, "too many connections"))
+                async with trio.open_nursery() as nursery:
+                    transport.attach(nursery)
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await transport.drain()
+                return
+            address = candidate
         conn = WsConnection(
             transport,
             service,
@@ -714,6 +770,8 @@ async def handle_socket(
         # One connection's bug must never take the server down with it.
         log.exception("connection failed")
     finally:
+        if cap is not None and address is not None:
+            cap.leave(address)
         transport.close()
 
 
@@ -793,6 +851,7 @@ async def serve_ws(
     rate: float,
     burst: float,
     origins: wsp.OriginPolicy | None = None,
+    cap: AddressCap | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept WebSockets until cancelled; each runs in ``handler_nursery``.
@@ -808,6 +867,7 @@ async def serve_ws(
         rate=rate,
         burst=burst,
         origins=origins,
+        cap=cap,
     )
     socks = bind(host, port)
     try:

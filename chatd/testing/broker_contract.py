@@ -252,6 +252,15 @@ class BrokerContract:
         assert await b.detach("bob", "n1", "nope", 5) is False
         assert (await b.presence(["bob"]))["bob"].online
 
+    async def test_devices_counts_a_users_connections_on_every_node(self, brokers: Make) -> None:
+        b1, b2 = brokers(), brokers()
+        await b1.attach("alice", "n1", "c1")
+        await b1.attach("alice", "n1", "c2")
+        await b2.attach("alice", "n2", "c3")
+        assert await b2.devices("alice") == 3 and await b1.devices("bob") == 0
+        await b2.detach("alice", "n2", "c3", 1)
+        assert await b1.devices("alice") == 2
+
     async def test_presence_of_unknown_user(self, brokers: Make) -> None:
         p = (await brokers().presence(["ghost"]))["ghost"]
         assert not p.online and p.nodes == () and p.last_seen is None

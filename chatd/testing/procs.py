@@ -25,11 +25,14 @@ def shared_secrets(data_dir: Path) -> dict[str, str]:
     }
 
 
-#: The environment that turns the login and registration limits off.
+#: The environment that turns the per-address and per-account caps off:
+#: every test user comes from 127.0.0.1, and load runs hold many devices.
 UNLIMITED_LOGINS = {
     "CHATD_LOGIN_PER_IP": "0",
     "CHATD_LOGIN_PER_USER": "0",
     "CHATD_REGISTER_PER_IP": "0",
+    "CHATD_MAX_SOCKETS_PER_IP": "0",
+    "CHATD_MAX_SOCKETS_PER_USER": "0",
 }
 
 
@@ -101,7 +104,8 @@ class ChatdProcess:
             if not k.startswith("CHATD_") or k.startswith("CHATD_TEST_")
         }
         # Every test user logs in and registers from 127.0.0.1: the per-address
-        # limits are off unless a test sets them (its flags beat these).
+        # and per-account caps are off unless a test sets them (its flags beat
+        # these).
         env.update(UNLIMITED_LOGINS)
         env.update(self.env)
         cmd = [

@@ -277,3 +277,73 @@ async def test_the_send_rate_is_per_account_across_devices_and_replicas(tmp_path
     finally:
         await api.aclose()
         cluster.close()
+
+
+async def gets_ready(url: str, token: str) -> bool:
+    """Whether a new device's auth is answered `ready` (not an error)."""
+    async with connect(url, "probe") as probe:
+        await probe.send_json({"type": "auth", "token": token})
+        with trio.fail_after(5):
+            while not any(f["type"] in ("ready", "error") for f in probe.frames):  # noqa: ASYNC110 - the reader task's frames
+                await trio.sleep(0.02)
+        return any(f["type"] == "ready" for f in probe.frames)
+
+
+async def test_sockets_are_capped_per_account_across_replicas(tmp_path, names):
+    """--max-sockets-per-user 2: a third device, on another replica, gets
+    `rate_limited` and close 4029; once one leaves, a new one gets in."""
+    from chatd.testing.client import Api
+    from chatd.testing.cluster import Cluster
+
+    cluster = Cluster(
+        tmp_path, replicas=2, with_nginx=False, extra_args=["--max-sockets-per-user", "2"]
+    ).start()
+    api = Api(cluster.nodes[0].http_url)
+    try:
+        alice = names("alice")
+        token = await api.user(alice)
+        r1, r2 = cluster.nodes[0].ws_url, cluster.nodes[1].ws_url
+        async with connect(r1, "phone") as phone, connect(r1, "laptop") as laptop:
+            await phone.auth(token)
+            await laptop.auth(token)
+            async with connect(r2, "tablet") as tablet:
+                await tablet.send_json({"type": "auth", "token": token})
+                error = await tablet.expect("error")
+                assert error["code"] == "rate_limited" and "at most 2" in error["message"]
+                assert (await tablet.expect_closed())[0] == 4029
+            await laptop.ws.aclose()
+            await laptop.expect_closed()
+            # The laptop's detach is on its way to Redis: a new device gets
+            # in within moments.
+            with trio.fail_after(5):
+                while not await gets_ready(r2, token):  # noqa: ASYNC110 - a new probe each time
+                    await trio.sleep(0.2)
+    finally:
+        await api.aclose()
+        cluster.close()
+
+
+async def test_sockets_are_capped_per_address(tmp_path, names):
+    """--max-sockets-per-ip 2: the third socket from one address gets
+    `rate_limited` and close 4029 at once, before any auth."""
+    from chatd.testing.client import Api
+    from chatd.testing.procs import ChatdProcess
+
+    proc = ChatdProcess(tmp_path, args=["--max-sockets-per-ip", "2"]).start()
+    api = Api(proc.http_url)
+    try:
+        token = await api.user(names("alice"))
+        async with connect(proc.ws_url, "one") as one, connect(proc.ws_url, "two") as two:
+            await one.auth(token)
+            async with connect(proc.ws_url, "three") as three:
+                error = await three.expect("error")
+                assert error["code"] == "rate_limited" and "this address" in error["message"]
+                assert (await three.expect_closed())[0] == 4029
+            await two.ws.aclose()
+            await two.expect_closed()
+            await trio.sleep(0.2)
+            async with connect(proc.ws_url, "four") as four:
+                await four.auth(token)
+    finally:
+        await api.aclose()
+        assert proc.stop() == 0
