@@ -187,6 +187,28 @@ SETTINGS: tuple[Setting, ...] = (
         "Live WebSockets per client address on one replica (0: no cap).",
     ),
     Setting(
+        "outbox_kib",
+        int,
+        1024,
+        ("CHATD_OUTBOX_KIB",),
+        "KiB queued for one slow device before it is closed (4008; it loses nothing owed).",
+    ),
+    Setting(
+        "outbox_total_mib",
+        int,
+        256,
+        ("CHATD_OUTBOX_TOTAL_MIB",),
+        "MiB queued for all slow devices together; past it the slowest are closed (0: none).",
+    ),
+    Setting(
+        "socket_sndbuf_kib",
+        int,
+        0,
+        ("CHATD_SOCKET_SNDBUF_KIB",),
+        "Kernel send buffer per WebSocket in KiB (0: the kernel's autotuning, up to"
+        " net.ipv4.tcp_wmem's max per socket).",
+    ),
+    Setting(
         "trusted_proxies",
         str,
         "",
@@ -273,6 +295,9 @@ class Config:
     register_per_ip: float = 10.0
     max_sockets_per_user: int = 10
     max_sockets_per_ip: int = 100
+    outbox_kib: int = 1024
+    outbox_total_mib: int = 256
+    socket_sndbuf_kib: int = 0
     trusted_proxies: str = ""
     commit_window: float = 5.0
     resync_concurrency: int = 8
@@ -381,6 +406,10 @@ def validate(config: Config) -> None:
         parse_networks(config.trusted_proxies.split(","))
     except ValueError as exc:
         raise ConfigError(f"trusted_proxies: {exc}") from None
+    if config.socket_sndbuf_kib < 0:
+        raise ConfigError("socket_sndbuf_kib must be >= 0 (0: the kernel's autotuning)")
+    if config.outbox_kib < 16 or config.outbox_total_mib < 0:
+        raise ConfigError("outbox_kib must be >= 16 and outbox_total_mib >= 0")
     if config.max_sockets_per_user < 0 or config.max_sockets_per_ip < 0:
         raise ConfigError("socket caps must be >= 0 (0: no cap)")
     if min(config.login_per_ip, config.login_per_user, config.register_per_ip) < 0:

@@ -38,7 +38,14 @@ from chatd.metrics import Metrics
 from chatd.net.clientip import parse_networks
 from chatd.net.http import create_app
 from chatd.net.websocket import OriginPolicy
-from chatd.net.ws import CLOSE_GOING_AWAY, AddressCap, WsConnection, keepalive, serve_ws
+from chatd.net.ws import (
+    CLOSE_GOING_AWAY,
+    AddressCap,
+    OutboxBudget,
+    WsConnection,
+    keepalive,
+    serve_ws,
+)
 from chatd.service import ChatService
 
 log = logging.getLogger("chatd.server")
@@ -160,6 +167,11 @@ async def serve(
                             burst=config.burst,
                             origins=OriginPolicy(config.origins, http_port),
                             cap=AddressCap(config.max_sockets_per_ip, proxies),
+                            budget=OutboxBudget(
+                                config.outbox_kib * 1024,
+                                config.outbox_total_mib * 1024 * 1024,
+                                config.socket_sndbuf_kib * 1024,
+                            ),
                         )
                     )
                     hconf = HypercornConfig()

@@ -20,6 +20,7 @@ PROJECT = [
     ["loadtest/redis_client_bench.py", "--help"],
     ["loadtest/microbench.py", "--help"],
     ["loadtest/resync_bench.py", "--help"],
+    ["loadtest/slow_readers.py", "--help"],
     ["loadtest/runner.py", "--help"],
     ["loadtest/stack.py", "--help"],
     ["loadtest/noderef.py", "--help"],

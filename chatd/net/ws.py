@@ -94,6 +94,30 @@ _FRAME_TYPES: dict[type, str] = {
 _PING = wsp.ping_frame(b"chatd")
 
 
+class OutboxBudget:
+    """Bytes queued for slow sockets: at most ``per_connection`` for one
+    (the device is too slow past it: 4008), and ``total`` for the whole
+    process (0: none). Past the total, a connection that is writing and holds
+    at least :data:`SLOW_SHARE` queued bytes is closed as too slow; one that
+    keeps up holds less and is never closed for it."""
+
+    def __init__(self, per_connection: int = OUTBOX_BYTES, total: int = 0, sndbuf: int = 0) -> None:
+        self.per_connection = per_connection
+        self.total = total
+        #: SO_SNDBUF for each socket (0: the kernel's autotuning): the kernel
+        #: holds this much per slow device on top of the outbox.
+        self.sndbuf = sndbuf
+        self.queued = 0
+
+    def over(self) -> bool:
+        return bool(self.total) and self.queued > self.total
+
+
+#: Queued bytes that mark a connection as one of the slow ones when the
+#: process is over its budget.
+SLOW_SHARE = 64 * 1024
+
+
 class Transport:
     """One non-blocking TCP socket: reads, and writes that never wait.
 
@@ -102,8 +126,10 @@ class Transport:
     socket is writable. The owner closes the socket with :meth:`close`.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, budget: OutboxBudget | None = None) -> None:
         self.sock = sock
+        #: Shared by every connection of the process (the queued bytes of all).
+        self.budget = budget or OutboxBudget()
         self.nursery: trio.Nursery | None = None
         self._queue: deque[bytes | memoryview] = deque()
         self.queued_frames = 0
@@ -158,6 +184,7 @@ class Transport:
         self._queue.append(data)
         self.queued_frames += 1
         self.queued_bytes += len(data)
+        self.budget.queued += len(data)
         if not self._flushing and self.nursery is not None:
             self._flushing = True
             self._drained = trio.Event()
@@ -170,10 +197,11 @@ class Transport:
         first = self._queue[0]
         partial_frame = isinstance(first, memoryview)
         self._queue.clear()
-        self.queued_frames = self.queued_bytes = 0
+        self._forget_queued()
         if partial_frame:
             self._queue.append(first)
             self.queued_frames, self.queued_bytes = 1, len(first)
+            self.budget.queued += len(first)
 
     async def drain(self) -> None:
         """Wait until everything queued was handed to the kernel (or the
@@ -194,6 +222,7 @@ class Transport:
                         self._break()
                         return
                     self.queued_bytes -= sent
+                    self.budget.queued -= sent
                     if sent == len(chunk):
                         self._queue.popleft()
                         self.queued_frames -= 1
@@ -206,10 +235,14 @@ class Transport:
             self._flushing = False
             self._drained.set()
 
+    def _forget_queued(self) -> None:
+        self.budget.queued -= self.queued_bytes
+        self.queued_frames = self.queued_bytes = 0
+
     def _break(self) -> None:
         self.broken = True
         self._queue.clear()
-        self.queued_frames = self.queued_bytes = 0
+        self._forget_queued()
         self._drained.set()
         if self.on_broken is not None:
             callback, self.on_broken = self.on_broken, None
@@ -220,6 +253,7 @@ class Transport:
             return
         self.closed = True
         self._queue.clear()
+        self._forget_queued()
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
 
@@ -371,7 +405,11 @@ class WsConnection:
         self._frame_out(payload)
         self.transport.write(wsp.text_frame(payload))
         t = self.transport
-        if t.queued_frames > OUTBOX_FRAMES or t.queued_bytes > OUTBOX_BYTES:
+        if (
+            t.queued_frames > OUTBOX_FRAMES
+            or t.queued_bytes > t.budget.per_connection
+            or (t.queued_bytes >= SLOW_SHARE and t.budget.over())
+        ):
             self._too_slow()
 
     def _push(self, frame: dict) -> None:
@@ -714,9 +752,12 @@ async def handle_socket(
     burst: float,
     origins: wsp.OriginPolicy | None = None,
     cap: AddressCap | None = None,
+    budget: OutboxBudget | None = None,
 ) -> None:
     """One accepted socket: the upgrade, then the connection until it ends."""
-    transport = Transport(sock)
+    if budget is not None and budget.sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, budget.sndbuf)
+    transport = Transport(sock, budget)
     address: str | None = None
     try:
         shake = wsp.Handshake("/ws", origins)
@@ -852,6 +893,7 @@ async def serve_ws(
     burst: float,
     origins: wsp.OriginPolicy | None = None,
     cap: AddressCap | None = None,
+    budget: OutboxBudget | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept WebSockets until cancelled; each runs in ``handler_nursery``.
@@ -868,6 +910,7 @@ async def serve_ws(
         burst=burst,
         origins=origins,
         cap=cap,
+        budget=budget or OutboxBudget(),
     )
     socks = bind(host, port)
     try:

@@ -109,3 +109,99 @@ async def test_acks_are_taken_while_a_long_backlog_streams(tmp_path, names):
     finally:
         await api.aclose()
         assert proc.stop() == 0
+
+
+def silent_device(port: int, token: str):
+    """A raw socket that authenticates and then reads nothing (a tiny
+    receive buffer, so the kernel soon stops taking data for it)."""
+    import base64
+    import os
+    import socket
+
+    from chatd.net import websocket as wsp
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade"
+        f"\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    payload = json.dumps({"type": "auth", "token": token}).encode()
+    mask = os.urandom(4)
+    assert 126 <= len(payload) < 65536  # a token is a few hundred bytes
+    head = bytes((0x81, 0x80 | 126)) + len(payload).to_bytes(2, "big")
+    sock.sendall(head + mask + wsp.unmask(payload, mask))
+    return sock
+
+
+def close_code_of(sock) -> int | None:
+    """Read everything the server sent until it hangs up; the code of its
+    close frame (server frames are unmasked)."""
+    sock.settimeout(15)
+    data = bytearray()
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+    pos = 0
+    while pos + 2 <= len(data):
+        opcode, n = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        pos += 2
+        if n == 126:
+            n, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
+        elif n == 127:
+            n, pos = int.from_bytes(data[pos : pos + 8], "big"), pos + 8
+        if opcode == 0x8:
+            return int.from_bytes(data[pos : pos + 2], "big")
+        pos += n
+    return None
+
+
+async def test_the_process_budget_closes_the_slow_devices_and_loses_nothing(tmp_path, names):
+    """--outbox-total-mib 1 with a per-device budget far above it: devices
+    that never read are closed with 4008 once all of them together hold
+    more than 1 MiB (each well under its own 8 MiB); the sender's device,
+    which reads, stays; the owner gets everything when back."""
+    proc = ChatdProcess(
+        tmp_path,
+        args=[
+            "--rate",
+            "0",
+            "--outbox-kib",
+            "8192",
+            "--outbox-total-mib",
+            "1",
+            "--socket-sndbuf-kib",
+            "32",
+        ],
+    ).start()
+    api = Api(proc.http_url)
+    alice, bob = names("alice"), names("bob")
+    ta, tb = await api.user(alice), await api.user(bob)
+    count = 300  # 300 x 4 KB = 1.2 MB per silent device, past its 32 KiB kernel buffer
+    silent = []
+    try:
+        silent = [silent_device(proc.ws_port, tb) for _ in range(3)]
+        sent_ids = []
+        async with connect(proc.ws_url, alice) as a:
+            await a.auth(ta)
+            for i in range(count):
+                await a.send("q" * 4000, to=bob, cid=f"s{i}")
+            for i in range(count):
+                sent_ids.append((await a.expect("sent", cid=f"s{i}", timeout=30))["id"])
+            codes = [await trio.to_thread.run_sync(close_code_of, s) for s in silent]
+            assert codes == [4008, 4008, 4008], codes
+            assert a.closed is None  # the device that reads was never touched
+        assert proc.logs().count("closing a slow connection") == 3
+        async with connect(proc.ws_url, bob) as b:
+            await b.auth(tb)
+            again = [(await b.expect("message", timeout=30))["id"] for _ in range(count)]
+            assert again == sent_ids
+    finally:
+        for s in silent:
+            s.close()
+        await api.aclose()
+        assert proc.stop() == 0
