@@ -49,6 +49,8 @@ class Claims:
     #: The token's id (``jti``): what logout revokes. None for tokens issued
     #: before chatd put one in.
     token_id: str | None = None
+    #: The refresh-token family it was issued in (``fam``), if any.
+    family: str | None = None
 
 
 class Tokens:
@@ -61,14 +63,18 @@ class Tokens:
     def __repr__(self) -> str:
         return f"Tokens(ttl={self.ttl})"
 
-    def issue(self, user: str, now: float) -> str:
-        claims = {
+    def issue(
+        self, user: str, now: float, *, token_id: str | None = None, family: str | None = None
+    ) -> str:
+        claims: dict[str, object] = {
             "sub": user,
             "iat": int(now),
             "exp": int(now) + self.ttl,
             "iss": _ISSUER,
-            "jti": secrets.token_urlsafe(12),
+            "jti": token_id or secrets.token_urlsafe(12),
         }
+        if family is not None:
+            claims["fam"] = family
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
 
     def verify(self, token: str) -> Claims:
@@ -88,11 +94,12 @@ class Tokens:
         sub = claims.get("sub")
         if not isinstance(sub, str):
             raise Unauthorized("invalid token")
-        jti = claims.get("jti")
+        jti, fam = claims.get("jti"), claims.get("fam")
         return Claims(
             user=sub,
             expires_at=float(claims["exp"]),
             token_id=jti if isinstance(jti, str) else None,
+            family=fam if isinstance(fam, str) else None,
         )
 
 

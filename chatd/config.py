@@ -92,6 +92,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("token_ttl", int, 3600, ("CHATD_TOKEN_TTL",), "Token lifetime in seconds."),
     Setting(
+        "refresh_ttl",
+        int,
+        30 * 86_400,
+        ("CHATD_REFRESH_TTL",),
+        "Refresh-token lifetime in seconds (a family ends this long after its last use).",
+    ),
+    Setting(
         "keys",
         str,
         "",
@@ -282,6 +289,7 @@ class Config:
     mongo_uri: str = ""
     jwt_secret: str = dataclasses.field(default="", repr=False)
     token_ttl: int = 3600
+    refresh_ttl: int = 30 * 86_400
     keys: str = dataclasses.field(default="", repr=False)
     active_key: str = ""
     key_file: Path | None = None

@@ -299,6 +299,17 @@ class Inbound:
 
 
 @dataclass(frozen=True, slots=True)
+class Rotation:
+    """What :meth:`Broker.refresh_rotate` did: ``rotated``, ``reused`` or
+    ``unknown``; the family's user, and the id of the access token last
+    issued in it (to revoke on reuse)."""
+
+    outcome: str
+    user: str | None = None
+    token_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Taken:
     """What :meth:`Broker.take` gave."""
 
@@ -449,6 +460,27 @@ class Broker(Protocol):
         ...
 
     async def is_revoked(self, token_id: str) -> bool: ...
+
+    async def refresh_begin(
+        self, family: str, user: str, digest: str, token_id: str, until_ms: int
+    ) -> None:
+        """Remember a new refresh-token family: its user, the digest of the
+        one valid refresh token, the id of the access token issued with it;
+        forgotten at ``until_ms``."""
+        ...
+
+    async def refresh_rotate(
+        self, family: str, digest: str, new_digest: str, new_token_id: str, until_ms: int
+    ) -> Rotation:
+        """Atomically, on every node: if ``digest`` is the family's valid
+        refresh token, replace it by ``new_digest`` (outcome ``rotated``); if
+        the family exists but ``digest`` is an older one, forget the family
+        (outcome ``reused``: a copy was stolen or replayed); else ``unknown``."""
+        ...
+
+    async def refresh_end(self, family: str) -> None:
+        """Forget a family (logout)."""
+        ...
 
     async def take(self, bucket: str, want: int, rate: float, burst: int) -> Taken:
         """A token bucket shared by every node on this broker: ``bucket``

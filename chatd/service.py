@@ -10,9 +10,11 @@ a recipient → the recipient's connection.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -75,6 +77,12 @@ from chatd.rates import UserRates
 
 log = logging.getLogger("chatd.service")
 
+
+def _digest(secret: str) -> str:
+    """What the broker keeps of a refresh token: its SHA-256, never the token."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
 #: What goes through the one group commit: a send, a mark, a (sender, receipt) ack.
 WriteRequest = NewMessage | Mark | tuple[str, ReceiptKey]
 WriteResult = Appended | MarkResult | None
@@ -124,6 +132,7 @@ class ChatService:
         burst: float = 1.0,
         login_limits: tuple[float, float, float] = (0.0, 0.0, 0.0),
         max_sockets_per_user: int = 0,
+        refresh_ttl: int = 30 * 86_400,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -164,6 +173,7 @@ class ChatService:
         #: Per minute: logins per address, logins per username, registrations per address.
         self.login_limits = login_limits
         self.max_sockets_per_user = max_sockets_per_user
+        self.refresh_ttl = refresh_ttl
         self._stop = trio.Event()
         self._resync_wanted = trio.Event()
         #: Users to resync (None: every local user).
@@ -356,7 +366,7 @@ class ChatService:
         log.info("user registered", extra={"user": name})
         return name
 
-    async def login(self, username: object, password: object) -> tuple[str, int]:
+    async def login(self, username: object, password: object) -> tuple[str, int, str | None]:
         if not isinstance(username, str) or not isinstance(password, str):
             raise Unauthorized("wrong username or password")
         try:
@@ -372,8 +382,54 @@ class ChatService:
         )
         if not ok or user is None or user.disabled:
             raise Unauthorized("wrong username or password")
-        token = self.tokens.issue(user.username, self.clock.now_ms() / 1000)
-        return token, self.tokens.ttl
+        token, refresh = await self._new_family(user.username)
+        return token, self.tokens.ttl, refresh
+
+    async def _new_family(self, user: str) -> tuple[str, str | None]:
+        """An access token, and a refresh token starting a new family (None
+        when the broker cannot keep it: the device logs in again later)."""
+        family, secret = secrets.token_urlsafe(12), secrets.token_urlsafe(32)
+        token_id = secrets.token_urlsafe(12)
+        now_ms = self.clock.now_ms()
+        token = self.tokens.issue(user, now_ms / 1000, token_id=token_id, family=family)
+        try:
+            await self.broker.refresh_begin(
+                family, user, _digest(secret), token_id, now_ms + self.refresh_ttl * 1000
+            )
+        except Unavailable as exc:
+            log.warning("no refresh token: broker unavailable", extra={"reason": exc.message})
+            return token, None
+        return token, f"{family}.{secret}"
+
+    async def refresh(self, refresh_token: object) -> tuple[str, int, str]:
+        """A new access token and the next refresh token for a valid refresh
+        token (rotated: each works once). A refresh token used twice means a
+        copy is in other hands: the family is ended, its last access token
+        revoked and its sockets closed, and both holders must log in again."""
+        if not isinstance(refresh_token, str) or refresh_token.count(".") != 1:
+            raise Unauthorized("unknown or expired refresh token")
+        family, secret = refresh_token.split(".")
+        new_secret, token_id = secrets.token_urlsafe(32), secrets.token_urlsafe(12)
+        now_ms = self.clock.now_ms()
+        rotation = await self.broker.refresh_rotate(
+            family, _digest(secret), _digest(new_secret), token_id, now_ms + self.refresh_ttl * 1000
+        )
+        if rotation.outcome == "reused" and rotation.user is not None:
+            log.warning("refresh token reused: family ended", extra={"user": rotation.user})
+            if rotation.token_id is not None:
+                await self.broker.revoke(rotation.token_id, now_ms + self.tokens.ttl * 1000)
+                await self.kick(
+                    rotation.user, rotation.token_id, "signed out: refresh token reused"
+                )
+            raise Unauthorized("refresh token already used: this session is signed out")
+        if rotation.outcome != "rotated" or rotation.user is None:
+            raise Unauthorized("unknown or expired refresh token")
+        user = await self.store.get_user(rotation.user)
+        if user is None or user.disabled:
+            await self.broker.refresh_end(family)
+            raise Unauthorized("unknown or disabled user")
+        token = self.tokens.issue(user.username, now_ms / 1000, token_id=token_id, family=family)
+        return token, self.tokens.ttl, f"{family}.{new_secret}"
 
     async def authenticate(self, token: str) -> Claims:
         """What a valid token says: its user, its expiry, its id. Raises
@@ -417,6 +473,8 @@ class ChatService:
         if claims.token_id is None:
             raise BadRequest("this token has no id to revoke; it expires on its own")
         await self.broker.revoke(claims.token_id, int(claims.expires_at * 1000))
+        if claims.family is not None:
+            await self.broker.refresh_end(claims.family)
         await self.kick(claims.user, claims.token_id, "logged out")
         log.info("logged out", extra={"user": claims.user})
 

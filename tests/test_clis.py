@@ -21,6 +21,7 @@ PROJECT = [
     ["loadtest/microbench.py", "--help"],
     ["loadtest/resync_bench.py", "--help"],
     ["loadtest/slow_readers.py", "--help"],
+    ["loadtest/login_storm.py", "--help"],
     ["loadtest/runner.py", "--help"],
     ["loadtest/stack.py", "--help"],
     ["loadtest/noderef.py", "--help"],

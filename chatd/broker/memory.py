@@ -25,6 +25,7 @@ from chatd.ports import (
     Owed,
     QueueInfo,
     Resync,
+    Rotation,
     Routed,
     Taken,
 )
@@ -45,6 +46,8 @@ class MemoryBroker:
         self._started: dict[str, int] = {}
         self._revoked: dict[str, int] = {}  # token id -> until (ms)
         self._buckets: dict[str, tuple[float, float]] = {}  # bucket -> (tokens, at s)
+        #: refresh family -> (user, digest, access token id, until ms)
+        self._families: dict[str, tuple[str, str, str, int]] = {}
 
     async def run(
         self,
@@ -143,6 +146,34 @@ class MemoryBroker:
             del self._revoked[old]
         if until_ms > now:
             self._revoked[token_id] = until_ms
+
+    async def refresh_begin(
+        self, family: str, user: str, digest: str, token_id: str, until_ms: int
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        now = _now_ms()
+        for old in [f for f, v in self._families.items() if v[3] <= now]:
+            del self._families[old]
+        self._families[family] = (user, digest, token_id, until_ms)
+
+    async def refresh_rotate(
+        self, family: str, digest: str, new_digest: str, new_token_id: str, until_ms: int
+    ) -> Rotation:
+        await trio.lowlevel.checkpoint()
+        found = self._families.get(family)
+        if found is None or found[3] <= _now_ms():
+            self._families.pop(family, None)
+            return Rotation("unknown")
+        user, current, token_id, _ = found
+        if current != digest:
+            del self._families[family]
+            return Rotation("reused", user, token_id)
+        self._families[family] = (user, new_digest, new_token_id, until_ms)
+        return Rotation("rotated", user, token_id)
+
+    async def refresh_end(self, family: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._families.pop(family, None)
 
     async def take(self, bucket: str, want: int, rate: float, burst: int) -> Taken:
         await trio.lowlevel.checkpoint()

@@ -77,6 +77,7 @@ from chatd.ports import (
     Owed,
     QueueInfo,
     Resync,
+    Rotation,
     Routed,
     Taken,
 )
@@ -338,6 +339,23 @@ return {taken, wait}
 """
 
 
+#: KEYS: the family. ARGV: digest presented, new digest, new access token
+#: id, until (ms). Returns {outcome, user, access token id before}.
+ROTATE = """
+local v = redis.call('HMGET', KEYS[1], 'user', 'digest', 'jti')
+if not v[1] then
+  return {'unknown', false, false}
+end
+if v[2] ~= ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return {'reused', v[1], v[3]}
+end
+redis.call('HSET', KEYS[1], 'digest', ARGV[2], 'jti', ARGV[3])
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+return {'rotated', v[1], v[3]}
+"""
+
+
 class _Script:
     def __init__(self, name: str, source: str) -> None:
         self.name = name
@@ -357,6 +375,7 @@ SCRIPTS = {
         ("detach", DETACH),
         ("prune", PRUNE),
         ("take", TAKE),
+        ("rotate", ROTATE),
     )
 }
 
@@ -1154,6 +1173,35 @@ class RedisBroker:
             user, _, rest = bucket[2:].partition(":")
             return self.user_key(user, f"rate:{rest}")
         return f"{self.prefix}:rate:{bucket}"
+
+    def family_key(self, family: str) -> str:
+        return f"{self.prefix}:refresh:{family}"
+
+    async def refresh_begin(
+        self, family: str, user: str, digest: str, token_id: str, until_ms: int
+    ) -> None:
+        key = self.family_key(family)
+        await self._commands(
+            "refresh",
+            [
+                ("HSET", key, "user", user, "digest", digest, "jti", token_id),
+                ("PEXPIREAT", key, until_ms),
+            ],
+        )
+
+    async def refresh_rotate(
+        self, family: str, digest: str, new_digest: str, new_token_id: str, until_ms: int
+    ) -> Rotation:
+        call: _Call = (
+            SCRIPTS["rotate"],
+            [self.family_key(family)],
+            [digest, new_digest, new_token_id, until_ms],
+        )
+        [(outcome, user, token_id)] = await self._scripts("refresh", [call])
+        return Rotation(str(outcome), user or None, token_id or None)
+
+    async def refresh_end(self, family: str) -> None:
+        await self._commands("refresh", [("DEL", self.family_key(family))])
 
     async def take(self, bucket: str, want: int, rate: float, burst: int) -> Taken:
         if rate <= 0:

@@ -136,8 +136,13 @@ def create_app(
         body = await _json(request)
         username = body.get("username")
         await service.limit("login", address(request), username)
-        token, ttl = await service.login(username, body.get("password"))
-        return JSONResponse({"token": token, "expires_in": ttl})
+        token, ttl, refresh = await service.login(username, body.get("password"))
+        return JSONResponse({"token": token, "expires_in": ttl, "refresh_token": refresh})
+
+    async def refresh(request: Request) -> Response:
+        body = await _json(request)
+        token, ttl, refresh_token = await service.refresh(body.get("refresh_token"))
+        return JSONResponse({"token": token, "expires_in": ttl, "refresh_token": refresh_token})
 
     async def conversations(request: Request) -> Response:
         user = await caller(request)
@@ -217,6 +222,7 @@ def create_app(
             Route("/register", register, methods=["POST"]),
             Route("/login", login, methods=["POST"]),
             Route("/logout", logout, methods=["POST"]),
+            Route("/refresh", refresh, methods=["POST"]),
             Route("/conversations", conversations, methods=["GET", "POST"]),
             Route("/conversations/{id}/messages", messages, methods=["GET"]),
             Route("/users/{name}", user_info, methods=["GET"]),

@@ -219,6 +219,27 @@ class BrokerContract:
         assert not await b2.is_revoked("t2")
         assert await b1.is_revoked("t1")
 
+    async def test_a_refresh_family_rotates_once_per_token_and_ends_on_reuse(
+        self, brokers: Make
+    ) -> None:
+        b1, b2 = brokers(), brokers()
+        until = int(time.time() * 1000) + 60_000
+        await b1.refresh_begin("f1", "alice", "d1", "jti1", until)
+        rotated = await b2.refresh_rotate("f1", "d1", "d2", "jti2", until)
+        assert (rotated.outcome, rotated.user, rotated.token_id) == ("rotated", "alice", "jti1")
+        assert (await b1.refresh_rotate("f1", "d2", "d3", "jti3", until)).outcome == "rotated"
+        # d2 again: a copy was replayed. The family ends, whoever holds d3.
+        reused = await b2.refresh_rotate("f1", "d2", "d4", "jti4", until)
+        assert (reused.outcome, reused.user, reused.token_id) == ("reused", "alice", "jti3")
+        assert (await b1.refresh_rotate("f1", "d3", "d5", "jti5", until)).outcome == "unknown"
+        assert (await b1.refresh_rotate("nope", "d1", "d2", "j", until)).outcome == "unknown"
+        await b1.refresh_begin("f2", "bob", "e1", "k1", until)
+        await b2.refresh_end("f2")
+        assert (await b1.refresh_rotate("f2", "e1", "e2", "k2", until)).outcome == "unknown"
+        await b1.refresh_begin("f3", "bob", "g1", "m1", int(time.time() * 1000) + 200)
+        await trio.sleep(0.4)  # expired
+        assert (await b2.refresh_rotate("f3", "g1", "g2", "m2", until)).outcome == "unknown"
+
     async def test_a_rate_bucket_is_shared_by_every_node(self, brokers: Make) -> None:
         b1, b2 = brokers(), brokers()
         assert (await b1.take("u:alice:send", 3, rate=1, burst=5)).granted == 3

@@ -253,3 +253,49 @@ async def test_login_limits_are_shared_by_the_replicas(tmp_path, names):
             await api.aclose()
     finally:
         cluster.close()
+
+
+async def test_refresh_tokens_rotate_and_a_reused_one_ends_the_session(tmp_path, names):
+    """POST /api/refresh trades a refresh token for a new access token and
+    the next refresh token (each works once). Presenting one a second time
+    ends the family: the last access token is revoked (its socket closes
+    4001) and the newest refresh token stops working too. Logout ends the
+    family as well."""
+    proc = ChatdProcess(tmp_path).start()
+    api = Api(proc.http_url)
+    try:
+        alice = names("alice")
+        assert (await api.register(alice))[0] == 201
+        status, login = await api.call(
+            "POST", "/api/login", json={"username": alice, "password": "correct horse"}
+        )
+        assert status == 200 and login["refresh_token"]
+
+        async def refresh(token: str) -> tuple[int, dict]:
+            return await api.call("POST", "/api/refresh", json={"refresh_token": token})
+
+        status, first = await refresh(login["refresh_token"])
+        assert status == 200 and first["expires_in"] == 3600
+        assert first["refresh_token"] != login["refresh_token"] and first["token"] != login["token"]
+        assert (await api.call("GET", "/api/conversations", first["token"]))[0] == 200
+        status, second = await refresh(first["refresh_token"])
+        assert status == 200
+        async with connect(proc.ws_url, "the thief's copy") as device:
+            await device.auth(second["token"])
+            # The first refresh token again: someone kept a copy.
+            status, body = await refresh(first["refresh_token"])
+            assert status == 401 and "already used" in body["error"]["message"]
+            assert (await device.expect_closed(timeout=2))[0] == 4001
+        assert (await api.call("GET", "/api/conversations", second["token"]))[0] == 401
+        assert (await refresh(second["refresh_token"]))[0] == 401
+        # A fresh login, then logout: its refresh token is dead as well.
+        status, again = await api.call(
+            "POST", "/api/login", json={"username": alice, "password": "correct horse"}
+        )
+        assert (await api.call("POST", "/api/logout", again["token"]))[0] == 204
+        assert (await refresh(again["refresh_token"]))[0] == 401
+        for bad in ("", "no-dot", "a.b.c", 42, None):
+            assert (await refresh(bad))[0] == 401
+    finally:
+        await api.aclose()
+        assert proc.stop() == 0

@@ -316,3 +316,47 @@ def test_bad_token_closes_4001_and_returns_to_login(user):
     expect(alice.tid("login-username")).to_have_value(alice.name)
     assert alice.page.evaluate("sessionStorage.getItem('chatd.session')") is None
     alice.login()
+
+
+@pytest.fixture(scope="module")
+def short_token_server(tmp_path_factory):
+    """Access tokens that live 10 s (the shortest chatd allows)."""
+    from chatd.testing.procs import ChatdProcess
+
+    proc = ChatdProcess(tmp_path_factory.mktemp("short-tokens"), args=["--token-ttl", "10"]).start()
+    yield proc
+    assert proc.stop() == 0, proc.logs()[-3000:]
+
+
+def test_an_expired_token_is_refreshed_without_the_password(browser, short_token_server, names):
+    """The server closes the socket when the access token expires (4001);
+    the client trades its refresh token for a new one and carries on: no
+    login form, messages still flow, the token in the session is new."""
+    from chatpage import DESKTOP, ChatPage
+
+    pages = []
+    try:
+        alice = ChatPage(
+            browser.new_context(viewport=DESKTOP), short_token_server.http_url, names("alice")
+        )
+        bob = ChatPage(
+            browser.new_context(viewport=DESKTOP), short_token_server.http_url, names("bob")
+        )
+        pages += [alice, bob]
+        bob.register()
+        alice.register()
+        session = "JSON.parse(sessionStorage.getItem('chatd.session'))"
+        before = alice.page.evaluate(session)
+        assert before["refresh"]
+        alice.page.wait_for_timeout(12_000)  # past the 10 s token: 4001, then the refresh
+        alice.expect_online()
+        after = alice.page.evaluate(session)
+        assert after["token"] != before["token"] and after["refresh"] != before["refresh"]
+        expect(alice.tid("login-view")).to_be_hidden()
+        alice.start_dm(bob.name)
+        alice.send("still here after an hour's worth")
+        alice.expect_status("still here after an hour's worth", "delivered")
+        assert not [e for p in pages for e in p.errors]
+    finally:
+        for p in pages:
+            p.context.close()

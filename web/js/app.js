@@ -205,11 +205,16 @@ export class App {
         const made = await api('/api/register', { method: 'POST', body: { username, password } });
         name = made.username;
       }
-      const { token, expires_in } = await api('/api/login', {
+      const { token, expires_in, refresh_token } = await api('/api/login', {
         method: 'POST',
         body: { username: name, password },
       });
-      const session = { user: name, token, expiresAt: Date.now() + expires_in * 1000 };
+      const session = {
+        user: name,
+        token,
+        expiresAt: Date.now() + expires_in * 1000,
+        refresh: refresh_token || null,
+      };
       sessionStorage.setItem(SESSION_KEY, JSON.stringify(session));
       form.elements.password.value = '';
       this.enterApp(session);
@@ -232,14 +237,7 @@ export class App {
     this.el.meName.textContent = this.me;
     this.el.meAvatar.replaceChildren(avatar(this.me));
     this.restoreOutbox();
-    this.conn = new Connection({
-      token: this.token,
-      resolveUrl: () => this.wsUrl(),
-      onFrame: (f) => this.onFrame(f),
-      onStatus: (s) => this.onStatus(s),
-      onUnauthorized: (msg) => this.sessionEnded(msg),
-    });
-    this.conn.start();
+    this.startConnection();
     this.loadConversations();
     this.route();
     this.scheduleRender();
@@ -262,8 +260,51 @@ export class App {
     this.showLogin();
   }
 
-  /** The server said the token is no good (close 4001, HTTP 401): back to the login. */
-  sessionEnded(message) {
+  startConnection() {
+    this.conn = new Connection({
+      token: this.token,
+      resolveUrl: () => this.wsUrl(),
+      onFrame: (f) => this.onFrame(f),
+      onStatus: (s) => this.onStatus(s),
+      onUnauthorized: (msg) => this.sessionEnded(msg),
+    });
+    this.conn.start();
+  }
+
+  /**
+   * The access token expired (or was refused): trade the refresh token for a
+   * new one and carry on, without asking for the password. True if it worked.
+   * A refresh token works once; the server ends the session if one is reused.
+   */
+  async refreshSession() {
+    const s = loadSession(true);
+    if (!s || !s.refresh || this.refreshing) return false;
+    this.refreshing = true;
+    try {
+      const r = await api('/api/refresh', { method: 'POST', body: { refresh_token: s.refresh } });
+      const session = {
+        user: s.user,
+        token: r.token,
+        expiresAt: Date.now() + r.expires_in * 1000,
+        refresh: r.refresh_token,
+      };
+      sessionStorage.setItem(SESSION_KEY, JSON.stringify(session));
+      this.token = r.token;
+      if (this.conn) this.conn.stop();
+      this.startConnection();
+      return true;
+    } catch {
+      return false;
+    } finally {
+      this.refreshing = false;
+    }
+  }
+
+  /** The server said the token is no good (close 4001, HTTP 401): refresh, or back to the login. */
+  async sessionEnded(message) {
+    // Only an expired token is renewed; a revoked one, a disabled account or
+    // a reused refresh token means signing in again.
+    if (/expired/.test(message || '') && (await this.refreshSession())) return;
     if (this.conn) this.conn.stop();
     this.conn = null;
     // Revoke the token on the server (every replica refuses it from now on);
@@ -1600,10 +1641,12 @@ export class App {
   }
 }
 
-function loadSession() {
+function loadSession(expiredToo = false) {
   try {
     const s = JSON.parse(sessionStorage.getItem(SESSION_KEY) || 'null');
-    if (s && s.user && s.token && (!s.expiresAt || s.expiresAt > Date.now())) return s;
+    // An expired access token is fine while there is a refresh token.
+    const fresh = !s || !s.expiresAt || s.expiresAt > Date.now() || s.refresh || expiredToo;
+    if (s && s.user && s.token && fresh) return s;
   } catch {
     /* unreadable: log in again */
   }
