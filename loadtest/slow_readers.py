@@ -22,7 +22,6 @@ Run it twice to compare budgets, e.g. ``--chatd-args "--outbox-total-mib 0"``
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import platform
@@ -38,41 +37,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chatd.net import websocket as wsp
-from chatd.testing.client import Api, connect
+from chatd.testing.client import Api, connect, silent_device
 from chatd.testing.procs import ChatdProcess
 
 PASSWORD = "correct horse"
-
-
-def masked_text(payload: bytes) -> bytes:
-    """A client text frame (clients must mask)."""
-    mask = os.urandom(4)
-    n = len(payload)
-    head = bytes((0x81,)) + (
-        bytes((0x80 | n,)) if n < 126 else bytes((0x80 | 126,)) + n.to_bytes(2, "big")
-    )
-    return head + mask + wsp.unmask(payload, mask)
-
-
-def silent_device(port: int, token: str) -> socket.socket:
-    """A socket that upgrades, authenticates, and never reads again."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    sock.sendall(masked_text(json.dumps({"type": "auth", "token": token}).encode()))
-    return sock
 
 
 def rss_mib(pid: int) -> float:

@@ -7,8 +7,11 @@ so far, which makes a failing end-to-end test readable.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
+import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -192,3 +195,40 @@ class Api:
         status, body = await self.register(username, password)
         assert status == 201, body
         return await self.login(username, password)
+
+
+def masked_text(payload: bytes) -> bytes:
+    """A client text frame as a raw socket must send it (masked)."""
+    from chatd.net import websocket as wsp
+
+    mask = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        length = bytes((0x80 | n,))
+    elif n < 65536:
+        length = bytes((0x80 | 126,)) + n.to_bytes(2, "big")
+    else:
+        length = bytes((0x80 | 127,)) + n.to_bytes(8, "big")
+    return bytes((0x81,)) + length + mask + wsp.unmask(payload, mask)
+
+
+def silent_device(port: int, token: str, rcvbuf: int = 4096) -> socket.socket:
+    """A blocking raw socket to chatd's WebSocket port that upgrades, sends
+    ``auth`` and then reads nothing (its small receive buffer makes the
+    kernel stop taking data for it soon): a device that never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    sock.sendall(request.encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(f"upgrade refused: {head[:80]!r}")
+    sock.sendall(masked_text(json.dumps({"type": "auth", "token": token}).encode()))
+    return sock

@@ -7,7 +7,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from chatd.testing.client import Api, connect
+from chatd.testing.client import Api, connect, silent_device
 from chatd.testing.procs import ChatdProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -109,34 +109,6 @@ async def test_acks_are_taken_while_a_long_backlog_streams(tmp_path, names):
     finally:
         await api.aclose()
         assert proc.stop() == 0
-
-
-def silent_device(port: int, token: str):
-    """A raw socket that authenticates and then reads nothing (a tiny
-    receive buffer, so the kernel soon stops taking data for it)."""
-    import base64
-    import os
-    import socket
-
-    from chatd.net import websocket as wsp
-
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade"
-        f"\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    payload = json.dumps({"type": "auth", "token": token}).encode()
-    mask = os.urandom(4)
-    assert 126 <= len(payload) < 65536  # a token is a few hundred bytes
-    head = bytes((0x81, 0x80 | 126)) + len(payload).to_bytes(2, "big")
-    sock.sendall(head + mask + wsp.unmask(payload, mask))
-    return sock
 
 
 def close_code_of(sock) -> int | None:
