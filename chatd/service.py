@@ -70,6 +70,7 @@ from chatd.core.names import (
     parse_rid,
 )
 from chatd.core.session import Outbound
+from chatd.hashing import Hasher
 from chatd.hub import Connection, Hub, render, render_payload
 from chatd.metrics import Metrics
 from chatd.ports import Broker, Clock, Routed, Store, Writes
@@ -147,7 +148,7 @@ class ChatService:
         self.metrics.watch(self.hub.count, lambda: self.keyring.active)
         # argon2 is CPU-bound: a small limiter keeps logins from starving the
         # worker threads the store needs.
-        self._cpu = trio.CapacityLimiter(cpu_threads)
+        self.hasher = Hasher(threads=cpu_threads)
         # Conversation membership never changes in protocol v1, so it is safe
         # to cache; this saves a store round trip on every send and typing.
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
@@ -361,7 +362,7 @@ class ChatService:
             raise BadRequest(f"password must be {MIN_PASSWORD}-{MAX_PASSWORD} characters")
         if await self.store.get_user(name) is not None:
             raise Conflict(f"username '{name}' is taken")
-        pw_hash = await trio.to_thread.run_sync(self.passwords.hash, password, limiter=self._cpu)
+        pw_hash = await self.hasher.run(self.passwords.hash, password)
         await self.store.create_user(User(name, pw_hash, self.clock.now_ms()))
         log.info("user registered", extra={"user": name})
         return name
@@ -374,11 +375,8 @@ class ChatService:
         except BadRequest:
             name = ""
         user = await self.store.get_user(name) if name else None
-        ok = await trio.to_thread.run_sync(
-            self.passwords.verify,
-            user.password_hash if user else None,
-            password[:MAX_PASSWORD],
-            limiter=self._cpu,
+        ok = await self.hasher.run(
+            self.passwords.verify, user.password_hash if user else None, password[:MAX_PASSWORD]
         )
         if not ok or user is None or user.disabled:
             raise Unauthorized("wrong username or password")
