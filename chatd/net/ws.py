@@ -42,6 +42,7 @@ from functools import partial
 
 import trio
 
+from chatd import hub
 from chatd.core import frames
 from chatd.core.errors import BadRequest, ChatError, RateLimited, Unauthorized
 from chatd.core.session import Outbound, Session, SlowConsumer
@@ -74,7 +75,9 @@ RECV_SIZE = 65536
 #: Writes (sends, acks, seen reports) one connection may have queued at once
 #: before its reader waits for them to commit.
 MAX_INFLIGHT = 256
-CLOSE_UNAUTHORIZED = 4001
+#: 4001 (the token or the account is no longer good): one fact, in the hub,
+#: which also closes sockets with it when told to (logout, disable).
+CLOSE_UNAUTHORIZED = hub.CLOSE_UNAUTHORIZED
 CLOSE_TOO_SLOW = 4008
 #: Over a cap on live sockets (per account, per client address).
 CLOSE_TOO_MANY = 4029
