@@ -19,6 +19,7 @@ Tables for people, ``--json`` for scripts. Exit codes::
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import sys
@@ -527,6 +528,95 @@ def queue_show(ctx: Ctx, name: str, decrypt: bool, limit: int | None, as_json: b
         rows.append(row)
     table(headers, rows)
     click.echo(plural(len(entries), "entry"))
+
+
+@main.group()
+def messages() -> None:
+    """Look at one stored message; delete it for everyone (moderation)."""
+
+
+@messages.command("show")
+@click.argument("id")
+@click.option("--decrypt", is_flag=True, help="Show the body (needs the keyring).")
+@json_flag
+@pass_ctx
+def messages_show(ctx: Ctx, id: str, decrypt: bool, as_json: bool) -> None:
+    """A message by id: conversation, seq, sender, receipts, reactions, edits."""
+    from admin import ops
+
+    ring = None
+    if decrypt:
+        try:
+            ring = load_ring(ctx.config, "--decrypt")
+        except CtlError as exc:
+            fail(exc.message, exc.code)
+    info = run(ctx, lambda s: ops.show_message(s, id, ring), store=True, broker=False)
+    if wants_json(ctx, as_json):
+        emit_json(info)
+        return
+    rows = [
+        ("id", info["id"]),
+        ("conversation", info["conversation"]),
+        ("seq", info["seq"]),
+        ("from", info["from"]),
+        ("sent", when(info["ts"])),
+        ("state", "deleted" if info["deleted"] else "stored"),
+        ("key id", info["key_id"] or "-"),
+        ("reply to", info["reply_to"] or "-"),
+        ("edited", f"{when(info['edited_ts'])} ({info['edits']}x)" if info["edits"] else "-"),
+        (
+            "reactions",
+            " ".join(f"{e} {n}" for e, n in info["reactions"].items()) or "-",
+        ),
+        ("delivered to", ", ".join(info["delivered_to"]) or "-"),
+        ("seen by", ", ".join(info["seen_by"]) or "-"),
+    ]
+    if decrypt:
+        rows.append(
+            ("body", info.get("body") if info.get("body") is not None else info.get("error", "-"))
+        )
+    pairs(rows)
+
+
+@messages.command("delete")
+@click.argument("id")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_flag
+@pass_ctx
+def messages_delete(ctx: Ctx, id: str, yes: bool, as_json: bool) -> None:
+    """Delete a message for everyone: the body is erased, members get a
+    'deleted' event. Writes an audit line to stderr."""
+    from admin import ops
+
+    if not yes:
+        info = run(ctx, lambda s: ops.show_message(s, id, None), store=True, broker=False)
+        click.echo(
+            f"Deleting message {info['id']} (seq {info['seq']} of {info['conversation']},"
+            f" from {info['from']}, sent {when(info['ts'])}) for everyone:\n"
+            "  - its body is erased from the store and from Redis queues; it cannot be undone\n"
+            "  - every member gets a 'deleted' event; history keeps a tombstone",
+            err=True,
+        )
+        _confirm("Delete?")
+    done = run(ctx, lambda s, b: ops.delete_message(s, b, id), store=True, broker=None)
+    audit = {
+        "audit": "message deleted",
+        "by": "chatctl",
+        "operator": getpass.getuser(),
+        "id": done["id"],
+        "conversation": done["conversation"],
+        "from": done["from"],
+        "eid": done["eid"],
+        "ts": done["ts"],
+    }
+    click.echo(json.dumps(audit, ensure_ascii=False), err=True)
+    if wants_json(ctx, as_json):
+        emit_json(done)
+        return
+    click.echo(
+        f"deleted {done['id']} (seq {done['seq']} of {done['conversation']}) for everyone;"
+        f" event {done['eid']} owed to {plural(len(done['members']), 'member')}"
+    )
 
 
 @queue.command("requeue")

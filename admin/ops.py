@@ -19,6 +19,7 @@ import trio
 from chatd import crypto, owed
 from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Passwords
 from chatd.core.envelope import (
+    EventEnvelope,
     KickEnvelope,
     MessageEnvelope,
     PresenceEnvelope,
@@ -27,10 +28,15 @@ from chatd.core.envelope import (
     decode,
     encode,
 )
-from chatd.core.errors import BadRequest, NotFound
-from chatd.core.model import User
+from chatd.core.errors import BadRequest, Forbidden, NotFound
+from chatd.core.ids import UlidFactory
+from chatd.core.model import EventKind, NewEvent, StoredMessage, User
 from chatd.core.names import normalize_username
-from chatd.ports import Broker, Owed, Reseal, Routed, Store
+from chatd.ports import Broker, Owed, Reseal, Routed, Store, Writes
+
+#: Who a deletion by an operator is ``by`` on the wire: not a valid username,
+#: so it can never be mistaken for a member.
+OPERATOR = "@operator"
 
 PAGE = 500
 
@@ -241,9 +247,101 @@ def describe(entry: Owed, keyring: crypto.Keys | None) -> dict[str, Any]:
                 status=r.status.value,
                 ts=r.ts,
             )
+        case EventEnvelope(event=e):
+            out.update(
+                kind=e.kind.value,
+                id=e.message_id,
+                conversation=e.conversation,
+                sender=e.by,
+                ts=e.ts,
+                eseq=e.eseq,
+            )
         case TypingEnvelope() | PresenceEnvelope():
             out.update(kind="ephemeral")
     return out
+
+
+# -- messages (moderation) -------------------------------------------------------------
+
+
+async def need_message(store: Store, id: str) -> StoredMessage:
+    found = await store.get_messages([id])
+    if not found:
+        raise NotFound(f"no message '{id}'")
+    return found[0]
+
+
+async def show_message(store: Store, id: str, keyring: crypto.Keys | None) -> dict[str, Any]:
+    """One stored message for an operator: where and when, its state, and
+    its body only with a keyring (``--decrypt``)."""
+    m = await need_message(store, id)
+    out: dict[str, Any] = {
+        "id": m.id,
+        "conversation": m.conversation,
+        "seq": m.seq,
+        "from": m.sender,
+        "ts": m.ts,
+        "deleted": m.deleted,
+        "key_id": None if m.deleted else m.body.key_id,
+        "reply_to": m.reply_to,
+        "edited_ts": m.edited_ts,
+        "edits": m.edits,
+        "reactions": {emoji: len(users) for emoji, users in m.reactions},
+        "delivered_to": list(m.delivered_to),
+        "seen_by": list(m.seen_by),
+    }
+    if keyring is not None and not m.deleted:
+        try:
+            out["body"] = keyring.open(m.body, m.id, m.conversation)
+        except crypto.KeyringError as exc:
+            out["body"] = None
+            out["error"] = str(exc)
+    return out
+
+
+async def delete_message(store: Store, broker: Broker | None, id: str) -> dict[str, Any]:
+    """Delete a message for everyone, as its sender would: the body is
+    erased, every member is owed a ``deleted`` event ``by`` :data:`OPERATOR`,
+    and (with Redis) the event reaches connected devices at once and the
+    stale queue entries go. Without Redis, devices get it on their next
+    connection."""
+    m = await need_message(store, id)
+    if m.deleted:
+        raise NotFound(f"message '{id}' is already deleted")
+    conv = await store.get_conversation(m.conversation)
+    members = conv.members if conv is not None else ()
+    eid = UlidFactory().new()
+    ev = NewEvent(
+        eid, m.conversation, EventKind.DELETED, m.id, OPERATOR, f"op-{eid}", now_ms(),
+        tuple(members), moderator=True,
+    )  # fmt: skip
+    [done] = (await store.write(Writes(events=[ev]))).events
+    if done.refused is not None or done.event is None:
+        error = Forbidden if done.refused == "forbidden" else NotFound
+        raise error(done.reason or "refused")
+    e = done.event
+    routed = 0
+    if broker is not None:
+        key, payload, env = owed.event_item(e)
+        await broker.route([Routed(u, key, payload, True, None, env) for u in members])
+        stale: dict[str, list[str]] = {}
+        for user, qkey in done.dropped:
+            stale.setdefault(user, []).append(qkey)
+        for user, keys in stale.items():
+            await broker.settle(user, keys)
+        routed = len(members)
+    return {
+        "id": m.id,
+        "conversation": m.conversation,
+        "seq": m.seq,
+        "from": m.sender,
+        "eid": e.id,
+        "eseq": e.eseq,
+        "ts": e.ts,
+        "members": list(members),
+        "routed": routed,
+        "queue_entries_settled": len(done.dropped) if broker is not None else 0,
+    }
 
 
 async def show_queue(

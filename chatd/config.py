@@ -99,6 +99,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Refresh-token lifetime in seconds (a family ends this long after its last use).",
     ),
     Setting(
+        "edit_window",
+        int,
+        48 * 3600,
+        ("CHATD_EDIT_WINDOW",),
+        "How long (seconds) after sending a message its sender may edit it.",
+    ),
+    Setting(
         "keys",
         str,
         "",
@@ -290,6 +297,7 @@ class Config:
     jwt_secret: str = dataclasses.field(default="", repr=False)
     token_ttl: int = 3600
     refresh_ttl: int = 30 * 86_400
+    edit_window: int = 48 * 3600
     keys: str = dataclasses.field(default="", repr=False)
     active_key: str = ""
     key_file: Path | None = None
@@ -426,6 +434,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"redis_mode must be one of {', '.join(REDIS_MODES)}")
     if config.resync_concurrency < 1 or not 0 <= config.resync_jitter <= 600:
         raise ConfigError("resync_concurrency must be >= 1 and resync_jitter 0-600 s")
+    if config.edit_window < 0:
+        raise ConfigError("edit_window must be >= 0 seconds (0: no edits)")
     if config.auth_timeout <= 0 or config.shutdown_grace < 0:
         raise ConfigError("auth_timeout must be > 0 and shutdown_grace >= 0")
     if config.jwt_secret and len(config.jwt_secret) < 16:

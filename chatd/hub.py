@@ -13,9 +13,10 @@ from typing import Protocol
 
 from chatd import crypto
 from chatd.core import frames
-from chatd.core.delivery import message_order, receipt_order
+from chatd.core.delivery import event_order, message_order, receipt_order
 from chatd.core.envelope import (
     Envelope,
+    EventEnvelope,
     KickEnvelope,
     MessageEnvelope,
     PresenceEnvelope,
@@ -67,8 +68,35 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                 # message stays owed and is offered again once the key is back.
                 log.error("cannot open message body", extra={"id": m.id, "reason": str(exc)})
                 return None
-            data = frames.encode(frames.message(m.id, m.conversation, m.seq, m.sender, body, m.ts))
+            data = frames.encode(
+                frames.message(
+                    m.id, m.conversation, m.seq, m.sender, body, m.ts, m.reply_to, m.edited_ts
+                )
+            )
             return Outbound(data, m.id if owed else None, message_order(m.conversation, m.seq))
+        case EventEnvelope(event=e):
+            text = None
+            if e.body is not None:
+                try:
+                    text = keyring.open(e.body, e.message_id, e.conversation)
+                except crypto.KeyringError as exc:
+                    log.error("cannot open an edit", extra={"id": e.id, "reason": str(exc)})
+                    return None
+            frame = frames.event(
+                e.kind.value,
+                e.id,
+                e.conversation,
+                e.eseq,
+                e.message_id,
+                e.by,
+                e.ts,
+                emoji=e.emoji,
+                on=e.on,
+                body=text,
+            )
+            return Outbound(
+                frames.encode(frame), e.id if owed else None, event_order(e.conversation, e.eseq)
+            )
         case ReceiptEnvelope(receipt=r):
             receipt_id = rid(r.message_id, r.member, r.status)
             frame = frames.receipt(

@@ -42,9 +42,16 @@ except ImportError:  # pragma: no cover - exercised only without the package
     CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Client frame types (``invalid``: could not be parsed, or too large).
-FRAMES_IN = ("auth", "send", "ack", "seen", "typing", "ping", "invalid")
+FRAMES_IN = (
+    "auth", "send", "ack", "seen", "typing", "ping", "react", "edit", "delete", "invalid"
+)  # fmt: skip
+#: Events stored, by kind (chatd_events_total).
+EVENT_KINDS = ("reaction", "edited", "deleted")
 #: Server frame types (``other`` should stay 0).
-FRAMES_OUT = ("ready", "sent", "message", "receipt", "typing", "presence", "pong", "error", "other")
+FRAMES_OUT = (
+    "ready", "sent", "message", "receipt", "typing", "presence", "pong", "error",
+    "applied", "reaction", "edited", "deleted", "other",
+)  # fmt: skip
 ERROR_CODES = (
     "bad_request",
     "unauthorized",
@@ -144,6 +151,12 @@ class Metrics:
         self.messages_stored = self._fast_counter(
             "chatd_messages_stored", "Messages stored (new ones; not idempotent repeats)."
         )
+        events = self._fast_counter(
+            "chatd_events",
+            "Reactions, edits and deletions stored (new ones; not idempotent repeats), by kind.",
+            ["kind"],
+        )
+        self.events = {k: events.labels(k) for k in EVENT_KINDS}
         self.messages_duplicate = self._fast_counter(
             "chatd_messages_duplicate",
             "Sends answered with the message already stored for the same (sender, cid).",

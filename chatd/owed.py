@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from chatd.core.envelope import MessageEnvelope, ReceiptEnvelope, encode
-from chatd.core.model import Receipt, StoredMessage
+from chatd.core.envelope import EventEnvelope, MessageEnvelope, ReceiptEnvelope, encode
+from chatd.core.model import Receipt, StoredEvent, StoredMessage
 from chatd.core.names import rid
 from chatd.ports import Store
 
@@ -27,6 +27,12 @@ def receipt_item(r: Receipt) -> tuple[str, str, ReceiptEnvelope]:
     """(queue key, broker payload, the envelope it encodes) of an owed receipt."""
     env = ReceiptEnvelope(r)
     return rid(r.message_id, r.member, r.status), encode(env), env
+
+
+def event_item(e: StoredEvent) -> tuple[str, str, EventEnvelope]:
+    """(queue key, broker payload, the envelope it encodes) of an owed event."""
+    env = EventEnvelope(e)
+    return e.id, encode(env), env
 
 
 def message_entry(m: StoredMessage) -> tuple[str, str]:
@@ -51,6 +57,18 @@ async def message_pages(store: Store, user: str, page: int) -> AsyncIterator[lis
         if len(got) < page:
             return
         after = (got[-1].conversation, got[-1].seq)
+
+
+async def event_pages(store: Store, user: str, page: int) -> AsyncIterator[list[StoredEvent]]:
+    """Every event owed to ``user``, by conversation and eseq, ``page`` at a time."""
+    after: tuple[str, int] | None = None
+    while True:
+        got = await store.owed_events(user, page, after)
+        if got:
+            yield got
+        if len(got) < page:
+            return
+        after = (got[-1].conversation, got[-1].eseq)
 
 
 async def receipt_pages(store: Store, user: str, page: int) -> AsyncIterator[list[Receipt]]:

@@ -13,7 +13,7 @@ its backend does not answer, and :class:`chatd.core.errors.Conflict` /
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
@@ -23,13 +23,16 @@ from chatd.core.model import (
     Appended,
     Conversation,
     ConversationSummary,
+    EventResult,
     Mark,
     MarkResult,
+    NewEvent,
     NewMessage,
     Presence,
     Receipt,
     ReceiptKey,
     Sealed,
+    StoredEvent,
     StoredMessage,
     User,
 )
@@ -79,14 +82,20 @@ class Writes:
     marks: Sequence[Mark] = ()
     #: (sender, receipt) pairs, as for :meth:`Store.ack_receipts`.
     receipt_acks: Sequence[tuple[str, ReceiptKey]] = ()
+    #: Reactions, edits and deletions (applied after the appends).
+    events: Sequence[NewEvent] = ()
+    #: (user, event id) pairs: one of the user's devices got the event.
+    event_acks: Sequence[tuple[str, str]] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """What a :meth:`Store.write` did: one result per append and per mark, in order."""
+    """What a :meth:`Store.write` did: one result per append, per mark and
+    per event, in order."""
 
     appended: list[Appended]
     marked: list[MarkResult]
+    events: list[EventResult] = field(default_factory=list)
 
 
 class Clock(Protocol):
@@ -115,6 +124,16 @@ class Store(Protocol):
       is a recipient of and has not yet had delivered; :meth:`owed_receipts`
       every receipt of a user's messages that the user has not acked.
     * Bodies are stored as given (sealed); a store never sees plaintext.
+    * **Events** (reactions, edits, deletions: :class:`NewEvent`) are judged
+      by :func:`chatd.core.events.judge` inside the transaction that applies
+      them, against the message as it is then; a refused event changes
+      nothing. An applied one gets the conversation's next ``eseq`` (1, 2,
+      3 …, no gaps, apart from message seq), is idempotent by (actor, cid)
+      like a message, and is owed to each of its recipients until acked
+      (:meth:`owed_events`). A deletion erases the body (and the bodies of
+      the message's queued edits: their owed records go), the message's
+      reactions and its receipt rows; the message stays as a tombstone that
+      keeps its seq.
     """
 
     async def create_user(self, user: User) -> None:
@@ -130,7 +149,12 @@ class Store(Protocol):
         ...
 
     async def create_group(
-        self, id: str, title: str | None, members: Sequence[str], ts: int
+        self,
+        id: str,
+        title: str | None,
+        members: Sequence[str],
+        ts: int,
+        creator: str | None = None,
     ) -> Conversation: ...
 
     async def get_conversation(self, id: str) -> Conversation | None: ...
@@ -153,10 +177,15 @@ class Store(Protocol):
         self, conversation: str, before: int | None, limit: int
     ) -> list[StoredMessage]:
         """Up to ``limit`` messages with seq < before (all if None), oldest first,
-        with ``delivered_to`` and ``seen_by`` filled in."""
+        with ``delivered_to``, ``seen_by``, ``cid``, ``reply_to``, the edit
+        fields, ``deleted`` and ``reactions`` filled in (deleted ones too:
+        tombstones keep seq gap-free)."""
         ...
 
-    async def get_messages(self, ids: Sequence[str]) -> list[StoredMessage]: ...
+    async def get_messages(self, ids: Sequence[str]) -> list[StoredMessage]:
+        """The stored messages among ``ids`` (deleted ones as tombstones),
+        filled in as by :meth:`history`, by (conversation, seq)."""
+        ...
 
     async def mark(self, batch: Sequence[Mark]) -> list[MarkResult]:
         """Apply delivered/seen reports in one commit; one result per item.
@@ -174,8 +203,10 @@ class Store(Protocol):
         ...
 
     async def write(self, writes: Writes) -> Written:
-        """:meth:`append`, :meth:`mark` and :meth:`ack_receipts` of what arrived
-        together, in that order, with the same results and guarantees. The
+        """:meth:`append`, the events, :meth:`mark`, :meth:`ack_receipts` and
+        the event acks of what arrived together, in that order, with the
+        same results and guarantees. An event ack of an event not owed to
+        that user is ignored. The
         service sends every write through here; a store that can (SQLite)
         does it in one transaction, so one commit serves a whole scheduler
         pass of sends, acks and seen reports. Durable on return."""
@@ -186,6 +217,14 @@ class Store(Protocol):
     ) -> list[StoredMessage]:
         """Up to ``limit`` messages not yet delivered to ``username``, ordered by
         (conversation, seq), starting after the (conversation, seq) ``after``."""
+        ...
+
+    async def owed_events(
+        self, username: str, limit: int, after: tuple[str, int] | None = None
+    ) -> list[StoredEvent]:
+        """Up to ``limit`` events owed to ``username``, by (conversation,
+        eseq), after the (conversation, eseq) ``after``. An ``edited`` event
+        carries the message's current body."""
         ...
 
     async def owed_receipts(

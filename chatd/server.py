@@ -96,6 +96,7 @@ def build_service(config: Config) -> ChatService:
         login_limits=(config.login_per_ip, config.login_per_user, config.register_per_ip),
         max_sockets_per_user=config.max_sockets_per_user,
         refresh_ttl=config.refresh_ttl,
+        edit_window=config.edit_window,
     )
 
 

@@ -30,6 +30,7 @@ from chatd.batching import Batcher
 from chatd.core import frames
 from chatd.core.delivery import recipients, settled_rids, target_of
 from chatd.core.envelope import (
+    EventEnvelope,
     KickEnvelope,
     MessageEnvelope,
     PresenceEnvelope,
@@ -52,8 +53,11 @@ from chatd.core.ids import UlidFactory
 from chatd.core.model import (
     Appended,
     Conversation,
+    EventKind,
+    EventResult,
     Mark,
     MarkResult,
+    NewEvent,
     NewMessage,
     Receipt,
     ReceiptKey,
@@ -84,11 +88,28 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-#: What goes through the one group commit: a send, a mark, a (sender, receipt) ack.
-WriteRequest = NewMessage | Mark | tuple[str, ReceiptKey]
-WriteResult = Appended | MarkResult | None
+@dataclass(frozen=True, slots=True)
+class EventAck:
+    """``user``'s device got the event ``event_id``."""
+
+    user: str
+    event_id: str
+
+
+#: What goes through the one group commit: a send, an event, a mark, a
+#: (sender, receipt) ack, an event ack.
+WriteRequest = NewMessage | NewEvent | Mark | tuple[str, ReceiptKey] | EventAck
+WriteResult = Appended | EventResult | MarkResult | None
 #: A write's callback: its results, or the error that failed its batch.
 Done = Callable[[list[WriteResult] | ChatError], None]
+
+
+#: A store's refusal code → the error a client gets.
+_REFUSALS: dict[str, type[ChatError]] = {
+    "not_found": NotFound,
+    "forbidden": Forbidden,
+    "bad_request": BadRequest,
+}
 
 
 def _error(exc: ChatError) -> Outbound:
@@ -134,6 +155,7 @@ class ChatService:
         login_limits: tuple[float, float, float] = (0.0, 0.0, 0.0),
         max_sockets_per_user: int = 0,
         refresh_ttl: int = 30 * 86_400,
+        edit_window: int = 48 * 3600,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -175,6 +197,7 @@ class ChatService:
         self.login_limits = login_limits
         self.max_sockets_per_user = max_sockets_per_user
         self.refresh_ttl = refresh_ttl
+        self.edit_window_ms = edit_window * 1000
         self._stop = trio.Event()
         self._resync_wanted = trio.Event()
         #: Users to resync (None: every local user).
@@ -221,14 +244,18 @@ class ChatService:
         appends = [r for r in requests if isinstance(r, NewMessage)]
         marks = [r for r in requests if isinstance(r, Mark)]
         acks = [r for r in requests if isinstance(r, tuple)]
-        done = await self.store.write(Writes(appends, marks, acks))
-        appended, marked = iter(done.appended), iter(done.marked)
+        events = [r for r in requests if isinstance(r, NewEvent)]
+        event_acks = [(r.user, r.event_id) for r in requests if isinstance(r, EventAck)]
+        done = await self.store.write(Writes(appends, marks, acks, events, event_acks))
+        appended, marked, evented = iter(done.appended), iter(done.marked), iter(done.events)
         out: list[WriteResult] = []
         for r in requests:
             if isinstance(r, NewMessage):
                 out.append(next(appended))
             elif isinstance(r, Mark):
                 out.append(next(marked))
+            elif isinstance(r, NewEvent):
+                out.append(next(evented))
             else:
                 out.append(None)
         return out
@@ -519,22 +546,38 @@ class ChatService:
                 "last_seq": s.last_seq,
                 "last_ts": s.last_ts,
                 "unread": s.unread,
-                "last_message": self._message_json(s.last_message) if s.last_message else None,
+                "last_message": (
+                    self._message_json(s.last_message, viewer=user) if s.last_message else None
+                ),
             }
             for s in await self.store.conversations_of(user)
         ]
 
-    def _message_json(self, m: StoredMessage) -> dict[str, Any]:
-        return {
+    def _message_json(self, m: StoredMessage, viewer: str) -> dict[str, Any]:
+        """A message as history shows it to ``viewer``: the contract's fields,
+        then the sender's ``cid`` (to the sender only), ``reply_to``,
+        ``edited_ts``, ``reactions`` (counts, and whether the viewer is among
+        them) and ``deleted`` (a tombstone has ``body`` null)."""
+        out: dict[str, Any] = {
             "id": m.id,
             "conversation": m.conversation,
             "seq": m.seq,
             "from": m.sender,
-            "body": self._open(m),
+            "body": None if m.deleted else self._open(m),
             "ts": m.ts,
             "delivered_to": list(m.delivered_to),
             "seen_by": list(m.seen_by),
+            "cid": m.cid if viewer == m.sender else None,
+            "reply_to": m.reply_to,
+            "edited_ts": m.edited_ts,
+            "reactions": [
+                {"emoji": emoji, "count": len(users), "mine": viewer in users}
+                for emoji, users in m.reactions
+            ],
         }
+        if m.deleted:
+            out["deleted"] = True
+        return out
 
     async def create_group(self, user: str, members: object, title: object) -> Conversation:
         if not isinstance(members, list) or not members:
@@ -554,6 +597,7 @@ class ChatService:
             title.strip() if isinstance(title, str) else None,
             sorted(names),
             self.clock.now_ms(),
+            creator=user,
         )
         return self._remember(conv)
 
@@ -566,7 +610,9 @@ class ChatService:
         limit = HISTORY_DEFAULT if limit is None else limit
         if not 1 <= limit <= HISTORY_MAX:
             raise BadRequest(f"'limit' must be 1-{HISTORY_MAX}")
-        return [self._message_json(m) for m in await self.store.history(id, before, limit)]
+        return [
+            self._message_json(m, viewer=user) for m in await self.store.history(id, before, limit)
+        ]
 
     def _open(self, m: StoredMessage) -> str | None:
         try:
@@ -674,6 +720,15 @@ class ChatService:
                     items.append(out)
             if items:
                 await emit(items)
+        async for events in owed.event_pages(self.store, user, BACKLOG_PAGE):
+            items = []
+            for e in events:
+                queued.pop(e.id, None)
+                out = render(EventEnvelope(e), self.keyring, owed=True)
+                if out is not None:
+                    items.append(out)
+            if items:
+                await emit(items)
         async for receipts in owed.receipt_pages(self.store, user, BACKLOG_PAGE):
             items = []
             for r in receipts:
@@ -711,10 +766,13 @@ class ChatService:
         else:
             conv = await self.member_conversation(sender, target.conversation, frame.cid)
         to = recipients(conv.members, sender)
+        if frame.reply_to is not None:
+            await self._message_in(frame.reply_to, conv.id, frame.cid)
         mid = self.ids.new()
         ts = self.clock.now_ms()
         sealed = self.keyring.seal(frame.body, mid, conv.id)
         cid = frame.cid
+        reply_to = frame.reply_to
 
         def stored(result: list[WriteResult] | ChatError) -> None:
             conn.release()
@@ -735,13 +793,143 @@ class ChatService:
                 return
             self.metrics.messages_stored.inc()
             key, payload, env = owed.message_item(
-                StoredMessage(done.id, conv.id, done.seq, sender, done.ts, sealed)
+                StoredMessage(
+                    done.id, conv.id, done.seq, sender, done.ts, sealed, reply_to=reply_to
+                )
             )
             items = [Routed(r, key, payload, True, None, env) for r in to]
             items.append(Routed(sender, done.id, payload, False, conn.id, env))
             self.broker.route_nowait(items)
 
-        await self._write([NewMessage(mid, conv.id, sender, cid, ts, sealed, to)], conn, stored)
+        await self._write(
+            [NewMessage(mid, conv.id, sender, cid, ts, sealed, to, reply_to)], conn, stored
+        )
+
+    async def _message_in(self, id: str, conversation: str, cid: str) -> StoredMessage:
+        """The stored message ``id`` of ``conversation`` (not deleted), or NotFound."""
+        found = await self.store.get_messages([id])
+        if not found or found[0].conversation != conversation or found[0].deleted:
+            raise NotFound("no such message in this conversation", cid=cid)
+        return found[0]
+
+    async def act(self, conn: Connection, frame: frames.EventFrame) -> None:
+        """A react, edit or delete: store the event, answer ``applied`` on
+        ``conn``, then route it (owed) to the other members and (not owed)
+        to the actor's other devices; a deletion settles the queue entries
+        it made stale. Refusals are answered with the ``cid``, like a send."""
+        if conn.user is None:
+            raise Internal("an event on a connection that is not authenticated")
+        user = conn.user
+        found = await self.store.get_messages([frame.id])
+        try:
+            if not found:
+                raise NotFound("no such message")
+            conv = await self.member_conversation(user, found[0].conversation)
+        except Forbidden:
+            # Someone else's message: as if it did not exist.
+            raise NotFound("no such message", cid=frame.cid) from None
+        except NotFound as exc:
+            raise exc.with_cid(frame.cid) from None
+        ts = self.clock.now_ms()
+        eid = self.ids.new()
+        to = recipients(conv.members, user)
+        match frame:
+            case frames.React():
+                ev = NewEvent(
+                    eid,
+                    conv.id,
+                    EventKind.REACTION,
+                    frame.id,
+                    user,
+                    frame.cid,
+                    ts,
+                    to,
+                    emoji=frame.emoji,
+                    on=frame.on,
+                )
+            case frames.Edit():
+                sealed = self.keyring.seal(frame.body, frame.id, conv.id)
+                ev = NewEvent(
+                    eid,
+                    conv.id,
+                    EventKind.EDITED,
+                    frame.id,
+                    user,
+                    frame.cid,
+                    ts,
+                    to,
+                    body=sealed,
+                    window_ms=self.edit_window_ms,
+                )
+            case frames.Delete():
+                ev = NewEvent(
+                    eid,
+                    conv.id,
+                    EventKind.DELETED,
+                    frame.id,
+                    user,
+                    frame.cid,
+                    ts,
+                    to,
+                    moderator=conv.kind == "group" and conv.created_by == user,
+                )
+        cid = frame.cid
+
+        def stored(result: list[WriteResult] | ChatError) -> None:
+            conn.release()
+            if isinstance(result, ChatError):
+                conn.reply(_error(result.with_cid(cid)))
+                return
+            done = result[0]
+            if not isinstance(done, EventResult):
+                raise Internal("an event's write result is not an EventResult")
+            self.publish_event(done, to, cid=cid, conn=conn)
+
+        await self._write([ev], conn, stored)
+
+    def publish_event(
+        self,
+        done: EventResult,
+        to: Sequence[str],
+        *,
+        cid: str | None = None,
+        conn: Connection | None = None,
+    ) -> None:
+        """After an event's write: answer the actor's connection (if any),
+        route the event, settle what a deletion made stale."""
+        if done.refused is not None or done.event is None:
+            error = _REFUSALS.get(done.refused or "", NotFound)(done.reason or "refused", cid=cid)
+            if conn is not None:
+                conn.reply(_error(error))
+            return
+        e = done.event
+        if conn is not None and cid is not None:
+            conn.reply(
+                Outbound(
+                    frames.encode(
+                        frames.applied(
+                            cid, e.kind.value, e.id, e.conversation, e.message_id, e.eseq, e.ts
+                        )
+                    )
+                )
+            )
+        if done.duplicate:
+            return
+        self.metrics.events[e.kind.value].inc()
+        if e.kind is EventKind.DELETED:
+            log.info(
+                "message deleted for everyone",
+                extra={"id": e.message_id, "conversation": e.conversation, "by": e.by},
+            )
+        key, payload, env = owed.event_item(e)
+        items = [Routed(r, key, payload, True, None, env) for r in to]
+        items.append(Routed(e.by, key, payload, False, conn.id if conn else None, env))
+        self.broker.route_nowait(items)
+        stale: dict[str, list[str]] = {}
+        for user, qkey in done.dropped:
+            stale.setdefault(user, []).append(qkey)
+        for user, keys in stale.items():
+            self.broker.settle_nowait(user, keys)
 
     async def _write(self, requests: list[WriteRequest], conn: Connection, done: Done) -> None:
         """Queue ``requests`` for the group commit; ``done`` gets the results.
@@ -771,8 +959,10 @@ class ChatService:
             raise Internal("ack on a connection that is not authenticated")
         user = conn.user
         keys = frame.keys or tuple(parse_rid(r) for r in frame.receipts)
-        settle = [r for k in keys for r in settled_rids(k)]
-        await self._mark_many(conn, frame.ids, Status.DELIVERED, [(user, k) for k in keys], settle)
+        settle = [r for k in keys for r in settled_rids(k)] + list(frame.events)
+        acks: list[WriteRequest] = [(user, k) for k in keys]
+        acks += [EventAck(user, e) for e in frame.events]
+        await self._mark_many(conn, frame.ids, Status.DELIVERED, acks, settle)
 
     async def seen(self, conn: Connection, frame: frames.Seen) -> None:
         if conn.user is None:
@@ -784,7 +974,7 @@ class ChatService:
         conn: Connection,
         ids: Sequence[str],
         status: Status,
-        receipt_acks: list[tuple[str, ReceiptKey]],
+        receipt_acks: list[WriteRequest],
         settle: list[str],
     ) -> None:
         """Apply marks (and receipt acks, in the same write); then route the

@@ -120,12 +120,19 @@ def recipients(members: tuple[str, ...], sender: str) -> tuple[str, ...]:
 # --- ordering -----------------------------------------------------------------
 
 MESSAGE_ORDER = 0
-RECEIPT_ORDER = 1
+EVENT_ORDER = 1
+RECEIPT_ORDER = 2
 
 
 def message_order(conversation: str, seq: int) -> tuple[int, str, int]:
-    """Backlog order: messages per conversation in seq order, then receipts."""
+    """Backlog order: messages per conversation in seq order, then events
+    per conversation in eseq order (an event follows its message), then
+    receipts."""
     return (MESSAGE_ORDER, conversation, seq)
+
+
+def event_order(conversation: str, eseq: int) -> tuple[int, str, int]:
+    return (EVENT_ORDER, conversation, eseq)
 
 
 def receipt_order(ts: int, receipt_id: str) -> tuple[int, int, str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from chatd.core.model import Receipt, Sealed, Status, StoredMessage
+from chatd.core.model import EventKind, Receipt, Sealed, Status, StoredEvent, StoredMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,13 @@ class MessageEnvelope:
 @dataclass(frozen=True, slots=True)
 class ReceiptEnvelope:
     receipt: Receipt
+
+
+@dataclass(frozen=True, slots=True)
+class EventEnvelope:
+    """A reaction, edit or deletion (an edit carries its sealed body)."""
+
+    event: StoredEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +55,14 @@ class KickEnvelope:
     reason: str
 
 
-Envelope = MessageEnvelope | ReceiptEnvelope | TypingEnvelope | PresenceEnvelope | KickEnvelope
+Envelope = (
+    MessageEnvelope
+    | ReceiptEnvelope
+    | EventEnvelope
+    | TypingEnvelope
+    | PresenceEnvelope
+    | KickEnvelope
+)
 
 
 def _b64(data: bytes) -> str:
@@ -69,6 +83,28 @@ def encode(env: Envelope) -> str:
                 "n": _b64(m.body.nonce),
                 "x": _b64(m.body.ciphertext),
             }
+            if m.reply_to is not None:
+                obj["re"] = m.reply_to
+            if m.edited_ts is not None:
+                obj["et"] = m.edited_ts
+        case EventEnvelope(event=e):
+            obj = {
+                "k": "e",
+                "e": e.id,
+                "c": e.conversation,
+                "q": e.eseq,
+                "v": e.kind.value,
+                "id": e.message_id,
+                "by": e.by,
+                "t": e.ts,
+            }
+            if e.kind is EventKind.REACTION:
+                obj["em"] = e.emoji
+                obj["on"] = e.on
+            if e.body is not None:
+                obj["kid"] = e.body.key_id
+                obj["n"] = _b64(e.body.nonce)
+                obj["x"] = _b64(e.body.ciphertext)
         case ReceiptEnvelope(receipt=r):
             obj = {
                 "k": "r",
@@ -108,6 +144,30 @@ def decode(payload: str | bytes) -> Envelope:
                         nonce=base64.b64decode(obj["n"]),
                         ciphertext=base64.b64decode(obj["x"]),
                     ),
+                    reply_to=obj.get("re"),
+                    edited_ts=obj.get("et"),
+                )
+            )
+        if kind == "e":
+            body = None
+            if "x" in obj:
+                body = Sealed(
+                    key_id=obj["kid"],
+                    nonce=base64.b64decode(obj["n"]),
+                    ciphertext=base64.b64decode(obj["x"]),
+                )
+            return EventEnvelope(
+                StoredEvent(
+                    id=obj["e"],
+                    conversation=obj["c"],
+                    eseq=int(obj["q"]),
+                    kind=EventKind(obj["v"]),
+                    message_id=obj["id"],
+                    by=obj["by"],
+                    ts=int(obj["t"]),
+                    emoji=obj.get("em"),
+                    on=bool(obj.get("on", True)),
+                    body=body,
                 )
             )
         if kind == "r":

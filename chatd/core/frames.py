@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from chatd.core.errors import BadRequest, TooLarge, Unauthorized
+from chatd.core.events import MAX_EMOJI_CHARS, is_emoji
 from chatd.core.model import ReceiptKey
 from chatd.core.names import check_cid, parse_rid
 
@@ -32,6 +33,7 @@ class Send:
     body: str
     to: str | None = None
     conversation: str | None = None
+    reply_to: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,29 @@ class Ack:
     receipts: tuple[str, ...] = ()
     #: ``receipts`` parsed (the parser fills it; empty when built by hand).
     keys: tuple[ReceiptKey, ...] = ()
+    #: Event ids (``eid``) of reaction, edited and deleted events.
+    events: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class React:
+    cid: str
+    id: str
+    emoji: str
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    cid: str
+    id: str
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    cid: str
+    id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +82,10 @@ class Ping:
     pass
 
 
-ClientFrame = Auth | Send | Ack | Seen | Typing | Ping
+ClientFrame = Auth | Send | Ack | Seen | Typing | Ping | React | Edit | Delete
+
+#: Frames that act on a stored message and are answered with ``applied``.
+EventFrame = React | Edit | Delete
 
 
 class Oversize(bytes):
@@ -136,14 +164,27 @@ def _parse_auth(obj: dict[str, Any]) -> Auth:
     return Auth(token=token)
 
 
-def _parse_send(obj: dict[str, Any]) -> Send:
-    # A cid that is not valid is not echoed back: the error then has no cid.
-    cid = check_cid(obj.get("cid"))
+def _body(obj: dict[str, Any], cid: str) -> str:
     body = _str(obj, "body", cid=cid)
     if len(body) > MAX_BODY_CHARS:
         raise TooLarge(f"body is over {MAX_BODY_CHARS} characters", cid=cid)
     if not body.strip():
         raise BadRequest("body must not be empty", cid=cid)
+    return body
+
+
+def _message_id(obj: dict[str, Any], key: str, cid: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_LEN:
+        raise BadRequest(f"'{key}' must be a message id", cid=cid)
+    return value
+
+
+def _parse_send(obj: dict[str, Any]) -> Send:
+    # A cid that is not valid is not echoed back: the error then has no cid.
+    cid = check_cid(obj.get("cid"))
+    body = _body(obj, cid)
+    reply_to = None if obj.get("reply_to") is None else _message_id(obj, "reply_to", cid)
     to = obj.get("to")
     conversation = obj.get("conversation")
     if (to is None) == (conversation is None):
@@ -152,14 +193,43 @@ def _parse_send(obj: dict[str, Any]) -> Send:
         raise BadRequest("'to' must be a username", cid=cid)
     if conversation is not None and not isinstance(conversation, str):
         raise BadRequest("'conversation' must be a conversation id", cid=cid)
-    return Send(cid=cid, body=body, to=to, conversation=conversation)
+    return Send(cid=cid, body=body, to=to, conversation=conversation, reply_to=reply_to)
 
 
 def _parse_ack(obj: dict[str, Any]) -> Ack:
     receipts = _ids(obj, "receipts", required=False)
     # Checked before anything in the frame is applied.
     keys = tuple(parse_rid(rid) for rid in receipts)
-    return Ack(ids=_ids(obj, "ids", required=False), receipts=receipts, keys=keys)
+    return Ack(
+        ids=_ids(obj, "ids", required=False),
+        receipts=receipts,
+        keys=keys,
+        events=_ids(obj, "events", required=False),
+    )
+
+
+def _parse_react(obj: dict[str, Any]) -> React:
+    cid = check_cid(obj.get("cid"))
+    mid = _message_id(obj, "id", cid)
+    emoji = obj.get("emoji")
+    if not isinstance(emoji, str) or not is_emoji(emoji):
+        raise BadRequest(
+            f"'emoji' must be one emoji (at most {MAX_EMOJI_CHARS} code points)", cid=cid
+        )
+    on = obj.get("on", True)
+    if not isinstance(on, bool):
+        raise BadRequest("'on' must be true or false", cid=cid)
+    return React(cid=cid, id=mid, emoji=emoji, on=on)
+
+
+def _parse_edit(obj: dict[str, Any]) -> Edit:
+    cid = check_cid(obj.get("cid"))
+    return Edit(cid=cid, id=_message_id(obj, "id", cid), body=_body(obj, cid))
+
+
+def _parse_delete(obj: dict[str, Any]) -> Delete:
+    cid = check_cid(obj.get("cid"))
+    return Delete(cid=cid, id=_message_id(obj, "id", cid))
 
 
 def _parse_seen(obj: dict[str, Any]) -> Seen:
@@ -181,6 +251,9 @@ _PARSERS = {
     "seen": _parse_seen,
     "typing": _parse_typing,
     "ping": _parse_ping,
+    "react": _parse_react,
+    "edit": _parse_edit,
+    "delete": _parse_delete,
 }
 
 
@@ -209,9 +282,16 @@ def sent(cid: str, id: str, conversation: str, seq: int, ts: int) -> dict[str, A
 
 
 def message(
-    id: str, conversation: str, seq: int, sender: str, body: str, ts: int
+    id: str,
+    conversation: str,
+    seq: int,
+    sender: str,
+    body: str,
+    ts: int,
+    reply_to: str | None = None,
+    edited_ts: int | None = None,
 ) -> dict[str, Any]:
-    return {
+    frame = {
         "type": "message",
         "id": id,
         "conversation": conversation,
@@ -220,6 +300,63 @@ def message(
         "body": body,
         "ts": ts,
     }
+    # Only when set: the frame of a plain message stays as small as before.
+    if reply_to is not None:
+        frame["reply_to"] = reply_to
+    if edited_ts is not None:
+        frame["edited_ts"] = edited_ts
+    return frame
+
+
+#: The ``action`` an ``applied`` answer names, per event kind.
+ACTIONS = {"reaction": "react", "edited": "edit", "deleted": "delete"}
+
+
+def applied(
+    cid: str, kind: str, eid: str, conversation: str, id: str, eseq: int, ts: int
+) -> dict[str, Any]:
+    """The answer to a react, edit or delete: stored (like ``sent``)."""
+    return {
+        "type": "applied",
+        "cid": cid,
+        "action": ACTIONS[kind],
+        "eid": eid,
+        "conversation": conversation,
+        "id": id,
+        "eseq": eseq,
+        "ts": ts,
+    }
+
+
+def event(
+    kind: str,
+    eid: str,
+    conversation: str,
+    eseq: int,
+    id: str,
+    by: str,
+    ts: int,
+    *,
+    emoji: str | None = None,
+    on: bool = True,
+    body: str | None = None,
+) -> dict[str, Any]:
+    """A ``reaction``, ``edited`` or ``deleted`` event frame."""
+    frame: dict[str, Any] = {
+        "type": kind,
+        "eid": eid,
+        "conversation": conversation,
+        "eseq": eseq,
+        "id": id,
+        "by": by,
+        "ts": ts,
+    }
+    if kind == "reaction":
+        frame["emoji"] = emoji
+        frame["on"] = on
+    elif kind == "edited":
+        frame["body"] = body
+    return frame
 
 
 def receipt(rid: str, id: str, conversation: str, status: str, by: str, ts: int) -> dict[str, Any]:

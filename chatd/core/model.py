@@ -11,6 +11,14 @@ class Status(StrEnum):
     SEEN = "seen"
 
 
+class EventKind(StrEnum):
+    """What a member did to a stored message (an *event*: owed like a message)."""
+
+    REACTION = "reaction"
+    EDITED = "edited"
+    DELETED = "deleted"
+
+
 @dataclass(frozen=True, slots=True)
 class Sealed:
     """A message body encrypted at rest: AES-256-GCM under key ``key_id``."""
@@ -39,6 +47,9 @@ class Conversation:
     members: tuple[str, ...]
     title: str | None
     created_ts: int
+    #: Who made a group (None for one-to-one conversations and old groups);
+    #: may delete other members' messages.
+    created_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +75,8 @@ class NewMessage:
     ts: int
     body: Sealed
     recipients: tuple[str, ...]
+    #: The id of a message of the same conversation this one answers.
+    reply_to: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +104,16 @@ class StoredMessage:
     body: Sealed
     delivered_to: tuple[str, ...] = ()
     seen_by: tuple[str, ...] = ()
+    #: The sender's own id for the message (shown only to the sender).
+    cid: str | None = None
+    reply_to: str | None = None
+    #: When the body was last edited, and how many times.
+    edited_ts: int | None = None
+    edits: int = 0
+    #: Deleted for everyone: the body is erased (``body`` is empty).
+    deleted: bool = False
+    #: (emoji, the users who reacted with it), by emoji (history only).
+    reactions: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,3 +171,64 @@ class Presence:
     online: bool
     nodes: tuple[str, ...]
     last_seen: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A reaction, edit or deletion to store (see :class:`chatd.ports.Store`).
+
+    ``recipients`` are owed the event (the conversation's members but the
+    actor); ``window_ms`` bounds an edit's age; ``moderator`` lets the actor
+    delete other members' messages (a group's creator, an operator).
+    """
+
+    id: str
+    conversation: str
+    kind: EventKind
+    message_id: str
+    by: str
+    cid: str
+    ts: int
+    recipients: tuple[str, ...]
+    emoji: str | None = None
+    on: bool = True
+    body: Sealed | None = None
+    window_ms: int | None = None
+    moderator: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as stored and delivered. ``eseq`` is its place in the
+    conversation's own event sequence (1, 2, 3 … apart from message seq).
+    ``body`` is the edited body (an ``edited`` event), else None."""
+
+    id: str
+    conversation: str
+    eseq: int
+    kind: EventKind
+    message_id: str
+    by: str
+    ts: int
+    emoji: str | None = None
+    on: bool = True
+    body: Sealed | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventResult:
+    """What the store did with one :class:`NewEvent`.
+
+    ``refused`` is the error code (``not_found``, ``forbidden``,
+    ``bad_request``) of a refused event, which changed nothing; otherwise
+    ``event`` is the stored one (the first one when ``duplicate``).
+    ``dropped`` lists the (user, queue key) entries a deletion made stale:
+    the message and its events still owed to members, its receipts still
+    owed to its sender.
+    """
+
+    event: StoredEvent | None
+    duplicate: bool = False
+    refused: str | None = None
+    reason: str = ""
+    dropped: tuple[tuple[str, str], ...] = ()

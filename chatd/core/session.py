@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from chatd.core.errors import BadRequest, RateLimited, Unauthorized
-from chatd.core.frames import Auth, ClientFrame, Send, Typing
+from chatd.core.frames import Auth, ClientFrame, Delete, Edit, React, Send, Typing
 from chatd.core.ratelimit import TokenBucket
 
 
@@ -41,7 +41,7 @@ TRANSITIONS: dict[tuple[Phase, str], Phase] = {
 }
 
 #: Frames that cost a token: the ones that fan out to other people.
-METERED = (Send, Typing)
+METERED = (Send, Typing, React, Edit, Delete)
 
 
 class SlowConsumer(Exception):
@@ -104,7 +104,7 @@ class Session:
         if isinstance(frame, Auth):
             raise BadRequest("already authenticated")
         if isinstance(frame, METERED) and not self._bucket.take(now):
-            cid = frame.cid if isinstance(frame, Send) else None
+            cid = None if isinstance(frame, Typing) else frame.cid
             raise RateLimited("too many frames; slow down", cid=cid)
 
     # -- outgoing ----------------------------------------------------------------

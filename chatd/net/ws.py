@@ -92,6 +92,9 @@ _FRAME_TYPES: dict[type, str] = {
     frames.Seen: "seen",
     frames.Typing: "typing",
     frames.Ping: "ping",
+    frames.React: "react",
+    frames.Edit: "edit",
+    frames.Delete: "delete",
 }
 
 _PING = wsp.ping_frame(b"chatd")
@@ -615,8 +618,14 @@ class WsConnection:
                     except RateLimited as exc:
                         raise exc.with_cid(frame.cid) from None
                     await self.service.send(self, frame)
+                case frames.React() | frames.Edit() | frames.Delete():
+                    try:
+                        await self.service.rates.admit(self.user)
+                    except RateLimited as exc:
+                        raise exc.with_cid(frame.cid) from None
+                    await self.service.act(self, frame)
                 case frames.Ack():
-                    self.session.settled(list(frame.ids) + list(frame.receipts))
+                    self.session.settled([*frame.ids, *frame.receipts, *frame.events])
                     await self.service.ack(self, frame)
                 case frames.Seen():
                     self.session.settled(list(frame.ids))
@@ -634,7 +643,7 @@ class WsConnection:
             self._push(frames.error(exc.code, exc.message, exc.cid))
         except Exception:
             log.exception("frame handling failed", extra={"user": self.user, "conn": self.id})
-            cid = frame.cid if isinstance(frame, frames.Send) else None
+            cid = frame.cid if isinstance(frame, frames.Send | frames.EventFrame) else None
             self._push(frames.error("internal", "internal error", cid))
 
     async def _handle_unauthenticated(self, raw: str | bytes, nursery: trio.Nursery) -> None:

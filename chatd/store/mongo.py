@@ -27,6 +27,21 @@ atomically:
 * **owed receipts** are counted in ``rpending`` by the same atomic updates
   (``+n`` on a transition, ``-1`` on an ack that settles one), so "which
   messages owe their sender a receipt" is an indexed query.
+* **events** (reactions, edits, deletions) are claimed like messages: one
+  insert into ``events`` carries ``(conversation, eseq)`` and ``(by, cid)``,
+  both under unique indexes, so eseq has no gaps and no repeats and an
+  event is stored once. The insert is the commit point and happens only
+  after :func:`chatd.core.events.judge` has passed; a refused event writes
+  nothing. The judgement is serialised by that same index: it is made
+  against the message with every event up to the conversation's highest
+  eseq applied, and the insert of the next eseq fails (and the event is
+  judged again) if any event of the conversation was stored meanwhile. The
+  message document is then brought up to date by a compare-and-set on its
+  ``applied_eseq``, which any process does for any stored event it finds
+  not yet applied (so a crash between the two writes is repaired by the
+  next event on the message, or by the retry). Reactions live in the
+  message document (``reactions``); who is still owed an event is the
+  event's ``owed`` array, as ``undelivered`` is for a message.
 
 Errors: every pymongo/BSON failure becomes :class:`Unavailable`; a taken
 username (and a taken group id) is :class:`Conflict`.
@@ -43,7 +58,7 @@ import bson.errors
 import pymongo
 import trio
 from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING, UpdateOne
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.errors import (
     AutoReconnect,
     BulkWriteError,
@@ -58,22 +73,27 @@ from pymongo.errors import (
 
 from chatd.core.delivery import SETTLED_BY_ACK, apply_mark
 from chatd.core.errors import ChatError, Conflict, NotFound, Unavailable
+from chatd.core.events import Target, judge
 from chatd.core.model import (
     Appended,
     Conversation,
     ConversationSummary,
+    EventKind,
+    EventResult,
     Mark,
     MarkResult,
+    NewEvent,
     NewMessage,
     Receipt,
     ReceiptKey,
     Sealed,
     Status,
+    StoredEvent,
     StoredMessage,
     Transition,
     User,
 )
-from chatd.core.names import dm_id
+from chatd.core.names import dm_id, rid
 from chatd.ports import Reseal, StoreStats, UserDeleted, Writes, Written
 
 T = TypeVar("T")
@@ -110,10 +130,13 @@ _DUP_CODES = frozenset({11000, 11001, 12582})
 #: before it gives up (Unavailable). Each time it plans again from the true
 #: highest seq, so some writer always progresses.
 _APPEND_CONFLICTS = 100
+#: The same bound for one event finding its planned eseq taken.
+_EVENT_CONFLICTS = 100
 
 USERS = "users"
 CONVERSATIONS = "conversations"
 MESSAGES = "messages"
+EVENTS = "events"
 
 
 @dataclass(frozen=True)
@@ -172,9 +195,36 @@ INDEXES: tuple[Index, ...] = (
         " only messages that owe their sender a receipt)",
         partial={"rpending": {"$gt": 0}},
     ),
+    Index(
+        EVENTS,
+        "by_cid",
+        (("by", ASCENDING), ("cid", ASCENDING)),
+        "idempotency: one event per (by, cid); the duplicate lookup",
+        unique=True,
+    ),
+    Index(
+        EVENTS,
+        "conversation_eseq",
+        (("conversation", ASCENDING), ("eseq", ASCENDING)),
+        "eseq: one event per (conversation, eseq); the allocator's highest eseq",
+        unique=True,
+    ),
+    Index(
+        EVENTS,
+        "owed_events",
+        (("owed", ASCENDING), ("conversation", ASCENDING), ("eseq", ASCENDING)),
+        "owed_events: {owed: user, conversation >= after} sorted by conversation, eseq",
+    ),
+    Index(
+        EVENTS,
+        "message_eseq",
+        (("message_id", ASCENDING), ("eseq", ASCENDING)),
+        "a message's events: those not yet applied to it, a deletion's earlier ones",
+    ),
 )
 
-_MSG_FIELDS = {
+#: What messages_by_key reads.
+_BASE_FIELDS = {
     "conversation": 1,
     "seq": 1,
     "sender": 1,
@@ -182,6 +232,29 @@ _MSG_FIELDS = {
     "body": 1,
     "status": 1,
 }
+#: What owed_messages and a summary's last message read.
+_MSG_FIELDS = {
+    **_BASE_FIELDS,
+    "cid": 1,
+    "reply_to": 1,
+    "edited_ts": 1,
+    "edits": 1,
+    "deleted": 1,
+}
+#: What history and get_messages read.
+_HISTORY_FIELDS = {**_MSG_FIELDS, "reactions": 1}
+#: What judging an event reads of its message (a deletion: also what it drops).
+_TARGET_FIELDS = {
+    "conversation": 1,
+    "sender": 1,
+    "ts": 1,
+    "deleted": 1,
+    "reactions": 1,
+    "applied_eseq": 1,
+}
+_DELETE_FIELDS = {**_TARGET_FIELDS, "receipts": 1, "undelivered": 1}
+#: What a deleted message's body is stored as.
+_ERASED = {"key_id": "", "nonce": b"", "ciphertext": b""}
 
 
 def _field(status: Status) -> str:
@@ -198,20 +271,38 @@ def _uri_options(uri: str) -> tuple[str | None, set[str]]:
     return database, {k.lower() for k, _ in parse_qsl(query, keep_blank_values=True)}
 
 
+def _sealed(body: dict[str, Any]) -> Sealed:
+    return Sealed(
+        key_id=body["key_id"], nonce=bytes(body["nonce"]), ciphertext=bytes(body["ciphertext"])
+    )
+
+
+def _body_doc(body: Sealed) -> dict[str, Any]:
+    return {"key_id": body.key_id, "nonce": body.nonce, "ciphertext": body.ciphertext}
+
+
 def _message(doc: dict[str, Any]) -> StoredMessage:
-    body = doc["body"]
+    """A message document as read (the fields it lacks take their defaults:
+    documents stored before replies and events, or a narrower projection)."""
     status = doc.get("status") or {}
+    reactions: dict[str, list[str]] = {}
+    for r in doc.get("reactions") or ():
+        reactions.setdefault(r["emoji"], []).append(r["user"])
     return StoredMessage(
         id=doc["_id"],
         conversation=doc["conversation"],
         seq=doc["seq"],
         sender=doc["sender"],
         ts=doc["ts"],
-        body=Sealed(
-            key_id=body["key_id"], nonce=bytes(body["nonce"]), ciphertext=bytes(body["ciphertext"])
-        ),
+        body=_sealed(doc["body"]),
         delivered_to=tuple(sorted(status.get("delivered_to", ()))),
         seen_by=tuple(sorted(status.get("seen_by", ()))),
+        cid=doc.get("cid"),
+        reply_to=doc.get("reply_to"),
+        edited_ts=doc.get("edited_ts"),
+        edits=int(doc.get("edits") or 0),
+        deleted=bool(doc.get("deleted", False)),
+        reactions=tuple((e, tuple(sorted(u))) for e, u in sorted(reactions.items())),
     )
 
 
@@ -233,6 +324,7 @@ def _conversation(doc: dict[str, Any]) -> Conversation:
         members=tuple(sorted(doc["members"])),
         title=doc.get("title"),
         created_ts=doc["created_ts"],
+        created_by=doc.get("created_by"),
     )
 
 
@@ -246,11 +338,8 @@ def _message_doc(msg: NewMessage, seq: int) -> dict[str, Any]:
         "cid": msg.cid,
         "ts": msg.ts,
         "recipients": recipients,
-        "body": {
-            "key_id": msg.body.key_id,
-            "nonce": msg.body.nonce,
-            "ciphertext": msg.body.ciphertext,
-        },
+        "reply_to": msg.reply_to,
+        "body": _body_doc(msg.body),
         "status": {"delivered_to": [], "seen_by": []},
         # Per-recipient receipt state, element i belongs to recipients[i].
         "receipts": [
@@ -269,6 +358,87 @@ def _message_doc(msg: NewMessage, seq: int) -> dict[str, Any]:
         # Receipts of this message its sender has not acked yet.
         "rpending": 0,
     }
+
+
+def _event_doc(ev: NewEvent, eseq: int) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "_id": ev.id,
+        "conversation": ev.conversation,
+        "eseq": eseq,
+        "kind": ev.kind.value,
+        "message_id": ev.message_id,
+        "by": ev.by,
+        "cid": ev.cid,
+        "ts": ev.ts,
+        "emoji": ev.emoji,
+        "on": ev.on,
+        # Index key: who is still owed this event.
+        "owed": list(dict.fromkeys(ev.recipients)),
+    }
+    if ev.body is not None and ev.kind is EventKind.EDITED:
+        # Until the edit is applied to its message (then unset): what lets
+        # any process apply it.
+        doc["body"] = _body_doc(ev.body)
+    return doc
+
+
+def _event(doc: dict[str, Any], body: Sealed | None = None) -> StoredEvent:
+    return StoredEvent(
+        id=doc["_id"],
+        conversation=doc["conversation"],
+        eseq=doc["eseq"],
+        kind=EventKind(doc["kind"]),
+        message_id=doc["message_id"],
+        by=doc["by"],
+        ts=doc["ts"],
+        emoji=doc.get("emoji"),
+        on=bool(doc.get("on", True)),
+        body=body,
+    )
+
+
+def _applying(ev: dict[str, Any]) -> dict[str, Any]:
+    """The update that applies stored event ``ev`` to its message."""
+    done = {"applied_eseq": ev["eseq"]}
+    kind = EventKind(ev["kind"])
+    if kind is EventKind.REACTION:
+        entry = {"user": ev["by"], "emoji": ev["emoji"]}
+        # $addToSet: one entry per (user, emoji), whatever the order of events.
+        return {
+            "$set": done,
+            ("$addToSet" if ev.get("on", True) else "$pull"): {"reactions": entry},
+        }
+    if kind is EventKind.EDITED:
+        return {"$set": {**done, "body": ev["body"], "edited_ts": ev["ts"]}, "$inc": {"edits": 1}}
+    # Deleted: a tombstone that keeps its seq; no receipts, reactions or
+    # owed-message keys left (a later mark or ack finds no recipient).
+    return {
+        "$set": {
+            **done,
+            "body": _ERASED,
+            "deleted": True,
+            "reactions": [],
+            "recipients": [],
+            "receipts": [],
+            "status": {"delivered_to": [], "seen_by": []},
+            "undelivered": [],
+            "unseen": [],
+            "rpending": 0,
+        }
+    }
+
+
+def _erased(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (user, queue key) entries erasing message ``doc`` leaves stale: the
+    message still owed to members, its receipts still owed to its sender."""
+    mid, sender = doc["_id"], doc["sender"]
+    out = [(member, mid) for member in doc.get("undelivered") or ()]
+    for r in doc.get("receipts") or ():
+        for status in (Status.DELIVERED, Status.SEEN):
+            f = _field(status)
+            if r.get(f"{f}_ts") is not None and not r.get(f"{f}_acked"):
+                out.append((sender, rid(mid, r["member"], status)))
+    return out
 
 
 class MongoStore:
@@ -291,6 +461,7 @@ class MongoStore:
         self._users = self._db.get_collection(USERS)
         self._conversations = self._db.get_collection(CONVERSATIONS)
         self._messages = self._db.get_collection(MESSAGES)
+        self._events = self._db.get_collection(EVENTS)
         self._limiter = trio.CapacityLimiter(max_threads)
         self._ready = False
         self._ready_lock = trio.Lock()
@@ -444,9 +615,15 @@ class MongoStore:
         return await self._run(fn)
 
     async def create_group(
-        self, id: str, title: str | None, members: Sequence[str], ts: int
+        self,
+        id: str,
+        title: str | None,
+        members: Sequence[str],
+        ts: int,
+        creator: str | None = None,
     ) -> Conversation:
         doc = self._new_conversation(id, "group", title, members, ts)
+        doc["created_by"] = creator
 
         def fn() -> Conversation:
             try:
@@ -664,7 +841,9 @@ class MongoStore:
             query: dict[str, Any] = {"conversation": conversation}
             if before is not None:
                 query["seq"] = {"$lt": before}
-            docs = self._messages.find(query, _MSG_FIELDS, sort=[("seq", DESCENDING)], limit=limit)
+            docs = self._messages.find(
+                query, _HISTORY_FIELDS, sort=[("seq", DESCENDING)], limit=limit
+            )
             return [_message(d) for d in reversed(list(docs))]
 
         return await self._run(fn)
@@ -676,7 +855,7 @@ class MongoStore:
         def fn() -> list[StoredMessage]:
             docs = self._messages.find(
                 {"_id": {"$in": list(dict.fromkeys(ids))}},
-                _MSG_FIELDS,
+                _HISTORY_FIELDS,
                 sort=[("conversation", ASCENDING), ("seq", ASCENDING)],
             )
             return [_message(d) for d in docs]
@@ -806,14 +985,188 @@ class MongoStore:
         return [_need(r) for r in results]
 
     async def write(self, writes: Writes) -> Written:
-        # No multi-document transaction: the three steps are applied in order,
+        # No multi-document transaction: the five steps are applied in order,
         # each durable (majority write concern) before the next; each is
         # idempotent, so a retry after a failure in between is safe.
         appended = await self.append(writes.appends) if writes.appends else []
+        events = await self._run(self._apply_events, list(writes.events)) if writes.events else []
         marked = await self.mark(writes.marks) if writes.marks else []
         if writes.receipt_acks:
             await self.ack_receipts(writes.receipt_acks)
-        return Written(appended, marked)
+        if writes.event_acks:
+            await self._run(self._ack_events, list(writes.event_acks))
+        return Written(appended, marked, events)
+
+    # -- events ------------------------------------------------------------------
+
+    def _apply_events(self, batch: list[NewEvent]) -> list[EventResult]:
+        # One at a time: a later event of the batch is judged against what
+        # the earlier ones did.
+        return [self._apply_event(ev) for ev in batch]
+
+    def _apply_event(self, ev: NewEvent) -> EventResult:
+        if ev.kind is EventKind.EDITED and ev.body is None:
+            raise ValueError("an edit without a body")
+        fields = _DELETE_FIELDS if ev.kind is EventKind.DELETED else _TARGET_FIELDS
+        for _ in range(_EVENT_CONFLICTS):
+            found = self._events.find_one({"by": ev.by, "cid": ev.cid})
+            if found is not None:
+                # Stored already (a retry): make sure it reached its message
+                # (its writer may have stopped in between), answer the first.
+                self._settled(found["message_id"], {"_id": 1})
+                return EventResult(_event(found), duplicate=True)
+            # Read the highest eseq first, then the message with every event
+            # up to it applied: the insert of the next eseq below succeeds
+            # only if no event of the conversation was stored in between, so
+            # the judgement holds at the moment the event is stored.
+            top = self._events.find_one(
+                {"conversation": ev.conversation}, {"eseq": 1}, sort=[("eseq", DESCENDING)]
+            )
+            eseq = (top["eseq"] if top else 0) + 1
+            doc = self._settled(ev.message_id, fields)
+            target = None
+            mine, already = 0, False
+            if doc is not None:
+                target = Target(
+                    doc["conversation"], doc["sender"], doc["ts"], bool(doc.get("deleted"))
+                )
+                own = [r["emoji"] for r in doc.get("reactions") or () if r["user"] == ev.by]
+                mine, already = len(own), ev.emoji in own
+            refusal = judge(
+                ev.kind,
+                ev.by,
+                ev.conversation,
+                target,
+                ev.ts,
+                window_ms=ev.window_ms,
+                moderator=ev.moderator,
+                reactions_by_user=mine,
+                reacted_already=already,
+                on=ev.on,
+            )
+            if refusal is not None:
+                return EventResult(None, refused=refusal.code, reason=refusal.reason)
+            stored = _event_doc(ev, eseq)
+            try:
+                self._events.insert_one(stored)
+            except DuplicateKeyError:
+                # Lost (by, cid) to a concurrent duplicate (the next round
+                # answers it) or the eseq to another event (the next round
+                # plans and judges again).
+                if (
+                    self._events.find_one({"by": ev.by, "cid": ev.cid}, {"_id": 1}) is None
+                    and self._events.find_one({"_id": ev.id}, {"_id": 1}) is not None
+                ):
+                    raise Unavailable(f"event id {ev.id} is already taken") from None
+                continue
+            before, dropped = self._apply_to_message(stored)
+            if ev.kind is EventKind.DELETED:
+                # The message as this call erased it; as judged if another
+                # process applied the deletion first.
+                dropped = _erased(before or _need(doc)) + dropped
+            body = ev.body if ev.kind is EventKind.EDITED else None
+            return EventResult(_event(stored, body), dropped=tuple(dropped))
+        raise Unavailable("too much contention applying events")
+
+    def _settled(self, message_id: str, fields: dict[str, int]) -> dict[str, Any] | None:
+        """The message document with every stored event of it applied (those
+        a crashed or slower process left unapplied are applied here, in eseq
+        order); None if there is no such message."""
+        doc = self._messages.find_one({"_id": message_id}, {**fields, "applied_eseq": 1})
+        if doc is None:
+            return None
+        late = list(
+            self._events.find(
+                {"message_id": message_id, "eseq": {"$gt": doc.get("applied_eseq", 0)}},
+                sort=[("eseq", ASCENDING)],
+            )
+        )
+        if not late:
+            return doc
+        for ev in late:
+            self._apply_to_message(ev)
+        return self._messages.find_one({"_id": message_id}, {**fields, "applied_eseq": 1})
+
+    def _apply_to_message(
+        self, ev: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+        """Apply stored event ``ev`` to its message, once, whoever calls: the
+        message as it was before (None if it was applied already) and, for a
+        deletion, the (member, event id) entries it took out of the queues."""
+        kind = EventKind(ev["kind"])
+        dropped: list[tuple[str, str]] = []
+        if kind is EventKind.EDITED and "body" not in ev:
+            # Its body is unset only once it is applied (read late, by a helper).
+            return None, dropped
+        if kind is EventKind.DELETED:
+            # The earlier events first (all stored before this one was
+            # judged): nothing is owed of them any more, and their bodies go.
+            # Before the message, so that a crash in between is repaired by
+            # applying the deletion again.
+            earlier = {"message_id": ev["message_id"], "_id": {"$ne": ev["_id"]}}
+            for other in self._events.find(
+                {**earlier, "owed.0": {"$exists": True}}, {"owed": 1}, sort=[("eseq", ASCENDING)]
+            ):
+                dropped += [(user, other["_id"]) for user in other["owed"]]
+            self._events.update_many(earlier, {"$set": {"owed": []}, "$unset": {"body": ""}})
+        # Compare-and-set on applied_eseq: the events of one message are
+        # applied in eseq order, each exactly once.
+        before = self._messages.find_one_and_update(
+            {"_id": ev["message_id"], "applied_eseq": {"$not": {"$gte": ev["eseq"]}}},
+            _applying(ev),
+            projection=_DELETE_FIELDS if kind is EventKind.DELETED else {"_id": 1},
+            return_document=ReturnDocument.BEFORE,
+        )
+        if kind is EventKind.EDITED:
+            # Applied (by this call or another): the message holds the body now.
+            self._events.update_one({"_id": ev["_id"]}, {"$unset": {"body": ""}})
+        return before, dropped
+
+    def _ack_events(self, acks: list[tuple[str, str]]) -> None:
+        # The filter makes an ack of an event not owed to that user a no-op.
+        self._events.bulk_write(
+            [
+                UpdateOne({"_id": event_id, "owed": user}, {"$pull": {"owed": user}})
+                for user, event_id in acks
+            ],
+            ordered=True,
+        )
+
+    async def owed_events(
+        self, username: str, limit: int, after: tuple[str, int] | None = None
+    ) -> list[StoredEvent]:
+        if limit <= 0:
+            return []
+        query: dict[str, Any] = {"owed": username}
+        if after is not None:
+            # As owed_messages: a range on the index's second key.
+            conv, eseq = after
+            query["conversation"] = {"$gte": conv}
+            query["$nor"] = [{"conversation": conv, "eseq": {"$lte": eseq}}]
+
+        def fn() -> list[StoredEvent]:
+            docs = list(
+                self._events.find(
+                    query,
+                    {"owed": 0, "body": 0},
+                    sort=[("conversation", ASCENDING), ("eseq", ASCENDING)],
+                    limit=limit,
+                )
+            )
+            # An edit carries the message's body as it is now (none once deleted).
+            edited = sorted({d["message_id"] for d in docs if d["kind"] == EventKind.EDITED})
+            bodies: dict[str, Sealed] = {}
+            if edited:
+                for m in self._messages.find(
+                    {"_id": {"$in": edited}, "deleted": {"$ne": True}}, {"body": 1}
+                ):
+                    bodies[m["_id"]] = _sealed(m["body"])
+            return [
+                _event(d, bodies.get(d["message_id"]) if d["kind"] == EventKind.EDITED else None)
+                for d in docs
+            ]
+
+        return await self._run(fn)
 
     async def ack_receipts(self, acks: Sequence[tuple[str, ReceiptKey]]) -> list[None]:
         if not acks:
@@ -966,6 +1319,7 @@ class MongoStore:
                 {"undelivered": username},
                 {"$pull": {"undelivered": username, "unseen": username}},
             ).modified_count
+            self._events.update_many({"owed": username}, {"$pull": {"owed": username}})
             # Receipts owed to them as a sender: settle each one that happened.
             settled = 0
             for doc in self._messages.find(
@@ -1036,7 +1390,11 @@ class MongoStore:
             return {
                 row["_id"]: row["n"]
                 for row in self._messages.aggregate(
-                    [{"$group": {"_id": "$body.key_id", "n": {"$sum": 1}}}]
+                    [
+                        # A deleted message's erased body is under no key.
+                        {"$match": {"deleted": {"$ne": True}}},
+                        {"$group": {"_id": "$body.key_id", "n": {"$sum": 1}}},
+                    ]
                 )
             }
 
@@ -1052,8 +1410,8 @@ class MongoStore:
             # Walks the _id index from ``after``: all pages together read the
             # collection once, with no index on the key id to slow down appends.
             docs = self._messages.find(
-                {"_id": {"$gt": after or ""}, "body.key_id": key_id},
-                _MSG_FIELDS,
+                {"_id": {"$gt": after or ""}, "body.key_id": key_id, "deleted": {"$ne": True}},
+                _BASE_FIELDS,
                 sort=[("_id", ASCENDING)],
                 limit=limit,
             )

@@ -36,6 +36,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,22 +45,27 @@ import trio
 
 from chatd.core.delivery import SETTLED_BY_ACK, apply_mark
 from chatd.core.errors import Conflict, NotFound, Unavailable
+from chatd.core.events import Target, judge
 from chatd.core.model import (
     Appended,
     Conversation,
     ConversationSummary,
+    EventKind,
+    EventResult,
     Mark,
     MarkResult,
+    NewEvent,
     NewMessage,
     Receipt,
     ReceiptKey,
     Sealed,
     Status,
+    StoredEvent,
     StoredMessage,
     Transition,
     User,
 )
-from chatd.core.names import dm_id
+from chatd.core.names import dm_id, rid
 from chatd.ports import Reseal, StoreStats, UserDeleted, Writes, Written
 
 T = TypeVar("T")
@@ -125,7 +131,65 @@ CREATE INDEX IF NOT EXISTS unseen ON receipts (username, conversation)
 -- "receipts owed to the sender".
 CREATE INDEX IF NOT EXISTS owed_receipts ON receipts (sender, message_id, username)
     WHERE (delivered_ts IS NOT NULL AND d_acked = 0) OR (seen_ts IS NOT NULL AND s_acked = 0);
+-- Reactions, edits and deletions, in each conversation's own event order.
+CREATE TABLE IF NOT EXISTS events (
+    id           TEXT PRIMARY KEY,
+    conversation TEXT NOT NULL,
+    eseq         INTEGER NOT NULL,
+    kind         TEXT NOT NULL,
+    message_id   TEXT NOT NULL,
+    by_user      TEXT NOT NULL,
+    cid          TEXT NOT NULL,
+    ts           INTEGER NOT NULL,
+    emoji        TEXT,
+    on_          INTEGER NOT NULL DEFAULT 1,
+    UNIQUE (conversation, eseq),
+    UNIQUE (by_user, cid)
+);
+CREATE INDEX IF NOT EXISTS events_by_message ON events (message_id);
+-- One row per (event, member) until one of the member's devices acks it.
+CREATE TABLE IF NOT EXISTS event_owed (
+    username     TEXT NOT NULL,
+    event_id     TEXT NOT NULL,
+    conversation TEXT NOT NULL,
+    eseq         INTEGER NOT NULL,
+    PRIMARY KEY (username, event_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS event_owed_order ON event_owed (username, conversation, eseq);
+CREATE INDEX IF NOT EXISTS event_owed_by_event ON event_owed (event_id);
+CREATE TABLE IF NOT EXISTS reactions (
+    message_id   TEXT NOT NULL,
+    username     TEXT NOT NULL,
+    emoji        TEXT NOT NULL,
+    ts           INTEGER NOT NULL,
+    PRIMARY KEY (message_id, username, emoji)
+) WITHOUT ROWID;
 """
+
+#: Columns added after the first release: (table, column, definition). A
+#: database made before gets them at open (see :func:`_migrate`).
+COLUMNS = (
+    ("conversations", "created_by", "TEXT"),
+    ("conversations", "last_eseq", "INTEGER NOT NULL DEFAULT 0"),
+    ("messages", "reply_to", "TEXT"),
+    ("messages", "edited_ts", "INTEGER"),
+    ("messages", "edits", "INTEGER NOT NULL DEFAULT 0"),
+    ("messages", "deleted", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add the columns of :data:`COLUMNS` a database lacks (several replicas
+    opening one file at once: the first one adds, the others find it)."""
+    for table, column, definition in COLUMNS:
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        if column in have:
+            continue
+        try:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
 
 
 #: Hot-path commits between two checkpoints of the WAL into the database.
@@ -143,6 +207,9 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=OFF")
     conn.execute("PRAGMA busy_timeout=30000")
+    # A deleted message's ciphertext is overwritten in the database pages,
+    # not only unlinked (docs/security.md: what remains in the WAL).
+    conn.execute("PRAGMA secure_delete=ON")
     return conn
 
 
@@ -180,8 +247,8 @@ class _Tx:
 
 
 def _message(row: sqlite3.Row | tuple) -> StoredMessage:
-    id_, conversation, seq, sender, ts, key_id, nonce, ct = row
-    return StoredMessage(
+    id_, conversation, seq, sender, ts, key_id, nonce, ct = row[:8]
+    msg = StoredMessage(
         id=id_,
         conversation=conversation,
         seq=seq,
@@ -189,9 +256,24 @@ def _message(row: sqlite3.Row | tuple) -> StoredMessage:
         ts=ts,
         body=Sealed(key_id=key_id, nonce=bytes(nonce), ciphertext=bytes(ct)),
     )
+    if len(row) > 8:
+        cid, reply_to, edited_ts, edits, deleted = row[8:]
+        msg = replace(
+            msg,
+            cid=cid,
+            reply_to=reply_to,
+            edited_ts=edited_ts,
+            edits=edits,
+            deleted=bool(deleted),
+        )
+    return msg
 
 
 _MSG_COLS = "m.id, m.conversation, m.seq, m.sender, m.ts, m.key_id, m.nonce, m.ciphertext"
+#: The columns history shows besides :data:`_MSG_COLS`.
+_FULL_COLS = _MSG_COLS + ", m.cid, m.reply_to, m.edited_ts, m.edits, m.deleted"
+#: What an erased (deleted) body is stored as.
+_ERASED = ("", b"", b"")
 _USER_COLS = "username, pw_hash, created_ts, last_seen, disabled"
 _DISABLED, _DELETED = 1, 2
 
@@ -223,7 +305,7 @@ def _append_rows(db: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[Ap
         seq = seq_row[0]
         db.execute(
             "INSERT INTO messages (id, conversation, seq, sender, cid, ts, key_id,"
-            " nonce, ciphertext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " nonce, ciphertext, reply_to) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 msg.id,
                 msg.conversation,
@@ -234,6 +316,7 @@ def _append_rows(db: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[Ap
                 msg.body.key_id,
                 msg.body.nonce,
                 msg.body.ciphertext,
+                msg.reply_to,
             ),
         )
         db.executemany(
@@ -295,6 +378,158 @@ def _ack_rows(db: sqlite3.Connection, acks: Sequence[tuple[str, ReceiptKey]]) ->
         )
 
 
+def _event(row: tuple) -> StoredEvent:
+    id_, conversation, eseq, kind, message_id, by, ts, emoji, on = row[:9]
+    body = None
+    if len(row) > 9 and kind == EventKind.EDITED and row[9]:
+        body = Sealed(key_id=row[9], nonce=bytes(row[10]), ciphertext=bytes(row[11]))
+    return StoredEvent(
+        id_, conversation, eseq, EventKind(kind), message_id, by, ts, emoji, bool(on), body
+    )
+
+
+_EVENT_COLS = "e.id, e.conversation, e.eseq, e.kind, e.message_id, e.by_user, e.ts, e.emoji, e.on_"
+
+
+def _event_rows(db: sqlite3.Connection, batch: Sequence[NewEvent]) -> list[EventResult]:
+    """Judge and apply events inside the caller's transaction (see Store)."""
+    out: list[EventResult] = []
+    for ev in batch:
+        row = db.execute(
+            f"SELECT {_EVENT_COLS} FROM events e WHERE e.by_user = ? AND e.cid = ?",
+            (ev.by, ev.cid),
+        ).fetchone()
+        if row is not None:
+            out.append(EventResult(_event(row), duplicate=True))
+            continue
+        msg = db.execute(
+            "SELECT conversation, sender, ts, deleted FROM messages WHERE id = ?",
+            (ev.message_id,),
+        ).fetchone()
+        target = None if msg is None else Target(msg[0], msg[1], msg[2], bool(msg[3]))
+        mine, already = 0, False
+        if ev.kind is EventKind.REACTION and target is not None:
+            mine, already = db.execute(
+                "SELECT count(*), coalesce(sum(emoji = ?), 0) FROM reactions"
+                " WHERE message_id = ? AND username = ?",
+                (ev.emoji, ev.message_id, ev.by),
+            ).fetchone()
+        refusal = judge(
+            ev.kind,
+            ev.by,
+            ev.conversation,
+            target,
+            ev.ts,
+            window_ms=ev.window_ms,
+            moderator=ev.moderator,
+            reactions_by_user=mine,
+            reacted_already=bool(already),
+            on=ev.on,
+        )
+        if refusal is not None:
+            out.append(EventResult(None, refused=refusal.code, reason=refusal.reason))
+            continue
+        eseq = db.execute(
+            "UPDATE conversations SET last_eseq = last_eseq + 1 WHERE id = ? RETURNING last_eseq",
+            (ev.conversation,),
+        ).fetchone()[0]
+        dropped: list[tuple[str, str]] = []
+        if ev.kind is EventKind.REACTION:
+            if ev.on:
+                db.execute(
+                    "INSERT OR IGNORE INTO reactions (message_id, username, emoji, ts)"
+                    " VALUES (?, ?, ?, ?)",
+                    (ev.message_id, ev.by, ev.emoji, ev.ts),
+                )
+            else:
+                db.execute(
+                    "DELETE FROM reactions WHERE message_id = ? AND username = ? AND emoji = ?",
+                    (ev.message_id, ev.by, ev.emoji),
+                )
+        elif ev.kind is EventKind.EDITED:
+            if ev.body is None:
+                raise ValueError("an edit without a body")
+            db.execute(
+                "UPDATE messages SET key_id = ?, nonce = ?, ciphertext = ?, edited_ts = ?,"
+                " edits = edits + 1 WHERE id = ?",
+                (ev.body.key_id, ev.body.nonce, ev.body.ciphertext, ev.ts, ev.message_id),
+            )
+        else:
+            dropped = _erase(db, ev.message_id)
+        db.execute(
+            "INSERT INTO events (id, conversation, eseq, kind, message_id, by_user, cid, ts,"
+            " emoji, on_) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                ev.id,
+                ev.conversation,
+                eseq,
+                ev.kind.value,
+                ev.message_id,
+                ev.by,
+                ev.cid,
+                ev.ts,
+                ev.emoji,
+                int(ev.on),
+            ),
+        )
+        db.executemany(
+            "INSERT INTO event_owed (username, event_id, conversation, eseq) VALUES (?, ?, ?, ?)",
+            [(r, ev.id, ev.conversation, eseq) for r in ev.recipients],
+        )
+        stored = StoredEvent(
+            ev.id,
+            ev.conversation,
+            eseq,
+            ev.kind,
+            ev.message_id,
+            ev.by,
+            ev.ts,
+            ev.emoji,
+            ev.on,
+            ev.body,
+        )
+        out.append(EventResult(stored, dropped=tuple(dropped)))
+    return out
+
+
+def _erase(db: sqlite3.Connection, message_id: str) -> list[tuple[str, str]]:
+    """Delete a message for everyone: erase its body, its reactions, its
+    receipt rows and what is owed of it and of its earlier events; the
+    (user, queue key) entries that leaves stale."""
+    dropped: list[tuple[str, str]] = []
+    for member, sender, d_ts, s_ts, d_acked, s_acked in db.execute(
+        "SELECT username, sender, delivered_ts, seen_ts, d_acked, s_acked FROM receipts"
+        " WHERE message_id = ?",
+        (message_id,),
+    ).fetchall():
+        if d_ts is None:
+            dropped.append((member, message_id))
+        if d_ts is not None and not d_acked:
+            dropped.append((sender, rid(message_id, member, Status.DELIVERED)))
+        if s_ts is not None and not s_acked:
+            dropped.append((sender, rid(message_id, member, Status.SEEN)))
+    dropped += db.execute(
+        "SELECT o.username, o.event_id FROM events e JOIN event_owed o ON o.event_id = e.id"
+        " WHERE e.message_id = ?",
+        (message_id,),
+    ).fetchall()
+    db.execute(
+        "DELETE FROM event_owed WHERE event_id IN (SELECT id FROM events WHERE message_id = ?)",
+        (message_id,),
+    )
+    db.execute("DELETE FROM receipts WHERE message_id = ?", (message_id,))
+    db.execute("DELETE FROM reactions WHERE message_id = ?", (message_id,))
+    db.execute(
+        "UPDATE messages SET key_id = ?, nonce = ?, ciphertext = ?, deleted = 1 WHERE id = ?",
+        (*_ERASED, message_id),
+    )
+    return [tuple(d) for d in dropped]
+
+
+def _event_ack_rows(db: sqlite3.Connection, acks: Sequence[tuple[str, str]]) -> None:
+    db.executemany("DELETE FROM event_owed WHERE username = ? AND event_id = ?", acks)
+
+
 class SqliteStore:
     """The Store port on SQLite. Open with :meth:`open`; close with :meth:`aclose`."""
 
@@ -308,10 +543,12 @@ class SqliteStore:
         # CREATE ... IF NOT EXISTS throughout: safe when several replicas
         # sharing the data dir start at once (the busy timeout serialises them).
         self._pool[0].executescript(SCHEMA)
+        _migrate(self._pool[0])
         # The hot path's own connection (see the module docstring).
         self._hot = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
         self._hot.execute("PRAGMA synchronous=NORMAL")
         self._hot.execute("PRAGMA wal_autocheckpoint=0")
+        self._hot.execute("PRAGMA secure_delete=ON")
         self._wal_path = f"{path}-wal"
         self._wal_fd: int | None = None
         self._commits = 0
@@ -484,7 +721,8 @@ class SqliteStore:
     @staticmethod
     def _conversation(db: sqlite3.Connection, id: str) -> Conversation | None:
         row = db.execute(
-            "SELECT id, kind, title, created_ts FROM conversations WHERE id = ?", (id,)
+            "SELECT id, kind, title, created_ts, created_by FROM conversations WHERE id = ?",
+            (id,),
         ).fetchone()
         if row is None:
             return None
@@ -495,7 +733,12 @@ class SqliteStore:
             )
         )
         return Conversation(
-            id=row[0], kind=row[1], members=members, title=row[2], created_ts=row[3]
+            id=row[0],
+            kind=row[1],
+            members=members,
+            title=row[2],
+            created_ts=row[3],
+            created_by=row[4],
         )
 
     async def ensure_dm(self, a: str, b: str, ts: int) -> Conversation:
@@ -524,15 +767,20 @@ class SqliteStore:
         return await self._write(fn)
 
     async def create_group(
-        self, id: str, title: str | None, members: Sequence[str], ts: int
+        self,
+        id: str,
+        title: str | None,
+        members: Sequence[str],
+        ts: int,
+        creator: str | None = None,
     ) -> Conversation:
         def fn(db: sqlite3.Connection) -> Conversation:
             with _Tx(db):
                 try:
                     db.execute(
-                        "INSERT INTO conversations (id, kind, title, created_ts)"
-                        " VALUES (?, 'group', ?, ?)",
-                        (id, title, ts),
+                        "INSERT INTO conversations (id, kind, title, created_ts, created_by)"
+                        " VALUES (?, 'group', ?, ?, ?)",
+                        (id, title, ts, creator),
                     )
                 except sqlite3.IntegrityError:
                     raise Conflict(f"conversation '{id}' exists") from None
@@ -574,7 +822,7 @@ class SqliteStore:
                 members.setdefault(conv, []).append(member)
             last: dict[str, StoredMessage] = {}
             for row in db.execute(
-                f"SELECT {_MSG_COLS} FROM members mb"
+                f"SELECT {_FULL_COLS} FROM members mb"
                 " JOIN conversations c ON c.id = mb.conversation"
                 " JOIN messages m ON m.conversation = c.id AND m.seq = c.last_seq"
                 " WHERE mb.username = ?",
@@ -651,16 +899,19 @@ class SqliteStore:
                 delivered.setdefault(mid, []).append(user)
             if s_ts is not None:
                 seen.setdefault(mid, []).append(user)
+        reactions: dict[str, dict[str, list[str]]] = {}
+        for mid, user, emoji in db.execute(
+            f"SELECT message_id, username, emoji FROM reactions WHERE message_id IN ({marks})"
+            " ORDER BY emoji, username",
+            [m.id for m in messages],
+        ):
+            reactions.setdefault(mid, {}).setdefault(emoji, []).append(user)
         return [
-            StoredMessage(
-                id=m.id,
-                conversation=m.conversation,
-                seq=m.seq,
-                sender=m.sender,
-                ts=m.ts,
-                body=m.body,
+            replace(
+                m,
                 delivered_to=tuple(delivered.get(m.id, ())),
                 seen_by=tuple(seen.get(m.id, ())),
+                reactions=tuple((e, tuple(u)) for e, u in reactions.get(m.id, {}).items()),
             )
             for m in messages
         ]
@@ -670,7 +921,7 @@ class SqliteStore:
     ) -> list[StoredMessage]:
         def fn(db: sqlite3.Connection) -> list[StoredMessage]:
             rows = db.execute(
-                f"SELECT {_MSG_COLS} FROM messages m WHERE m.conversation = ? AND m.seq < ?"
+                f"SELECT {_FULL_COLS} FROM messages m WHERE m.conversation = ? AND m.seq < ?"
                 " ORDER BY m.seq DESC LIMIT ?",
                 (conversation, before if before is not None else 2**62, limit),
             ).fetchall()
@@ -685,7 +936,7 @@ class SqliteStore:
                 return []
             marks = ",".join("?" * len(ids))
             rows = db.execute(
-                f"SELECT {_MSG_COLS} FROM messages m WHERE m.id IN ({marks})"
+                f"SELECT {_FULL_COLS} FROM messages m WHERE m.id IN ({marks})"
                 " ORDER BY m.conversation, m.seq",
                 list(ids),
             ).fetchall()
@@ -703,15 +954,18 @@ class SqliteStore:
         return [None] * len(acks)
 
     async def write(self, writes: Writes) -> Written:
-        """Appends, then marks, then receipt acks: one transaction, one commit
-        (on the trio thread; see the module docstring)."""
+        """Appends, events, marks, receipt acks, event acks: one transaction,
+        one commit (on the trio thread; see the module docstring)."""
 
         def fn(db: sqlite3.Connection) -> Written:
             appended = _append_rows(db, writes.appends) if writes.appends else []
+            events = _event_rows(db, writes.events) if writes.events else []
             marked = _mark_rows(db, writes.marks) if writes.marks else []
             if writes.receipt_acks:
                 _ack_rows(db, writes.receipt_acks)
-            return Written(appended, marked)
+            if writes.event_acks:
+                _event_ack_rows(db, writes.event_acks)
+            return Written(appended, marked, events)
 
         return await self._hot_write(fn)
 
@@ -722,13 +976,31 @@ class SqliteStore:
 
         def fn(db: sqlite3.Connection) -> list[StoredMessage]:
             rows = db.execute(
-                f"SELECT {_MSG_COLS} FROM receipts r JOIN messages m ON m.id = r.message_id"
+                f"SELECT {_FULL_COLS} FROM receipts r JOIN messages m ON m.id = r.message_id"
                 " WHERE r.username = ? AND r.delivered_ts IS NULL"
                 " AND (r.conversation, r.seq) > (?, ?)"
                 " ORDER BY r.conversation, r.seq LIMIT ?",
                 (username, conv, seq, limit),
             ).fetchall()
             return [_message(r) for r in rows]
+
+        return await self._run(fn)
+
+    async def owed_events(
+        self, username: str, limit: int, after: tuple[str, int] | None = None
+    ) -> list[StoredEvent]:
+        conv, eseq = after if after is not None else ("", 0)
+
+        def fn(db: sqlite3.Connection) -> list[StoredEvent]:
+            rows = db.execute(
+                f"SELECT {_EVENT_COLS}, m.key_id, m.nonce, m.ciphertext FROM event_owed o"
+                " JOIN events e ON e.id = o.event_id"
+                " LEFT JOIN messages m ON m.id = e.message_id"
+                " WHERE o.username = ? AND (o.conversation, o.eseq) > (?, ?)"
+                " ORDER BY o.conversation, o.eseq LIMIT ?",
+                (username, conv, eseq, limit),
+            ).fetchall()
+            return [_event(r) for r in rows]
 
         return await self._run(fn)
 
@@ -796,6 +1068,7 @@ class SqliteStore:
                     "DELETE FROM receipts WHERE username = ? AND delivered_ts IS NULL",
                     (username,),
                 ).rowcount
+                db.execute("DELETE FROM event_owed WHERE username = ?", (username,))
                 owed = db.execute(
                     "SELECT coalesce(sum((delivered_ts IS NOT NULL AND d_acked = 0)"
                     " + (seen_ts IS NOT NULL AND s_acked = 0)), 0) FROM receipts"
@@ -851,7 +1124,9 @@ class SqliteStore:
     async def count_by_key(self) -> dict[str, int]:
         def fn(db: sqlite3.Connection) -> dict[str, int]:
             return dict(
-                db.execute("SELECT key_id, count(*) FROM messages GROUP BY key_id").fetchall()
+                db.execute(
+                    "SELECT key_id, count(*) FROM messages WHERE deleted = 0 GROUP BY key_id"
+                ).fetchall()
             )
 
         return await self._run(fn)
@@ -864,7 +1139,7 @@ class SqliteStore:
             # the table once, with no index on key_id to slow down appends.
             rows = db.execute(
                 f"SELECT {_MSG_COLS} FROM messages m WHERE m.id > ? AND m.key_id = ?"
-                " ORDER BY m.id LIMIT ?",
+                " AND m.deleted = 0 ORDER BY m.id LIMIT ?",
                 (after or "", key_id, max(0, limit)),
             ).fetchall()
             return [_message(r) for r in rows]

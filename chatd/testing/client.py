@@ -64,6 +64,7 @@ class ChatClient:
         to: str | None = None,
         conversation: str | None = None,
         cid: str | None = None,
+        reply_to: str | None = None,
     ) -> str:
         cid = cid or f"c{next(_cids)}"
         frame: Frame = {"type": "send", "cid": cid, "body": body}
@@ -71,15 +72,30 @@ class ChatClient:
             frame["to"] = to
         if conversation is not None:
             frame["conversation"] = conversation
+        if reply_to is not None:
+            frame["reply_to"] = reply_to
         await self.send_json(frame)
         return cid
 
-    async def ack(self, ids: list[str] | None = None, receipts: list[str] | None = None) -> None:
+    async def act(self, type: str, id: str, cid: str | None = None, **fields: Any) -> str:
+        """A ``react``, ``edit`` or ``delete`` of message ``id``; returns its cid."""
+        cid = cid or f"c{next(_cids)}"
+        await self.send_json({"type": type, "cid": cid, "id": id, **fields})
+        return cid
+
+    async def ack(
+        self,
+        ids: list[str] | None = None,
+        receipts: list[str] | None = None,
+        events: list[str] | None = None,
+    ) -> None:
         frame: Frame = {"type": "ack"}
         if ids is not None:
             frame["ids"] = ids
         if receipts is not None:
             frame["receipts"] = receipts
+        if events is not None:
+            frame["events"] = events
         await self.send_json(frame)
 
     async def seen(self, ids: list[str]) -> None:

@@ -378,3 +378,65 @@ async def test_requeued_items_reach_the_device(deployment, world):
         await c.expect("pong")  # the ack was handled before the ping
     assert [m["body"] for m in got] == ["hi carol 0", "hi carol 1", "hi carol 2", "morning team"]
     assert await show() == []
+
+
+async def test_messages_show_and_delete(deployment):
+    env = deployment.env
+    api = Api(deployment.chatd.http_url)
+    tokens = {u: await api.user(u, PASSWORD) for u in ("mod_f", "mod_g", "mod_h")}
+    await api.aclose()
+    ws = deployment.chatd.ws_url
+    async with connect(ws, "mod_f") as f:
+        await f.auth(tokens["mod_f"])
+        cid = await f.send("something rude", to="mod_g")  # mod_g is offline: queued
+        mid = (await f.expect("sent", cid=cid))["id"]
+    shown = as_json(
+        await trio.to_thread.run_sync(lambda: ctl(env, "messages", "show", mid, "--json"))
+    )
+    assert (shown["from"], shown["conversation"], shown["seq"]) == ("mod_f", "dm:mod_f:mod_g", 1)
+    assert shown["deleted"] is False and "body" not in shown
+    decrypted = as_json(
+        await trio.to_thread.run_sync(
+            lambda: ctl(env, "messages", "show", mid, "--decrypt", "--json")
+        )
+    )
+    assert decrypted["body"] == "something rude"
+    queued = as_json(
+        await trio.to_thread.run_sync(lambda: ctl(env, "queue", "show", "mod_g", "--json"))
+    )
+    assert [e["key"] for e in queued] == [mid]
+
+    answer_no = await trio.to_thread.run_sync(
+        lambda: ctl(env, "messages", "delete", mid, input="n\n")
+    )
+    assert ok(answer_no, 4).stderr.strip().endswith("chatctl: aborted: nothing was changed")
+    assert "for everyone" in answer_no.stderr
+    async with connect(ws, "mod_f") as f:
+        await f.auth(tokens["mod_f"])
+        done = await trio.to_thread.run_sync(
+            lambda: ctl(env, "messages", "delete", mid, "--yes", "--json")
+        )
+        info = as_json(done)
+        audit = json.loads(done.stderr.strip().splitlines()[-1])
+        assert audit["audit"] == "message deleted" and audit["id"] == mid
+        assert audit["from"] == "mod_f" and audit["eid"] == info["eid"]
+        # mod_f's connected device hears it at once, from the operator.
+        ev = await f.expect("deleted", id=mid)
+        assert ev["by"] == "@operator" and ev["eid"] == info["eid"]
+    queued = as_json(
+        await trio.to_thread.run_sync(lambda: ctl(env, "queue", "show", "mod_g", "--json"))
+    )
+    assert [(e["kind"], e["id"]) for e in queued] == [("deleted", mid)]
+    shown = as_json(
+        await trio.to_thread.run_sync(lambda: ctl(env, "messages", "show", mid, "--json"))
+    )
+    assert shown["deleted"] is True and shown["key_id"] is None
+    # mod_g connects: no message, the deletion only.
+    async with connect(ws, "mod_g") as g:
+        await g.auth(tokens["mod_g"])
+        ev = await g.expect("deleted", id=mid)
+        assert [fr for fr in g.frames if fr["type"] == "message"] == []
+    again = await trio.to_thread.run_sync(lambda: ctl(env, "messages", "delete", mid, "--yes"))
+    assert "already deleted" in ok(again, 1).stderr
+    missing = await trio.to_thread.run_sync(lambda: ctl(env, "messages", "show", "nope"))
+    assert ok(missing, 1).stderr.strip() == "chatctl: no message 'nope'"

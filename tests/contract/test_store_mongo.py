@@ -162,6 +162,20 @@ def _indexes(raw_db: Any, collection: str) -> dict[str, dict[str, Any]]:
 
 
 EXPECTED_INDEXES = {
+    "events": {
+        "by_cid": {"key": [("by", 1), ("cid", 1)], "unique": True, "partial": {}},
+        "conversation_eseq": {
+            "key": [("conversation", 1), ("eseq", 1)],
+            "unique": True,
+            "partial": {},
+        },
+        "owed_events": {
+            "key": [("owed", 1), ("conversation", 1), ("eseq", 1)],
+            "unique": False,
+            "partial": {},
+        },
+        "message_eseq": {"key": [("message_id", 1), ("eseq", 1)], "unique": False, "partial": {}},
+    },
     "conversations": {
         "members_kind": {"key": [("members", 1), ("kind", 1)], "unique": False, "partial": {}},
     },

@@ -108,3 +108,43 @@ async def test_checkpoints_copy_the_wal_into_the_database(tmp_path, monkeypatch,
         assert (after > before) == (every == 5)
     finally:
         await store.aclose()
+
+
+async def test_a_deleted_body_is_overwritten_on_disk(tmp_path):
+    """Once checkpointed, the database file no longer holds the ciphertext
+    of a message deleted for everyone (before the deletion it does). The
+    store also runs with secure_delete on, for cells SQLite moves or frees."""
+    from chatd.core.model import EventKind, NewMessage, Sealed
+    from chatd.testing.store_contract import new_event
+
+    store = SqliteStore.open(tmp_path)
+    path = tmp_path / "chatd.sqlite3"
+
+    def checkpointed_bytes() -> bytes:
+        raw = sqlite3.connect(path, isolation_level=None)
+        try:
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            raw.close()
+        return path.read_bytes()
+
+    try:
+        dm = await _dm(store)
+        secret = os.urandom(48)
+        msg = NewMessage(
+            "01TESTMESSAGE0000000000000",
+            dm,
+            "alice",
+            "c1",
+            1,
+            Sealed("k1", b"n" * 12, secret),
+            ("bob",),
+        )
+        await store.write(Writes(appends=[msg]))
+        assert secret in checkpointed_bytes()
+        ev = new_event(dm, EventKind.DELETED, msg.id, "alice", ("bob",))
+        [done] = (await store.write(Writes(events=[ev]))).events
+        assert done.refused is None
+        assert secret not in checkpointed_bytes()
+    finally:
+        await store.aclose()
