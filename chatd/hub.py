@@ -24,6 +24,7 @@ from chatd.core.envelope import (
     TypingEnvelope,
     decode,
 )
+from chatd.core.model import EventKind
 from chatd.core.names import rid
 from chatd.core.session import Outbound
 from chatd.ports import Inbound
@@ -74,6 +75,22 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                 )
             )
             return Outbound(data, m.id if owed else None, message_order(m.conversation, m.seq))
+        case EventEnvelope(event=e) if e.kind is EventKind.MEMBERS:
+            frame = frames.members(
+                e.id,
+                e.conversation,
+                e.eseq,
+                e.by,
+                e.ts,
+                e.action or "",
+                list(e.users),
+                list(e.members),
+                list(e.admins),
+                e.title,
+            )
+            return Outbound(
+                frames.encode(frame), e.id if owed else None, event_order(e.conversation, e.eseq)
+            )
         case EventEnvelope(event=e):
             text = None
             if e.body is not None:

@@ -46,11 +46,11 @@ FRAMES_IN = (
     "auth", "send", "ack", "seen", "typing", "ping", "react", "edit", "delete", "invalid"
 )  # fmt: skip
 #: Events stored, by kind (chatd_events_total).
-EVENT_KINDS = ("reaction", "edited", "deleted")
+EVENT_KINDS = ("reaction", "edited", "deleted", "members")
 #: Server frame types (``other`` should stay 0).
 FRAMES_OUT = (
     "ready", "sent", "message", "receipt", "typing", "presence", "pong", "error",
-    "applied", "reaction", "edited", "deleted", "other",
+    "applied", "reaction", "edited", "deleted", "members", "other",
 )  # fmt: skip
 ERROR_CODES = (
     "bad_request",

@@ -27,6 +27,7 @@ from chatd.core.model import (
     Mark,
     MarkResult,
     NewEvent,
+    NewMembership,
     NewMessage,
     Presence,
     Receipt,
@@ -157,7 +158,22 @@ class Store(Protocol):
         creator: str | None = None,
     ) -> Conversation: ...
 
-    async def get_conversation(self, id: str) -> Conversation | None: ...
+    async def get_conversation(self, id: str) -> Conversation | None:
+        """The conversation with its current members, admins and when each
+        member who joined later may read from."""
+        ...
+
+    async def change_group(self, change: NewMembership) -> EventResult:
+        """Judge (:func:`chatd.core.events.plan_membership`) and apply a
+        change of a group's members, admins or title in one commit, against
+        the group as it is then; record a ``members`` event with the next
+        eseq, owed to every member before and after (``recipients``). A
+        member added now may read from the next seq on. Refused: nothing
+        changes. **Membership in the store is the authority**: an append or
+        an event in a group is owed to the members at the moment it is
+        stored (``Appended.recipients``, ``EventResult.recipients``), and a
+        non-member's append is refused (``Appended.refused``)."""
+        ...
 
     async def conversations_of(self, username: str) -> list[ConversationSummary]:
         """Every conversation the user is a member of, most recent activity first."""
@@ -174,10 +190,12 @@ class Store(Protocol):
         ...
 
     async def history(
-        self, conversation: str, before: int | None, limit: int
+        self, conversation: str, before: int | None, limit: int, viewer: str | None = None
     ) -> list[StoredMessage]:
         """Up to ``limit`` messages with seq < before (all if None), oldest first,
-        with ``delivered_to``, ``seen_by``, ``cid``, ``reply_to``, the edit
+        and, with a ``viewer``, only what that member may read: from the seq
+        at which they joined (nothing for a non-member). Filled
+        in with ``delivered_to``, ``seen_by``, ``cid``, ``reply_to``, the edit
         fields, ``deleted`` and ``reactions`` filled in (deleted ones too:
         tombstones keep seq gap-free)."""
         ...

@@ -55,9 +55,11 @@ from chatd.core.model import (
     Conversation,
     EventKind,
     EventResult,
+    GroupAction,
     Mark,
     MarkResult,
     NewEvent,
+    NewMembership,
     NewMessage,
     Receipt,
     ReceiptKey,
@@ -171,8 +173,9 @@ class ChatService:
         # argon2 is CPU-bound: a small limiter keeps logins from starving the
         # worker threads the store needs.
         self.hasher = Hasher(threads=cpu_threads)
-        # Conversation membership never changes in protocol v1, so it is safe
-        # to cache; this saves a store round trip on every send and typing.
+        # The members of a one-to-one conversation never change, so it is
+        # safe to cache; this saves a store round trip on every send and
+        # typing there. Groups are read each time (see _conversation).
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._conversation_cache = 10_000
         # Every write goes through one group commit: the sends, acks and seen
@@ -518,10 +521,13 @@ class ChatService:
         return conv
 
     async def _conversation(self, id: str) -> Conversation | None:
+        """The conversation; one-to-one ones from the cache (their members
+        never change), groups from the store every time (theirs do, on any
+        replica)."""
         conv = self._conversations.get(id)
         if conv is None:
             conv = await self.store.get_conversation(id)
-            if conv is not None:
+            if conv is not None and conv.kind == "dm":
                 self._remember(conv)
         return conv
 
@@ -543,6 +549,7 @@ class ChatService:
                 "kind": s.kind,
                 "title": s.title,
                 "members": list(s.members),
+                "admins": list(s.admins),
                 "last_seq": s.last_seq,
                 "last_ts": s.last_ts,
                 "unread": s.unread,
@@ -599,7 +606,62 @@ class ChatService:
             self.clock.now_ms(),
             creator=user,
         )
-        return self._remember(conv)
+        return conv
+
+    async def change_group(
+        self, user: str, id: str, action: GroupAction, users: object = (), title: object = None
+    ) -> dict[str, Any]:
+        """Add or remove members, leave, rename, make or unmake admins: judged
+        and applied by the store against the group as it is then; a
+        ``members`` event goes (owed) to every member before and after, on
+        every replica. Answers the group after the change."""
+        if not is_conversation_id(id):
+            raise NotFound("no such conversation")
+        names: list[str] = []
+        if action in (GroupAction.ADD, GroupAction.REMOVE, GroupAction.PROMOTE, GroupAction.DEMOTE):
+            if not isinstance(users, list | tuple) or not users:
+                raise BadRequest("'members' must be a non-empty list of usernames")
+            if len(users) > MAX_GROUP_MEMBERS:
+                raise BadRequest(f"a group has at most {MAX_GROUP_MEMBERS} members")
+            names = list(dict.fromkeys(normalize_username(u) for u in users))
+        if action is GroupAction.ADD:
+            for name in names:
+                found = await self.store.get_user(name)
+                if found is None or found.deleted:
+                    raise NotFound(f"no user '{name}'")
+        if action is GroupAction.RENAME:
+            if title is not None and (not isinstance(title, str) or len(title) > MAX_TITLE):
+                raise BadRequest(f"'title' must be a string of at most {MAX_TITLE} characters")
+            title = (title.strip() or None) if isinstance(title, str) else None
+        change = NewMembership(
+            self.ids.new(),
+            id,
+            user,
+            self.clock.now_ms(),
+            action,
+            tuple(names),
+            title if isinstance(title, str) else None,
+        )
+        done = await self.store.change_group(change)
+        if done.refused is not None or done.event is None:
+            raise _REFUSALS.get(done.refused or "", NotFound)(done.reason or "refused")
+        e = done.event
+        self.metrics.events[e.kind.value].inc()
+        log.info(
+            "group changed",
+            extra={"conversation": id, "by": user, "action": action.value, "users": names},
+        )
+        key, payload, env = owed.event_item(e)
+        await self._route([Routed(u, key, payload, True, None, env) for u in done.recipients or ()])
+        return {
+            "id": id,
+            "kind": "group",
+            "title": e.title,
+            "members": list(e.members),
+            "admins": list(e.admins),
+            "eid": e.id,
+            "eseq": e.eseq,
+        }
 
     async def history(
         self, user: str, id: str, before: int | None, limit: int | None
@@ -610,9 +672,8 @@ class ChatService:
         limit = HISTORY_DEFAULT if limit is None else limit
         if not 1 <= limit <= HISTORY_MAX:
             raise BadRequest(f"'limit' must be 1-{HISTORY_MAX}")
-        return [
-            self._message_json(m, viewer=user) for m in await self.store.history(id, before, limit)
-        ]
+        page = await self.store.history(id, before, limit, viewer=user)
+        return [self._message_json(m, viewer=user) for m in page]
 
     def _open(self, m: StoredMessage) -> str | None:
         try:
@@ -767,7 +828,7 @@ class ChatService:
             conv = await self.member_conversation(sender, target.conversation, frame.cid)
         to = recipients(conv.members, sender)
         if frame.reply_to is not None:
-            await self._message_in(frame.reply_to, conv.id, frame.cid)
+            await self._message_in(frame.reply_to, conv, sender, frame.cid)
         mid = self.ids.new()
         ts = self.clock.now_ms()
         sealed = self.keyring.seal(frame.body, mid, conv.id)
@@ -782,6 +843,9 @@ class ChatService:
             done = result[0]
             if not isinstance(done, Appended):
                 raise Internal("a send's write result is not an Appended")
+            if done.refused is not None:
+                conn.reply(_error(Forbidden("not a member of this conversation", cid=cid)))
+                return
             conn.reply(
                 Outbound(
                     frames.encode(frames.sent(cid, done.id, done.conversation, done.seq, done.ts))
@@ -797,7 +861,8 @@ class ChatService:
                     done.id, conv.id, done.seq, sender, done.ts, sealed, reply_to=reply_to
                 )
             )
-            items = [Routed(r, key, payload, True, None, env) for r in to]
+            owed_to = to if done.recipients is None else done.recipients
+            items = [Routed(r, key, payload, True, None, env) for r in owed_to]
             items.append(Routed(sender, done.id, payload, False, conn.id, env))
             self.broker.route_nowait(items)
 
@@ -805,10 +870,16 @@ class ChatService:
             [NewMessage(mid, conv.id, sender, cid, ts, sealed, to, reply_to)], conn, stored
         )
 
-    async def _message_in(self, id: str, conversation: str, cid: str) -> StoredMessage:
-        """The stored message ``id`` of ``conversation`` (not deleted), or NotFound."""
+    async def _message_in(self, id: str, conv: Conversation, user: str, cid: str) -> StoredMessage:
+        """The stored message ``id`` of ``conv`` that ``user`` may read (not
+        deleted, not from before they joined), or NotFound."""
         found = await self.store.get_messages([id])
-        if not found or found[0].conversation != conversation or found[0].deleted:
+        if (
+            not found
+            or found[0].conversation != conv.id
+            or found[0].deleted
+            or found[0].seq < conv.visible_from(user)
+        ):
             raise NotFound("no such message in this conversation", cid=cid)
         return found[0]
 
@@ -862,17 +933,9 @@ class ChatService:
                     window_ms=self.edit_window_ms,
                 )
             case frames.Delete():
-                ev = NewEvent(
-                    eid,
-                    conv.id,
-                    EventKind.DELETED,
-                    frame.id,
-                    user,
-                    frame.cid,
-                    ts,
-                    to,
-                    moderator=conv.kind == "group" and conv.created_by == user,
-                )
+                # A group's admins may delete others' messages: the store
+                # decides that against the group as it is then.
+                ev = NewEvent(eid, conv.id, EventKind.DELETED, frame.id, user, frame.cid, ts, to)
         cid = frame.cid
 
         def stored(result: list[WriteResult] | ChatError) -> None:
@@ -883,7 +946,9 @@ class ChatService:
             done = result[0]
             if not isinstance(done, EventResult):
                 raise Internal("an event's write result is not an EventResult")
-            self.publish_event(done, to, cid=cid, conn=conn)
+            self.publish_event(
+                done, to if done.recipients is None else done.recipients, cid=cid, conn=conn
+            )
 
         await self._write([ev], conn, stored)
 

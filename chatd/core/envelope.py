@@ -101,6 +101,12 @@ def encode(env: Envelope) -> str:
             if e.kind is EventKind.REACTION:
                 obj["em"] = e.emoji
                 obj["on"] = e.on
+            if e.kind is EventKind.MEMBERS:
+                obj["ac"] = e.action
+                obj["us"] = list(e.users)
+                obj["ms"] = list(e.members)
+                obj["ad"] = list(e.admins)
+                obj["ti"] = e.title
             if e.body is not None:
                 obj["kid"] = e.body.key_id
                 obj["n"] = _b64(e.body.nonce)
@@ -168,6 +174,11 @@ def decode(payload: str | bytes) -> Envelope:
                     emoji=obj.get("em"),
                     on=bool(obj.get("on", True)),
                     body=body,
+                    action=obj.get("ac"),
+                    users=tuple(obj.get("us", ())),
+                    members=tuple(obj.get("ms", ())),
+                    admins=tuple(obj.get("ad", ())),
+                    title=obj.get("ti"),
                 )
             )
         if kind == "r":

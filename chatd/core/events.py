@@ -8,9 +8,11 @@ is stored at that moment (a message deleted a moment ago cannot be edited).
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from chatd.core.model import EventKind
+from chatd.core.model import EventKind, GroupAction
+from chatd.core.names import MAX_GROUP_MEMBERS
 
 #: How long after sending a message its sender may edit it (the default of
 #: ``--edit-window``).
@@ -55,6 +57,7 @@ class Target:
     sender: str
     ts: int
     deleted: bool
+    seq: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,22 +75,29 @@ def judge(
     *,
     window_ms: int | None = None,
     moderator: bool = False,
+    visible_from: int = 1,
     reactions_by_user: int = 0,
     reacted_already: bool = False,
     on: bool = True,
 ) -> Refusal | None:
     """May ``by`` apply this event to ``target`` now? None, or why not.
 
-    * An unknown message, one of another conversation, or a deleted one is
-      ``not_found`` (a deleted message takes no reactions or edits, and
-      deleting it again changes nothing).
+    * An unknown message, one of another conversation, a deleted one, or one
+      from before the actor joined the group (``visible_from``: the first
+      seq the actor may read) is ``not_found`` (a deleted message takes no
+      reactions or edits, and deleting it again changes nothing).
     * Only the sender edits, within ``window_ms`` of sending.
-    * The sender deletes; so does a ``moderator`` (a group's creator, an
+    * The sender deletes; so does a ``moderator`` (a group's admin, an
       operator) for anybody's message.
     * A user puts at most :data:`MAX_REACTIONS_PER_USER` distinct reactions
       on one message.
     """
-    if target is None or target.conversation != conversation or target.deleted:
+    if (
+        target is None
+        or target.conversation != conversation
+        or target.deleted
+        or target.seq < visible_from
+    ):
         return Refusal("not_found", "no such message")
     if kind is EventKind.EDITED:
         if target.sender != by:
@@ -105,3 +115,98 @@ def judge(
     ):
         return Refusal("bad_request", f"at most {MAX_REACTIONS_PER_USER} reactions per message")
     return None
+
+
+# --- groups that change -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipPlan:
+    """What a group change does: who joins and leaves, the group after it,
+    and who hears of it (every member before and after)."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    members: tuple[str, ...]
+    admins: tuple[str, ...]
+    title: str | None
+    notify: tuple[str, ...]
+
+
+def plan_membership(
+    action: GroupAction,
+    by: str,
+    users: Sequence[str],
+    title: str | None,
+    *,
+    kind: str,
+    members: Sequence[str],
+    admins: Sequence[str],
+    current_title: str | None,
+    max_members: int = MAX_GROUP_MEMBERS,
+) -> Refusal | MembershipPlan:
+    """Judge and plan a change of a group against the group as stored now.
+
+    ``members`` is in join order (the longest-standing first). The rules:
+
+    * Only groups change; only members act. ``leave`` is open to every
+      member; every other action needs an admin (or, in a group that has
+      none — made before admins existed — any member).
+    * ``add`` names at least one user not yet a member, up to
+      ``max_members`` in all; ``remove``, ``promote`` name members;
+      ``demote`` names admins and may not leave a group without one.
+    * When the last admin leaves or is removed, the longest-standing member
+      left becomes admin, so a group is never left unmanaged.
+    """
+    if kind != "group":
+        return Refusal("bad_request", "the members of a one-to-one conversation never change")
+    if by not in members:
+        return Refusal("forbidden", "not a member of this conversation")
+    current = list(members)
+    admin_set = [a for a in admins if a in current]
+    manages = by in admin_set or not admin_set
+    if action is not GroupAction.LEAVE and not manages:
+        return Refusal("forbidden", "only the group's admins may change it")
+    added: list[str] = []
+    removed: list[str] = []
+    new_title = current_title
+    if action is GroupAction.LEAVE:
+        removed = [by]
+    elif action is GroupAction.RENAME:
+        new_title = title
+    else:
+        if not users:
+            return Refusal("bad_request", "name at least one user")
+        if action is GroupAction.ADD:
+            added = [u for u in dict.fromkeys(users) if u not in current]
+            if not added:
+                return Refusal("bad_request", "they are members already")
+            if len(current) + len(added) > max_members:
+                return Refusal("bad_request", f"a group has at most {max_members} members")
+        else:
+            strangers = [u for u in users if u not in current]
+            if strangers:
+                return Refusal("not_found", f"not a member: {strangers[0]}")
+            if action is GroupAction.REMOVE:
+                removed = list(dict.fromkeys(users))
+            elif action is GroupAction.PROMOTE:
+                admin_set = admin_set + [u for u in users if u not in admin_set]
+            else:  # DEMOTE
+                if any(u not in admin_set for u in users):
+                    return Refusal("bad_request", "not an admin")
+                admin_set = [a for a in admin_set if a not in users]
+                if not admin_set:
+                    return Refusal("bad_request", "a group needs at least one admin")
+    after = [m for m in current if m not in removed] + added
+    had_admins = bool(admin_set)
+    admin_set = [a for a in admin_set if a in after]
+    if had_admins and not admin_set and after:
+        admin_set = [after[0]]
+    return MembershipPlan(
+        added=tuple(added),
+        removed=tuple(removed),
+        members=tuple(sorted(after)),
+        admins=tuple(sorted(admin_set)),
+        title=new_title,
+        notify=tuple(sorted(set(current) | set(after))),
+    )

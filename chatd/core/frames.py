@@ -359,6 +359,35 @@ def event(
     return frame
 
 
+def members(
+    eid: str,
+    conversation: str,
+    eseq: int,
+    by: str,
+    ts: int,
+    action: str,
+    users: list[str],
+    members: list[str],
+    admins: list[str],
+    title: str | None,
+) -> dict[str, Any]:
+    """A ``members`` event: a group changed (``id`` is null: no message)."""
+    return {
+        "type": "members",
+        "eid": eid,
+        "conversation": conversation,
+        "eseq": eseq,
+        "id": None,
+        "by": by,
+        "ts": ts,
+        "action": action,
+        "users": users,
+        "members": members,
+        "admins": admins,
+        "title": title,
+    }
+
+
 def receipt(rid: str, id: str, conversation: str, status: str, by: str, ts: int) -> dict[str, Any]:
     return {
         "type": "receipt",

@@ -17,6 +17,19 @@ class EventKind(StrEnum):
     REACTION = "reaction"
     EDITED = "edited"
     DELETED = "deleted"
+    #: A group's members, admins or title changed (no message concerned).
+    MEMBERS = "members"
+
+
+class GroupAction(StrEnum):
+    """What a :class:`NewMembership` does to a group."""
+
+    ADD = "add"
+    REMOVE = "remove"
+    LEAVE = "leave"
+    RENAME = "rename"
+    PROMOTE = "promote"  # make admins
+    DEMOTE = "demote"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +60,27 @@ class Conversation:
     members: tuple[str, ...]
     title: str | None
     created_ts: int
-    #: Who made a group (None for one-to-one conversations and old groups);
-    #: may delete other members' messages.
+    #: Who made a group (None for one-to-one conversations and old groups).
     created_by: str | None = None
+    #: A group's admins (they change its members and title, and may delete
+    #: other members' messages). A group without admins (made before they
+    #: existed) is managed by all its members.
+    admins: tuple[str, ...] = ()
+    #: (member, the first seq they may read) for members who joined a group
+    #: after it began (everyone else reads from seq 1).
+    joined: tuple[tuple[str, int], ...] = ()
+
+    def visible_from(self, user: str) -> int:
+        """The first seq ``user`` may read."""
+        return dict(self.joined).get(user, 1)
+
+    def manages(self, user: str) -> bool:
+        """May ``user`` change this group and moderate its messages?"""
+        return (
+            self.kind == "group"
+            and user in self.members
+            and (user in self.admins or not self.admins)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +93,7 @@ class ConversationSummary:
     unread: int
     last_ts: int | None
     last_message: StoredMessage | None = None
+    admins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +124,12 @@ class Appended:
     seq: int
     ts: int
     duplicate: bool
+    #: Who the message is owed to, as the store decided in its transaction
+    #: (a group's members at that moment, but the sender); None: as asked.
+    recipients: tuple[str, ...] | None = None
+    #: Set (a wire error code) when the store refused the message: the
+    #: sender is no longer a member of the group. Nothing was stored.
+    refused: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +251,28 @@ class StoredEvent:
     emoji: str | None = None
     on: bool = True
     body: Sealed | None = None
+    #: A ``members`` event: the action, the users it names, and the group
+    #: after it (members, admins, title).
+    action: str | None = None
+    users: tuple[str, ...] = ()
+    members: tuple[str, ...] = ()
+    admins: tuple[str, ...] = ()
+    title: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewMembership:
+    """A change to a group by ``by``, judged and applied by the store
+    (:func:`chatd.core.events.plan_membership`). The ``members`` event it
+    makes is owed to every member before and after."""
+
+    id: str
+    conversation: str
+    by: str
+    ts: int
+    action: GroupAction
+    users: tuple[str, ...] = ()
+    title: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,3 +292,5 @@ class EventResult:
     refused: str | None = None
     reason: str = ""
     dropped: tuple[tuple[str, str], ...] = ()
+    #: Who the event is owed to, as the store decided (None: as asked).
+    recipients: tuple[str, ...] | None = None

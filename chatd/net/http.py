@@ -22,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from chatd import __version__
 from chatd.core.errors import BadRequest, ChatError, TooLarge, Unauthorized
+from chatd.core.model import GroupAction
 from chatd.net.clientip import Network, client_ip
 from chatd.service import ChatService
 
@@ -155,10 +156,46 @@ def create_app(
                     "kind": conv.kind,
                     "members": list(conv.members),
                     "title": conv.title,
+                    "admins": list(conv.admins),
                 },
                 201,
             )
         return JSONResponse({"conversations": await service.conversations(user)})
+
+    async def conversation(request: Request) -> Response:
+        """PATCH {title}: rename a group."""
+        user = await caller(request)
+        body = await _json(request)
+        if "title" not in body:
+            raise BadRequest("'title' is required (null clears it)")
+        return JSONResponse(
+            await service.change_group(
+                user, request.path_params["id"], GroupAction.RENAME, title=body["title"]
+            )
+        )
+
+    async def add_members(request: Request) -> Response:
+        """POST {members}: add members (POST .../admins: make admins)."""
+        user = await caller(request)
+        body = await _json(request)
+        action = GroupAction.PROMOTE if request.url.path.endswith("/admins") else GroupAction.ADD
+        return JSONResponse(
+            await service.change_group(
+                user, request.path_params["id"], action, users=body.get("members")
+            )
+        )
+
+    async def remove_member(request: Request) -> Response:
+        """DELETE .../members/{name}: remove a member, or leave (your own
+        name); DELETE .../admins/{name}: unmake an admin."""
+        user = await caller(request)
+        name = request.path_params["name"]
+        id = request.path_params["id"]
+        if "/admins/" in request.url.path:
+            return JSONResponse(await service.change_group(user, id, GroupAction.DEMOTE, [name]))
+        if name.lower() == user:
+            return JSONResponse(await service.change_group(user, id, GroupAction.LEAVE))
+        return JSONResponse(await service.change_group(user, id, GroupAction.REMOVE, [name]))
 
     async def messages(request: Request) -> Response:
         user = await caller(request)
@@ -225,6 +262,11 @@ def create_app(
             Route("/refresh", refresh, methods=["POST"]),
             Route("/conversations", conversations, methods=["GET", "POST"]),
             Route("/conversations/{id}/messages", messages, methods=["GET"]),
+            Route("/conversations/{id}", conversation, methods=["PATCH"]),
+            Route("/conversations/{id}/members", add_members, methods=["POST"]),
+            Route("/conversations/{id}/members/{name}", remove_member, methods=["DELETE"]),
+            Route("/conversations/{id}/admins", add_members, methods=["POST"]),
+            Route("/conversations/{id}/admins/{name}", remove_member, methods=["DELETE"]),
             Route("/users/{name}", user_info, methods=["GET"]),
             Route("/info", info, methods=["GET"]),
         ],

@@ -42,6 +42,32 @@ atomically:
   next event on the message, or by the retry). Reactions live in the
   message document (``reactions``); who is still owed an event is the
   event's ``owed`` array, as ``undelivered`` is for a message.
+* **group membership** lives in the conversation document (``members``,
+  ``admins``, ``joined``: the first seq of each member who joined later,
+  ``mver``: how many changes it has had). A change is judged by
+  :func:`chatd.core.events.plan_membership` against that document and
+  committed by one compare-and-set on it (``mver`` as read, ``last_seq``
+  still below the change's ``from_seq`` = one past the highest stored seq,
+  no change pending), which also sets ``pending`` to its ``members`` event
+  and keeps the change in ``changes`` (the latest few). The event is then
+  inserted with the next eseq like any event, and ``pending`` unset; any
+  writer that finds ``pending`` (the next change, append or event of the
+  group) stores it first, so a crash in between is repaired and members
+  events follow the changes in order. An event in a group reads the
+  members after its eseq guess, so the eseq index serialises it with the
+  members events: it is owed to (and allowed for) the members as of its
+  eseq. An append reads the members with ``last_seq``, refuses a
+  non-member's message (nothing stored) and stores the others owed to
+  those members, with the ``mver`` it read; it then advances ``last_seq``
+  with a compare-and-set on that ``mver``. If a change committed in
+  between, each message it stored is placed again: owed to the members
+  for its seq (``changes`` says which changes start after it), or, if its
+  sender was removed before it, turned into a tombstone and answered
+  refused. A retry (a duplicate) does the same for a first call that
+  stopped before it could. What remains (``docs/mongo.md``): such a
+  message is readable with the members of before for the moment until it
+  is placed, and stays so if its writer stopped and the client never
+  retries.
 
 Errors: every pymongo/BSON failure becomes :class:`Unavailable`; a taken
 username (and a taken group id) is :class:`Conflict`.
@@ -73,7 +99,7 @@ from pymongo.errors import (
 
 from chatd.core.delivery import SETTLED_BY_ACK, apply_mark
 from chatd.core.errors import ChatError, Conflict, NotFound, Unavailable
-from chatd.core.events import Target, judge
+from chatd.core.events import Refusal, Target, judge, plan_membership
 from chatd.core.model import (
     Appended,
     Conversation,
@@ -83,6 +109,7 @@ from chatd.core.model import (
     Mark,
     MarkResult,
     NewEvent,
+    NewMembership,
     NewMessage,
     Receipt,
     ReceiptKey,
@@ -93,7 +120,7 @@ from chatd.core.model import (
     Transition,
     User,
 )
-from chatd.core.names import dm_id, rid
+from chatd.core.names import GROUP_PREFIX, dm_id, rid
 from chatd.ports import Reseal, StoreStats, UserDeleted, Writes, Written
 
 T = TypeVar("T")
@@ -132,6 +159,9 @@ _DUP_CODES = frozenset({11000, 11001, 12582})
 _APPEND_CONFLICTS = 100
 #: The same bound for one event finding its planned eseq taken.
 _EVENT_CONFLICTS = 100
+#: How many of a group's latest membership changes its document keeps
+#: (``changes``): what lets an append that raced them place its message.
+_CHANGES_KEPT = 16
 
 USERS = "users"
 CONVERSATIONS = "conversations"
@@ -246,6 +276,7 @@ _HISTORY_FIELDS = {**_MSG_FIELDS, "reactions": 1}
 #: What judging an event reads of its message (a deletion: also what it drops).
 _TARGET_FIELDS = {
     "conversation": 1,
+    "seq": 1,
     "sender": 1,
     "ts": 1,
     "deleted": 1,
@@ -255,6 +286,9 @@ _TARGET_FIELDS = {
 _DELETE_FIELDS = {**_TARGET_FIELDS, "receipts": 1, "undelivered": 1}
 #: What a deleted message's body is stored as.
 _ERASED = {"key_id": "", "nonce": b"", "ciphertext": b""}
+#: What reads of a conversation leave out: the bookkeeping of membership
+#: changes (``changes``, ``pending``), which only writers use.
+_CONV_FIELDS = {"changes": 0, "pending": 0}
 
 
 def _field(status: Status) -> str:
@@ -317,6 +351,36 @@ def _user(doc: dict[str, Any]) -> User:
     )
 
 
+def _tombstone() -> dict[str, Any]:
+    """The fields of a deleted message: a tombstone that keeps its seq, with
+    no receipts, reactions or owed-message keys left (a later mark or ack
+    finds no recipient)."""
+    return {
+        "body": dict(_ERASED),
+        "deleted": True,
+        "reactions": [],
+        "recipients": [],
+        "receipts": [],
+        "status": {"delivered_to": [], "seen_by": []},
+        "undelivered": [],
+        "unseen": [],
+        "rpending": 0,
+    }
+
+
+def _joined(doc: dict[str, Any]) -> dict[str, int]:
+    """member -> the first seq they may read, for the members of a group who
+    joined after it began (everyone else reads from seq 1)."""
+    members = set(doc.get("members") or ())
+    return {j["member"]: j["seq"] for j in doc.get("joined") or () if j["member"] in members}
+
+
+def _admins(doc: dict[str, Any]) -> list[str]:
+    """A group's admins (none in a document made before admins existed)."""
+    members = set(doc.get("members") or ())
+    return sorted(a for a in doc.get("admins") or () if a in members)
+
+
 def _conversation(doc: dict[str, Any]) -> Conversation:
     return Conversation(
         id=doc["_id"],
@@ -325,12 +389,32 @@ def _conversation(doc: dict[str, Any]) -> Conversation:
         title=doc.get("title"),
         created_ts=doc["created_ts"],
         created_by=doc.get("created_by"),
+        admins=tuple(_admins(doc)),
+        joined=tuple(sorted((m, seq) for m, seq in _joined(doc).items() if seq > 1)),
     )
 
 
-def _message_doc(msg: NewMessage, seq: int) -> dict[str, Any]:
-    recipients = list(dict.fromkeys(msg.recipients))  # unique, order kept
-    return {
+def _members_at(doc: dict[str, Any], since: int, seq: int) -> set[str] | None:
+    """The members of group ``doc`` for the message at ``seq``, planned
+    against membership version ``since``: the members now, with every
+    change made after ``since`` that starts after ``seq`` undone (changes
+    start at increasing seqs, so those are the latest ones). None if that
+    needs changes older than ``doc`` keeps."""
+    members = set(doc["members"])
+    later = [c for c in doc.get("changes") or () if c["mver"] > since]
+    for change in sorted(later, key=lambda c: c["mver"], reverse=True):
+        if change["from_seq"] <= seq:
+            return members
+        members -= set(change["added"])
+        members |= set(change["removed"])
+    return members if len(later) == int(doc.get("mver", 0)) - since else None
+
+
+def _message_doc(
+    msg: NewMessage, seq: int, to: Sequence[str], mver: int | None = None
+) -> dict[str, Any]:
+    recipients = list(dict.fromkeys(to))  # unique, order kept
+    doc: dict[str, Any] = {
         "_id": msg.id,
         "conversation": msg.conversation,
         "seq": seq,
@@ -342,25 +426,30 @@ def _message_doc(msg: NewMessage, seq: int) -> dict[str, Any]:
         "body": _body_doc(msg.body),
         "status": {"delivered_to": [], "seen_by": []},
         # Per-recipient receipt state, element i belongs to recipients[i].
-        "receipts": [
-            {
-                "member": r,
-                "delivered_ts": None,
-                "seen_ts": None,
-                "delivered_acked": False,
-                "seen_acked": False,
-            }
-            for r in recipients
-        ],
+        "receipts": [_receipt(r) for r in recipients],
         # Index keys: who is still owed this message / has not seen it.
         "undelivered": list(recipients),
         "unseen": list(recipients),
         # Receipts of this message its sender has not acked yet.
         "rpending": 0,
     }
+    if mver is not None:
+        # A group's message: the membership version it was planned with.
+        doc["mver"] = mver
+    return doc
 
 
-def _event_doc(ev: NewEvent, eseq: int) -> dict[str, Any]:
+def _receipt(member: str) -> dict[str, Any]:
+    return {
+        "member": member,
+        "delivered_ts": None,
+        "seen_ts": None,
+        "delivered_acked": False,
+        "seen_acked": False,
+    }
+
+
+def _event_doc(ev: NewEvent, eseq: int, to: Sequence[str]) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "_id": ev.id,
         "conversation": ev.conversation,
@@ -373,7 +462,7 @@ def _event_doc(ev: NewEvent, eseq: int) -> dict[str, Any]:
         "emoji": ev.emoji,
         "on": ev.on,
         # Index key: who is still owed this event.
-        "owed": list(dict.fromkeys(ev.recipients)),
+        "owed": list(dict.fromkeys(to)),
     }
     if ev.body is not None and ev.kind is EventKind.EDITED:
         # Until the edit is applied to its message (then unset): what lets
@@ -394,6 +483,11 @@ def _event(doc: dict[str, Any], body: Sealed | None = None) -> StoredEvent:
         emoji=doc.get("emoji"),
         on=bool(doc.get("on", True)),
         body=body,
+        action=doc.get("action"),
+        users=tuple(doc.get("users") or ()),
+        members=tuple(doc.get("members") or ()),
+        admins=tuple(doc.get("admins") or ()),
+        title=doc.get("title"),
     )
 
 
@@ -410,22 +504,7 @@ def _applying(ev: dict[str, Any]) -> dict[str, Any]:
         }
     if kind is EventKind.EDITED:
         return {"$set": {**done, "body": ev["body"], "edited_ts": ev["ts"]}, "$inc": {"edits": 1}}
-    # Deleted: a tombstone that keeps its seq; no receipts, reactions or
-    # owed-message keys left (a later mark or ack finds no recipient).
-    return {
-        "$set": {
-            **done,
-            "body": _ERASED,
-            "deleted": True,
-            "reactions": [],
-            "recipients": [],
-            "receipts": [],
-            "status": {"delivered_to": [], "seen_by": []},
-            "undelivered": [],
-            "unseen": [],
-            "rpending": 0,
-        }
-    }
+    return {"$set": {**done, **_tombstone()}}
 
 
 def _erased(doc: dict[str, Any]) -> list[tuple[str, str]]:
@@ -624,6 +703,9 @@ class MongoStore:
     ) -> Conversation:
         doc = self._new_conversation(id, "group", title, members, ts)
         doc["created_by"] = creator
+        # The creator is the first admin; mver counts membership changes.
+        doc["admins"] = [creator] if creator in doc["members"] else []
+        doc["mver"] = 0
 
         def fn() -> Conversation:
             try:
@@ -636,14 +718,148 @@ class MongoStore:
 
     async def get_conversation(self, id: str) -> Conversation | None:
         def fn() -> Conversation | None:
-            doc = self._conversations.find_one({"_id": id})
+            doc = self._conversations.find_one({"_id": id}, _CONV_FIELDS)
             return None if doc is None else _conversation(doc)
 
         return await self._run(fn)
 
+    async def change_group(self, change: NewMembership) -> EventResult:
+        return await self._run(self._change_group, change)
+
+    def _change_group(self, change: NewMembership) -> EventResult:
+        found = self._events.find_one({"_id": change.id})
+        if found is not None:
+            return EventResult(_event(found), duplicate=True, recipients=())
+        conv = change.conversation
+        for _ in range(_EVENT_CONFLICTS):
+            doc = self._conversations.find_one({"_id": conv}, {"changes": 0})
+            if doc is None:
+                return EventResult(None, refused="not_found", reason="no such conversation")
+            waiting = doc.get("pending")
+            if waiting is not None:
+                # A change committed and its event not stored yet (its
+                # writer is a moment ahead, or stopped): store it first, so
+                # that members events follow the changes in order.
+                stored = self._announce(waiting)
+                if waiting["_id"] == change.id:
+                    return EventResult(_event(stored), duplicate=True, recipients=())
+                continue
+            joined = _joined(doc)
+            plan = plan_membership(
+                change.action,
+                change.by,
+                change.users,
+                change.title,
+                kind=doc["kind"],
+                # Join order, the longest-standing first (ties by name).
+                members=sorted(doc["members"], key=lambda m: (joined.get(m, 1), m)),
+                admins=_admins(doc),
+                current_title=doc.get("title"),
+            )
+            if isinstance(plan, Refusal):
+                return EventResult(None, refused=plan.code, reason=plan.reason)
+            # The first seq the group after the change applies to: one past
+            # the highest stored (read after the document, so it only grows
+            # from one change to the next). Compare-and-set below on the
+            # version read and on last_seq still below it, so an append that
+            # has stored and counted a message at from_seq or later makes
+            # this change plan again.
+            highest = self._messages.find_one(
+                {"conversation": conv}, {"seq": 1}, sort=[("seq", DESCENDING)]
+            )
+            from_seq = max(doc.get("last_seq", 0), highest["seq"] if highest else 0) + 1
+            version = int(doc.get("mver", 0)) + 1
+            event = {
+                "_id": change.id,
+                "conversation": conv,
+                "kind": EventKind.MEMBERS.value,
+                "message_id": "",
+                "by": change.by,
+                "cid": change.id,
+                "ts": change.ts,
+                "action": change.action.value,
+                "users": list(plan.added or plan.removed or change.users),
+                "members": list(plan.members),
+                "admins": list(plan.admins),
+                "title": plan.title,
+                "mver": version,
+                "from_seq": from_seq,
+                "owed": list(plan.notify),
+            }
+            done = self._conversations.update_one(
+                {
+                    "_id": conv,
+                    "mver": {"$not": {"$gt": version - 1}},
+                    "last_seq": {"$not": {"$gte": from_seq}},
+                    "pending": {"$exists": False},
+                },
+                {
+                    "$set": {
+                        "members": list(plan.members),
+                        "admins": list(plan.admins),
+                        "joined": [
+                            {"member": m, "seq": s} for m, s in joined.items() if m in plan.members
+                        ]
+                        + [{"member": u, "seq": from_seq} for u in plan.added],
+                        "title": plan.title,
+                        "mver": version,
+                        # The event, until it is stored with its eseq.
+                        "pending": event,
+                    },
+                    "$push": {
+                        "changes": {
+                            "$each": [
+                                {
+                                    "mver": version,
+                                    "from_seq": from_seq,
+                                    "added": list(plan.added),
+                                    "removed": list(plan.removed),
+                                }
+                            ],
+                            "$slice": -_CHANGES_KEPT,
+                        }
+                    },
+                },
+            )
+            if done.matched_count == 0:
+                continue  # another change, or a message at from_seq: plan again
+            return EventResult(_event(self._announce(event)), recipients=plan.notify)
+        raise Unavailable("too much contention changing the group")
+
+    def _announce(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Store the members event of a committed change with the next eseq
+        (once, whoever calls: the changer, or any writer that finds it
+        pending), then clear it from the conversation; the stored event."""
+        for _ in range(_EVENT_CONFLICTS):
+            found = self._events.find_one({"_id": event["_id"]})
+            if found is not None:
+                break
+            top = self._events.find_one(
+                {"conversation": event["conversation"]}, {"eseq": 1}, sort=[("eseq", DESCENDING)]
+            )
+            stored = {**event, "eseq": (top["eseq"] if top else 0) + 1}
+            try:
+                self._events.insert_one(stored)
+            except DuplicateKeyError:
+                # Another writer stored it (the next round finds it) or took
+                # the eseq (the next round plans again).
+                taken = self._events.find_one({"by": event["by"], "cid": event["cid"]}, {"_id": 1})
+                if taken is not None and taken["_id"] != event["_id"]:
+                    raise Unavailable(f"event cid {event['cid']} is already taken") from None
+                continue
+            found = stored
+            break
+        else:
+            raise Unavailable("too much contention storing a group change")
+        self._conversations.update_one(
+            {"_id": event["conversation"], "pending._id": event["_id"]},
+            {"$unset": {"pending": ""}},
+        )
+        return found
+
     async def conversations_of(self, username: str) -> list[ConversationSummary]:
         def fn() -> list[ConversationSummary]:
-            convs = list(self._conversations.find({"members": username}))
+            convs = list(self._conversations.find({"members": username}, _CONV_FIELDS))
             if not convs:
                 return []
             unread = {
@@ -655,10 +871,11 @@ class MongoStore:
                     ]
                 )
             }
+            # Not what came before the caller joined.
             wanted = [
                 {"conversation": c["_id"], "seq": c["last_seq"]}
                 for c in convs
-                if c.get("last_seq", 0) > 0
+                if c.get("last_seq", 0) >= _joined(c).get(username, 1)
             ]
             last: dict[str, StoredMessage] = {}
             if wanted:
@@ -674,6 +891,7 @@ class MongoStore:
                     unread=unread.get(c["_id"], 0),
                     last_ts=c.get("last_ts"),
                     last_message=last.get(c["_id"]),
+                    admins=tuple(_admins(c)),
                 )
                 for c in convs
             ]
@@ -718,23 +936,56 @@ class MongoStore:
         # Stored already (a client's retry): answer the first message.
         stored = self._stored_by_key({(batch[i].sender, batch[i].cid) for i in unique})
         pending: list[int] = []
+        # Group messages to check against the changes made since: the
+        # membership version each was planned with (a retry's included: its
+        # first call may have stopped before checking).
+        since: dict[int, int] = {}
         for i in unique:
             doc = stored.get((batch[i].sender, batch[i].cid))
             if doc is not None:
                 results[i] = _duplicate(doc)
+                if "mver" in doc:
+                    since[i] = doc["mver"]
             else:
                 pending.append(i)
 
         # The allocator's first guess: each conversation's last_seq (also
-        # tells an unknown conversation apart before anything is written).
+        # tells an unknown conversation apart before anything is written);
+        # and a group's members as they are now, whatever the caller saw:
+        # who may send, who is owed the message.
         top: dict[str, int] = {}
+        groups: dict[str, dict[str, Any]] = {}
+        to: dict[int, Sequence[str]] = {}
+        names = sorted({batch[i].conversation for i in unique})
+        fields = {"last_seq": 1, "kind": 1, "members": 1, "mver": 1, "pending": 1}
+        for doc in self._conversations.find({"_id": {"$in": names}}, fields):
+            top[doc["_id"]] = doc.get("last_seq", 0)
+            if doc.get("kind") == "group":
+                groups[doc["_id"]] = doc
         if pending:
-            names = sorted({batch[i].conversation for i in pending})
-            for doc in self._conversations.find({"_id": {"$in": names}}, {"last_seq": 1}):
-                top[doc["_id"]] = doc.get("last_seq", 0)
-            missing = [c for c in names if c not in top]
+            missing = [c for c in sorted({batch[i].conversation for i in pending}) if c not in top]
             if missing:
                 raise NotFound(f"conversation {missing[0]} does not exist")
+            for doc in groups.values():
+                if doc.get("pending") is not None:
+                    self._announce(doc["pending"])  # a change's event not yet stored
+            allowed: list[int] = []
+            for i in pending:
+                msg = batch[i]
+                group = groups.get(msg.conversation)
+                if group is None:
+                    to[i] = msg.recipients
+                elif msg.sender in group["members"]:
+                    to[i] = sorted(set(group["members"]) - {msg.sender})
+                    since[i] = int(group.get("mver", 0))
+                else:
+                    # Not a member (any more): refused, nothing stored.
+                    results[i] = Appended(
+                        msg.id, msg.conversation, 0, msg.ts, False, refused="forbidden"
+                    )
+                    continue
+                allowed.append(i)
+            pending = allowed
 
         conflicts = 0
         while pending:
@@ -745,7 +996,7 @@ class MongoStore:
                 msg = batch[i]
                 next_seq[msg.conversation] += 1
                 planned.append(next_seq[msg.conversation])
-                docs.append(_message_doc(msg, next_seq[msg.conversation]))
+                docs.append(_message_doc(msg, next_seq[msg.conversation], to[i], since.get(i)))
             try:
                 # Ordered: within one conversation the batch's order is the seq
                 # order, and a failure stops at the first item that failed.
@@ -766,7 +1017,12 @@ class MongoStore:
             for k in range(failed):
                 msg = batch[pending[k]]
                 results[pending[k]] = Appended(
-                    msg.id, msg.conversation, planned[k], msg.ts, duplicate=False
+                    msg.id,
+                    msg.conversation,
+                    planned[k],
+                    msg.ts,
+                    False,
+                    tuple(dict.fromkeys(to[pending[k]])),
                 )
             if failed == len(pending):
                 break
@@ -776,11 +1032,15 @@ class MongoStore:
             i = pending[failed]
             msg = batch[i]
             dup = self._messages.find_one(
-                {"sender": msg.sender, "cid": msg.cid}, {"conversation": 1, "seq": 1, "ts": 1}
+                {"sender": msg.sender, "cid": msg.cid},
+                {"conversation": 1, "seq": 1, "ts": 1, "refused": 1, "mver": 1},
             )
             rest = pending[failed + 1 :]
             if dup is not None:
                 results[i] = _duplicate(dup)
+                since.pop(i, None)
+                if "mver" in dup:
+                    since[i] = dup["mver"]
             else:
                 if self._messages.find_one({"_id": msg.id}, {"_id": 1}) is not None:
                     raise Unavailable(f"message id {msg.id} is already taken")
@@ -796,28 +1056,137 @@ class MongoStore:
                 # Read from the primary: includes what this call just stored.
                 top[conv] = max(top[conv], highest["seq"] if highest else 0)
 
+        # Advance each conversation's counter and activity time. $max keeps
+        # this monotonic under any interleaving; duplicates are included so
+        # that a retry repairs a counter a crash left behind.
+        advance: dict[str, tuple[int, int]] = {}
+        for res in results:
+            if res is not None and res.refused is None:
+                seq, ts = advance.get(res.conversation, (0, 0))
+                advance[res.conversation] = (max(seq, res.seq), max(ts, res.ts))
+        plain = [
+            UpdateOne({"_id": conv}, {"$max": {"last_seq": seq, "last_ts": ts}})
+            for conv, (seq, ts) in sorted(advance.items())
+            if conv not in groups
+        ]
+        if plain:
+            self._conversations.bulk_write(plain, ordered=True)
+        for conv, (seq, ts) in sorted(advance.items()):
+            if conv in groups:
+                mine = {i: v for i, v in since.items() if batch[i].conversation == conv}
+                self._count_in_group(conv, seq, ts, groups[conv], mine, batch, results)
+
         out: list[Appended] = []
         for i, msg in enumerate(batch):
             res = results[i]
             if res is None:
                 res = replace(_need(results[first_of[(msg.sender, msg.cid)]]), duplicate=True)
             out.append(res)
-
-        # Advance each conversation's counter and activity time. $max keeps
-        # this monotonic under any interleaving; duplicates are included so
-        # that a retry repairs a counter a crash left behind.
-        advance: dict[str, tuple[int, int]] = {}
-        for res in out:
-            seq, ts = advance.get(res.conversation, (0, 0))
-            advance[res.conversation] = (max(seq, res.seq), max(ts, res.ts))
-        self._conversations.bulk_write(
-            [
-                UpdateOne({"_id": conv}, {"$max": {"last_seq": seq, "last_ts": ts}})
-                for conv, (seq, ts) in sorted(advance.items())
-            ],
-            ordered=True,
-        )
         return out
+
+    def _count_in_group(
+        self,
+        conv: str,
+        seq: int,
+        ts: int,
+        group: dict[str, Any],
+        since: dict[int, int],
+        batch: list[NewMessage],
+        results: list[Appended | None],
+    ) -> None:
+        """Advance a group's counter, guarded by the membership version read.
+        Each message ``since`` names (stored by this call, or a retry's) that
+        was planned with an older version than the group has now is placed
+        again: owed to the members for its seq, refused if its sender was
+        not one. The guard repeats this for a change that commits meanwhile."""
+        version = int(group.get("mver", 0))
+        fields = {"members": 1, "mver": 1, "changes": 1}
+        doc = None
+        if any(v < version for v in since.values()):
+            doc = self._conversations.find_one({"_id": conv}, fields)
+        for _ in range(_APPEND_CONFLICTS):
+            if doc is not None:
+                version = int(doc.get("mver", 0))
+                for i, v in since.items():
+                    res = results[i]
+                    if v < version and res is not None and res.refused is None:
+                        members = _members_at(doc, v, res.seq)
+                        if members is not None:
+                            results[i] = self._place(res, batch[i].sender, members)
+            done = self._conversations.update_one(
+                {"_id": conv, "mver": {"$not": {"$gt": version}}},
+                {"$max": {"last_seq": seq, "last_ts": ts}},
+            )
+            if done.matched_count:
+                # From here on, a change plans from a seq past these messages
+                # (its compare-and-set on last_seq fails otherwise).
+                return
+            doc = self._conversations.find_one({"_id": conv}, fields)
+            if doc is None:
+                raise Unavailable(f"conversation {conv} vanished")
+        raise Unavailable("too much contention appending to a group")
+
+    def _place(self, res: Appended, sender: str, members: set[str]) -> Appended:
+        """Message ``res``, stored a moment ago, as it must be for the group's
+        members ``members`` at its seq."""
+        if sender not in members:
+            # Removed before this seq: refused after all. The seq stays taken
+            # (no gaps) by a tombstone; a retry of it answers refused too.
+            self._messages.update_one(
+                {"_id": res.id}, {"$set": {**_tombstone(), "refused": "forbidden"}}
+            )
+            return replace(res, recipients=(), refused="forbidden")
+        to = tuple(sorted(members - {sender}))
+        if res.recipients is None or set(to) != set(res.recipients):
+            self._reassign(res.id, to)
+        return replace(res, recipients=to)
+
+    def _reassign(self, message_id: str, to: Sequence[str]) -> None:
+        """Make ``to`` the recipients of a message: receipts kept for those
+        who stay, fresh ones for those added, none for those dropped. A
+        compare-and-set on the receipts read, so that a mark made meanwhile
+        is not lost (the reassignment is planned again from it)."""
+        fields = {"recipients": 1, "receipts": 1, "status": 1, "undelivered": 1, "unseen": 1}
+        wanted = set(to)
+        # A receipt moves at most twice: this many rounds always suffice.
+        for _ in range(2 * len(wanted) + 4):
+            doc = self._messages.find_one({"_id": message_id, "deleted": {"$ne": True}}, fields)
+            if doc is None:
+                return  # deleted meanwhile: nobody is owed it any more
+            old = doc["recipients"]
+            if set(old) == wanted:
+                return
+            added = [m for m in to if m not in old]
+            receipts = [r for r in doc["receipts"] if r["member"] in wanted]
+            receipts += [_receipt(m) for m in added]
+            status = doc.get("status") or {}
+            owed = sum(
+                r.get(f"{_field(st)}_ts") is not None and not r.get(f"{_field(st)}_acked")
+                for r in receipts
+                for st in (Status.DELIVERED, Status.SEEN)
+            )
+            done = self._messages.update_one(
+                {"_id": message_id, "recipients": old, "receipts": doc["receipts"]},
+                {
+                    "$set": {
+                        "recipients": [r["member"] for r in receipts],
+                        "receipts": receipts,
+                        "status": {
+                            "delivered_to": [
+                                m for m in status.get("delivered_to") or () if m in wanted
+                            ],
+                            "seen_by": [m for m in status.get("seen_by") or () if m in wanted],
+                        },
+                        "undelivered": [m for m in doc.get("undelivered") or () if m in wanted]
+                        + added,
+                        "unseen": [m for m in doc.get("unseen") or () if m in wanted] + added,
+                        "rpending": owed,
+                    }
+                },
+            )
+            if done.matched_count:
+                return
+        raise Unavailable("too much contention placing a message")
 
     def _stored_by_key(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
         if not keys:
@@ -828,19 +1197,39 @@ class MongoStore:
         query = {
             "$or": [{"sender": s, "cid": {"$in": cids}} for s, cids in sorted(by_sender.items())]
         }
-        fields = {"conversation": 1, "seq": 1, "ts": 1, "sender": 1, "cid": 1}
+        fields = {
+            "conversation": 1,
+            "seq": 1,
+            "ts": 1,
+            "sender": 1,
+            "cid": 1,
+            "refused": 1,
+            "mver": 1,
+        }
         return {(d["sender"], d["cid"]): d for d in self._messages.find(query, fields)}
 
     async def history(
-        self, conversation: str, before: int | None, limit: int
+        self, conversation: str, before: int | None, limit: int, viewer: str | None = None
     ) -> list[StoredMessage]:
         if limit <= 0:
             return []
 
         def fn() -> list[StoredMessage]:
             query: dict[str, Any] = {"conversation": conversation}
+            seq: dict[str, int] = {}
+            if viewer is not None:
+                conv = self._conversations.find_one(
+                    {"_id": conversation}, {"members": 1, "joined": 1}
+                )
+                if conv is None or viewer not in conv["members"]:
+                    return []
+                start = _joined(conv).get(viewer, 1)
+                if start > 1:
+                    seq["$gte"] = start
             if before is not None:
-                query["seq"] = {"$lt": before}
+                seq["$lt"] = before
+            if seq:
+                query["seq"] = seq
             docs = self._messages.find(
                 query, _HISTORY_FIELDS, sort=[("seq", DESCENDING)], limit=limit
             )
@@ -1015,23 +1404,54 @@ class MongoStore:
                 # (its writer may have stopped in between), answer the first.
                 self._settled(found["message_id"], {"_id": 1})
                 return EventResult(_event(found), duplicate=True)
-            # Read the highest eseq first, then the message with every event
-            # up to it applied: the insert of the next eseq below succeeds
-            # only if no event of the conversation was stored in between, so
-            # the judgement holds at the moment the event is stored.
+            # Read the highest eseq first, then the group's members and the
+            # message with every event up to it applied: the insert of the
+            # next eseq below succeeds only if no event of the conversation
+            # (a members event included) was stored in between, so the
+            # judgement holds at the moment the event is stored.
             top = self._events.find_one(
                 {"conversation": ev.conversation}, {"eseq": 1}, sort=[("eseq", DESCENDING)]
             )
             eseq = (top["eseq"] if top else 0) + 1
+            group: dict[str, Any] | None = None
+            if ev.conversation.startswith(GROUP_PREFIX):
+                group = self._conversations.find_one(
+                    {"_id": ev.conversation, "kind": "group"},
+                    {"members": 1, "admins": 1, "joined": 1, "pending": 1},
+                )
+                if group is not None and group.get("pending") is not None:
+                    # A change committed, its event not stored yet: it goes first.
+                    self._announce(group["pending"])
+                    continue
             doc = self._settled(ev.message_id, fields)
             target = None
             mine, already = 0, False
             if doc is not None:
                 target = Target(
-                    doc["conversation"], doc["sender"], doc["ts"], bool(doc.get("deleted"))
+                    doc["conversation"],
+                    doc["sender"],
+                    doc["ts"],
+                    bool(doc.get("deleted")),
+                    doc.get("seq", 1),
                 )
                 own = [r["emoji"] for r in doc.get("reactions") or () if r["user"] == ev.by]
                 mine, already = len(own), ev.emoji in own
+            to: Sequence[str] = ev.recipients
+            visible_from = 1
+            moderator = ev.moderator
+            if ev.conversation.startswith(GROUP_PREFIX):
+                # The group as it is now: owed to its members, acted on by
+                # members only (an operator, ``ev.moderator``, from outside),
+                # on what they may read; its admins moderate (every member,
+                # in a group without admins).
+                members = list((group or {}).get("members") or ())
+                if ev.by in members:
+                    visible_from = _joined(_need(group)).get(ev.by, 1)
+                    admins = _admins(_need(group))
+                    moderator = moderator or ev.by in admins or not admins
+                elif not ev.moderator:
+                    target = None
+                to = sorted(m for m in members if m != ev.by)
             refusal = judge(
                 ev.kind,
                 ev.by,
@@ -1039,14 +1459,15 @@ class MongoStore:
                 target,
                 ev.ts,
                 window_ms=ev.window_ms,
-                moderator=ev.moderator,
+                moderator=moderator,
+                visible_from=visible_from,
                 reactions_by_user=mine,
                 reacted_already=already,
                 on=ev.on,
             )
             if refusal is not None:
                 return EventResult(None, refused=refusal.code, reason=refusal.reason)
-            stored = _event_doc(ev, eseq)
+            stored = _event_doc(ev, eseq, to)
             try:
                 self._events.insert_one(stored)
             except DuplicateKeyError:
@@ -1065,7 +1486,9 @@ class MongoStore:
                 # process applied the deletion first.
                 dropped = _erased(before or _need(doc)) + dropped
             body = ev.body if ev.kind is EventKind.EDITED else None
-            return EventResult(_event(stored, body), dropped=tuple(dropped))
+            return EventResult(
+                _event(stored, body), dropped=tuple(dropped), recipients=tuple(stored["owed"])
+            )
         raise Unavailable("too much contention applying events")
 
     def _settled(self, message_id: str, fields: dict[str, int]) -> dict[str, Any] | None:
@@ -1450,7 +1873,14 @@ class MongoStore:
 
 
 def _duplicate(doc: dict[str, Any]) -> Appended:
-    return Appended(doc["_id"], doc["conversation"], doc["seq"], doc["ts"], duplicate=True)
+    return Appended(
+        doc["_id"],
+        doc["conversation"],
+        doc["seq"],
+        doc["ts"],
+        duplicate=True,
+        refused=doc.get("refused"),
+    )
 
 
 def _stamp(doc: dict[str, Any] | None, idx: int, status: Status) -> str | None:

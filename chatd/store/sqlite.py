@@ -31,6 +31,7 @@ Where the work runs:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -45,7 +46,7 @@ import trio
 
 from chatd.core.delivery import SETTLED_BY_ACK, apply_mark
 from chatd.core.errors import Conflict, NotFound, Unavailable
-from chatd.core.events import Target, judge
+from chatd.core.events import Refusal, Target, judge, plan_membership
 from chatd.core.model import (
     Appended,
     Conversation,
@@ -55,6 +56,7 @@ from chatd.core.model import (
     Mark,
     MarkResult,
     NewEvent,
+    NewMembership,
     NewMessage,
     Receipt,
     ReceiptKey,
@@ -65,7 +67,7 @@ from chatd.core.model import (
     Transition,
     User,
 )
-from chatd.core.names import dm_id, rid
+from chatd.core.names import GROUP_PREFIX, dm_id, rid
 from chatd.ports import Reseal, StoreStats, UserDeleted, Writes, Written
 
 T = TypeVar("T")
@@ -175,6 +177,11 @@ COLUMNS = (
     ("messages", "edited_ts", "INTEGER"),
     ("messages", "edits", "INTEGER NOT NULL DEFAULT 0"),
     ("messages", "deleted", "INTEGER NOT NULL DEFAULT 0"),
+    # The first seq a member may read (a member added later sees from there).
+    ("members", "joined_seq", "INTEGER NOT NULL DEFAULT 1"),
+    ("members", "admin", "INTEGER NOT NULL DEFAULT 0"),
+    # A members event's action, users and the group after it (JSON).
+    ("events", "detail", "TEXT"),
 )
 
 
@@ -294,6 +301,22 @@ def _append_rows(db: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[Ap
         if row is not None:
             out.append(Appended(row[0], row[1], row[2], row[3], duplicate=True))
             continue
+        recipients = msg.recipients
+        if msg.conversation.startswith(GROUP_PREFIX):
+            # The group as it is now, whatever the caller saw: a member
+            # removed a moment ago sends nothing and receives nothing.
+            members = {
+                r[0]
+                for r in db.execute(
+                    "SELECT username FROM members WHERE conversation = ?", (msg.conversation,)
+                )
+            }
+            if msg.sender not in members:
+                out.append(
+                    Appended(msg.id, msg.conversation, 0, msg.ts, False, refused="forbidden")
+                )
+                continue
+            recipients = tuple(sorted(members - {msg.sender}))
         seq_row = db.execute(
             "UPDATE conversations SET last_seq = last_seq + 1, last_ts = ?"
             " WHERE id = ? RETURNING last_seq",
@@ -322,9 +345,9 @@ def _append_rows(db: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[Ap
         db.executemany(
             "INSERT INTO receipts (message_id, username, conversation, seq, sender)"
             " VALUES (?, ?, ?, ?, ?)",
-            [(msg.id, r, msg.conversation, seq, msg.sender) for r in msg.recipients],
+            [(msg.id, r, msg.conversation, seq, msg.sender) for r in recipients],
         )
-        out.append(Appended(msg.id, msg.conversation, seq, msg.ts, duplicate=False))
+        out.append(Appended(msg.id, msg.conversation, seq, msg.ts, False, recipients))
     return out
 
 
@@ -379,16 +402,44 @@ def _ack_rows(db: sqlite3.Connection, acks: Sequence[tuple[str, ReceiptKey]]) ->
 
 
 def _event(row: tuple) -> StoredEvent:
-    id_, conversation, eseq, kind, message_id, by, ts, emoji, on = row[:9]
+    id_, conversation, eseq, kind, message_id, by, ts, emoji, on, detail = row[:10]
     body = None
-    if len(row) > 9 and kind == EventKind.EDITED and row[9]:
-        body = Sealed(key_id=row[9], nonce=bytes(row[10]), ciphertext=bytes(row[11]))
-    return StoredEvent(
+    if len(row) > 10 and kind == EventKind.EDITED and row[10]:
+        body = Sealed(key_id=row[10], nonce=bytes(row[11]), ciphertext=bytes(row[12]))
+    event = StoredEvent(
         id_, conversation, eseq, EventKind(kind), message_id, by, ts, emoji, bool(on), body
     )
+    if detail:
+        d = json.loads(detail)
+        event = replace(
+            event,
+            action=d["action"],
+            users=tuple(d["users"]),
+            members=tuple(d["members"]),
+            admins=tuple(d["admins"]),
+            title=d["title"],
+        )
+    return event
 
 
-_EVENT_COLS = "e.id, e.conversation, e.eseq, e.kind, e.message_id, e.by_user, e.ts, e.emoji, e.on_"
+_EVENT_COLS = (
+    "e.id, e.conversation, e.eseq, e.kind, e.message_id, e.by_user, e.ts, e.emoji, e.on_, e.detail"
+)
+
+
+def _group(db: sqlite3.Connection, conversation: str) -> tuple[list[str], list[str], int] | None:
+    """A group's members (in join order), its admins and its last seq; None
+    if it is not a group."""
+    row = db.execute(
+        "SELECT last_seq FROM conversations WHERE id = ? AND kind = 'group'", (conversation,)
+    ).fetchone()
+    if row is None:
+        return None
+    rows = db.execute(
+        "SELECT username, admin FROM members WHERE conversation = ? ORDER BY joined_seq, username",
+        (conversation,),
+    ).fetchall()
+    return [r[0] for r in rows], [r[0] for r in rows if r[1]], row[0]
 
 
 def _event_rows(db: sqlite3.Connection, batch: Sequence[NewEvent]) -> list[EventResult]:
@@ -403,10 +454,25 @@ def _event_rows(db: sqlite3.Connection, batch: Sequence[NewEvent]) -> list[Event
             out.append(EventResult(_event(row), duplicate=True))
             continue
         msg = db.execute(
-            "SELECT conversation, sender, ts, deleted FROM messages WHERE id = ?",
+            "SELECT conversation, sender, ts, deleted, seq FROM messages WHERE id = ?",
             (ev.message_id,),
         ).fetchone()
-        target = None if msg is None else Target(msg[0], msg[1], msg[2], bool(msg[3]))
+        target = None if msg is None else Target(msg[0], msg[1], msg[2], bool(msg[3]), msg[4])
+        recipients = ev.recipients
+        visible_from = 1
+        moderator = ev.moderator
+        if ev.conversation.startswith(GROUP_PREFIX):
+            group = _group(db, ev.conversation)
+            members, admins = (group[0], group[1]) if group else ([], [])
+            if ev.by in members:
+                visible_from = db.execute(
+                    "SELECT joined_seq FROM members WHERE conversation = ? AND username = ?",
+                    (ev.conversation, ev.by),
+                ).fetchone()[0]
+                moderator = moderator or ev.by in admins or not admins
+            elif not ev.moderator:  # an operator acts from outside
+                target = None
+            recipients = tuple(m for m in members if m != ev.by)
         mine, already = 0, False
         if ev.kind is EventKind.REACTION and target is not None:
             mine, already = db.execute(
@@ -421,7 +487,8 @@ def _event_rows(db: sqlite3.Connection, batch: Sequence[NewEvent]) -> list[Event
             target,
             ev.ts,
             window_ms=ev.window_ms,
-            moderator=ev.moderator,
+            moderator=moderator,
+            visible_from=visible_from,
             reactions_by_user=mine,
             reacted_already=bool(already),
             on=ev.on,
@@ -474,7 +541,7 @@ def _event_rows(db: sqlite3.Connection, batch: Sequence[NewEvent]) -> list[Event
         )
         db.executemany(
             "INSERT INTO event_owed (username, event_id, conversation, eseq) VALUES (?, ?, ?, ?)",
-            [(r, ev.id, ev.conversation, eseq) for r in ev.recipients],
+            [(r, ev.id, ev.conversation, eseq) for r in recipients],
         )
         stored = StoredEvent(
             ev.id,
@@ -488,7 +555,7 @@ def _event_rows(db: sqlite3.Connection, batch: Sequence[NewEvent]) -> list[Event
             ev.on,
             ev.body,
         )
-        out.append(EventResult(stored, dropped=tuple(dropped)))
+        out.append(EventResult(stored, dropped=tuple(dropped), recipients=recipients))
     return out
 
 
@@ -726,19 +793,20 @@ class SqliteStore:
         ).fetchone()
         if row is None:
             return None
-        members = tuple(
-            r[0]
-            for r in db.execute(
-                "SELECT username FROM members WHERE conversation = ? ORDER BY username", (id,)
-            )
-        )
+        rows = db.execute(
+            "SELECT username, admin, joined_seq FROM members WHERE conversation = ?"
+            " ORDER BY username",
+            (id,),
+        ).fetchall()
         return Conversation(
             id=row[0],
             kind=row[1],
-            members=members,
+            members=tuple(r[0] for r in rows),
             title=row[2],
             created_ts=row[3],
             created_by=row[4],
+            admins=tuple(r[0] for r in rows if r[1]),
+            joined=tuple((r[0], r[2]) for r in rows if r[2] > 1),
         )
 
     async def ensure_dm(self, a: str, b: str, ts: int) -> Conversation:
@@ -785,12 +853,95 @@ class SqliteStore:
                 except sqlite3.IntegrityError:
                     raise Conflict(f"conversation '{id}' exists") from None
                 db.executemany(
-                    "INSERT INTO members (conversation, username) VALUES (?, ?)",
-                    [(id, m) for m in sorted(set(members))],
+                    "INSERT INTO members (conversation, username, admin) VALUES (?, ?, ?)",
+                    [(id, m, int(m == creator)) for m in sorted(set(members))],
                 )
             conv = self._conversation(db, id)
             assert conv is not None
             return conv
+
+        return await self._write(fn)
+
+    async def change_group(self, change: NewMembership) -> EventResult:
+        def fn(db: sqlite3.Connection) -> EventResult:
+            with _Tx(db):
+                row = db.execute(
+                    "SELECT kind, title FROM conversations WHERE id = ?", (change.conversation,)
+                ).fetchone()
+                if row is None:
+                    return EventResult(None, refused="not_found", reason="no such conversation")
+                group = _group(db, change.conversation)
+                members, admins, last_seq = group if group is not None else ([], [], 0)
+                plan = plan_membership(
+                    change.action,
+                    change.by,
+                    change.users,
+                    change.title,
+                    kind=row[0],
+                    members=members,
+                    admins=admins,
+                    current_title=row[1],
+                )
+                if isinstance(plan, Refusal):
+                    return EventResult(None, refused=plan.code, reason=plan.reason)
+                eseq = db.execute(
+                    "UPDATE conversations SET last_eseq = last_eseq + 1, title = ?"
+                    " WHERE id = ? RETURNING last_eseq",
+                    (plan.title, change.conversation),
+                ).fetchone()[0]
+                db.executemany(
+                    "DELETE FROM members WHERE conversation = ? AND username = ?",
+                    [(change.conversation, u) for u in plan.removed],
+                )
+                db.executemany(
+                    "INSERT INTO members (conversation, username, joined_seq, admin)"
+                    " VALUES (?, ?, ?, 0)",
+                    [(change.conversation, u, last_seq + 1) for u in plan.added],
+                )
+                db.executemany(
+                    "UPDATE members SET admin = ? WHERE conversation = ? AND username = ?",
+                    [(int(m in plan.admins), change.conversation, m) for m in plan.members],
+                )
+                event = StoredEvent(
+                    change.id,
+                    change.conversation,
+                    eseq,
+                    EventKind.MEMBERS,
+                    "",
+                    change.by,
+                    change.ts,
+                    action=change.action.value,
+                    users=plan.added or plan.removed or tuple(change.users),
+                    members=plan.members,
+                    admins=plan.admins,
+                    title=plan.title,
+                )
+                detail = {
+                    "action": event.action,
+                    "users": list(event.users),
+                    "members": list(plan.members),
+                    "admins": list(plan.admins),
+                    "title": plan.title,
+                }
+                db.execute(
+                    "INSERT INTO events (id, conversation, eseq, kind, message_id, by_user, cid,"
+                    " ts, detail) VALUES (?, ?, ?, 'members', '', ?, ?, ?, ?)",
+                    (
+                        change.id,
+                        change.conversation,
+                        eseq,
+                        change.by,
+                        change.id,
+                        change.ts,
+                        json.dumps(detail),
+                    ),
+                )
+                db.executemany(
+                    "INSERT INTO event_owed (username, event_id, conversation, eseq)"
+                    " VALUES (?, ?, ?, ?)",
+                    [(u, change.id, change.conversation, eseq) for u in plan.notify],
+                )
+                return EventResult(event, recipients=plan.notify)
 
         return await self._write(fn)
 
@@ -813,19 +964,22 @@ class SqliteStore:
                 ).fetchall()
             )
             members: dict[str, list[str]] = {}
-            for conv, member in db.execute(
-                "SELECT m2.conversation, m2.username FROM members m1"
+            admins: dict[str, list[str]] = {}
+            for conv, member, admin in db.execute(
+                "SELECT m2.conversation, m2.username, m2.admin FROM members m1"
                 " JOIN members m2 ON m2.conversation = m1.conversation"
                 " WHERE m1.username = ? ORDER BY m2.username",
                 (username,),
             ):
                 members.setdefault(conv, []).append(member)
+                if admin:
+                    admins.setdefault(conv, []).append(member)
             last: dict[str, StoredMessage] = {}
             for row in db.execute(
                 f"SELECT {_FULL_COLS} FROM members mb"
                 " JOIN conversations c ON c.id = mb.conversation"
                 " JOIN messages m ON m.conversation = c.id AND m.seq = c.last_seq"
-                " WHERE mb.username = ?",
+                " WHERE mb.username = ? AND m.seq >= mb.joined_seq",
                 (username,),
             ):
                 msg = _message(row)
@@ -841,6 +995,7 @@ class SqliteStore:
                     unread=unread.get(r[0], 0),
                     last_ts=r[4],
                     last_message=last.get(r[0]),
+                    admins=tuple(admins.get(r[0], ())),
                 )
                 for r in rows
             ]
@@ -917,13 +1072,22 @@ class SqliteStore:
         ]
 
     async def history(
-        self, conversation: str, before: int | None, limit: int
+        self, conversation: str, before: int | None, limit: int, viewer: str | None = None
     ) -> list[StoredMessage]:
         def fn(db: sqlite3.Connection) -> list[StoredMessage]:
+            start = 1
+            if viewer is not None:
+                row = db.execute(
+                    "SELECT joined_seq FROM members WHERE conversation = ? AND username = ?",
+                    (conversation, viewer),
+                ).fetchone()
+                if row is None:
+                    return []
+                start = row[0]
             rows = db.execute(
                 f"SELECT {_FULL_COLS} FROM messages m WHERE m.conversation = ? AND m.seq < ?"
-                " ORDER BY m.seq DESC LIMIT ?",
-                (conversation, before if before is not None else 2**62, limit),
+                " AND m.seq >= ? ORDER BY m.seq DESC LIMIT ?",
+                (conversation, before if before is not None else 2**62, start, limit),
             ).fetchall()
             msgs = [_message(r) for r in reversed(rows)]
             return self._with_receipts(db, msgs)

@@ -28,10 +28,17 @@ import trio
 from pymongo.errors import AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError
 
 from chatd.core.errors import Unavailable
-from chatd.core.model import Mark, ReceiptKey, Status
-from chatd.store.mongo import INDEXES, MongoStore, _guard
+from chatd.core.model import EventKind, GroupAction, Mark, NewMembership, ReceiptKey, Status
+from chatd.store.mongo import INDEXES, MongoStore, _guard, _members_at
 from chatd.testing import mongomock_support
-from chatd.testing.store_contract import SplitStore, StoreContract, new_message, users
+from chatd.testing.store_contract import (
+    SplitStore,
+    StoreContract,
+    new_event,
+    new_message,
+    one_event,
+    users,
+)
 
 MONGO_URL = os.environ.get("CHATD_TEST_MONGO_URL", "")
 
@@ -148,6 +155,14 @@ class _Hooked:
             return attr(*args, **kwargs)
 
         return call
+
+
+def _membership(conv: str, by: str, action: GroupAction, *names: str) -> NewMembership:
+    return NewMembership(uuid.uuid4().hex, conv, by, 20, action, names)
+
+
+def _crash() -> None:
+    raise RuntimeError("the process stopped here")
 
 
 def _indexes(raw_db: Any, collection: str) -> dict[str, dict[str, Any]]:
@@ -428,6 +443,328 @@ class MongoSpecific:
         assert doc["rpending"] == 0
         assert await a.owed_receipts("alice", 100) == []
 
+    # -- groups that change ------------------------------------------------------
+
+    async def test_group_membership_has_the_documented_shape(self, backend: Backend) -> None:
+        store = backend.store()
+        await users(store, "alice", "bob", "carol", "dave")
+        await store.create_group("g:1", "t", ["alice", "bob", "carol"], 1, creator="alice")
+        await store.append([new_message("g:1", "alice", ("bob", "carol"))])
+        await store.change_group(_membership("g:1", "alice", GroupAction.ADD, "dave"))
+        await store.change_group(_membership("g:1", "alice", GroupAction.REMOVE, "bob"))
+        conversations = backend.raw.get_collection("conversations")
+        conv = conversations.find_one({"_id": "g:1"})
+        assert conv["members"] == ["alice", "carol", "dave"] and conv["admins"] == ["alice"]
+        assert conv["joined"] == [{"member": "dave", "seq": 2}]
+        assert conv["mver"] == 2 and "pending" not in conv
+        assert [(c["mver"], c["from_seq"], c["added"], c["removed"]) for c in conv["changes"]] == [
+            (1, 2, ["dave"], []),
+            (2, 2, [], ["bob"]),
+        ]
+        ev = backend.raw.get_collection("events").find_one({"kind": "members", "mver": 2})
+        assert (ev["eseq"], ev["action"], ev["users"], ev["message_id"], ev["from_seq"]) == (
+            2,
+            "remove",
+            ["bob"],
+            "",
+            2,
+        )
+        assert ev["members"] == ["alice", "carol", "dave"] and ev["admins"] == ["alice"]
+        assert sorted(ev["owed"]) == ["alice", "bob", "carol", "dave"]
+        for _ in range(9):
+            await store.change_group(_membership("g:1", "alice", GroupAction.PROMOTE, "carol"))
+            await store.change_group(_membership("g:1", "alice", GroupAction.DEMOTE, "carol"))
+        conv = conversations.find_one({"_id": "g:1"})
+        assert [c["mver"] for c in conv["changes"]] == list(range(5, 21))  # the latest 16
+
+    async def test_a_group_from_before_admins_is_run_by_its_members(self, backend: Backend) -> None:
+        store = backend.store()
+        await users(store, "alice", "bob", "carol", "dave")
+        await store.ensure_indexes()
+        backend.raw.get_collection("conversations").insert_one(
+            {
+                "_id": "g:old",
+                "kind": "group",
+                "title": "old",
+                "members": ["alice", "bob", "carol"],
+                "created_ts": 1,
+                "last_seq": 0,
+            }
+        )
+        [sent] = await store.append([new_message("g:old", "bob", ("alice", "carol"))])
+        assert sent.seq == 1 and sent.recipients == ("alice", "carol")
+        conv = await store.get_conversation("g:old")
+        assert conv is not None and conv.admins == () and conv.joined == ()
+        added = await store.change_group(_membership("g:old", "carol", GroupAction.ADD, "dave"))
+        assert added.refused is None and added.event.admins == ()
+        conv = await store.get_conversation("g:old")
+        assert conv is not None and conv.members == ("alice", "bob", "carol", "dave")
+        assert conv.visible_from("dave") == 2 and conv.manages("bob")
+
+    async def test_a_change_between_read_and_insert_places_the_message_again(
+        self, backend: Backend
+    ) -> None:
+        """Another process removes bob and adds dave after this append read the
+        group and before its insert: the message sits after both changes (its
+        seq is their first), so it is owed to dave and not to bob."""
+        mine, other = backend.store(), backend.store()
+        await users(mine, "alice", "bob", "carol", "dave")
+        g = await mine.create_group("g:1", None, ["alice", "bob", "carol"], 1, creator="alice")
+        await mine.append([new_message(g.id, "alice", ("bob", "carol"))])
+        await other.ensure_indexes()
+
+        def changes() -> None:
+            other._change_group(_membership(g.id, "alice", GroupAction.REMOVE, "bob"))
+            other._change_group(_membership(g.id, "alice", GroupAction.ADD, "dave"))
+
+        mine._messages = _Hooked(mine._messages, "insert_many", changes)
+        late = new_message(g.id, "carol", ("alice", "bob"))
+        [done] = await mine.append([late])
+        assert done.refused is None and done.seq == 2 and done.recipients == ("alice", "dave")
+        doc = backend.raw.get_collection("messages").find_one({"_id": late.id})
+        assert doc["recipients"] == ["alice", "dave"] and doc["undelivered"] == ["alice", "dave"]
+        assert [r["member"] for r in doc["receipts"]] == ["alice", "dave"]
+        assert [m.id for m in await other.owed_messages("dave", 10)] == [late.id]
+        assert late.id not in [m.id for m in await other.owed_messages("bob", 10)]
+        assert [m.seq for m in await other.history(g.id, None, 10, viewer="dave")] == [2]
+
+    async def test_a_retry_places_a_message_its_first_call_left_unchecked(
+        self, backend: Backend
+    ) -> None:
+        """The change lands between the read and the insert, and the process
+        stops before it checks: the client's retry (a duplicate) places it."""
+        mine, other = backend.store(), backend.store()
+        await users(mine, "alice", "bob", "carol", "dave")
+        g = await mine.create_group("g:1", None, ["alice", "bob", "carol"], 1, creator="alice")
+        await other.ensure_indexes()
+
+        def changes() -> None:
+            other._change_group(_membership(g.id, "alice", GroupAction.REMOVE, "bob"))
+            other._change_group(_membership(g.id, "alice", GroupAction.ADD, "dave"))
+
+        mine._messages = _Hooked(mine._messages, "insert_many", changes)
+        mine._conversations = _Hooked(mine._conversations, "update_one", _crash)
+        msg = new_message(g.id, "carol", ("alice", "bob"), cid="c-1")
+        with pytest.raises(RuntimeError):
+            await mine.append([msg])
+        assert [m.id for m in await other.owed_messages("bob", 10)] == [msg.id]
+        [again] = await other.append([new_message(g.id, "carol", ("alice", "bob"), cid="c-1")])
+        assert again.duplicate and again.id == msg.id and again.refused is None
+        assert await other.owed_messages("bob", 10) == []
+        assert [m.id for m in await other.owed_messages("dave", 10)] == [msg.id]
+        [summary] = await other.conversations_of("dave")
+        assert summary.last_seq == 1
+
+    async def test_a_sender_removed_between_read_and_insert_is_refused(
+        self, backend: Backend
+    ) -> None:
+        mine, other = backend.store(), backend.store()
+        await users(mine, "alice", "bob", "carol")
+        g = await mine.create_group("g:1", None, ["alice", "bob", "carol"], 1, creator="alice")
+        first = new_message(g.id, "alice", ("bob", "carol"))
+        await mine.append([first])
+        await other.ensure_indexes()
+        mine._messages = _Hooked(
+            mine._messages,
+            "insert_many",
+            lambda: other._change_group(_membership(g.id, "alice", GroupAction.REMOVE, "carol")),
+        )
+        late = new_message(g.id, "carol", ("alice", "bob"), cid="late")
+        [done] = await mine.append([late])
+        assert done.refused == "forbidden"
+        # Its seq stays taken (no gaps), by a tombstone nobody is owed.
+        [tomb] = await other.get_messages([late.id])
+        assert tomb.seq == 2 and tomb.deleted
+        assert [m.id for m in await other.owed_messages("bob", 10)] == [first.id]
+        [again] = await other.append([new_message(g.id, "carol", ("alice",), cid="late")])
+        assert again.duplicate and again.refused == "forbidden"
+        [after] = await other.append([new_message(g.id, "alice", ("bob",))])
+        assert after.seq == 3 and after.recipients == ("bob",)
+
+    async def test_a_change_after_the_insert_leaves_the_message_before_it(
+        self, backend: Backend
+    ) -> None:
+        """The change commits after the message is stored (before this call
+        advances the counter): it starts at the next seq, and the message
+        keeps the members it was stored for."""
+        mine, other = backend.store(), backend.store()
+        await users(mine, "alice", "bob", "carol", "dave")
+        g = await mine.create_group("g:1", None, ["alice", "bob", "carol"], 1, creator="alice")
+        await other.ensure_indexes()
+
+        def changes() -> None:
+            other._change_group(_membership(g.id, "alice", GroupAction.ADD, "dave"))
+            other._change_group(_membership(g.id, "alice", GroupAction.REMOVE, "bob"))
+
+        mine._conversations = _Hooked(mine._conversations, "update_one", changes)
+        msg = new_message(g.id, "carol", ("alice", "bob"))
+        [done] = await mine.append([msg])
+        assert done.refused is None and done.seq == 1 and done.recipients == ("alice", "bob")
+        conv = await other.get_conversation(g.id)
+        assert conv is not None and conv.visible_from("dave") == 2
+        assert await other.owed_messages("dave", 10) == []
+        assert [m.id for m in await other.owed_messages("bob", 10)] == [msg.id]
+        [summary] = await other.conversations_of("alice")
+        assert summary.last_seq == 1
+
+    async def test_placing_a_message_again_keeps_the_receipts_of_who_stays(
+        self, backend: Backend
+    ) -> None:
+        mine, other = backend.store(), backend.store()
+        await users(mine, "alice", "bob", "carol", "dave")
+        g = await mine.create_group("g:1", None, ["alice", "bob", "carol"], 1, creator="alice")
+        msg = new_message(g.id, "alice", ("bob", "carol"))
+        await mine.append([msg])
+        await mine.mark([Mark("bob", msg.id, Status.SEEN, 5)])
+        await other.ensure_indexes()
+        # carol's mark lands between the read and the compare-and-set: the
+        # reassignment is planned again and keeps it.
+        mine._messages = _Hooked(
+            mine._messages,
+            "update_one",
+            lambda: other._mark([Mark("carol", msg.id, Status.DELIVERED, 6)]),
+        )
+        mine._reassign(msg.id, ("carol", "dave"))
+        doc = backend.raw.get_collection("messages").find_one({"_id": msg.id})
+        assert doc["recipients"] == ["carol", "dave"]
+        carol, dave = doc["receipts"]
+        assert (carol["member"], carol["delivered_ts"], carol["seen_ts"]) == ("carol", 6, None)
+        assert (dave["member"], dave["delivered_ts"], dave["seen_ts"]) == ("dave", None, None)
+        assert doc["status"] == {"delivered_to": ["carol"], "seen_by": []}
+        assert doc["undelivered"] == ["dave"] and doc["unseen"] == ["carol", "dave"]
+        assert doc["rpending"] == 1
+        owed = await other.owed_receipts("alice", 10)
+        assert [(r.member, r.status) for r in owed] == [("carol", Status.DELIVERED)]
+        [res] = await other.mark([Mark("dave", msg.id, Status.SEEN, 7)])
+        assert {t.status for t in res.transitions} == {Status.DELIVERED, Status.SEEN}
+
+    async def test_a_change_whose_event_was_not_stored_is_finished_by_the_next_writer(
+        self, backend: Backend
+    ) -> None:
+        """A process stops between committing a change and storing its members
+        event: the change holds, and the next writer in the group stores the
+        event (before its own), so members events follow the changes."""
+        crashed, other = backend.store(), backend.store()
+        await users(other, "alice", "bob", "carol", "dave", "erin")
+        g = await other.create_group("g:1", None, ["alice", "bob", "carol"], 1, creator="alice")
+        msg = new_message(g.id, "alice", ("bob", "carol"))
+        await other.append([msg])
+        await crashed.ensure_indexes()
+        crashed._events = _Hooked(crashed._events, "insert_one", _crash)
+        with pytest.raises(RuntimeError):
+            crashed._change_group(_membership(g.id, "alice", GroupAction.ADD, "dave"))
+        conversations = backend.raw.get_collection("conversations")
+        assert "pending" in conversations.find_one({"_id": g.id})
+        conv = await other.get_conversation(g.id)
+        assert conv is not None and "dave" in conv.members
+        assert await other.owed_events("dave", 10) == []
+        # The next append stores it.
+        [sent] = await other.append([new_message(g.id, "bob", ("alice",))])
+        assert set(sent.recipients) == {"alice", "carol", "dave"}
+        assert [(e.eseq, e.action) for e in await other.owed_events("dave", 10)] == [(1, "add")]
+        assert "pending" not in conversations.find_one({"_id": g.id})
+        # And the next event, before itself.
+        crashed._events = _Hooked(crashed._events, "insert_one", _crash)
+        with pytest.raises(RuntimeError):
+            crashed._change_group(_membership(g.id, "alice", GroupAction.ADD, "erin"))
+        react = new_event(g.id, EventKind.REACTION, msg.id, "bob", ("alice",), emoji="👍")
+        done = await one_event(other, react)
+        assert done.event.eseq == 3 and set(done.recipients) == {"alice", "carol", "dave", "erin"}
+        owed = await other.owed_events("erin", 10)
+        assert [(e.eseq, e.kind) for e in owed] == [(2, EventKind.MEMBERS), (3, EventKind.REACTION)]
+        assert "pending" not in conversations.find_one({"_id": g.id})
+
+    async def test_appends_racing_changes_follow_the_members_at_their_seq(
+        self, backend: Backend
+    ) -> None:
+        """Three processes: members come and go while they send and react.
+        Every stored message is owed to exactly the members at its seq (per
+        the members events), sent by one of them, or refused; every reaction
+        to the members after the members events before it; seq and eseq have
+        no gaps."""
+        a, b, c = backend.store(), backend.store(), backend.store()
+        everyone = ("alice", "bob", "carol", "dave", "erin")
+        await users(a, *everyone)
+        g = await a.create_group("g:1", None, ["alice", "bob", "carol"], 1, creator="alice")
+        first = new_message(g.id, "alice", ("bob", "carol"))
+        await a.append([first])
+        answers = []
+
+        async def reactor(store: MongoStore, who: str, n: int) -> None:
+            for j in range(n):
+                ev = new_event(
+                    g.id, EventKind.REACTION, first.id, who, ("alice",), emoji="👍", on=j % 2 == 0
+                )
+                await one_event(store, ev)
+
+        async def sender(store: MongoStore, who: str, n: int) -> None:
+            for _ in range(n):
+                answers.extend(await store.append([new_message(g.id, who, ("alice",))]))
+
+        async def changer(store: MongoStore) -> None:
+            steps = [
+                (GroupAction.ADD, "dave"),
+                (GroupAction.REMOVE, "bob"),
+                (GroupAction.ADD, "erin"),
+                (GroupAction.REMOVE, "carol"),
+                (GroupAction.ADD, "bob"),
+                (GroupAction.REMOVE, "dave"),
+                (GroupAction.ADD, "carol"),
+            ]
+            for action, name in steps:
+                done = await store.change_group(_membership(g.id, "alice", action, name))
+                assert done.refused is None
+
+        async with trio.open_nursery() as n:
+            for store, who in ((a, "bob"), (b, "carol"), (c, "dave"), (a, "erin"), (b, "alice")):
+                n.start_soon(sender, store, who, 12)
+            for store, who in ((c, "bob"), (a, "carol"), (b, "erin")):
+                n.start_soon(reactor, store, who, 8)
+            n.start_soon(changer, c)
+
+        events = list(backend.raw.get_collection("events").find({}, sort=[("eseq", 1)]))
+        assert [e["eseq"] for e in events] == list(range(1, len(events) + 1))
+        members = {"alice", "bob", "carol"}
+        for e in events:
+            if e["kind"] == "members":
+                members = set(e["members"])
+            else:
+                assert e["by"] in members and sorted(e["owed"]) == sorted(members - {e["by"]})
+        changes = [e for e in events if e["kind"] == "members"]
+        assert len(changes) == 7
+
+        def members_at(seq: int) -> set[str]:
+            members = {"alice", "bob", "carol"}
+            for e in changes:
+                if e["from_seq"] <= seq:
+                    members = set(e["members"])
+            return members
+
+        docs = list(backend.raw.get_collection("messages").find({}, sort=[("seq", 1)]))
+        assert [d["seq"] for d in docs] == list(range(1, len(docs) + 1))
+        for d in docs:
+            members = members_at(d["seq"])
+            if d.get("refused"):
+                assert d["sender"] not in members and d["recipients"] == [], d["seq"]
+            else:
+                assert d["sender"] in members, d["seq"]
+                assert sorted(d["recipients"]) == sorted(members - {d["sender"]}), d["seq"]
+        stored = {d["_id"]: d for d in docs}
+        for ans in answers:
+            if ans.refused is not None and ans.seq == 0:
+                assert ans.id not in stored
+            else:
+                doc = stored[ans.id]
+                assert ans.seq == doc["seq"] and bool(ans.refused) == bool(doc.get("refused"))
+                if ans.refused is None:
+                    assert sorted(ans.recipients) == sorted(doc["recipients"])
+        conv = await a.get_conversation(g.id)
+        assert conv is not None and conv.members == ("alice", "bob", "carol", "erin")
+        joined = {e["users"][0]: e["from_seq"] for e in changes if e["action"] == "add"}
+        assert {m: conv.visible_from(m) for m in conv.members} == {
+            m: joined.get(m, 1) for m in conv.members
+        }
+
 
 @pytest.mark.mongomock
 class TestMongoSpecificOnMongomock(MongoSpecific):
@@ -519,3 +856,20 @@ def test_pymongo_errors_become_unavailable(error: Exception) -> None:
 
     with pytest.raises(Unavailable):
         _guard(fail)
+
+
+def test_members_at_a_seq_undoes_the_changes_that_start_after_it() -> None:
+    doc = {
+        "members": ["alice", "carol", "dave"],
+        "mver": 3,
+        "changes": [
+            {"mver": 2, "from_seq": 5, "added": ["dave"], "removed": []},
+            {"mver": 3, "from_seq": 7, "added": [], "removed": ["bob"]},
+        ],
+    }
+    assert _members_at(doc, 1, 7) == {"alice", "carol", "dave"}
+    assert _members_at(doc, 1, 6) == {"alice", "bob", "carol", "dave"}
+    assert _members_at(doc, 2, 4) == {"alice", "bob", "carol", "dave"}  # mver 2 came before
+    # Before every change kept, with one not kept (mver 1): unknown.
+    assert _members_at(doc, 0, 6) == {"alice", "bob", "carol", "dave"}
+    assert _members_at(doc, 0, 4) is None

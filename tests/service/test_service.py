@@ -198,3 +198,82 @@ async def test_ack_of_foreign_ids_is_reported_not_applied(svc):
     [refused] = c.of("error")
     assert refused["code"] == "not_found" and refused["ids"] == [msg.id, "nope"]
     assert [m.id for m in await svc.store.owed_messages("bob", 10)] == [msg.id]
+
+
+# -- replies, reactions, edits, deletions; groups that change ------------------------------
+
+
+async def test_an_event_is_applied_then_routed_once_per_device(svc):
+    from chatd.core.frames import Delete, Edit, React
+
+    a1, a2, b = FakeConn("a1", "alice"), FakeConn("a2", "alice"), FakeConn("b", "bob")
+    for conn in (a1, a2, b):
+        await svc.attach(conn)
+    await svc.send(a1, Send("s1", "hi bob", to="bob"))
+    await svc.flush()
+    [sent] = a1.of("sent")
+    await svc.act(b, React("r1", sent["id"], "👍", True))
+    await svc.act(b, React("r1", sent["id"], "👍", True))  # a retry: answered, not routed
+    await svc.act(a1, Edit("e1", sent["id"], "hi Bob"))
+    await svc.act(a1, Delete("d1", sent["id"]))
+    await svc.flush()
+    first, again = b.of("applied")
+    assert first == again and first["action"] == "react"
+    # The actor's other device gets a copy; the acting one only `applied`.
+    assert [f["type"] for f in a2.frames if f["type"] != "message"] == [
+        "reaction",
+        "edited",
+        "deleted",
+    ]
+    assert [f["type"] for f in a1.frames if f["type"] in ("edited", "deleted")] == []
+    assert [f["type"] for f in b.frames if f["type"] in ("reaction", "edited", "deleted")] == [
+        "edited",
+        "deleted",
+    ]
+    assert [f["eseq"] for f in a1.of("reaction")] == [1]  # bob's reaction, once
+    assert set(svc.metrics.events) == {"reaction", "edited", "deleted", "members"}
+
+
+async def test_the_backlog_offers_messages_then_events_then_receipts(svc):
+    from chatd.core.frames import React
+
+    a = FakeConn("a", "alice")
+    await svc.attach(a)
+    await svc.send(a, Send("s1", "one", to="bob"))
+    await svc.flush()
+    [sent] = a.of("sent")
+    b = FakeConn("b", "bob")
+    await svc.attach(b)
+    await svc.ack(b, Ack(ids=(sent["id"],)))
+    await svc.send(b, Send("s2", "two", to="alice"))
+    await svc.flush()
+    await svc.act(b, React("r", sent["id"], "🎉", True))
+    await svc.flush()
+    svc.hub.remove(a)
+    pages = await collect_backlog(svc, "alice")
+    kinds = [json.loads(o.data)["type"] for page in pages for o in page]
+    assert kinds == ["message", "reaction", "receipt"]
+
+
+async def test_group_changes_route_to_old_and_new_members(svc):
+    from chatd.core.model import GroupAction
+
+    await svc.register("dave", "password123")
+    conns = {u: FakeConn(u, u) for u in ("alice", "bob", "carol", "dave")}
+    for conn in conns.values():
+        await svc.attach(conn)
+    group = await svc.create_group("alice", ["bob", "carol"], "g")
+    out = await svc.change_group("alice", group.id, GroupAction.ADD, ["Dave"])
+    assert out["members"] == ["alice", "bob", "carol", "dave"]
+    out = await svc.change_group("alice", group.id, GroupAction.REMOVE, ["bob"])
+    for user, conn in conns.items():
+        # bob hears of his own removal; dave of everything since he joined.
+        assert [f["action"] for f in conn.of("members")] == ["add", "remove"], user
+    await svc.send(conns["carol"], Send("c1", "after", conversation=group.id))
+    await svc.flush()
+    assert conns["bob"].of("message") == []
+    assert [m["body"] for m in conns["dave"].of("message")] == ["after"]
+    with pytest.raises(service_mod.Forbidden):
+        await svc.change_group("bob", group.id, GroupAction.RENAME, title="mine")
+    with pytest.raises(service_mod.NotFound):
+        await svc.change_group("alice", group.id, GroupAction.ADD, ["nobody"])
