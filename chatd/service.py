@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -112,6 +112,24 @@ _REFUSALS: dict[str, type[ChatError]] = {
     "forbidden": Forbidden,
     "bad_request": BadRequest,
 }
+
+
+R = TypeVar("R", Appended, EventResult)
+
+
+def _one_result(
+    result: list[WriteResult] | ChatError, conn: Connection, cid: str, kind: type[R]
+) -> R | None:
+    """In a one-request write's callback: the connection's write is done;
+    its result, or None once a failed batch was answered with the cid."""
+    conn.release()
+    if isinstance(result, ChatError):
+        conn.reply(_error(result.with_cid(cid)))
+        return None
+    done = result[0]
+    if not isinstance(done, kind):
+        raise Internal(f"a write result is not an {kind.__name__}")
+    return done
 
 
 def _error(exc: ChatError) -> Outbound:
@@ -836,13 +854,9 @@ class ChatService:
         reply_to = frame.reply_to
 
         def stored(result: list[WriteResult] | ChatError) -> None:
-            conn.release()
-            if isinstance(result, ChatError):
-                conn.reply(_error(result.with_cid(cid)))
+            done = _one_result(result, conn, cid, Appended)
+            if done is None:
                 return
-            done = result[0]
-            if not isinstance(done, Appended):
-                raise Internal("a send's write result is not an Appended")
             if done.refused is not None:
                 conn.reply(_error(Forbidden("not a member of this conversation", cid=cid)))
                 return
@@ -939,13 +953,9 @@ class ChatService:
         cid = frame.cid
 
         def stored(result: list[WriteResult] | ChatError) -> None:
-            conn.release()
-            if isinstance(result, ChatError):
-                conn.reply(_error(result.with_cid(cid)))
+            done = _one_result(result, conn, cid, EventResult)
+            if done is None:
                 return
-            done = result[0]
-            if not isinstance(done, EventResult):
-                raise Internal("an event's write result is not an EventResult")
             self.publish_event(
                 done, to if done.recipients is None else done.recipients, cid=cid, conn=conn
             )
