@@ -581,8 +581,8 @@ class ChatService:
     def _message_json(self, m: StoredMessage, viewer: str) -> dict[str, Any]:
         """A message as history shows it to ``viewer``: the contract's fields,
         then the sender's ``cid`` (to the sender only), ``reply_to``,
-        ``edited_ts``, ``reactions`` (counts, and whether the viewer is among
-        them) and ``deleted`` (a tombstone has ``body`` null)."""
+        ``edited_ts``, ``reactions`` (counts, whether the viewer is among
+        them, and who) and ``deleted`` (a tombstone has ``body`` null)."""
         out: dict[str, Any] = {
             "id": m.id,
             "conversation": m.conversation,
@@ -596,7 +596,7 @@ class ChatService:
             "reply_to": m.reply_to,
             "edited_ts": m.edited_ts,
             "reactions": [
-                {"emoji": emoji, "count": len(users), "mine": viewer in users}
+                {"emoji": emoji, "count": len(users), "mine": viewer in users, "users": list(users)}
                 for emoji, users in m.reactions
             ],
         }

@@ -223,6 +223,7 @@ def create_app(
                 "ws_port": ws_port,
                 "ws_path": "/ws",
                 "ws_url": public_ws_url or None,
+                "edit_window": service.edit_window_ms // 1000,
             }
         )
 

@@ -81,6 +81,7 @@ async def test_health_and_readiness(api):
     assert status == 200 and body["checks"] == {"store": "ok", "broker": "ok"}
     status, body = await api.call("GET", "/api/info")
     assert status == 200 and body["ws_path"] == "/ws" and body["ws_port"] > 0
+    assert body["edit_window"] == 48 * 3600  # the default of --edit-window
 
 
 async def test_api_errors_even_with_the_web_client_served(api, server):

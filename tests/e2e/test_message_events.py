@@ -66,7 +66,7 @@ async def test_reply_react_edit_delete_live(server, api, names):
         assert status == 200
         m1, m2 = body["messages"]
         assert m1["body"] == "lunch at one?" and m1["edited_ts"] >= m1["ts"]
-        assert m1["reactions"] == [{"emoji": "👍", "count": 1, "mine": False}]
+        assert m1["reactions"] == [{"emoji": "👍", "count": 1, "mine": False, "users": [bob]}]
         assert m1["cid"] == first["cid"] and m2["cid"] is None
         assert m2["reply_to"] == first["id"]
         status, body = await api.call("GET", f"/api/conversations/{dm(alice, bob)}/messages", tb)

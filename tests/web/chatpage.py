@@ -152,6 +152,57 @@ class ChatPage:
     def bodies(self) -> list[str]:
         return self.tid("message-body").all_inner_texts()
 
+    def message_by_id(self, id: str) -> Locator:
+        """A message by its server id: still found once it is a tombstone."""
+        return self.page.locator(f'[data-testid=message][data-id="{id}"]')
+
+    def message_id(self, text: str) -> str:
+        expect(self.message(text)).to_have_attribute("data-id", re.compile(r"^\w+$"))
+        return self.message(text).get_attribute("data-id") or ""
+
+    # -- replies, reactions, edits, deletions ------------------------------------
+
+    def action(self, message: Locator, name: str) -> None:
+        """Click one of a message's actions (reply, react, edit, delete)."""
+        message.hover()
+        message.get_by_test_id(f"message-{name}").click()
+
+    def reply(self, text: str, answer: str) -> None:
+        self.action(self.message(text), "reply")
+        expect(self.tid("compose-context")).to_have_attribute("data-mode", "reply")
+        self.send(answer)
+        expect(self.tid("compose-context")).to_be_hidden()
+
+    def react(self, message: Locator, emoji: str) -> None:
+        """Pick ``emoji`` from the message's reaction palette."""
+        self.action(message, "react")
+        message.locator(f'[data-testid=react-option][data-emoji="{emoji}"]').click()
+        expect(message.get_by_test_id("reaction-palette")).to_have_count(0)
+
+    def reaction(self, message: Locator, emoji: str) -> Locator:
+        """The chip of ``emoji`` under a message."""
+        return message.locator(f'[data-testid=reaction][data-emoji="{emoji}"]')
+
+    def expect_reaction(self, message: Locator, emoji: str, count: int, mine: bool) -> None:
+        chip = self.reaction(message, emoji)
+        expect(chip.get_by_test_id("reaction-count")).to_have_text(str(count))
+        expect(chip).to_have_attribute("aria-pressed", "true" if mine else "false")
+
+    def edit(self, text: str, new_text: str) -> None:
+        self.action(self.message(text), "edit")
+        box = self.tid("composer-input")
+        expect(self.tid("compose-context")).to_have_attribute("data-mode", "edit")
+        expect(box).to_have_value(text)
+        box.fill(new_text)
+        box.press("Enter")
+        expect(self.tid("compose-context")).to_be_hidden()
+
+    def delete(self, message: Locator) -> None:
+        self.action(message, "delete")
+        expect(self.tid("confirm-dialog")).to_be_visible()
+        self.tid("confirm-ok").click()
+        expect(self.tid("confirm-dialog")).to_be_hidden()
+
     # -- attention ---------------------------------------------------------------
 
     def set_focus(self, focused: bool) -> None:

@@ -4,6 +4,13 @@
 // redraws the conversation list and the open chat once per frame. Messages
 // are keyed "c:<cid>" while they are only ours (optimistic) and "m:<id>"
 // when they came from the server; byId and byCid find either.
+//
+// Replies, reactions, edits and deletions: `send` may carry `reply_to`;
+// `react`, `edit` and `delete` requests wait in `actions` (by cid) for their
+// `applied` (then they change the message) or `error` (a toast); the
+// `reaction`, `edited` and `deleted` events of other members and of our other
+// devices are acked, deduplicated by eid and applied with the pure updates of
+// events.js.
 
 import { api } from './api.js';
 import { Connection } from './connection.js';
@@ -19,6 +26,16 @@ import {
   richText,
 } from './dom.js';
 import { errorText, errorTitle } from './errors.js';
+import {
+  EDIT_WINDOW_MS,
+  PALETTE,
+  applyDelete,
+  applyEdit,
+  applyReaction,
+  quoteOf,
+  reactionChips,
+  reactionsFromHistory,
+} from './events.js';
 import { icons } from './icons.js';
 import { resolveWsUrl } from './wsurl.js';
 
@@ -30,6 +47,8 @@ const TYPING_SEND_EVERY_MS = 3000;
 const TYPING_SHOW_MS = 6000;
 const MAX_IDS = 500; // per ack/seen frame (the server takes up to 1000)
 const USERNAME_RE = /^[a-z0-9_.-]{3,32}$/;
+const FLASH_MS = 1600; // how long a message quoted and clicked stays highlighted
+const EVENT_OF = { react: 'reaction', edit: 'edited', delete: 'deleted' }; // request -> its event
 
 // pending 🕓, sent ✓, delivered ✓✓, seen ✓✓ in colour; drawn as SVG.
 const TICKS = {
@@ -101,6 +120,14 @@ export class App {
       input: $('composer-input'),
       send: $('composer-send'),
       composerNote: $('composer-note'),
+      composeContext: $('compose-context'),
+      composeContextIcon: $('compose-context-icon'),
+      composeContextTitle: $('compose-context-title'),
+      composeContextSnippet: $('compose-context-snippet'),
+      composeContextCancel: $('compose-context-cancel'),
+      confirmDialog: $('confirm-dialog'),
+      confirmOk: $('confirm-ok'),
+      confirmCancel: $('confirm-cancel'),
       toasts: $('toasts'),
     };
     this.conn = null;
@@ -124,7 +151,13 @@ export class App {
     this.lastTypingSent = new Map();
     this.ackIds = new Set();
     this.ackReceipts = new Set();
+    this.ackEvents = new Set();
     this.seenQueue = new Set();
+    this.actions = new Map(); // cid -> {frame, type, id, emoji, on, body}: requests awaiting `applied`
+    this.eids = new Set(); // events applied (or answered by `applied`): each counts once
+    this.compose = null; // {mode: 'reply' | 'edit', id, conversation}: what the composer is doing
+    this.paletteFor = null; // key of the message whose reaction palette is open
+    this.flashKey = null; // key of the message highlighted after clicking a quote
     this.openId = null;
     this.order = 0;
     this.readyCount = 0;
@@ -136,10 +169,14 @@ export class App {
     this.connState = null;
     this.resetChatDom();
     this.convEls = new Map();
-    if (this.el) this.el.convList.replaceChildren();
+    if (this.el) {
+      this.el.convList.replaceChildren();
+      this.renderCompose();
+    }
     clearTimeout(this.flushTimer);
     clearTimeout(this.convRefreshTimer);
     clearTimeout(this.settleTimer);
+    clearTimeout(this.flashTimer);
     this.flushTimer = 0;
     this.convRefreshTimer = 0;
     this.settleTimer = 0;
@@ -363,7 +400,18 @@ export class App {
       if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
         ev.preventDefault();
         this.sendFromComposer();
+      } else if (ev.key === 'Escape' && this.compose) {
+        ev.preventDefault();
+        this.setCompose(null);
       }
+    });
+    el.composeContextCancel.addEventListener('click', () => {
+      this.setCompose(null);
+      el.input.focus();
+    });
+    // A click anywhere else closes an open reaction palette.
+    document.addEventListener('click', (ev) => {
+      if (this.paletteFor && !ev.target.closest('.palette, [data-action=react]')) this.togglePalette(null);
     });
     el.input.addEventListener('input', () => {
       this.autosize();
@@ -424,6 +472,9 @@ export class App {
     if (!this.convs.has(id)) return;
     if (this.openId !== id) {
       this.openId = id;
+      this.compose = null; // a reply or an edit belongs to the chat it started in
+      this.paletteFor = null;
+      this.renderCompose();
       this.resetChatDom();
       this.unreadMarker = null;
       this.initialScroll = true;
@@ -442,6 +493,9 @@ export class App {
   close() {
     if (this.openId === null) return;
     this.openId = null;
+    this.compose = null;
+    this.paletteFor = null;
+    this.renderCompose();
     this.resetChatDom();
     this.scheduleRender();
   }
@@ -569,7 +623,7 @@ export class App {
       // Messages that arrived live after the server counted: add them.
       let newer = 0;
       for (const m of this.convMsgs(c.id).values()) {
-        if (m.seq > lastSeq && m.from !== this.me && !m.seenBy.has(this.me)) newer += 1;
+        if (m.seq > lastSeq && !m.deleted && m.from !== this.me && !m.seenBy.has(this.me)) newer += 1;
       }
       Object.assign(conv, {
         id: c.id,
@@ -582,7 +636,7 @@ export class App {
         provisional: false,
       });
       this.convs.set(c.id, conv);
-      if (c.last_message) this.ingest({ ...c.last_message, conversation: c.id });
+      if (c.last_message) this.ingest({ ...c.last_message, conversation: c.id }, started);
     }
     // Who is online: ask for the peers of the most recent one-to-one chats
     // once; `presence` frames keep it current after that.
@@ -723,6 +777,7 @@ export class App {
     st.stale = false;
     this.scheduleRender();
     const token = this.token;
+    const asOf = Date.now();
     try {
       const data = await api(
         `/api/conversations/${encodeURIComponent(id)}/messages?limit=${PAGE}`,
@@ -747,7 +802,7 @@ export class App {
           st.complete = page[0].seq === 1;
         }
       }
-      for (const m of page) this.ingest({ ...m, conversation: m.conversation || id });
+      for (const m of page) this.ingest({ ...m, conversation: m.conversation || id }, asOf);
       if (!st.loaded) {
         st.oldest = page.length ? page[0].seq : null;
         st.complete = page.length < PAGE || (page.length > 0 && page[0].seq === 1);
@@ -768,6 +823,7 @@ export class App {
     st.loading = true;
     this.scheduleRender();
     const token = this.token;
+    const asOf = Date.now();
     try {
       const data = await api(
         `/api/conversations/${encodeURIComponent(id)}/messages?before=${st.oldest}&limit=${PAGE}`,
@@ -775,7 +831,7 @@ export class App {
       );
       if (token !== this.token) return;
       const page = data.messages;
-      for (const m of page) this.ingest({ ...m, conversation: m.conversation || id });
+      for (const m of page) this.ingest({ ...m, conversation: m.conversation || id }, asOf);
       if (page.length) st.oldest = page[0].seq;
       st.complete = page.length < PAGE || page[0].seq === 1;
       if (this.openId === id) this.scrollMode = 'keep';
@@ -787,21 +843,39 @@ export class App {
     }
   }
 
-  /** Take a server message (history, live frame, list summary); merges by id. */
-  ingest(m) {
+  /**
+   * Take a server message (history, live frame, list summary); merges by id.
+   * History names our own messages' `cid`: a pending copy with that cid is
+   * the same message, settled here (no `sent` needed any more). `asOf` is
+   * when the snapshot was asked for: state that events changed since then is
+   * newer than the snapshot and kept.
+   */
+  ingest(m, asOf = Date.now()) {
     let msg = this.byId.get(m.id);
+    if (m.cid && m.from === this.me) {
+      const pending = this.byCid.get(m.cid);
+      if (pending && pending !== msg && !pending.id) {
+        this.settle(pending, m);
+        msg = this.byId.get(m.id);
+      }
+    }
     let fresh = false;
     if (!msg) {
       fresh = true;
       msg = {
         key: `m:${m.id}`,
         id: m.id,
-        cid: null,
+        cid: m.cid || null,
         conversation: m.conversation,
         seq: m.seq,
         from: m.from,
         body: m.body,
         ts: m.ts,
+        replyTo: m.reply_to || null,
+        editedTs: m.edited_ts || null,
+        deleted: false,
+        reactions: new Map(),
+        touched: 0,
         deliveredTo: new Set(),
         seenBy: new Set(),
         state: 'stored',
@@ -811,12 +885,30 @@ export class App {
       this.byId.set(m.id, msg);
       this.convMsgs(m.conversation).set(msg.key, msg);
     }
+    if (m.cid && !msg.cid) msg.cid = m.cid;
+    if (m.reply_to && !msg.replyTo) msg.replyTo = m.reply_to;
+    if (m.deleted) applyDelete(msg);
+    else if (!msg.deleted && (fresh || msg.touched < asOf)) {
+      // The snapshot is newer than whatever events told us: it wins.
+      if (m.body !== undefined && (m.edited_ts || 0) >= (msg.editedTs || 0)) {
+        msg.body = m.body;
+        msg.editedTs = m.edited_ts || null;
+      }
+      if (Array.isArray(m.reactions)) {
+        msg.reactions = reactionsFromHistory(m.reactions, this.me, this.dmPeerOf(m.conversation));
+      }
+    }
     for (const u of m.delivered_to || []) msg.deliveredTo.add(u);
     for (const u of m.seen_by || []) {
       msg.seenBy.add(u);
       msg.deliveredTo.add(u);
     }
     return { msg, fresh };
+  }
+
+  /** The other member of a one-to-one chat; null for a group. */
+  dmPeerOf(id) {
+    return isDm(id) ? dmPeer(id, this.me) : null;
   }
 
   /** pending | failed | sent | delivered | seen — for our own messages. */
@@ -852,7 +944,14 @@ export class App {
       this.updateComposerNote();
       return;
     }
-    this.send(this.openId, body);
+    if (this.compose && this.compose.mode === 'edit') {
+      this.submitEdit(body);
+      return;
+    }
+    const replyTo = this.compose && this.compose.mode === 'reply' ? this.compose.id : null;
+    this.send(this.openId, body, replyTo);
+    this.compose = null;
+    this.renderCompose();
     this.el.input.value = '';
     this.drafts.delete(this.openId);
     this.autosize();
@@ -860,39 +959,51 @@ export class App {
     this.el.input.focus();
   }
 
-  frameFor(conv, cid, body) {
+  frameFor(conv, cid, body, replyTo = null) {
     const frame = { type: 'send', cid, body };
     if (conv.provisional) frame.to = dmPeer(conv.id, this.me);
     else frame.conversation = conv.id;
+    if (replyTo) frame.reply_to = replyTo;
     return frame;
   }
 
-  send(convId, body) {
-    const conv = this.convs.get(convId);
-    const cid = randomId('w');
-    const afterSeq = this.maxSeq(convId);
+  /** A message of ours, not yet stored (sent now, or restored from the outbox). */
+  localMessage({ cid, conversation, body, ts, afterSeq, replyTo }) {
     const msg = {
       afterSeq,
       key: `c:${cid}`,
       id: null,
       cid,
-      conversation: convId,
+      conversation,
       seq: null,
       from: this.me,
       body,
-      ts: Date.now(),
+      ts,
+      replyTo: replyTo || null,
+      editedTs: null,
+      deleted: false,
+      reactions: new Map(),
+      touched: 0,
       deliveredTo: new Set(),
       seenBy: new Set(),
       state: 'pending',
       error: null,
       order: ++this.order,
     };
-    this.convMsgs(convId).set(msg.key, msg);
+    this.convMsgs(conversation).set(msg.key, msg);
     this.byCid.set(cid, msg);
+    return msg;
+  }
+
+  send(convId, body, replyTo = null) {
+    const conv = this.convs.get(convId);
+    const cid = randomId('w');
+    const afterSeq = this.maxSeq(convId);
+    const msg = this.localMessage({ cid, conversation: convId, body, ts: Date.now(), afterSeq, replyTo });
     const item = {
       cid,
       conversation: convId,
-      frame: this.frameFor(conv, cid, body),
+      frame: this.frameFor(conv, cid, body, replyTo),
       ts: msg.ts,
       afterSeq,
     };
@@ -909,10 +1020,13 @@ export class App {
     if (!conv || msg.state !== 'failed') return;
     msg.state = 'pending';
     msg.error = null;
+    // The message it answered was deleted meanwhile: send it as a plain message.
+    const original = msg.replyTo && this.byId.get(msg.replyTo);
+    if (original && original.deleted) msg.replyTo = null;
     const item = {
       cid: msg.cid,
       conversation: msg.conversation,
-      frame: this.frameFor(conv, msg.cid, msg.body),
+      frame: this.frameFor(conv, msg.cid, msg.body, msg.replyTo),
       ts: msg.ts,
       afterSeq: msg.afterSeq,
     };
@@ -953,24 +1067,14 @@ export class App {
       if (!item || !item.cid || !item.frame) continue;
       if (isDm(item.conversation)) this.provisionalDm(dmPeer(item.conversation, this.me));
       else this.ensureConv(item.conversation);
-      const msg = {
-        afterSeq: item.afterSeq || 0,
-        key: `c:${item.cid}`,
-        id: null,
+      this.localMessage({
         cid: item.cid,
         conversation: item.conversation,
-        seq: null,
-        from: this.me,
         body: item.frame.body,
         ts: item.ts || Date.now(),
-        deliveredTo: new Set(),
-        seenBy: new Set(),
-        state: 'pending',
-        error: null,
-        order: ++this.order,
-      };
-      this.convMsgs(item.conversation).set(msg.key, msg);
-      this.byCid.set(item.cid, msg);
+        afterSeq: item.afterSeq || 0,
+        replyTo: item.frame.reply_to,
+      });
       this.outbox.push(item);
     }
   }
@@ -990,12 +1094,202 @@ export class App {
 
   sendTyping() {
     const id = this.openId;
+    // While editing, the composer holds the message being edited, not a draft.
+    if (this.compose && this.compose.mode === 'edit') return;
     if (id) this.drafts.set(id, this.el.input.value);
     const conv = id && this.convs.get(id);
     if (!conv || conv.provisional || !this.el.input.value.trim() || !this.conn) return;
     const now = Date.now();
     if (now - (this.lastTypingSent.get(id) || 0) < TYPING_SEND_EVERY_MS) return;
     if (this.conn.send({ type: 'typing', conversation: id })) this.lastTypingSent.set(id, now);
+  }
+
+  // --- replies, reactions, edits, deletions -----------------------------------------
+
+  /** What a person may do with a message here: reply, react, edit, delete. */
+  actionsFor(msg, conv) {
+    if (!msg.id || msg.deleted || !conv || conv.provisional) return [];
+    const acts = ['reply', 'react'];
+    if (msg.from === this.me) {
+      // The server's edit window is 48 h by default; it has the last word.
+      if (msg.body != null && Date.now() - msg.ts < EDIT_WINDOW_MS) acts.push('edit');
+      // A group's creator may delete others' messages too, but the client does
+      // not know who created a group: it offers deleting one's own only.
+      acts.push('delete');
+    }
+    return acts;
+  }
+
+  /** Send a react/edit/delete request; it waits in `actions` for its answer. */
+  request(type, msg, fields) {
+    const cid = randomId('a');
+    const frame = { type, cid, id: msg.id, ...fields };
+    this.actions.set(cid, { frame, type, id: msg.id, ...fields });
+    if (this.conn) this.conn.send(frame); // else after the next `ready`
+    return cid;
+  }
+
+  toggleReaction(msg, emoji) {
+    const r = msg.reactions.get(emoji);
+    const on = !(r && r.users.has(this.me));
+    const keyboard = this.paletteFor === msg.key && document.activeElement?.matches(':focus-visible');
+    this.paletteFor = null;
+    this.request('react', msg, { emoji, on });
+    if (!keyboard) {
+      this.scheduleRender();
+      return;
+    }
+    // Picked from the palette with the keyboard: back to the React button.
+    this.renderNow();
+    this.msgEls.get(msg.key)?.querySelector('[data-action=react]')?.focus();
+  }
+
+  /** Our own request is stored: apply it as the event it became. */
+  onApplied(f) {
+    const action = this.actions.get(f.cid);
+    this.actions.delete(f.cid);
+    if (!action || (f.eid && this.eids.has(f.eid))) return;
+    if (f.eid) this.eids.add(f.eid);
+    this.applyEvent(EVENT_OF[action.type], { ...action, id: f.id || action.id, by: this.me, ts: f.ts });
+  }
+
+  /** A reaction, edited or deleted event: ack it (copies too), apply it once. */
+  onEvent(f) {
+    if (typeof f.eid === 'string' && f.eid) {
+      this.ackEvents.add(f.eid);
+      this.flushSoon();
+      if (this.eids.has(f.eid)) return;
+      this.eids.add(f.eid);
+    }
+    this.applyEvent(f.type, f);
+  }
+
+  /**
+   * Change a message as event `type` says. A message not held here is left
+   * alone: its history, when loaded, already shows the latest state.
+   */
+  applyEvent(type, f) {
+    const msg = this.byId.get(f.id);
+    if (!msg) return;
+    let changed = false;
+    if (type === 'reaction') {
+      if (msg.deleted || typeof f.emoji !== 'string') return;
+      const conv = this.convs.get(msg.conversation);
+      const members = conv && conv.members && conv.members.length ? conv.members.length : Infinity;
+      changed = applyReaction(msg.reactions, f.by, f.emoji, f.on !== false, members);
+    } else if (type === 'edited') {
+      changed = applyEdit(msg, f.body, f.ts);
+    } else if (type === 'deleted') {
+      changed = applyDelete(msg);
+      if (changed) this.forgetDeleted(msg, f.by);
+    }
+    if (!changed) return;
+    msg.touched = Date.now();
+    this.scheduleRender();
+  }
+
+  /** A message was deleted (by `by`): the composer and the palette let go of it. */
+  forgetDeleted(msg, by) {
+    if (this.paletteFor === msg.key) this.paletteFor = null;
+    if (!this.compose || this.compose.id !== msg.id) return;
+    const editing = this.compose.mode === 'edit';
+    this.setCompose(null, { keepText: !editing }); // a reply being written stays, as a plain message
+    if (by !== this.me) {
+      const what = editing ? 'editing' : 'replying to';
+      this.toast('not_found', `The message you were ${what} was deleted.`);
+    }
+  }
+
+  /**
+   * A request was refused (the toast says why). An edit that may work when
+   * tried again (not a forbidden or vanished message) comes back to the composer.
+   */
+  actionFailed(cid, code) {
+    const action = this.actions.get(cid);
+    this.actions.delete(cid);
+    if (action.type !== 'edit' || code === 'forbidden' || code === 'not_found') return;
+    const msg = this.byId.get(action.id);
+    if (msg && !msg.deleted && msg.conversation === this.openId && !this.compose && !this.el.input.value) {
+      this.startEdit(msg, action.body);
+    }
+  }
+
+  startReply(msg) {
+    this.setCompose({ mode: 'reply', id: msg.id, conversation: msg.conversation }, { keepText: true });
+    this.el.input.focus();
+  }
+
+  startEdit(msg, text = msg.body) {
+    this.setCompose({ mode: 'edit', id: msg.id, conversation: msg.conversation });
+    this.el.input.value = text;
+    this.autosize();
+    this.updateComposerNote();
+    this.el.input.focus();
+    this.el.input.setSelectionRange(text.length, text.length);
+  }
+
+  /**
+   * Set what the composer does (null: write a new message). Leaving an edit
+   * puts the draft back in the composer, unless `keepText`.
+   */
+  setCompose(compose, { keepText = false } = {}) {
+    const wasEditing = this.compose && this.compose.mode === 'edit';
+    this.compose = compose;
+    if (wasEditing && !keepText) {
+      this.el.input.value = (this.openId && this.drafts.get(this.openId)) || '';
+      this.autosize();
+      this.updateComposerNote();
+    }
+    this.renderCompose();
+  }
+
+  submitEdit(body) {
+    const msg = this.byId.get(this.compose.id);
+    this.setCompose(null);
+    if (!msg || msg.deleted || body === msg.body) return;
+    this.request('edit', msg, { body });
+  }
+
+  /** Ask first (in the page: a modal <dialog>), then delete for everyone. */
+  async confirmDelete(msg) {
+    const dialog = this.el.confirmDialog;
+    if (dialog.open) return;
+    const ok = await new Promise((resolve) => {
+      const done = (value) => {
+        this.el.confirmOk.onclick = this.el.confirmCancel.onclick = dialog.onclose = null;
+        if (dialog.open) dialog.close();
+        resolve(value);
+      };
+      this.el.confirmOk.onclick = () => done(true);
+      this.el.confirmCancel.onclick = () => done(false);
+      dialog.onclose = () => done(false); // Escape
+      dialog.showModal();
+      this.el.confirmCancel.focus();
+    });
+    if (ok && msg.id && !msg.deleted) this.request('delete', msg, {});
+  }
+
+  togglePalette(key) {
+    this.paletteFor = key && this.paletteFor !== key ? key : null;
+    this.renderNow();
+    const li = key && this.msgEls.get(key);
+    if (this.paletteFor && li) li.querySelector('.palette button')?.focus();
+  }
+
+  /** Scroll to a message quoted by a reply, and highlight it for a moment. */
+  jumpTo(id) {
+    const msg = this.byId.get(id);
+    const li = msg && this.msgEls.get(msg.key);
+    if (!li) return;
+    li.scrollIntoView({ block: 'center' });
+    li.focus({ preventScroll: true });
+    this.flashKey = msg.key;
+    this.renderNow();
+    clearTimeout(this.flashTimer);
+    this.flashTimer = setTimeout(() => {
+      this.flashKey = null;
+      this.scheduleRender();
+    }, FLASH_MS);
   }
 
   // --- acks and seen --------------------------------------------------------------
@@ -1009,16 +1303,20 @@ export class App {
     if (!this.conn || !this.conn.ready) return; // kept; sent after the next `ready`
     const ids = [...this.ackIds];
     const receipts = [...this.ackReceipts];
-    const n = Math.max(Math.ceil(ids.length / MAX_IDS), Math.ceil(receipts.length / MAX_IDS));
+    const events = [...this.ackEvents];
+    const n = Math.max(...[ids, receipts, events].map((l) => Math.ceil(l.length / MAX_IDS)));
     for (let i = 0; i < n; i++) {
       const frame = { type: 'ack' };
       const someIds = ids.slice(i * MAX_IDS, (i + 1) * MAX_IDS);
       const someRids = receipts.slice(i * MAX_IDS, (i + 1) * MAX_IDS);
+      const someEids = events.slice(i * MAX_IDS, (i + 1) * MAX_IDS);
       if (someIds.length) frame.ids = someIds;
       if (someRids.length) frame.receipts = someRids;
+      if (someEids.length) frame.events = someEids;
       if (!this.conn.send(frame)) return;
       someIds.forEach((x) => this.ackIds.delete(x));
       someRids.forEach((x) => this.ackReceipts.delete(x));
+      someEids.forEach((x) => this.ackEvents.delete(x));
     }
     for (const part of chunks([...this.seenQueue], MAX_IDS)) {
       if (!this.conn.send({ type: 'seen', ids: part })) return;
@@ -1051,7 +1349,7 @@ export class App {
     let any = false;
     for (const key of this.visible) {
       const msg = map.get(key);
-      if (!msg || !msg.id || msg.from === this.me || msg.seenBy.has(this.me)) continue;
+      if (!msg || !msg.id || msg.deleted || msg.from === this.me || msg.seenBy.has(this.me)) continue;
       msg.seenBy.add(this.me);
       msg.deliveredTo.add(this.me);
       this.seenQueue.add(msg.id);
@@ -1089,6 +1387,12 @@ export class App {
         return this.onTyping(f);
       case 'presence':
         return this.onPresence(f);
+      case 'applied':
+        return this.onApplied(f);
+      case 'reaction':
+      case 'edited':
+      case 'deleted':
+        return this.onEvent(f);
       case 'error':
         return this.onError(f);
       default:
@@ -1099,6 +1403,8 @@ export class App {
   onReady() {
     this.readyCount += 1;
     this.resendOutbox();
+    // Requests not answered yet go again, same cid: applied once at most.
+    for (const action of this.actions.values()) this.conn.send(action.frame);
     this.flush();
     if (!this.convsLoaded) this.loadConversations(); // the first try failed
     if (this.readyCount > 1) {
@@ -1122,12 +1428,21 @@ export class App {
       this.refreshConversationsSoon();
       return;
     }
+    this.settle(msg, f);
+  }
+
+  /**
+   * Our message `msg` (pending or failed) is stored as `f` {id, conversation,
+   * seq, ts}: from its `sent`, or from history naming its cid.
+   */
+  settle(msg, f) {
+    this.removeFromOutbox(msg.cid);
     const existing = this.byId.get(f.id);
     if (existing && existing !== msg) {
       // It already reached us another way (history): one copy only.
       this.convMsgs(msg.conversation).delete(msg.key);
-      existing.cid = f.cid;
-      this.byCid.set(f.cid, existing);
+      existing.cid = msg.cid;
+      this.byCid.set(msg.cid, existing);
       this.scheduleRender();
       return;
     }
@@ -1213,6 +1528,7 @@ export class App {
   }
 
   onError(f) {
+    if (f.cid && this.actions.has(f.cid)) this.actionFailed(f.cid, f.code);
     if (f.cid) {
       this.removeFromOutbox(f.cid);
       const msg = this.byCid.get(f.cid);
@@ -1224,6 +1540,15 @@ export class App {
     }
     // An unauthorized during auth is followed by close 4001, which logs out.
     if (f.code === 'unauthorized' && this.conn && !this.conn.ready) return;
+    if (f.code === 'not_found' && Array.isArray(f.ids)) {
+      // An ack or seen of a message deleted meanwhile (its `deleted` event may
+      // still be on its way) is refused like this: nothing to tell anyone.
+      const me = this.me;
+      setTimeout(() => {
+        if (this.me === me && f.ids.some((id) => !this.byId.get(id)?.deleted)) this.toast(f.code, f.message);
+      }, 1500);
+      return;
+    }
     this.toast(f.code, f.message);
   }
 
@@ -1292,6 +1617,12 @@ export class App {
     };
     requestAnimationFrame(run);
     setTimeout(run, 100); // background tabs get no animation frames
+  }
+
+  /** Render at once (when focus has to move to something just drawn). */
+  renderNow() {
+    this.renderQueued = false;
+    this.render();
   }
 
   render() {
@@ -1367,15 +1698,19 @@ export class App {
       const own = last.from === this.me;
       const status = own ? this.status(last) : null;
       preview = [
-        own ? this.tickEl(status, last) : null,
+        own && !last.deleted ? this.tickEl(status, last) : null,
         !own && !dm ? h('span', { class: 'preview-from' }, `${last.from}: `) : null,
-        last.body == null ? h('em', null, 'message unavailable') : last.body.replace(/\s+/g, ' '),
+        last.deleted
+          ? h('em', null, 'message deleted')
+          : last.body == null
+            ? h('em', null, 'message unavailable')
+            : last.body.replace(/\s+/g, ' '),
       ];
     } else preview = h('em', null, conv.provisional ? 'New conversation' : 'No messages yet');
     const stamp = last ? formatStamp(last.ts) : '';
     const sig = JSON.stringify([
       title,
-      last && [last.key, last.body, last.ts, last.from === this.me && this.status(last)],
+      last && [last.key, last.body, last.deleted, last.ts, last.from === this.me && this.status(last)],
       typing,
       online,
       conv.unread,
@@ -1470,6 +1805,7 @@ export class App {
     }
     el.chatSubtitle.textContent = subtitle;
     el.chatSubtitle.dataset.state = state;
+    if (this.compose) this.renderCompose(); // the quoted message may have changed
 
     // Messages.
     const box = el.messages;
@@ -1478,7 +1814,7 @@ export class App {
     const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
     const list = this.sortedMessages(conv.id);
     if (this.initialScroll && st.loaded && !this.unreadMarker) {
-      const first = list.find((m) => m.id && m.from !== this.me && !m.seenBy.has(this.me));
+      const first = list.find((m) => m.id && !m.deleted && m.from !== this.me && !m.seenBy.has(this.me));
       this.unreadMarker = first ? first.key : '';
     }
     el.historyStatus.textContent = st.loading
@@ -1516,7 +1852,7 @@ export class App {
       }
       let li = this.msgEls.get(msg.key);
       if (!li) {
-        li = h('li', { testid: 'message', dataset: { key: msg.key } });
+        li = h('li', { testid: 'message', tabindex: '-1', dataset: { key: msg.key } });
         this.msgEls.set(msg.key, li);
         if (msg.from !== this.me) added = true;
       }
@@ -1553,8 +1889,16 @@ export class App {
 
   fillMessage(li, msg, conv) {
     const own = msg.from === this.me;
-    const status = own ? this.status(msg) : null;
+    const deleted = Boolean(msg.deleted);
+    const status = own && !deleted ? this.status(msg) : null;
     const showFrom = !own && !isDm(conv.id);
+    const quote = msg.replyTo ? quoteOf(this.byId.get(msg.replyTo)) : null;
+    const chips = reactionChips(msg.reactions, this.me);
+    const actions = this.actionsFor(msg, conv);
+    const palette = this.paletteFor === msg.key && actions.includes('react');
+    li.className =
+      `msg ${own ? 'own' : 'theirs'}${status === 'failed' ? ' failed' : ''}` +
+      `${deleted ? ' deleted' : ''}${this.flashKey === msg.key ? ' flash' : ''}`;
     const sig = [
       msg.body,
       status,
@@ -1563,25 +1907,39 @@ export class App {
       msg.error && msg.error.message,
       showFrom,
       msg.id,
+      deleted,
+      msg.editedTs,
+      JSON.stringify([quote, chips, actions, palette]),
     ].join('\u0001');
     if (this.msgSigs.get(li) === sig) return;
     this.msgSigs.set(li, sig);
-    li.className = `msg ${own ? 'own' : 'theirs'}${status === 'failed' ? ' failed' : ''}`;
     li.dataset.key = msg.key;
     if (msg.id) li.dataset.id = msg.id;
     if (msg.seq != null) li.dataset.seq = String(msg.seq);
     li.dataset.from = msg.from;
     if (status) li.dataset.status = status;
     else delete li.dataset.status;
-    const body =
-      msg.body == null
-        ? h('em', { class: 'body unavailable', testid: 'message-body' }, 'This message cannot be shown.')
-        : h('div', { class: 'body', testid: 'message-body' }, richText(msg.body));
+    if (deleted) li.dataset.deleted = 'true';
+    else delete li.dataset.deleted;
+    let body;
+    if (deleted) body = h('em', { class: 'body deleted', testid: 'message-deleted' }, 'message deleted');
+    else if (msg.body == null) {
+      body = h('em', { class: 'body unavailable', testid: 'message-body' }, 'This message cannot be shown.');
+    } else body = h('div', { class: 'body', testid: 'message-body' }, richText(msg.body));
+    const edited =
+      msg.editedTs && !deleted
+        ? h(
+            'span',
+            { class: 'edited', testid: 'message-edited', title: `Edited ${new Date(msg.editedTs).toLocaleString()}` },
+            'edited',
+          )
+        : null;
     const meta = h(
       'div',
       { class: 'meta' },
+      edited,
       h('time', { datetime: new Date(msg.ts).toISOString(), title: new Date(msg.ts).toLocaleString() }, formatTime(msg.ts)),
-      own ? this.tickEl(status, msg) : null,
+      status ? this.tickEl(status, msg) : null,
     );
     const failed =
       status === 'failed'
@@ -1601,18 +1959,142 @@ export class App {
             ),
           )
         : null;
-    li.replaceChildren(
+    const parts = [
       h(
         'div',
         { class: 'bubble' },
         showFrom ? h('div', { class: 'from', testid: 'message-from' }, msg.from) : null,
+        quote && !deleted ? this.quoteEl(msg, quote) : null,
         body,
         meta,
       ),
-    );
-    if (failed) li.append(failed);
-    if (!own && msg.id && !msg.seenBy.has(this.me)) this.io.observe(li);
+      actions.length ? this.actionsEl(msg, actions, palette) : null,
+      palette ? this.paletteEl(msg) : null,
+      chips.length && !deleted ? this.chipsEl(msg, chips) : null,
+      failed,
+    ];
+    // Redrawn under the keyboard: the focus stays on the same control.
+    const active = li.contains(document.activeElement) && li !== document.activeElement ? document.activeElement : null;
+    const testid = active && active.getAttribute('data-testid');
+    li.replaceChildren(...parts.filter(Boolean));
+    if (testid) {
+      const emoji = active.dataset.emoji ? `[data-emoji="${CSS.escape(active.dataset.emoji)}"]` : '';
+      const again = li.querySelector(`[data-testid="${testid}"]${emoji}`);
+      if (again) again.focus({ preventScroll: true });
+    }
+    if (!own && msg.id && !deleted && !msg.seenBy.has(this.me)) this.io.observe(li);
     else this.io.unobserve(li);
+  }
+
+  /** The quote of the message a reply answers; a button to it when it is here. */
+  quoteEl(msg, quote) {
+    const from = quote.from === this.me ? 'You' : quote.from;
+    const parts = [
+      from ? h('span', { class: 'quote-from', testid: 'quote-from' }, from) : null,
+      h('span', { class: 'quote-text', testid: 'quote-text' }, quote.text),
+    ];
+    const props = { class: `quote quote-${quote.state}`, testid: 'message-quote', dataset: { state: quote.state } };
+    if (quote.state !== 'ok') return h('div', props, parts); // nothing to show there
+    return h(
+      'button',
+      {
+        ...props,
+        type: 'button',
+        'aria-label': `In reply to ${from}: ${quote.text}. Show the message.`,
+        onclick: () => this.jumpTo(msg.replyTo),
+      },
+      parts,
+    );
+  }
+
+  /** The message's action buttons (shown on hover or focus). */
+  actionsEl(msg, actions, paletteOpen) {
+    const spec = {
+      reply: { icon: icons.reply, label: 'Reply', run: () => this.startReply(msg) },
+      react: { icon: icons.react, label: 'React', run: () => this.togglePalette(msg.key) },
+      edit: { icon: icons.edit, label: 'Edit', run: () => this.startEdit(msg) },
+      delete: { icon: icons.trash, label: 'Delete', run: () => this.confirmDelete(msg) },
+    };
+    return h(
+      'div',
+      { class: 'msg-actions', role: 'toolbar', 'aria-label': 'Message actions', testid: 'message-actions' },
+      actions.map((a) =>
+        h(
+          'button',
+          {
+            type: 'button',
+            class: `icon-button action-${a}`,
+            testid: `message-${a}`,
+            title: spec[a].label,
+            'aria-label': spec[a].label,
+            'aria-expanded': a === 'react' ? String(paletteOpen) : null,
+            dataset: { action: a },
+            onclick: spec[a].run,
+          },
+          spec[a].icon(),
+        ),
+      ),
+    );
+  }
+
+  /** The reaction palette: a fixed handful of emoji. */
+  paletteEl(msg) {
+    const mine = (emoji) => Boolean(msg.reactions.get(emoji)?.users.has(this.me));
+    return h(
+      'div',
+      {
+        class: 'palette',
+        role: 'group',
+        'aria-label': 'Pick a reaction',
+        testid: 'reaction-palette',
+        onkeydown: (ev) => {
+          if (ev.key === 'Escape') {
+            ev.stopPropagation();
+            this.togglePalette(null);
+            this.msgEls.get(msg.key)?.querySelector('[data-action=react]')?.focus();
+          }
+        },
+      },
+      PALETTE.map((emoji) =>
+        h(
+          'button',
+          {
+            type: 'button',
+            class: `palette-option${mine(emoji) ? ' mine' : ''}`,
+            testid: 'react-option',
+            'aria-label': mine(emoji) ? `Take back ${emoji}` : `React with ${emoji}`,
+            'aria-pressed': String(mine(emoji)),
+            dataset: { emoji },
+            onclick: () => this.toggleReaction(msg, emoji),
+          },
+          emoji,
+        ),
+      ),
+    );
+  }
+
+  /** Reactions under the message: `emoji count`; ours highlighted; a click toggles ours. */
+  chipsEl(msg, chips) {
+    return h(
+      'div',
+      { class: 'reactions', testid: 'reactions' },
+      chips.map((c) =>
+        h(
+          'button',
+          {
+            type: 'button',
+            class: `chip${c.mine ? ' mine' : ''}`,
+            testid: 'reaction',
+            'aria-pressed': String(c.mine),
+            'aria-label': `${c.emoji} ${c.count}${c.mine ? ', you included' : ''}`,
+            dataset: { emoji: c.emoji, mine: String(c.mine) },
+            onclick: () => this.toggleReaction(msg, c.emoji),
+          },
+          h('span', { class: 'chip-emoji', 'aria-hidden': 'true' }, c.emoji),
+          h('span', { class: 'chip-count', testid: 'reaction-count', 'aria-hidden': 'true' }, String(c.count)),
+        ),
+      ),
+    );
   }
 
   // --- composer -------------------------------------------------------------------
@@ -1638,6 +2120,31 @@ export class App {
       note.hidden = true;
       note.textContent = '';
     }
+  }
+
+  /** The bar above the composer: "Replying to …" or "Edit message", with a cancel button. */
+  renderCompose() {
+    const c = this.compose;
+    const el = this.el;
+    const editing = Boolean(c && c.mode === 'edit');
+    el.input.placeholder = !c ? 'Write a message' : editing ? 'Edit the message' : 'Write a reply';
+    el.send.textContent = editing ? 'Save' : 'Send';
+    el.send.setAttribute('aria-label', editing ? 'Save the edit' : 'Send');
+    el.composeContext.hidden = !c;
+    if (!c) {
+      delete el.composeContext.dataset.mode;
+      return;
+    }
+    const quote = quoteOf(this.byId.get(c.id));
+    const who = quote.from === this.me ? 'yourself' : quote.from;
+    el.composeContext.dataset.mode = c.mode;
+    if (el.composeContextIcon.dataset.mode !== c.mode) {
+      el.composeContextIcon.dataset.mode = c.mode;
+      el.composeContextIcon.replaceChildren(editing ? icons.edit() : icons.reply());
+    }
+    el.composeContextTitle.textContent = editing ? 'Edit message' : `Replying to ${who}`;
+    el.composeContextSnippet.textContent = quote.text;
+    el.composeContextCancel.setAttribute('aria-label', editing ? 'Cancel editing' : 'Cancel reply');
   }
 }
 

@@ -1,4 +1,5 @@
-// Small inline SVG icons (no icon font, no emoji font needed).
+// Small inline SVG icons (no icon font, no emoji font needed): ticks, the
+// message actions (reply, react, edit, delete), close, the logo.
 
 const NS = 'http://www.w3.org/2000/svg';
 
@@ -37,6 +38,22 @@ export const icons = {
       ['path', { d: 'M8 4.2v4.6', stroke: '#fff', 'stroke-width': '1.8', 'stroke-linecap': 'round' }],
       ['circle', { cx: '8', cy: '11.4', r: '1', fill: '#fff' }],
     ], 'icon icon-failed'),
+  reply: () =>
+    svg('0 0 16 16', [['path', { d: 'M6.5 3.5L2.5 7.5l4 4M2.8 7.5h6.4a4.3 4.3 0 0 1 4.3 4.3v.7', ...stroke }]], 'icon'),
+  react: () =>
+    svg('0 0 16 16', [
+      ['circle', { cx: '8', cy: '8', r: '6.2', ...stroke }],
+      ['path', { d: 'M5.4 9.6a3 3 0 0 0 5.2 0', ...stroke }],
+      ['circle', { cx: '5.9', cy: '6.4', r: '0.9', fill: 'currentColor' }],
+      ['circle', { cx: '10.1', cy: '6.4', r: '0.9', fill: 'currentColor' }],
+    ], 'icon'),
+  edit: () =>
+    svg('0 0 16 16', [['path', { d: 'M10.6 2.8l2.6 2.6-7.7 7.7-3.3.7.7-3.3zM9.2 4.2l2.6 2.6', ...stroke }]], 'icon'),
+  trash: () =>
+    svg('0 0 16 16', [
+      ['path', { d: 'M2.8 4.3h10.4M6.3 4.2V2.8h3.4v1.4M4.1 4.3l.7 9h6.4l.7-9M6.7 6.7v4.4M9.3 6.7v4.4', ...stroke }],
+    ], 'icon'),
+  close: () => svg('0 0 16 16', [['path', { d: 'M4 4l8 8M12 4l-8 8', ...stroke }]], 'icon'),
   logo: () =>
     svg('0 0 64 64', [
       ['rect', { width: '64', height: '64', rx: '14', fill: '#0f6e5c' }],
