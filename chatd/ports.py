@@ -210,7 +210,8 @@ class Store(Protocol):
 
         A mark by a user who is not a recipient of the message (including an
         unknown id) changes nothing and answers ``known=False``; a mark by the
-        message's own sender changes nothing and answers ``known=True``.
+        message's own sender, or of a message deleted for everyone (the ack
+        crossed the deletion), changes nothing and answers ``known=True``.
         """
         ...
 

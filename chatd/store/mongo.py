@@ -1261,7 +1261,7 @@ class MongoStore:
     def _mark(self, batch: list[Mark]) -> list[MarkResult]:
         results: list[MarkResult | None] = [None] * len(batch)
         pending = list(range(len(batch)))
-        fields = {"sender": 1, "conversation": 1, "recipients": 1, "receipts": 1}
+        fields = {"sender": 1, "conversation": 1, "recipients": 1, "receipts": 1, "deleted": 1}
         # A round repeats only for updates whose receipt another writer moved
         # meanwhile, and a receipt moves at most twice: this many rounds always
         # suffice (more would be a bug, reported as Unavailable, never a hang).
@@ -1285,7 +1285,10 @@ class MongoStore:
                 try:
                     idx = doc["recipients"].index(mark.user)
                 except ValueError:
-                    results[i] = MarkResult((), known=doc["sender"] == mark.user)
+                    # The sender's own, or deleted for everyone (an ack that
+                    # crossed the deletion): nothing to do, not an error.
+                    known = doc["sender"] == mark.user or bool(doc.get("deleted"))
+                    results[i] = MarkResult((), known=known)
                     continue
                 key = (mark.message_id, mark.user)
                 if key not in state:

@@ -361,8 +361,10 @@ def _mark_rows(db: sqlite3.Connection, batch: Sequence[Mark]) -> list[MarkResult
             (mark.message_id, mark.user),
         ).fetchone()
         if row is None:
+            # The sender's own message, or one deleted for everyone (an ack
+            # that crossed the deletion): nothing to do, and not an error.
             own = db.execute(
-                "SELECT 1 FROM messages WHERE id = ? AND sender = ?",
+                "SELECT 1 FROM messages WHERE id = ? AND (sender = ? OR deleted = 1)",
                 (mark.message_id, mark.user),
             ).fetchone()
             out.append(MarkResult((), known=own is not None))

@@ -846,6 +846,9 @@ class StoreContract:
         assert tomb.deleted and tomb.id == msg.id and tomb.seq == 1
         assert await store.owed_messages("carol", 10) == []
         assert await store.owed_receipts("alice", 10) == []
+        # carol's ack crossed the deletion: accepted, nothing happens.
+        [late] = await store.mark([Mark("carol", msg.id, Status.DELIVERED, 40)])
+        assert late.known and late.transitions == ()
         # Only the deletion itself is still owed.
         for member in ("bob", "carol"):
             owed = await store.owed_events(member, 10)
