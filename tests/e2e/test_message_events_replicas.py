@@ -123,6 +123,11 @@ async def test_offline_member_converges_and_delete_erases(cluster, names):
         assert gone["eid"] == deleted["eid"]
         # The deleted message itself is not offered.
         assert [f for f in b.frames if f["type"] == "message"] == []
+        # bob may not edit or delete alice's message (the store on the
+        # other replica's side of NGINX judges it the same way).
+        for type, fields in (("edit", {"body": "mine now"}), ("delete", {})):
+            cid = await b.act(type, first["id"], **fields)
+            assert (await b.expect("error", cid=cid))["code"] == "forbidden"
         await b.ack(events=[react["eid"], edited["eid"], gone["eid"]])
         # Positive control for "nothing more": a new event is the next one.
         async with connect(cluster.nodes[0].ws_url, alice) as a:
