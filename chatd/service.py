@@ -568,6 +568,7 @@ class ChatService:
                 "title": s.title,
                 "members": list(s.members),
                 "admins": list(s.admins),
+                "joined": dict(s.joined),
                 "last_seq": s.last_seq,
                 "last_ts": s.last_ts,
                 "unread": s.unread,
@@ -679,6 +680,10 @@ class ChatService:
             "admins": list(e.admins),
             "eid": e.id,
             "eseq": e.eseq,
+            "ts": e.ts,
+            "by": e.by,
+            "action": e.action,
+            "users": list(e.users),
         }
 
     async def history(

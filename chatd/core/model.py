@@ -94,6 +94,8 @@ class ConversationSummary:
     last_ts: int | None
     last_message: StoredMessage | None = None
     admins: tuple[str, ...] = ()
+    #: (member, first seq they may read) for members who joined later.
+    joined: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

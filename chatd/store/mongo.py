@@ -892,6 +892,7 @@ class MongoStore:
                     last_ts=c.get("last_ts"),
                     last_message=last.get(c["_id"]),
                     admins=tuple(_admins(c)),
+                    joined=tuple(sorted((m, q) for m, q in _joined(c).items() if q > 1)),
                 )
                 for c in convs
             ]

@@ -967,8 +967,9 @@ class SqliteStore:
             )
             members: dict[str, list[str]] = {}
             admins: dict[str, list[str]] = {}
-            for conv, member, admin in db.execute(
-                "SELECT m2.conversation, m2.username, m2.admin FROM members m1"
+            joined: dict[str, list[tuple[str, int]]] = {}
+            for conv, member, admin, joined_seq in db.execute(
+                "SELECT m2.conversation, m2.username, m2.admin, m2.joined_seq FROM members m1"
                 " JOIN members m2 ON m2.conversation = m1.conversation"
                 " WHERE m1.username = ? ORDER BY m2.username",
                 (username,),
@@ -976,6 +977,8 @@ class SqliteStore:
                 members.setdefault(conv, []).append(member)
                 if admin:
                     admins.setdefault(conv, []).append(member)
+                if joined_seq > 1:
+                    joined.setdefault(conv, []).append((member, joined_seq))
             last: dict[str, StoredMessage] = {}
             for row in db.execute(
                 f"SELECT {_FULL_COLS} FROM members mb"
@@ -998,6 +1001,7 @@ class SqliteStore:
                     last_ts=r[4],
                     last_message=last.get(r[0]),
                     admins=tuple(admins.get(r[0], ())),
+                    joined=tuple(joined.get(r[0], ())),
                 )
                 for r in rows
             ]

@@ -978,6 +978,7 @@ class StoreContract:
         assert [e.title for e in await store.owed_events("dave", 10)][-1] == "Lunch"
         summaries = {s.id: s for s in await store.conversations_of("carol")}
         assert summaries[g].admins == ("alice",) and summaries[g].title == "Lunch"
+        assert summaries[g].joined == (("dave", 2),)
         assert g not in {s.id for s in await store.conversations_of("bob")}
 
     async def test_membership_in_the_store_decides_who_gets_a_message(self, store: Store) -> None:

@@ -199,6 +199,29 @@ class ChatPage:
 
     def delete(self, message: Locator) -> None:
         self.action(message, "delete")
+        self.confirm()
+
+    # -- groups that change --------------------------------------------------------
+
+    def note(self, text: str) -> Locator:
+        """A system line about a group change in the open chat ("alice added dave")."""
+        return self.tid("system-note").filter(has_text=exact(text))
+
+    def open_group_info(self) -> Locator:
+        self.tid("group-info").click()
+        expect(self.tid("group-panel")).to_be_visible()
+        return self.tid("group-panel")
+
+    def close_group_info(self) -> None:
+        self.tid("group-panel-close").click()
+        expect(self.tid("group-panel")).to_be_hidden()
+
+    def member(self, name: str) -> Locator:
+        """A member's row in the group info panel."""
+        return self.page.locator(f'[data-testid=group-member][data-name="{name}"]')
+
+    def confirm(self) -> None:
+        """Say yes in the page's own confirm dialog (a deletion, a removal, leaving)."""
         expect(self.tid("confirm-dialog")).to_be_visible()
         self.tid("confirm-ok").click()
         expect(self.tid("confirm-dialog")).to_be_hidden()

@@ -11,6 +11,12 @@
 // `reaction`, `edited` and `deleted` events of other members and of our other
 // devices are acked, deduplicated by eid and applied with the pure updates of
 // events.js.
+//
+// Groups that change: `members` events are acked and deduplicated the same
+// way; they replace a group's members, admins and title (applyMembers), add
+// a system line to the chat ("alice added dave"), and when we are no longer a
+// member the chat becomes read-only (until a reload drops it from the list).
+// The group info panel (groups.js) makes the changes over HTTP.
 
 import { api } from './api.js';
 import { Connection } from './connection.js';
@@ -31,11 +37,14 @@ import {
   PALETTE,
   applyDelete,
   applyEdit,
+  applyMembers,
   applyReaction,
+  canManage,
   quoteOf,
   reactionChips,
   reactionsFromHistory,
 } from './events.js';
+import { GroupPanel, USERNAME_RE, parseUsernames } from './groups.js';
 import { icons } from './icons.js';
 import { resolveWsUrl } from './wsurl.js';
 
@@ -46,7 +55,6 @@ const MAX_BODY = 4000;
 const TYPING_SEND_EVERY_MS = 3000;
 const TYPING_SHOW_MS = 6000;
 const MAX_IDS = 500; // per ack/seen frame (the server takes up to 1000)
-const USERNAME_RE = /^[a-z0-9_.-]{3,32}$/;
 const FLASH_MS = 1600; // how long a message quoted and clicked stays highlighted
 const EVENT_OF = { react: 'reaction', edit: 'edited', delete: 'deleted' }; // request -> its event
 
@@ -111,6 +119,8 @@ export class App {
       chatAvatar: $('chat-avatar'),
       chatTitle: $('chat-title'),
       chatSubtitle: $('chat-subtitle'),
+      groupInfo: $('group-info'),
+      readonly: $('chat-readonly'),
       offlineBanner: $('offline-banner'),
       messages: $('messages'),
       historyStatus: $('history-status'),
@@ -126,6 +136,8 @@ export class App {
       composeContextSnippet: $('compose-context-snippet'),
       composeContextCancel: $('compose-context-cancel'),
       confirmDialog: $('confirm-dialog'),
+      confirmTitle: $('confirm-title'),
+      confirmText: $('confirm-text'),
       confirmOk: $('confirm-ok'),
       confirmCancel: $('confirm-cancel'),
       toasts: $('toasts'),
@@ -133,6 +145,7 @@ export class App {
     this.conn = null;
     this.info = null;
     this.renderQueued = false;
+    this.groupPanel = new GroupPanel(this, root);
     this.reset();
     this.bindUi();
   }
@@ -140,7 +153,9 @@ export class App {
   reset() {
     this.me = null;
     this.token = null;
-    this.convs = new Map(); // id -> {id, kind, title, members, last_seq, last_ts, unread, provisional}
+    // id -> {id, kind, title, members, admins, last_seq, last_ts, unread, provisional,
+    //        left, leftNote, membersEseq, membersAt, joined}
+    this.convs = new Map();
     this.msgs = new Map(); // conversation -> Map(key -> msg)
     this.byId = new Map();
     this.byCid = new Map();
@@ -155,6 +170,7 @@ export class App {
     this.seenQueue = new Set();
     this.actions = new Map(); // cid -> {frame, type, id, emoji, on, body}: requests awaiting `applied`
     this.eids = new Set(); // events applied (or answered by `applied`): each counts once
+    this.notes = new Map(); // conversation -> [{key, ts, text}]: group changes shown in the chat
     this.compose = null; // {mode: 'reply' | 'edit', id, conversation}: what the composer is doing
     this.paletteFor = null; // key of the message whose reaction palette is open
     this.flashKey = null; // key of the message highlighted after clicking a quote
@@ -172,6 +188,7 @@ export class App {
     if (this.el) {
       this.el.convList.replaceChildren();
       this.renderCompose();
+      this.groupPanel.close();
     }
     clearTimeout(this.flushTimer);
     clearTimeout(this.convRefreshTimer);
@@ -185,6 +202,7 @@ export class App {
 
   resetChatDom() {
     this.msgEls = new Map();
+    this.noteEls = new Map();
     this.msgSigs = new WeakMap();
     this.sepEls = new Map();
     this.visible = new Set();
@@ -405,6 +423,8 @@ export class App {
         this.setCompose(null);
       }
     });
+    el.groupInfo.append(icons.info());
+    el.groupInfo.addEventListener('click', () => this.openId && this.groupPanel.open(this.openId));
     el.composeContextCancel.addEventListener('click', () => {
       this.setCompose(null);
       el.input.focus();
@@ -472,6 +492,7 @@ export class App {
     if (!this.convs.has(id)) return;
     if (this.openId !== id) {
       this.openId = id;
+      this.groupPanel.close();
       this.compose = null; // a reply or an edit belongs to the chat it started in
       this.paletteFor = null;
       this.renderCompose();
@@ -493,6 +514,7 @@ export class App {
   close() {
     if (this.openId === null) return;
     this.openId = null;
+    this.groupPanel.close();
     this.compose = null;
     this.paletteFor = null;
     this.renderCompose();
@@ -628,13 +650,20 @@ export class App {
       Object.assign(conv, {
         id: c.id,
         kind: c.kind || (isDm(c.id) ? 'dm' : 'group'),
-        title: c.title ?? null,
-        members: c.members || [],
         last_seq: Math.max(lastSeq, conv.last_seq || 0),
         last_ts: Math.max(c.last_ts || 0, conv.last_ts || 0),
         unread: (c.unread || 0) + newer,
         provisional: false,
       });
+      // A `members` event applied since the list was asked for is newer.
+      if (!(conv.membersAt >= started)) {
+        Object.assign(conv, {
+          title: c.title ?? null,
+          members: c.members || [],
+          admins: c.admins || [],
+          left: false,
+        });
+      }
       this.convs.set(c.id, conv);
       if (c.last_message) this.ingest({ ...c.last_message, conversation: c.id }, started);
     }
@@ -703,12 +732,8 @@ export class App {
     const form = this.el.newGroupForm;
     const error = form.querySelector('.form-error');
     const title = form.elements.title.value.trim();
-    const members = form.elements.members.value
-      .split(/[\s,;]+/)
-      .map((m) => m.trim().toLowerCase())
-      .filter((m) => m && m !== this.me);
+    const { names: members, bad } = parseUsernames(form.elements.members.value, this.me);
     error.textContent = '';
-    const bad = members.find((m) => !USERNAME_RE.test(m));
     if (bad) {
       error.textContent = `“${bad}” is not a valid username.`;
       return;
@@ -723,13 +748,14 @@ export class App {
       const made = await api('/api/conversations', {
         method: 'POST',
         token: this.token,
-        body: { members: [...new Set(members)], title: title || null },
+        body: { members, title: title || null },
       });
       this.convs.set(made.id, {
         id: made.id,
         kind: made.kind || 'group',
         title: made.title ?? null,
         members: made.members,
+        admins: made.admins || [this.me],
         last_seq: 0,
         last_ts: 0,
         unread: 0,
@@ -767,7 +793,7 @@ export class App {
   async loadLatest(id, { refresh = false } = {}) {
     const st = this.histState(id);
     const conv = this.convs.get(id);
-    if (st.loading) return;
+    if (st.loading || (conv && conv.left)) return; // no history for a former member
     if (conv && conv.provisional) {
       st.loaded = st.complete = true;
       this.scheduleRender();
@@ -810,6 +836,7 @@ export class App {
       st.loaded = true;
     } catch (err) {
       if (err.status === 404) st.loaded = st.complete = true;
+      else if (err.status === 403 && conv && conv.kind === 'group') this.noLongerMember(conv);
       else this.apiFailed(err);
     } finally {
       st.loading = false;
@@ -820,6 +847,7 @@ export class App {
   async loadOlder(id) {
     const st = this.histState(id);
     if (!st.loaded || st.complete || st.loading || st.oldest == null) return;
+    if (this.convs.get(id)?.left) return;
     st.loading = true;
     this.scheduleRender();
     const token = this.token;
@@ -911,11 +939,21 @@ export class App {
     return isDm(id) ? dmPeer(id, this.me) : null;
   }
 
+  /**
+   * Who a message of ours was for: the other members, less those seen
+   * joining after it (they cannot read it).
+   */
+  recipients(msg) {
+    const conv = this.convs.get(msg.conversation);
+    if (!conv) return [];
+    const joined = conv.joined || {};
+    return this.others(conv).filter((u) => !(joined[u] > msg.ts));
+  }
+
   /** pending | failed | sent | delivered | seen — for our own messages. */
   status(msg) {
     if (msg.state === 'pending' || msg.state === 'failed') return msg.state;
-    const conv = this.convs.get(msg.conversation);
-    const others = conv ? this.others(conv) : [];
+    const others = this.recipients(msg);
     if (!others.length) return 'sent';
     if (others.every((u) => msg.seenBy.has(u))) return 'seen';
     if (others.every((u) => msg.deliveredTo.has(u) || msg.seenBy.has(u))) return 'delivered';
@@ -939,7 +977,7 @@ export class App {
 
   sendFromComposer() {
     const body = this.el.input.value;
-    if (!body.trim() || !this.openId) return;
+    if (!body.trim() || !this.openId || this.convs.get(this.openId)?.left) return;
     if (body.length > MAX_BODY) {
       this.updateComposerNote();
       return;
@@ -1098,7 +1136,7 @@ export class App {
     if (this.compose && this.compose.mode === 'edit') return;
     if (id) this.drafts.set(id, this.el.input.value);
     const conv = id && this.convs.get(id);
-    if (!conv || conv.provisional || !this.el.input.value.trim() || !this.conn) return;
+    if (!conv || conv.provisional || conv.left || !this.el.input.value.trim() || !this.conn) return;
     const now = Date.now();
     if (now - (this.lastTypingSent.get(id) || 0) < TYPING_SEND_EVERY_MS) return;
     if (this.conn.send({ type: 'typing', conversation: id })) this.lastTypingSent.set(id, now);
@@ -1106,17 +1144,18 @@ export class App {
 
   // --- replies, reactions, edits, deletions -----------------------------------------
 
-  /** What a person may do with a message here: reply, react, edit, delete. */
+  /**
+   * What a person may do with a message here: reply, react, edit, delete
+   * (their own; a group's admins others' too). Nothing once no longer a member.
+   */
   actionsFor(msg, conv) {
-    if (!msg.id || msg.deleted || !conv || conv.provisional) return [];
+    if (!msg.id || msg.deleted || !conv || conv.provisional || conv.left) return [];
     const acts = ['reply', 'react'];
     if (msg.from === this.me) {
       // The server's edit window is 48 h by default; it has the last word.
       if (msg.body != null && Date.now() - msg.ts < EDIT_WINDOW_MS) acts.push('edit');
-      // A group's creator may delete others' messages too, but the client does
-      // not know who created a group: it offers deleting one's own only.
       acts.push('delete');
-    }
+    } else if (canManage(conv, this.me)) acts.push('delete');
     return acts;
   }
 
@@ -1153,7 +1192,7 @@ export class App {
     this.applyEvent(EVENT_OF[action.type], { ...action, id: f.id || action.id, by: this.me, ts: f.ts });
   }
 
-  /** A reaction, edited or deleted event: ack it (copies too), apply it once. */
+  /** A reaction, edited, deleted or members event: ack it (copies too), apply it once. */
   onEvent(f) {
     if (typeof f.eid === 'string' && f.eid) {
       this.ackEvents.add(f.eid);
@@ -1161,7 +1200,79 @@ export class App {
       if (this.eids.has(f.eid)) return;
       this.eids.add(f.eid);
     }
-    this.applyEvent(f.type, f);
+    if (f.type === 'members') this.applyMembersEvent(f);
+    else this.applyEvent(f.type, f);
+  }
+
+  /**
+   * Our own change of a group is stored (the HTTP answer: the group after
+   * it, with the eid of the `members` event it became): apply it as that
+   * event, once, whichever of the two comes first.
+   */
+  groupChanged(answer, action, users) {
+    if (answer.eid) {
+      if (this.eids.has(answer.eid)) return;
+      this.eids.add(answer.eid);
+    }
+    this.applyMembersEvent({
+      type: 'members',
+      eid: answer.eid,
+      conversation: answer.id,
+      eseq: answer.eseq,
+      by: this.me,
+      ts: Date.now(),
+      action,
+      users,
+      members: answer.members,
+      admins: answer.admins,
+      title: answer.title,
+    });
+  }
+
+  /**
+   * A group changed: its members, admins and title are now the event's; the
+   * chat gets a line saying what happened. A group we were added to joins the
+   * list; one we are no longer in becomes read-only (and stays until a reload).
+   */
+  applyMembersEvent(f) {
+    if (typeof f.conversation !== 'string' || !Array.isArray(f.members)) return;
+    let conv = this.convs.get(f.conversation);
+    if (!conv) {
+      if (!f.members.includes(this.me)) return; // added and removed again meanwhile
+      conv = this.ensureConv(f.conversation); // and the list is asked for again
+      conv.created = f.ts || Date.now();
+    }
+    const { changed, wasMember, member, lines } = applyMembers(conv, f, this.me);
+    const notes = this.notes.get(conv.id) || [];
+    const ts = f.ts || Date.now();
+    lines.forEach((text, i) => notes.push({ note: true, key: `n:${f.eid || randomId()}:${i}`, ts, text }));
+    this.notes.set(conv.id, notes);
+    if (changed) {
+      conv.membersAt = Date.now();
+      const typing = this.typing.get(conv.id);
+      for (const u of typing ? [...typing.keys()] : []) if (!conv.members.includes(u)) typing.delete(u);
+      if (wasMember && !member) this.noLongerMember(conv, lines[0]);
+      else if (!wasMember && member) {
+        // (Back) in: its history and the list's counts are to be fetched.
+        conv.leftNote = null;
+        this.histState(conv.id).stale = true;
+        if (this.openId === conv.id) this.loadLatest(conv.id, { refresh: true });
+        this.refreshConversationsSoon();
+      }
+    }
+    this.scheduleRender();
+  }
+
+  /** Removed, or left: the chat stays on screen, read-only, until a reload. */
+  noLongerMember(conv, why = 'You are no longer a member') {
+    conv.left = true;
+    conv.leftNote = why;
+    this.typing.delete(conv.id);
+    if (this.openId === conv.id) {
+      this.paletteFor = null;
+      if (this.compose) this.setCompose(null);
+    }
+    this.scheduleRender();
   }
 
   /**
@@ -1250,21 +1361,38 @@ export class App {
     this.request('edit', msg, { body });
   }
 
-  /** Ask first (in the page: a modal <dialog>), then delete for everyone. */
-  async confirmDelete(msg) {
-    const dialog = this.el.confirmDialog;
-    if (dialog.open) return;
-    const ok = await new Promise((resolve) => {
+  /**
+   * Ask in the page (a modal <dialog>; window.confirm is not used): resolves
+   * true when the person confirms, false on Cancel or Escape.
+   */
+  confirm({ title, text, ok }) {
+    const el = this.el;
+    const dialog = el.confirmDialog;
+    if (dialog.open) return Promise.resolve(false);
+    el.confirmTitle.textContent = title;
+    el.confirmText.textContent = text;
+    el.confirmOk.textContent = ok;
+    return new Promise((resolve) => {
       const done = (value) => {
-        this.el.confirmOk.onclick = this.el.confirmCancel.onclick = dialog.onclose = null;
+        el.confirmOk.onclick = el.confirmCancel.onclick = dialog.onclose = null;
         if (dialog.open) dialog.close();
         resolve(value);
       };
-      this.el.confirmOk.onclick = () => done(true);
-      this.el.confirmCancel.onclick = () => done(false);
+      el.confirmOk.onclick = () => done(true);
+      el.confirmCancel.onclick = () => done(false);
       dialog.onclose = () => done(false); // Escape
       dialog.showModal();
-      this.el.confirmCancel.focus();
+      el.confirmCancel.focus();
+    });
+  }
+
+  /** Ask first, then delete for everyone (an admin may delete others' messages). */
+  async confirmDelete(msg) {
+    const own = msg.from === this.me;
+    const ok = await this.confirm({
+      title: own ? 'Delete this message?' : `Delete ${msg.from}'s message?`,
+      text: 'It is deleted for everyone in the conversation.',
+      ok: 'Delete',
     });
     if (ok && msg.id && !msg.deleted) this.request('delete', msg, {});
   }
@@ -1392,6 +1520,7 @@ export class App {
       case 'reaction':
       case 'edited':
       case 'deleted':
+      case 'members':
         return this.onEvent(f);
       case 'error':
         return this.onError(f);
@@ -1629,6 +1758,7 @@ export class App {
     if (!this.me) return;
     this.renderList();
     this.renderChat();
+    this.groupPanel.render();
     this.renderStatus();
     const unread = [...this.convs.values()].reduce((n, c) => n + (c.unread || 0), 0);
     document.title = unread ? `(${unread}) chatd` : 'chatd';
@@ -1692,7 +1822,9 @@ export class App {
     const peer = dm ? dmPeer(conv.id, this.me) : null;
     const online = peer && this.presence.get(peer)?.online;
     let preview;
-    if (typing.length) {
+    if (conv.left) {
+      preview = h('em', { class: 'conv-left' }, conv.leftNote || 'You are no longer a member');
+    } else if (typing.length) {
       preview = h('span', { class: 'typing' }, dm ? 'typing…' : `${typing.join(', ')} typing…`);
     } else if (last) {
       const own = last.from === this.me;
@@ -1717,6 +1849,7 @@ export class App {
       conv.id === this.openId,
       stamp,
       conv.provisional,
+      conv.left && conv.leftNote,
     ]);
     if (button.dataset.sig === sig) return;
     button.dataset.sig = sig;
@@ -1805,6 +1938,10 @@ export class App {
     }
     el.chatSubtitle.textContent = subtitle;
     el.chatSubtitle.dataset.state = state;
+    el.groupInfo.hidden = dm;
+    // A former member reads what is here, and writes nothing more.
+    el.composer.hidden = Boolean(conv.left);
+    el.readonly.hidden = !conv.left;
     if (this.compose) this.renderCompose(); // the quoted message may have changed
 
     // Messages.
@@ -1822,7 +1959,9 @@ export class App {
       : st.loaded && st.complete
         ? list.length
           ? 'This is the start of the conversation.'
-          : 'No messages yet. Say hello!'
+          : conv.left
+            ? ''
+            : 'No messages yet. Say hello!'
         : '';
     const ol = el.messageList;
     let added = false;
@@ -1833,7 +1972,7 @@ export class App {
       i += 1;
     };
     const live = new Set();
-    for (const msg of list) {
+    for (const msg of this.timeline(conv.id, list)) {
       const day = dayKey(msg.ts);
       if (day !== prevDay) {
         prevDay = day;
@@ -1849,6 +1988,10 @@ export class App {
           this.unreadEl = h('li', { class: 'unread-sep', testid: 'unread-sep' }, h('span', null, 'Unread messages'));
         }
         place(this.unreadEl);
+      }
+      if (msg.note) {
+        place(this.noteEl(msg));
+        continue;
       }
       let li = this.msgEls.get(msg.key);
       if (!li) {
@@ -1885,6 +2028,29 @@ export class App {
     }
     this.scrollMode = null;
     if (box.scrollTop < 120 && st.loaded && !st.complete && !st.loading) this.loadOlder(conv.id);
+  }
+
+  /** The messages and the lines about group changes, in order (a line before the first message after it). */
+  timeline(id, list) {
+    const notes = [...(this.notes.get(id) || [])].sort((a, b) => a.ts - b.ts);
+    if (!notes.length) return list;
+    const out = [];
+    let n = 0;
+    for (const msg of list) {
+      while (n < notes.length && msg.ts > notes[n].ts) out.push(notes[n++]);
+      out.push(msg);
+    }
+    return out.concat(notes.slice(n));
+  }
+
+  /** A line about a group change ("alice added dave"), centred in the chat. */
+  noteEl(note) {
+    let li = this.noteEls.get(note.key);
+    if (!li) {
+      li = h('li', { class: 'sys-note', testid: 'system-note' }, h('span', null, note.text));
+      this.noteEls.set(note.key, li);
+    }
+    return li;
   }
 
   fillMessage(li, msg, conv) {

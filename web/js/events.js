@@ -1,5 +1,6 @@
-// Replies, reactions, edits and deletions: the pure state updates (no DOM,
-// no network), used by app.js and tested in the browser on their own.
+// Replies, reactions, edits, deletions and group changes: the pure state
+// updates (no DOM, no network), used by app.js and tested in the browser on
+// their own.
 //
 // Reactions of one message are a Map(emoji -> {count, users, gone}):
 //   count  how many members reacted with it (what the server says);
@@ -120,4 +121,93 @@ export function quoteOf(original) {
   if (original.deleted) return { state: 'deleted', from: original.from, text: 'message deleted' };
   if (original.body == null) return { state: 'ok', from: original.from, text: 'message unavailable' };
   return { state: 'ok', from: original.from, text: firstLine(original.body) };
+}
+
+// --- groups that change ---------------------------------------------------------
+//
+// A `members` event carries the group as it is after the change (members,
+// admins, title), so applying it is replacing those, unless a later change
+// (a higher eseq) was applied already. Who may manage a group: its admins,
+// or every member of a group made before admins existed (none).
+
+/** "a", "a and b", "a, b and c". */
+export function listNames(names) {
+  if (names.length < 2) return names.join('');
+  return `${names.slice(0, -1).join(', ')} and ${names[names.length - 1]}`;
+}
+
+/** May `me` rename the group, add and remove members, make admins (and delete others' messages)? */
+export function canManage(conv, me) {
+  if (!conv || conv.kind !== 'group' || conv.left || !Array.isArray(conv.admins)) return false;
+  if (!(conv.members || []).includes(me)) return false;
+  return conv.admins.length === 0 || conv.admins.includes(me);
+}
+
+/**
+ * The system lines of a `members` event as `me` reads them ("alice added
+ * dave", "You left"). With `adminsBefore`, someone who became an admin
+ * without being promoted (the last admin left) gets a line too.
+ */
+export function membersLines(f, me, adminsBefore = null) {
+  const name = (u, start = false) => (u === me ? (start ? 'You' : 'you') : u);
+  const be = (u) => (u === me ? 'are' : 'is');
+  const users = Array.isArray(f.users) ? f.users : [];
+  const by = name(f.by, true);
+  const whom = listNames(users.map((u) => name(u)));
+  const self = users.length === 1 && users[0] === f.by;
+  const lines = [];
+  switch (f.action) {
+    case 'add':
+      lines.push(`${by} added ${whom}`);
+      break;
+    case 'remove':
+      lines.push(`${by} removed ${whom}`);
+      break;
+    case 'leave':
+      lines.push(`${name(users[0] || f.by, true)} left`);
+      break;
+    case 'rename':
+      lines.push(f.title ? `${by} renamed the group to “${f.title}”` : `${by} removed the group's name`);
+      break;
+    case 'promote':
+      lines.push(self ? `${by} became an admin` : `${by} made ${whom} ${users.length > 1 ? 'admins' : 'an admin'}`);
+      break;
+    case 'demote':
+      lines.push(self ? `${by} ${be(f.by)} no longer an admin` : `${by} removed ${whom} as admin`);
+      break;
+    default:
+      lines.push(`${by} changed the group`);
+  }
+  if (Array.isArray(adminsBefore) && f.action !== 'promote') {
+    for (const u of f.admins || []) {
+      if (!adminsBefore.includes(u)) lines.push(`${name(u, true)} ${be(u)} now an admin`);
+    }
+  }
+  return lines;
+}
+
+/**
+ * Apply a `members` event to a conversation ({kind, members, admins, title,
+ * left, membersEseq, joined}). Returns {changed, wasMember, member, lines}:
+ * `changed` false when a later change was applied already (the event still
+ * has its lines); `joined` keeps when each added member joined, so that
+ * older messages are not counted as owed to them.
+ */
+export function applyMembers(conv, f, me) {
+  const wasMember = !conv.left && (conv.members || []).includes(me);
+  if (!Array.isArray(f.members) || (typeof f.eseq === 'number' && conv.membersEseq >= f.eseq)) {
+    return { changed: false, wasMember, member: wasMember, lines: membersLines(f, me) };
+  }
+  const lines = membersLines(f, me, Array.isArray(conv.admins) ? conv.admins : null);
+  const member = f.members.includes(me);
+  conv.members = [...f.members];
+  conv.admins = Array.isArray(f.admins) ? [...f.admins] : [];
+  conv.title = f.title ?? null;
+  conv.left = !member;
+  if (typeof f.eseq === 'number') conv.membersEseq = f.eseq;
+  if (f.action === 'add' && f.ts) {
+    conv.joined = { ...(conv.joined || {}) };
+    for (const u of f.users || []) conv.joined[u] = f.ts;
+  }
+  return { changed: true, wasMember, member, lines };
 }

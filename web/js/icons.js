@@ -1,5 +1,5 @@
 // Small inline SVG icons (no icon font, no emoji font needed): ticks, the
-// message actions (reply, react, edit, delete), close, the logo.
+// message actions (reply, react, edit, delete), close, group info, the logo.
 
 const NS = 'http://www.w3.org/2000/svg';
 
@@ -52,6 +52,12 @@ export const icons = {
   trash: () =>
     svg('0 0 16 16', [
       ['path', { d: 'M2.8 4.3h10.4M6.3 4.2V2.8h3.4v1.4M4.1 4.3l.7 9h6.4l.7-9M6.7 6.7v4.4M9.3 6.7v4.4', ...stroke }],
+    ], 'icon'),
+  info: () =>
+    svg('0 0 16 16', [
+      ['circle', { cx: '8', cy: '8', r: '6.2', ...stroke }],
+      ['path', { d: 'M8 7.3v4', ...stroke }],
+      ['circle', { cx: '8', cy: '4.9', r: '0.9', fill: 'currentColor' }],
     ], 'icon'),
   close: () => svg('0 0 16 16', [['path', { d: 'M4 4l8 8M12 4l-8 8', ...stroke }]], 'icon'),
   logo: () =>
