@@ -15,6 +15,7 @@ from chatd import crypto
 from chatd.core import frames
 from chatd.core.delivery import event_order, message_order, receipt_order
 from chatd.core.envelope import (
+    DevicesEnvelope,
     Envelope,
     EventEnvelope,
     KickEnvelope,
@@ -126,6 +127,8 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
             return Outbound(frames.encode(frames.typing(env.conversation, env.sender)))
         case PresenceEnvelope():
             return Outbound(frames.encode(frames.presence(env.user, env.online, env.last_seen)))
+        case DevicesEnvelope():
+            return Outbound(frames.encode(frames.devices(env.user)))
     return None
 
 

@@ -50,7 +50,7 @@ EVENT_KINDS = ("reaction", "edited", "deleted", "members")
 #: Server frame types (``other`` should stay 0).
 FRAMES_OUT = (
     "ready", "sent", "message", "receipt", "typing", "presence", "pong", "error",
-    "applied", "reaction", "edited", "deleted", "members", "other",
+    "applied", "reaction", "edited", "deleted", "members", "devices", "other",
 )  # fmt: skip
 ERROR_CODES = (
     "bad_request",

@@ -23,6 +23,7 @@ from chatd.core.model import (
     Appended,
     Conversation,
     ConversationSummary,
+    Device,
     EventResult,
     Mark,
     MarkResult,
@@ -254,6 +255,29 @@ class Store(Protocol):
         Pages by (message id, member) pairs: up to ``limit`` pairs after the
         pair ``after``, each giving its delivered and/or seen receipt, ordered
         by (message id, member, delivered before seen)."""
+        ...
+
+    # -- end-to-end devices ----------------------------------------------------------
+
+    async def put_device(self, device: Device, limit: int) -> str:
+        """Register ``device`` in one commit: ``created``; ``same`` when that
+        id is registered with the same keys and self-signature (its name is
+        updated); ``conflict`` when the id is taken with other keys, or was
+        removed (a device's keys never change, a removed id stays taken);
+        ``full`` when the user already has ``limit`` devices."""
+        ...
+
+    async def remove_device(self, user: str, device: str, ts: int) -> bool:
+        """Tombstone a device (``removed_ts``); False if it is unknown or
+        removed already."""
+        ...
+
+    async def devices(self, user: str) -> list[Device]:
+        """The user's devices, removed ones included, oldest first."""
+        ...
+
+    async def contacts(self, username: str) -> list[str]:
+        """Everyone who shares a conversation with ``username`` (not them)."""
         ...
 
     # -- administration (chatctl) ------------------------------------------------

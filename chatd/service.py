@@ -29,7 +29,9 @@ from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Claims, Passwords, Tokens
 from chatd.batching import Batcher
 from chatd.core import frames
 from chatd.core.delivery import recipients, settled_rids, target_of
+from chatd.core.devices import MAX_DEVICES, check_device_id, check_registration
 from chatd.core.envelope import (
+    DevicesEnvelope,
     EventEnvelope,
     KickEnvelope,
     MessageEnvelope,
@@ -53,6 +55,7 @@ from chatd.core.ids import UlidFactory
 from chatd.core.model import (
     Appended,
     Conversation,
+    Device,
     EventKind,
     EventResult,
     GroupAction,
@@ -722,6 +725,82 @@ class ChatService:
             "online": presence.online,
             "last_seen": max(seen) if seen else None,
         }
+
+    # -- end-to-end devices ----------------------------------------------------------
+
+    async def register_device(self, user: str, device: str, body: dict[str, Any]) -> bool:
+        """Register one of ``user``'s devices (public keys, self-signed);
+        True when it is new. Keys never change: other keys under a taken id
+        are a Conflict. Contacts hear that the user's devices changed."""
+        reg = check_registration(user, device, body)
+        outcome = await self.store.put_device(
+            Device(
+                user,
+                reg.device,
+                reg.sig_key,
+                reg.dh_key,
+                reg.name,
+                reg.self_sig,
+                self.clock.now_ms(),
+            ),
+            MAX_DEVICES,
+        )
+        if outcome == "conflict":
+            raise Conflict(f"device '{reg.device}' is registered with other keys or was removed")
+        if outcome == "full":
+            raise BadRequest(f"at most {MAX_DEVICES} devices per account")
+        if outcome == "created":
+            log.info("device registered", extra={"user": user, "device": reg.device})
+            await self._devices_changed(user)
+        return outcome == "created"
+
+    async def remove_device(self, user: str, device: str) -> None:
+        """Tombstone one of the caller's own devices (its id stays taken)."""
+        check_device_id(device)
+        if not await self.store.remove_device(user, device, self.clock.now_ms()):
+            raise NotFound("no such device")
+        log.info("device removed", extra={"user": user, "device": device})
+        await self._devices_changed(user)
+
+    async def user_devices(self, caller: str, name: str) -> dict[str, Any]:
+        """A user's devices (removed ones too), for the user and their contacts."""
+        try:
+            name = normalize_username(name)
+        except BadRequest:
+            raise NotFound("no such user") from None
+        user = await self.store.get_user(name)
+        if user is None or (
+            name != caller and not await self.store.shares_conversation(caller, name)
+        ):
+            raise NotFound("no such user")
+        return {
+            "username": name,
+            "devices": [
+                {
+                    "device": d.device,
+                    "sig_key": d.sig_key,
+                    "dh_key": d.dh_key,
+                    "name": d.name,
+                    "self_sig": d.self_sig,
+                    "created_ts": d.created_ts,
+                    "removed_ts": d.removed_ts,
+                }
+                for d in await self.store.devices(name)
+            ],
+        }
+
+    async def active_device(self, user: str, device: str) -> bool:
+        """Is ``device`` one of ``user``'s devices, not removed?"""
+        return any(
+            d.device == device and d.removed_ts is None for d in await self.store.devices(user)
+        )
+
+    async def _devices_changed(self, user: str) -> None:
+        """Tell the user's contacts and the user's own devices (not owed)."""
+        env = DevicesEnvelope(user)
+        payload = encode(env)
+        people = [user, *await self.store.contacts(user)]
+        await self._route([Routed(p, "devices", payload, False, None, env) for p in people])
 
     # -- connections -----------------------------------------------------------------
 

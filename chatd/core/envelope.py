@@ -46,6 +46,13 @@ class PresenceEnvelope:
 
 
 @dataclass(frozen=True, slots=True)
+class DevicesEnvelope:
+    """``user``'s end-to-end devices changed (a device added or removed)."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
 class KickEnvelope:
     """Close the user's sockets on every node (4001): those authenticated
     with the token ``token_id``, or all of them when it is None (the account
@@ -61,6 +68,7 @@ Envelope = (
     | EventEnvelope
     | TypingEnvelope
     | PresenceEnvelope
+    | DevicesEnvelope
     | KickEnvelope
 )
 
@@ -127,6 +135,8 @@ def encode(env: Envelope) -> str:
             obj = {"k": "p", "u": env.user, "on": env.online, "ls": env.last_seen}
         case KickEnvelope():
             obj = {"k": "x", "j": env.token_id, "r": env.reason}
+        case DevicesEnvelope():
+            obj = {"k": "d", "u": env.user}
         case _:
             raise TypeError(f"not an envelope: {env!r}")
     return orjson.dumps(obj).decode("utf-8")
@@ -198,6 +208,8 @@ def decode(payload: str | bytes) -> Envelope:
             return PresenceEnvelope(user=obj["u"], online=bool(obj["on"]), last_seen=obj["ls"])
         if kind == "x":
             return KickEnvelope(token_id=obj["j"], reason=str(obj["r"]))
+        if kind == "d":
+            return DevicesEnvelope(user=obj["u"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"not a broker envelope: {exc}") from None
     raise ValueError(f"unknown envelope kind {kind!r}")

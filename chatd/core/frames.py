@@ -25,6 +25,8 @@ MAX_ID_LEN = 128
 @dataclass(frozen=True, slots=True)
 class Auth:
     token: str
+    #: The end-to-end device this connection speaks for, if any.
+    device: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +163,10 @@ def _parse_auth(obj: dict[str, Any]) -> Auth:
     if not isinstance(token, str) or not token:
         # A bad token, as far as the contract is concerned: unauthorized.
         raise Unauthorized("'auth' needs a token")
-    return Auth(token=token)
+    device = obj.get("device")
+    if device is not None and (not isinstance(device, str) or not 1 <= len(device) <= 64):
+        raise BadRequest("'device' must be a device id")
+    return Auth(token=token, device=device)
 
 
 def _body(obj: dict[str, Any], cid: str) -> str:
@@ -266,8 +271,15 @@ def encode(frame: dict[str, Any]) -> bytes:
     return orjson.dumps(frame)
 
 
-def ready(user: str, node: str) -> dict[str, Any]:
-    return {"type": "ready", "user": user, "node": node}
+def ready(user: str, node: str, **extra: Any) -> dict[str, Any]:
+    """``extra``: ``device`` when the ``auth`` named one (None when it is not
+    an active device of the user)."""
+    return {"type": "ready", "user": user, "node": node, **extra}
+
+
+def devices(user: str) -> dict[str, Any]:
+    """``user``'s set of end-to-end devices changed: fetch it again."""
+    return {"type": "devices", "user": user}
 
 
 def sent(cid: str, id: str, conversation: str, seq: int, ts: int) -> dict[str, Any]:

@@ -296,3 +296,19 @@ class EventResult:
     dropped: tuple[tuple[str, str], ...] = ()
     #: Who the event is owed to, as the store decided (None: as asked).
     recipients: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """An end-to-end device of ``user``: its public keys (base64url, as
+    registered), self-signed; ``removed_ts`` once it was removed (its id
+    stays taken)."""
+
+    user: str
+    device: str
+    sig_key: str
+    dh_key: str
+    name: str
+    self_sig: str
+    created_ts: int
+    removed_ts: int | None = None

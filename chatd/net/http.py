@@ -207,6 +207,20 @@ def create_app(
         )
         return JSONResponse({"messages": out})
 
+    async def e2e_device(request: Request) -> Response:
+        """PUT: register one of the caller's devices; DELETE: remove it."""
+        user = await caller(request)
+        device = request.path_params["device"]
+        if request.method == "DELETE":
+            await service.remove_device(user, device)
+            return Response(status_code=204)
+        created = await service.register_device(user, device, await _json(request))
+        return JSONResponse({"device": device}, 201 if created else 200)
+
+    async def user_devices(request: Request) -> Response:
+        user = await caller(request)
+        return JSONResponse(await service.user_devices(user, request.path_params["name"]))
+
     async def user_info(request: Request) -> Response:
         user = await caller(request)
         return JSONResponse(await service.user_info(user, request.path_params["name"]))
@@ -269,6 +283,8 @@ def create_app(
             Route("/conversations/{id}/admins", add_members, methods=["POST"]),
             Route("/conversations/{id}/admins/{name}", remove_member, methods=["DELETE"]),
             Route("/users/{name}", user_info, methods=["GET"]),
+            Route("/users/{name}/devices", user_devices, methods=["GET"]),
+            Route("/e2e/devices/{device}", e2e_device, methods=["PUT", "DELETE"]),
             Route("/info", info, methods=["GET"]),
         ],
     )

@@ -328,6 +328,9 @@ class WsConnection:
         self.user: str | None = None
         #: The id of the token this connection authenticated with (logout closes it).
         self.token_id: str | None = None
+        #: The end-to-end device this connection speaks for (an active one
+        #: named in ``auth``), else None.
+        self.device: str | None = None
         self.auth_timeout = auth_timeout
         self.session = Session(rate=rate, burst=burst, now=trio.current_time())
         self.reader = wsp.FrameReader(DISCARD_OVER)
@@ -680,6 +683,14 @@ class WsConnection:
             self._close = (CLOSE_TOO_MANY, "too many connections")
             self._closing = True
             return
+        extra: dict[str, str | None] = {}
+        if frame.device is not None:
+            try:
+                active = await self.service.active_device(claims.user, frame.device)
+            except ChatError:
+                active = False  # unknown for now: the device is not claimed
+            self.device = frame.device if active else None
+            extra["device"] = self.device
         self.user = claims.user
         self.token_id = claims.token_id
         self.session.authenticated(claims.user)
@@ -693,7 +704,7 @@ class WsConnection:
             self._close = (CLOSE_INTERNAL, "could not start the session")
             self._closing = True
             return
-        self._push(frames.ready(claims.user, self.service.node))
+        self._push(frames.ready(claims.user, self.service.node, **extra))
         # The backlog runs beside the reader, so the device's acks (and its
         # pongs) are taken while a long backlog streams out.
         nursery.start_soon(self._backlog)

@@ -68,6 +68,13 @@ atomically:
   message is readable with the members of before for the moment until it
   is placed, and stays so if its writer stopped and the client never
   retries.
+* **end-to-end devices** are claimed by one insert into ``devices`` that
+  carries ``(user, device)`` and ``(user, slot)``, both under unique
+  indexes: an id is registered once (a second writer of it fails and reads
+  it back: ``same`` or ``conflict``), and a user holds at most ``limit``
+  devices because each takes a distinct slot below ``limit`` (slots are
+  never given back, as removed ids stay taken). A removal is one
+  conditional update (``removed_ts`` null -> ts).
 
 Errors: every pymongo/BSON failure becomes :class:`Unavailable`; a taken
 username (and a taken group id) is :class:`Conflict`.
@@ -104,6 +111,7 @@ from chatd.core.model import (
     Appended,
     Conversation,
     ConversationSummary,
+    Device,
     EventKind,
     EventResult,
     Mark,
@@ -167,6 +175,7 @@ USERS = "users"
 CONVERSATIONS = "conversations"
 MESSAGES = "messages"
 EVENTS = "events"
+DEVICES = "devices"
 
 
 @dataclass(frozen=True)
@@ -250,6 +259,21 @@ INDEXES: tuple[Index, ...] = (
         "message_eseq",
         (("message_id", ASCENDING), ("eseq", ASCENDING)),
         "a message's events: those not yet applied to it, a deletion's earlier ones",
+    ),
+    Index(
+        DEVICES,
+        "user_device",
+        (("user", ASCENDING), ("device", ASCENDING)),
+        "a device id is registered once per user; put_device's read-back, remove_device",
+        unique=True,
+    ),
+    Index(
+        DEVICES,
+        "user_slot",
+        (("user", ASCENDING), ("slot", ASCENDING)),
+        "the per-user bound: one device per (user, slot), slot < limit; a user's"
+        " devices and taken slots ({user})",
+        unique=True,
     ),
 )
 
@@ -348,6 +372,19 @@ def _user(doc: dict[str, Any]) -> User:
         last_seen=doc.get("last_seen"),
         disabled=bool(doc.get("disabled", False)),
         deleted=bool(doc.get("deleted", False)),
+    )
+
+
+def _device(doc: dict[str, Any]) -> Device:
+    return Device(
+        user=doc["user"],
+        device=doc["device"],
+        sig_key=doc["sig_key"],
+        dh_key=doc["dh_key"],
+        name=doc["name"],
+        self_sig=doc["self_sig"],
+        created_ts=doc["created_ts"],
+        removed_ts=doc.get("removed_ts"),
     )
 
 
@@ -541,6 +578,7 @@ class MongoStore:
         self._conversations = self._db.get_collection(CONVERSATIONS)
         self._messages = self._db.get_collection(MESSAGES)
         self._events = self._db.get_collection(EVENTS)
+        self._devices = self._db.get_collection(DEVICES)
         self._limiter = trio.CapacityLimiter(max_threads)
         self._ready = False
         self._ready_lock = trio.Lock()
@@ -915,6 +953,81 @@ class MongoStore:
                 {"members": username, "kind": "dm"}, {"members": 1}, sort=[("_id", ASCENDING)]
             )
             return [m for doc in docs for m in doc["members"] if m != username]
+
+        return await self._run(fn)
+
+    async def contacts(self, username: str) -> list[str]:
+        def fn() -> list[str]:
+            # The members of the user's conversations (the members_kind
+            # index), each once: distinct unwinds the member arrays.
+            names = self._conversations.distinct("members", {"members": username})
+            return sorted(n for n in names if n != username)
+
+        return await self._run(fn)
+
+    # -- end-to-end devices ------------------------------------------------------
+
+    async def put_device(self, device: Device, limit: int) -> str:
+        return await self._run(self._put_device, device, limit)
+
+    def _put_device(self, device: Device, limit: int) -> str:
+        """Register ``device``: the insert that claims its id also claims the
+        lowest free slot below ``limit`` (unique on (user, device) and on
+        (user, slot)), so concurrent registrations cannot exceed the bound.
+        A duplicate key sends it round again: the id registered meanwhile is
+        answered ``same`` / ``conflict``, a slot taken meanwhile makes it
+        pick another. Each slot lost is one more slot taken for good (slots
+        are never given back), so ``limit + 2`` rounds always suffice."""
+        key = {"user": device.user, "device": device.device}
+        keys = {"sig_key": device.sig_key, "dh_key": device.dh_key, "self_sig": device.self_sig}
+        for _ in range(max(limit, 0) + 2):
+            found = self._devices.find_one(key, {**dict.fromkeys(keys, 1), "removed_ts": 1})
+            if found is not None:
+                if found.get("removed_ts") is not None or any(
+                    found.get(k) != v for k, v in keys.items()
+                ):
+                    return "conflict"
+                # Compare-and-set: a removal that landed since wins (conflict).
+                done = self._devices.update_one(
+                    {**key, **keys, "removed_ts": None}, {"$set": {"name": device.name}}
+                )
+                return "same" if done.matched_count == 1 else "conflict"
+            taken = {d.get("slot") for d in self._devices.find({"user": device.user}, {"slot": 1})}
+            slot = next((s for s in range(limit) if s not in taken), None)
+            if slot is None:
+                return "full"
+            try:
+                self._devices.insert_one(
+                    {
+                        **key,
+                        "slot": slot,
+                        **keys,
+                        "name": device.name,
+                        "created_ts": device.created_ts,
+                        "removed_ts": None,
+                    }
+                )
+            except DuplicateKeyError:
+                continue  # the id or the slot was taken meanwhile: look again
+            return "created"
+        raise Unavailable(f"too much contention registering device {device.device}")
+
+    async def remove_device(self, user: str, device: str, ts: int) -> bool:
+        def fn() -> bool:
+            done = self._devices.update_one(
+                {"user": user, "device": device, "removed_ts": None},
+                {"$set": {"removed_ts": ts}},
+            )
+            return done.matched_count == 1
+
+        return await self._run(fn)
+
+    async def devices(self, user: str) -> list[Device]:
+        def fn() -> list[Device]:
+            docs = self._devices.find(
+                {"user": user}, sort=[("created_ts", ASCENDING), ("device", ASCENDING)]
+            )
+            return [_device(d) for d in docs]
 
         return await self._run(fn)
 

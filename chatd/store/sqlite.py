@@ -51,6 +51,7 @@ from chatd.core.model import (
     Appended,
     Conversation,
     ConversationSummary,
+    Device,
     EventKind,
     EventResult,
     Mark,
@@ -159,6 +160,18 @@ CREATE TABLE IF NOT EXISTS event_owed (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS event_owed_order ON event_owed (username, conversation, eseq);
 CREATE INDEX IF NOT EXISTS event_owed_by_event ON event_owed (event_id);
+-- End-to-end devices: public keys only, self-signed; never deleted.
+CREATE TABLE IF NOT EXISTS devices (
+    username     TEXT NOT NULL,
+    device       TEXT NOT NULL,
+    sig_key      TEXT NOT NULL,
+    dh_key       TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    self_sig     TEXT NOT NULL,
+    created_ts   INTEGER NOT NULL,
+    removed_ts   INTEGER,
+    PRIMARY KEY (username, device)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reactions (
     message_id   TEXT NOT NULL,
     username     TEXT NOT NULL,
@@ -946,6 +959,86 @@ class SqliteStore:
                 return EventResult(event, recipients=plan.notify)
 
         return await self._write(fn)
+
+    # -- end-to-end devices --------------------------------------------------------
+
+    async def put_device(self, device: Device, limit: int) -> str:
+        def fn(db: sqlite3.Connection) -> str:
+            with _Tx(db):
+                row = db.execute(
+                    "SELECT sig_key, dh_key, self_sig, removed_ts FROM devices"
+                    " WHERE username = ? AND device = ?",
+                    (device.user, device.device),
+                ).fetchone()
+                if row is not None:
+                    same = row[:3] == (device.sig_key, device.dh_key, device.self_sig)
+                    if not same or row[3] is not None:
+                        return "conflict"
+                    db.execute(
+                        "UPDATE devices SET name = ? WHERE username = ? AND device = ?",
+                        (device.name, device.user, device.device),
+                    )
+                    return "same"
+                count = db.execute(
+                    "SELECT count(*) FROM devices WHERE username = ?", (device.user,)
+                ).fetchone()[0]
+                if count >= limit:
+                    return "full"
+                db.execute(
+                    "INSERT INTO devices (username, device, sig_key, dh_key, name, self_sig,"
+                    " created_ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        device.user,
+                        device.device,
+                        device.sig_key,
+                        device.dh_key,
+                        device.name,
+                        device.self_sig,
+                        device.created_ts,
+                    ),
+                )
+                return "created"
+
+        return await self._write(fn)
+
+    async def remove_device(self, user: str, device: str, ts: int) -> bool:
+        def fn(db: sqlite3.Connection) -> bool:
+            with _Tx(db):
+                cur = db.execute(
+                    "UPDATE devices SET removed_ts = ? WHERE username = ? AND device = ?"
+                    " AND removed_ts IS NULL",
+                    (ts, user, device),
+                )
+            return cur.rowcount == 1
+
+        return await self._write(fn)
+
+    async def devices(self, user: str) -> list[Device]:
+        def fn(db: sqlite3.Connection) -> list[Device]:
+            return [
+                Device(user, *row)
+                for row in db.execute(
+                    "SELECT device, sig_key, dh_key, name, self_sig, created_ts, removed_ts"
+                    " FROM devices WHERE username = ? ORDER BY created_ts, device",
+                    (user,),
+                )
+            ]
+
+        return await self._run(fn)
+
+    async def contacts(self, username: str) -> list[str]:
+        def fn(db: sqlite3.Connection) -> list[str]:
+            return [
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT m2.username FROM members m1"
+                    " JOIN members m2 ON m2.conversation = m1.conversation"
+                    " WHERE m1.username = ? AND m2.username != ? ORDER BY m2.username",
+                    (username, username),
+                )
+            ]
+
+        return await self._run(fn)
 
     async def get_conversation(self, id: str) -> Conversation | None:
         return await self._run(self._conversation, id)

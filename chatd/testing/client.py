@@ -57,6 +57,11 @@ class ChatClient:
         await self.send_json({"type": "auth", "token": token})
         return await self.expect("ready")
 
+    async def auth_with(self, token: str, **fields: Any) -> Frame:
+        """``auth`` with extra fields (``device``)."""
+        await self.send_json({"type": "auth", "token": token, **fields})
+        return await self.expect("ready")
+
     async def send(
         self,
         body: str,

@@ -25,6 +25,7 @@ from chatd.core.errors import Conflict, NotFound
 from chatd.core.events import MAX_REACTIONS_PER_USER
 from chatd.core.ids import UlidFactory
 from chatd.core.model import (
+    Device,
     EventKind,
     GroupAction,
     Mark,
@@ -1076,6 +1077,50 @@ class StoreContract:
         conv = await store.get_conversation(g)
         assert conv.members == ("bob",) and conv.admins == ("bob",)
 
+    # -- end-to-end devices -------------------------------------------------------
+
+    async def test_devices_register_once_and_tombstone(self, store: Store) -> None:
+        await users(store, "alice")
+        phone = Device("alice", "phone-0001", "S" * 43, "D" * 43, "Phone", "G" * 86, 5)
+        assert await store.put_device(phone, 4) == "created"
+        renamed = Device("alice", "phone-0001", "S" * 43, "D" * 43, "My phone", "G" * 86, 9)
+        assert await store.put_device(renamed, 4) == "same"
+        other_keys = Device("alice", "phone-0001", "T" * 43, "D" * 43, "x", "G" * 86, 9)
+        assert await store.put_device(other_keys, 4) == "conflict"
+        laptop = Device("alice", "laptop-001", "L" * 43, "M" * 43, "Laptop", "H" * 86, 7)
+        assert await store.put_device(laptop, 4) == "created"
+        got = await store.devices("alice")
+        assert [(d.device, d.name, d.created_ts, d.removed_ts) for d in got] == [
+            ("phone-0001", "My phone", 5, None),
+            ("laptop-001", "Laptop", 7, None),
+        ]
+        assert got[0].sig_key == "S" * 43 and got[0].self_sig == "G" * 86
+        assert await store.remove_device("alice", "phone-0001", 20) is True
+        assert await store.remove_device("alice", "phone-0001", 21) is False
+        assert await store.remove_device("alice", "nope-0000", 21) is False
+        assert [d.removed_ts for d in await store.devices("alice")] == [20, None]
+        # A removed id stays taken, even with its old keys.
+        assert await store.put_device(phone, 4) == "conflict"
+        assert await store.devices("bob") == []
+
+    async def test_devices_per_user_are_bounded(self, store: Store) -> None:
+        await users(store, "alice")
+        for i in range(3):
+            d = Device("alice", f"device-{i:04d}", "S" * 43, "D" * 43, "", "G" * 86, i)
+            assert await store.put_device(d, 3) == "created"
+        extra = Device("alice", "device-9999", "S" * 43, "D" * 43, "", "G" * 86, 9)
+        assert await store.put_device(extra, 3) == "full"
+        again = Device("alice", "device-0001", "S" * 43, "D" * 43, "", "G" * 86, 1)
+        assert await store.put_device(again, 3) == "same"
+
+    async def test_contacts_are_everyone_sharing_a_conversation(self, store: Store) -> None:
+        await users(store, "alice", "bob", "carol", "dave")
+        await store.ensure_dm("alice", "bob", 1)
+        await store.create_group("g:c", None, ["alice", "carol", "bob"], 1, creator="alice")
+        assert await store.contacts("alice") == ["bob", "carol"]
+        assert await store.contacts("carol") == ["alice", "bob"]
+        assert await store.contacts("dave") == []
+
 
 class SplitStore:
     """Writes through one store, reads through another on the same database,
@@ -1094,6 +1139,8 @@ class SplitStore:
             "owed_messages",
             "owed_receipts",
             "owed_events",
+            "devices",
+            "contacts",
             "ping",
         }
     )

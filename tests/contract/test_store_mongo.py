@@ -213,6 +213,10 @@ EXPECTED_INDEXES = {
             "partial": {"rpending": {"$gt": 0}},
         },
     },
+    "devices": {
+        "user_device": {"key": [("user", 1), ("device", 1)], "unique": True, "partial": {}},
+        "user_slot": {"key": [("user", 1), ("slot", 1)], "unique": True, "partial": {}},
+    },
 }
 
 
