@@ -708,7 +708,10 @@ class ChatService:
             log.error("cannot open message body", extra={"id": m.id, "reason": str(exc)})
             return None
 
-    async def user_info(self, caller: str, name: str) -> dict[str, Any]:
+    async def _visible_user(self, caller: str, name: str) -> User:
+        """The user ``name`` if ``caller`` may look them up (themselves, or
+        someone they share a conversation with); NotFound otherwise, the
+        same answer for a stranger as for nobody."""
         try:
             name = normalize_username(name)
         except BadRequest:
@@ -718,6 +721,11 @@ class ChatService:
             name != caller and not await self.store.shares_conversation(caller, name)
         ):
             raise NotFound("no such user")
+        return user
+
+    async def user_info(self, caller: str, name: str) -> dict[str, Any]:
+        user = await self._visible_user(caller, name)
+        name = user.username
         presence = (await self.broker.presence([name]))[name]
         seen = [t for t in (presence.last_seen, user.last_seen) if t is not None]
         return {
@@ -764,15 +772,7 @@ class ChatService:
 
     async def user_devices(self, caller: str, name: str) -> dict[str, Any]:
         """A user's devices (removed ones too), for the user and their contacts."""
-        try:
-            name = normalize_username(name)
-        except BadRequest:
-            raise NotFound("no such user") from None
-        user = await self.store.get_user(name)
-        if user is None or (
-            name != caller and not await self.store.shares_conversation(caller, name)
-        ):
-            raise NotFound("no such user")
+        name = (await self._visible_user(caller, name)).username
         return {
             "username": name,
             "devices": [
