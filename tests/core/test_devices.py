@@ -9,8 +9,8 @@ from chatd.testing.e2e_keys import KeyedDevice, b64url
 
 def test_a_self_signed_registration_passes():
     d = KeyedDevice("alice", device="laptop-0001")
-    keys = check_registration("alice", d.device, d.registration())
-    assert (keys.device, keys.sig_key, keys.dh_key) == ("laptop-0001", d.sig_key, d.dh_key)
+    reg = check_registration("alice", d.device, d.registration())
+    assert (reg.device, reg.sig_key, reg.dh_key) == ("laptop-0001", d.sig_key, d.dh_key)
 
 
 @pytest.mark.parametrize(
