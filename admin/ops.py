@@ -324,10 +324,7 @@ async def delete_message(store: Store, broker: Broker | None, id: str) -> dict[s
     if broker is not None:
         key, payload, env = owed.event_item(e)
         await broker.route([Routed(u, key, payload, True, None, env) for u in members])
-        stale: dict[str, list[str]] = {}
-        for user, qkey in done.dropped:
-            stale.setdefault(user, []).append(qkey)
-        for user, keys in stale.items():
+        for user, keys in owed.by_user(done.dropped).items():
             await broker.settle(user, keys)
         routed = len(members)
     return {

@@ -9,7 +9,7 @@ settled by the same ack as a routed one.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from chatd.core.envelope import EventEnvelope, MessageEnvelope, ReceiptEnvelope, encode
 from chatd.core.model import Receipt, StoredEvent, StoredMessage
@@ -17,22 +17,42 @@ from chatd.core.names import rid
 from chatd.ports import Store
 
 
+def queue_key(env: MessageEnvelope | EventEnvelope | ReceiptEnvelope) -> str:
+    """The key an owed item is queued (and acked, and settled) under."""
+    match env:
+        case MessageEnvelope(message=m):
+            return m.id
+        case EventEnvelope(event=e):
+            return e.id
+        case ReceiptEnvelope(receipt=r):
+            return rid(r.message_id, r.member, r.status)
+    raise TypeError(f"not an owed envelope: {env!r}")
+
+
 def message_item(m: StoredMessage) -> tuple[str, str, MessageEnvelope]:
     """(queue key, broker payload, the envelope it encodes) of an owed message."""
     env = MessageEnvelope(m)
-    return m.id, encode(env), env
+    return queue_key(env), encode(env), env
 
 
 def receipt_item(r: Receipt) -> tuple[str, str, ReceiptEnvelope]:
     """(queue key, broker payload, the envelope it encodes) of an owed receipt."""
     env = ReceiptEnvelope(r)
-    return rid(r.message_id, r.member, r.status), encode(env), env
+    return queue_key(env), encode(env), env
 
 
 def event_item(e: StoredEvent) -> tuple[str, str, EventEnvelope]:
     """(queue key, broker payload, the envelope it encodes) of an owed event."""
     env = EventEnvelope(e)
-    return e.id, encode(env), env
+    return queue_key(env), encode(env), env
+
+
+def by_user(entries: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """(user, queue key) pairs grouped per user: one settle per queue."""
+    out: dict[str, list[str]] = {}
+    for user, key in entries:
+        out.setdefault(user, []).append(key)
+    return out
 
 
 def message_entry(m: StoredMessage) -> tuple[str, str]:

@@ -17,7 +17,7 @@ import random
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -874,30 +874,28 @@ class ChatService:
         emit: Callable[[list[Outbound]], Awaitable[None]],
         queued: dict[str, str],
     ) -> None:
-        async for page in owed.message_pages(self.store, user, BACKLOG_PAGE):
+        pages = self.store, user, BACKLOG_PAGE
+        await self._offer_pages(owed.message_pages(*pages), MessageEnvelope, emit, queued)
+        await self._offer_pages(owed.event_pages(*pages), EventEnvelope, emit, queued)
+        await self._offer_pages(owed.receipt_pages(*pages), ReceiptEnvelope, emit, queued)
+
+    async def _offer_pages(
+        self,
+        pages: AsyncIterator[Sequence[Any]],
+        wrap: Callable[[Any], MessageEnvelope | EventEnvelope | ReceiptEnvelope],
+        emit: Callable[[list[Outbound]], Awaitable[None]],
+        queued: dict[str, str],
+    ) -> None:
+        """Render each page of owed items and emit it; what the store lists
+        is not stale in the queue (even an item that cannot be opened now:
+        it stays owed and queued)."""
+        async for page in pages:
             items = []
-            for m in page:
-                queued.pop(m.id, None)
-                out = render(MessageEnvelope(m), self.keyring, owed=True)
+            for item in page:
+                env = wrap(item)
+                queued.pop(owed.queue_key(env), None)
+                out = render(env, self.keyring, owed=True)
                 if out is not None:
-                    items.append(out)
-            if items:
-                await emit(items)
-        async for events in owed.event_pages(self.store, user, BACKLOG_PAGE):
-            items = []
-            for e in events:
-                queued.pop(e.id, None)
-                out = render(EventEnvelope(e), self.keyring, owed=True)
-                if out is not None:
-                    items.append(out)
-            if items:
-                await emit(items)
-        async for receipts in owed.receipt_pages(self.store, user, BACKLOG_PAGE):
-            items = []
-            for r in receipts:
-                out = render(ReceiptEnvelope(r), self.keyring, owed=True)
-                if out is not None and out.key is not None:
-                    queued.pop(out.key, None)
                     items.append(out)
             if items:
                 await emit(items)
@@ -1040,9 +1038,7 @@ class ChatService:
             done = _one_result(result, conn, cid, EventResult)
             if done is None:
                 return
-            self.publish_event(
-                done, to if done.recipients is None else done.recipients, cid=cid, conn=conn
-            )
+            self.publish_event(done, to, cid=cid, conn=conn)
 
         await self._write([ev], conn, stored)
 
@@ -1055,7 +1051,8 @@ class ChatService:
         conn: Connection | None = None,
     ) -> None:
         """After an event's write: answer the actor's connection (if any),
-        route the event, settle what a deletion made stale."""
+        route the event (to whom the store said, else ``to``), settle what a
+        deletion made stale."""
         if done.refused is not None or done.event is None:
             error = _REFUSALS.get(done.refused or "", NotFound)(done.reason or "refused", cid=cid)
             if conn is not None:
@@ -1081,13 +1078,11 @@ class ChatService:
                 extra={"id": e.message_id, "conversation": e.conversation, "by": e.by},
             )
         key, payload, env = owed.event_item(e)
-        items = [Routed(r, key, payload, True, None, env) for r in to]
+        owed_to = to if done.recipients is None else done.recipients
+        items = [Routed(r, key, payload, True, None, env) for r in owed_to]
         items.append(Routed(e.by, key, payload, False, conn.id if conn else None, env))
         self.broker.route_nowait(items)
-        stale: dict[str, list[str]] = {}
-        for user, qkey in done.dropped:
-            stale.setdefault(user, []).append(qkey)
-        for user, keys in stale.items():
+        for user, keys in owed.by_user(done.dropped).items():
             self.broker.settle_nowait(user, keys)
 
     async def _write(self, requests: list[WriteRequest], conn: Connection, done: Done) -> None:

@@ -120,6 +120,12 @@ def judge(
 # --- groups that change -----------------------------------------------------------
 
 
+def manages(user: str, admins: Sequence[str]) -> bool:
+    """May a member change the group and moderate its messages? Its admins
+    may; in a group without admins (made before they existed) every member."""
+    return user in admins or not admins
+
+
 @dataclass(frozen=True, slots=True)
 class MembershipPlan:
     """What a group change does: who joins and leaves, the group after it,
@@ -164,8 +170,7 @@ def plan_membership(
         return Refusal("forbidden", "not a member of this conversation")
     current = list(members)
     admin_set = [a for a in admins if a in current]
-    manages = by in admin_set or not admin_set
-    if action is not GroupAction.LEAVE and not manages:
+    if action is not GroupAction.LEAVE and not manages(by, admin_set):
         return Refusal("forbidden", "only the group's admins may change it")
     added: list[str] = []
     removed: list[str] = []

@@ -74,14 +74,6 @@ class Conversation:
         """The first seq ``user`` may read."""
         return dict(self.joined).get(user, 1)
 
-    def manages(self, user: str) -> bool:
-        """May ``user`` change this group and moderate its messages?"""
-        return (
-            self.kind == "group"
-            and user in self.members
-            and (user in self.admins or not self.admins)
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class ConversationSummary:

@@ -106,7 +106,7 @@ from pymongo.errors import (
 
 from chatd.core.delivery import SETTLED_BY_ACK, apply_mark
 from chatd.core.errors import ChatError, Conflict, NotFound, Unavailable
-from chatd.core.events import Refusal, Target, judge, plan_membership
+from chatd.core.events import Refusal, Target, judge, manages, plan_membership
 from chatd.core.model import (
     Appended,
     Conversation,
@@ -1565,7 +1565,7 @@ class MongoStore:
                 if ev.by in members:
                     visible_from = _joined(_need(group)).get(ev.by, 1)
                     admins = _admins(_need(group))
-                    moderator = moderator or ev.by in admins or not admins
+                    moderator = moderator or manages(ev.by, admins)
                 elif not ev.moderator:
                     target = None
                 to = sorted(m for m in members if m != ev.by)

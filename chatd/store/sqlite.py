@@ -46,7 +46,7 @@ import trio
 
 from chatd.core.delivery import SETTLED_BY_ACK, apply_mark
 from chatd.core.errors import Conflict, NotFound, Unavailable
-from chatd.core.events import Refusal, Target, judge, plan_membership
+from chatd.core.events import Refusal, Target, judge, manages, plan_membership
 from chatd.core.model import (
     Appended,
     Conversation,
@@ -484,7 +484,7 @@ def _event_rows(db: sqlite3.Connection, batch: Sequence[NewEvent]) -> list[Event
                     "SELECT joined_seq FROM members WHERE conversation = ? AND username = ?",
                     (ev.conversation, ev.by),
                 ).fetchone()[0]
-                moderator = moderator or ev.by in admins or not admins
+                moderator = moderator or manages(ev.by, admins)
             elif not ev.moderator:  # an operator acts from outside
                 target = None
             recipients = tuple(m for m in members if m != ev.by)
