@@ -30,7 +30,9 @@ def test_bench_produces_every_figure_and_loses_nothing(tmp_path):
             "--seconds", "2",
             "--warmup", "0.5",
             "--drain", "8",
-            "--rates", "40",
+            # Enough traffic that NGINX and Redis use at least one clock tick
+            # (10 ms) of CPU in a 2 s step: at 40/s node2's sometimes read 0.
+            "--rates", "150",
             "--retries", "0",
             "--idle", "40",
             "--idle-users", "10",
