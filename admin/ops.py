@@ -18,6 +18,7 @@ import trio
 
 from chatd import crypto, owed
 from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Passwords
+from chatd.core.e2e import parse_stored
 from chatd.core.envelope import (
     EventEnvelope,
     KickEnvelope,
@@ -233,11 +234,7 @@ def describe(entry: Owed, keyring: crypto.Keys | None) -> dict[str, Any]:
                 key_id=m.body.key_id,
             )
             if keyring is not None:
-                try:
-                    out["body"] = keyring.open(m.body, m.id, m.conversation)
-                except crypto.KeyringError as exc:
-                    out["body"] = None
-                    out["error"] = str(exc)
+                out.update(_opened(keyring, m))
         case ReceiptEnvelope(receipt=r):
             out.update(
                 kind="receipt",
@@ -291,12 +288,17 @@ async def show_message(store: Store, id: str, keyring: crypto.Keys | None) -> di
         "seen_by": list(m.seen_by),
     }
     if keyring is not None and not m.deleted:
-        try:
-            out["body"] = keyring.open(m.body, m.id, m.conversation)
-        except crypto.KeyringError as exc:
-            out["body"] = None
-            out["error"] = str(exc)
+        out.update(_opened(keyring, m))
     return out
+
+
+def _opened(keyring: crypto.Keys, m: StoredMessage) -> dict[str, Any]:
+    """``body`` of a message opened with the keyring; an end-to-end one has
+    no body the server can read: ``e2e`` (its ciphertext object) instead."""
+    try:
+        return parse_stored(keyring.open(m.body, m.id, m.conversation)).fields()
+    except crypto.KeyringError as exc:
+        return {"body": None, "error": str(exc)}
 
 
 async def delete_message(store: Store, broker: Broker | None, id: str) -> dict[str, Any]:

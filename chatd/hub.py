@@ -14,6 +14,7 @@ from typing import Protocol
 from chatd import crypto
 from chatd.core import frames
 from chatd.core.delivery import event_order, message_order, receipt_order
+from chatd.core.e2e import Content, parse_stored
 from chatd.core.envelope import (
     DevicesEnvelope,
     Envelope,
@@ -70,9 +71,18 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                 # message stays owed and is offered again once the key is back.
                 log.error("cannot open message body", extra={"id": m.id, "reason": str(exc)})
                 return None
+            content = parse_stored(body)
             data = frames.encode(
                 frames.message(
-                    m.id, m.conversation, m.seq, m.sender, body, m.ts, m.reply_to, m.edited_ts
+                    m.id,
+                    m.conversation,
+                    m.seq,
+                    m.sender,
+                    content.body,
+                    m.ts,
+                    m.reply_to,
+                    m.edited_ts,
+                    content.e2e,
                 )
             )
             return Outbound(data, m.id if owed else None, message_order(m.conversation, m.seq))
@@ -93,10 +103,10 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                 frames.encode(frame), e.id if owed else None, event_order(e.conversation, e.eseq)
             )
         case EventEnvelope(event=e):
-            text = None
+            content = Content(None)
             if e.body is not None:
                 try:
-                    text = keyring.open(e.body, e.message_id, e.conversation)
+                    content = parse_stored(keyring.open(e.body, e.message_id, e.conversation))
                 except crypto.KeyringError as exc:
                     log.error("cannot open an edit", extra={"id": e.id, "reason": str(exc)})
                     return None
@@ -110,7 +120,8 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                 e.ts,
                 emoji=e.emoji,
                 on=e.on,
-                body=text,
+                body=content.body,
+                e2e=content.e2e,
             )
             return Outbound(
                 frames.encode(frame), e.id if owed else None, event_order(e.conversation, e.eseq)

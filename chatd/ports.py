@@ -12,7 +12,7 @@ its backend does not answer, and :class:`chatd.core.errors.Conflict` /
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,6 +24,8 @@ from chatd.core.model import (
     Conversation,
     ConversationSummary,
     Device,
+    Epoch,
+    EpochShare,
     EventResult,
     Mark,
     MarkResult,
@@ -157,7 +159,10 @@ class Store(Protocol):
         members: Sequence[str],
         ts: int,
         creator: str | None = None,
-    ) -> Conversation: ...
+        e2e: bool = False,
+    ) -> Conversation:
+        """A new group; ``e2e``: end-to-end from its first message."""
+        ...
 
     async def get_conversation(self, id: str) -> Conversation | None:
         """The conversation with its current members, admins and when each
@@ -278,6 +283,39 @@ class Store(Protocol):
 
     async def contacts(self, username: str) -> list[str]:
         """Everyone who shares a conversation with ``username`` (not them)."""
+        ...
+
+    async def active_devices(self, users: Sequence[str]) -> list[str]:
+        """The ids of the active (not removed) devices of ``users``."""
+        ...
+
+    # -- end-to-end epochs ---------------------------------------------------------
+
+    async def put_epoch(
+        self,
+        conversation: str,
+        epoch: str,
+        user: str,
+        device: str,
+        shares: Mapping[str, str],
+        ts: int,
+    ) -> str:
+        """Record epoch ``epoch`` of ``conversation`` as made by (``user``,
+        ``device``) and add ``shares`` (recipient device -> sealed key) in one
+        commit: ``created`` (a new epoch), ``added`` (an epoch of the same
+        device: shares added; a share already there with the same value is
+        kept), ``conflict`` (the epoch is another device's, or a recipient
+        already has a different share). On ``conflict`` nothing changes."""
+        ...
+
+    async def get_epoch(self, conversation: str, epoch: str) -> Epoch | None:
+        """The epoch with every device it has a share for."""
+        ...
+
+    async def epoch_shares(
+        self, conversation: str, epochs: Sequence[str], devices: Sequence[str]
+    ) -> list[EpochShare]:
+        """The shares of ``epochs`` addressed to one of ``devices``, by epoch."""
         ...
 
     # -- administration (chatctl) ------------------------------------------------

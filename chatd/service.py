@@ -18,7 +18,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -27,9 +27,11 @@ import trio
 from chatd import crypto, owed
 from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Claims, Passwords, Tokens
 from chatd.batching import Batcher
+from chatd.core import e2e as e2e_rules
 from chatd.core import frames
 from chatd.core.delivery import recipients, settled_rids, target_of
 from chatd.core.devices import MAX_DEVICES, check_device_id, check_registration
+from chatd.core.e2e import Content, parse_stored, stored_text
 from chatd.core.envelope import (
     DevicesEnvelope,
     EventEnvelope,
@@ -135,8 +137,14 @@ def _one_result(
     return done
 
 
+def _e2e_required(cid: str | None) -> BadRequest:
+    return BadRequest(
+        "this conversation is end-to-end: send 'e2e', not 'body'", cid=cid, reason="e2e_required"
+    )
+
+
 def _error(exc: ChatError) -> Outbound:
-    return Outbound(frames.encode(frames.error(exc.code, exc.message, exc.cid)))
+    return Outbound(frames.encode(frames.error(exc.code, exc.message, exc.cid, **exc.extra)))
 
 
 #: The backlog is read from the store in pages of this many items, so a
@@ -572,6 +580,7 @@ class ChatService:
                 "members": list(s.members),
                 "admins": list(s.admins),
                 "joined": dict(s.joined),
+                "e2e": s.e2e,
                 "last_seq": s.last_seq,
                 "last_ts": s.last_ts,
                 "unread": s.unread,
@@ -586,13 +595,15 @@ class ChatService:
         """A message as history shows it to ``viewer``: the contract's fields,
         then the sender's ``cid`` (to the sender only), ``reply_to``,
         ``edited_ts``, ``reactions`` (counts, whether the viewer is among
-        them, and who) and ``deleted`` (a tombstone has ``body`` null)."""
+        them, and who) and ``deleted`` (a tombstone has ``body`` null). An
+        end-to-end message has its ``e2e`` object instead of ``body``."""
+        content = Content(None) if m.deleted else self._open(m)
         out: dict[str, Any] = {
             "id": m.id,
             "conversation": m.conversation,
             "seq": m.seq,
             "from": m.sender,
-            "body": None if m.deleted else self._open(m),
+            **content.fields(),
             "ts": m.ts,
             "delivered_to": list(m.delivered_to),
             "seen_by": list(m.seen_by),
@@ -608,7 +619,22 @@ class ChatService:
             out["deleted"] = True
         return out
 
-    async def create_group(self, user: str, members: object, title: object) -> Conversation:
+    async def open_dm(self, user: str, peer: object) -> Conversation:
+        """The one-to-one conversation of ``user`` and ``peer``, made now if
+        it does not exist yet (so that an end-to-end client can fetch the
+        peer's devices before its first message)."""
+        name = normalize_username(peer)
+        if name == user:
+            raise BadRequest("cannot start a conversation with yourself")
+        if await self.store.get_user(name) is None:
+            raise NotFound(f"no user '{name}'")
+        return await self.store.ensure_dm(user, name, self.clock.now_ms())
+
+    async def create_group(
+        self, user: str, members: object, title: object, e2e: object = False
+    ) -> Conversation:
+        if not isinstance(e2e, bool):
+            raise BadRequest("'e2e' must be true or false")
         if not isinstance(members, list) or not members:
             raise BadRequest("'members' must be a non-empty list of usernames")
         if title is not None and (not isinstance(title, str) or len(title) > MAX_TITLE):
@@ -627,6 +653,7 @@ class ChatService:
             sorted(names),
             self.clock.now_ms(),
             creator=user,
+            e2e=e2e,
         )
         return conv
 
@@ -701,12 +728,12 @@ class ChatService:
         page = await self.store.history(id, before, limit, viewer=user)
         return [self._message_json(m, viewer=user) for m in page]
 
-    def _open(self, m: StoredMessage) -> str | None:
+    def _open(self, m: StoredMessage) -> Content:
         try:
-            return self.keyring.open(m.body, m.id, m.conversation)
+            return parse_stored(self.keyring.open(m.body, m.id, m.conversation))
         except crypto.KeyringError as exc:
             log.error("cannot open message body", extra={"id": m.id, "reason": str(exc)})
-            return None
+            return Content(None)
 
     async def _visible_user(self, caller: str, name: str) -> User:
         """The user ``name`` if ``caller`` may look them up (themselves, or
@@ -929,15 +956,26 @@ class ChatService:
         to = recipients(conv.members, sender)
         if frame.reply_to is not None:
             await self._message_in(frame.reply_to, conv, sender, frame.cid)
+        switches = frame.e2e is not None and not conv.e2e
+        if frame.e2e is not None:
+            await self._check_e2e(conn, conv, frame.e2e, frame.cid)
+            text = stored_text(e2e=frame.e2e)
+        elif conv.e2e:
+            raise _e2e_required(frame.cid)
+        else:
+            text = stored_text(body=frame.body)
         mid = self.ids.new()
         ts = self.clock.now_ms()
-        sealed = self.keyring.seal(frame.body, mid, conv.id)
+        sealed = self.keyring.seal(text, mid, conv.id)
         cid = frame.cid
         reply_to = frame.reply_to
 
         def stored(result: list[WriteResult] | ChatError) -> None:
             done = _one_result(result, conn, cid, Appended)
             if done is None:
+                return
+            if done.refused == "e2e_required":
+                conn.reply(_error(_e2e_required(cid)))
                 return
             if done.refused is not None:
                 conn.reply(_error(Forbidden("not a member of this conversation", cid=cid)))
@@ -952,6 +990,8 @@ class ChatService:
                 self.metrics.messages_duplicate.inc()
                 return
             self.metrics.messages_stored.inc()
+            if switches and conv.id in self._conversations:
+                self._conversations[conv.id] = replace(conv, e2e=True)
             key, payload, env = owed.message_item(
                 StoredMessage(
                     done.id, conv.id, done.seq, sender, done.ts, sealed, reply_to=reply_to
@@ -963,8 +1003,91 @@ class ChatService:
             self.broker.route_nowait(items)
 
         await self._write(
-            [NewMessage(mid, conv.id, sender, cid, ts, sealed, to, reply_to)], conn, stored
+            [
+                NewMessage(
+                    mid, conv.id, sender, cid, ts, sealed, to, reply_to, frame.e2e is not None
+                )
+            ],
+            conn,
+            stored,
         )
+
+    async def _check_e2e(
+        self, conn: Connection, conv: Conversation, sealed: dict[str, Any], cid: str | None
+    ) -> None:
+        """An end-to-end ``e2e`` object may be sent on ``conn`` in ``conv``:
+        it names the connection's own (active) device, and its epoch is that
+        device's and has a share for every active device of every member but
+        the sending one, and for no other (``e2e_stale`` with ``missing`` and
+        ``extra`` otherwise: the client rotates and sends again)."""
+        device = getattr(conn, "device", None)
+        if device is None or sealed["device"] != device:
+            raise Forbidden(
+                "'e2e.device' must be this connection's device (name it in 'auth')", cid=cid
+            )
+        epoch = await self.store.get_epoch(conv.id, sealed["epoch"])
+        active = await self.store.active_devices(conv.members)
+        if device not in active:
+            raise Forbidden("this device was removed", cid=cid)
+        if epoch is not None and (epoch.user, epoch.device) != (conn.user, device):
+            raise Forbidden("that epoch is another device's", cid=cid)
+        missing, extra = e2e_rules.coverage(epoch.recipients if epoch else (), active, device)
+        if epoch is None or missing or extra:
+            raise BadRequest(
+                "the epoch's key is not shared with exactly the conversation's devices:"
+                " start a new epoch and send again",
+                cid=cid,
+                reason="e2e_stale",
+                missing=missing,
+                extra=extra,
+            )
+
+    # -- end-to-end epochs -----------------------------------------------------------
+
+    async def put_epoch(self, user: str, id: str, epoch: object, body: dict[str, Any]) -> bool:
+        """Add shares of ``user``'s epoch ``epoch`` in conversation ``id``
+        (True when the epoch is new). The sending device is the caller's,
+        active; every share goes to an active device of a member (not the
+        sending one). Conflict: the epoch is another device's, or a device
+        already has a different share of it."""
+        conv = await self.member_conversation(user, id)
+        epoch = e2e_rules.check_epoch_id(epoch)
+        device = check_device_id(body.get("device"))
+        shares = e2e_rules.check_shares(body.get("shares"), sender_device=device)
+        active = set(await self.store.active_devices(conv.members))
+        if device not in set(await self.store.active_devices([user])):
+            raise Forbidden("'device' must be one of your active devices")
+        strangers = sorted(set(shares) - active)
+        if strangers:
+            raise BadRequest(
+                "shares only go to active devices of this conversation's members",
+                unknown=strangers,
+            )
+        outcome = await self.store.put_epoch(
+            conv.id, epoch, user, device, shares, self.clock.now_ms()
+        )
+        if outcome == "conflict":
+            raise Conflict("that epoch is another device's, or a device has another share of it")
+        return outcome == "created"
+
+    async def epoch_shares(self, user: str, id: str, epochs: str | None) -> dict[str, Any]:
+        """The shares of ``epochs`` addressed to the caller's devices (active
+        or removed: a removed device's old shares are its own business)."""
+        conv = await self.member_conversation(user, id)
+        names = e2e_rules.check_epoch_list(epochs)
+        mine = [d.device for d in await self.store.devices(user)]
+        return {
+            "shares": [
+                {
+                    "epoch": s.epoch,
+                    "sender": s.sender,
+                    "device": s.device,
+                    "to": s.to,
+                    "share": s.share,
+                }
+                for s in await self.store.epoch_shares(conv.id, names, mine)
+            ]
+        }
 
     async def _message_in(self, id: str, conv: Conversation, user: str, cid: str) -> StoredMessage:
         """The stored message ``id`` of ``conv`` that ``user`` may read (not
@@ -1015,7 +1138,9 @@ class ChatService:
                     on=frame.on,
                 )
             case frames.Edit():
-                sealed = self.keyring.seal(frame.body, frame.id, conv.id)
+                sealed = self.keyring.seal(
+                    await self._edit_text(conn, conv, frame), frame.id, conv.id
+                )
                 ev = NewEvent(
                     eid,
                     conv.id,
@@ -1041,6 +1166,26 @@ class ChatService:
             self.publish_event(done, to, cid=cid, conn=conn)
 
         await self._write([ev], conn, stored)
+
+    async def _edit_text(self, conn: Connection, conv: Conversation, frame: frames.Edit) -> str:
+        """What an edit stores: plain in a plain conversation, end-to-end
+        (checked like a send) in an end-to-end one."""
+        # A one-to-one conversation may have been cached before its switch
+        # (on any replica): the store knows.
+        if not conv.e2e:
+            conv = await self.store.get_conversation(conv.id) or conv
+        if frame.e2e is not None:
+            if not conv.e2e:
+                raise BadRequest(
+                    "this conversation is not end-to-end: edit with 'body'",
+                    cid=frame.cid,
+                    reason="e2e_off",
+                )
+            await self._check_e2e(conn, conv, frame.e2e, frame.cid)
+            return stored_text(e2e=frame.e2e)
+        if conv.e2e:
+            raise _e2e_required(frame.cid)
+        return stored_text(body=frame.body)
 
     def publish_event(
         self,

@@ -28,6 +28,13 @@ this host's monotonic clock, never from server timestamps:
 * ``seen→seen receipt``: the recipient's ``seen`` until the sender's
   ``seen`` receipt (a room lives in one process, so both ends share a clock).
 
+End-to-end rooms (``--e2e-share``, half of them by default) report the same
+four under the same names with `` (e2e)`` appended, beside the plain ones:
+their users register an end-to-end device, each sender seals an epoch key
+to the room's devices before its first message, sends ``e2e`` objects, and
+the recipients open their shares and decrypt (``chatd.testing.e2e_client``,
+the same bytes as the web client) before they ack and mark seen.
+
 Zero-loss accounting reuses :class:`chatd.testing.loss.LossChecker` (plain
 bookkeeping, no trio). When the test stops, the users stop sending, the
 sockets stay open until everything in flight has arrived (``--drain``
@@ -58,7 +65,10 @@ from locust.env import Environment
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# loss.py and chatd/__init__.py import nothing but the standard library.
+# loss.py and chatd/__init__.py import nothing but the standard library;
+# the end-to-end client needs cryptography (in loadtest/requirements.txt).
+from chatd.testing.e2e_client import E2EDevice  # noqa: E402
+from chatd.testing.e2e_crypto import DecryptError  # noqa: E402
 from chatd.testing.loss import LossChecker  # noqa: E402
 
 log = logging.getLogger("chatd.locust")
@@ -68,6 +78,7 @@ SEND_DELIVERED = "send→delivered"
 SEND_RECEIPT = "send→delivered receipt"
 SEEN_RECEIPT = "seen→seen receipt"
 REQUEST_NAMES = (SEND_SENT, SEND_DELIVERED, SEND_RECEIPT, SEEN_RECEIPT)
+E2E = " (e2e)"
 WS = "WS"
 PASSWORD = "locust-password"
 _T_MARK = " ~t="
@@ -82,6 +93,9 @@ def _options(parser, **_kw) -> None:
     g.add_argument("--drain", type=float, default=20.0, help="seconds to wait for in-flight")
     g.add_argument("--loss-file", default="", help="write the zero-loss report here (JSON)")
     g.add_argument("--ws-url", default="", help="WebSocket URL (default: the host's /ws)")
+    g.add_argument(
+        "--e2e-share", type=float, default=0.5, help="the share of rooms that are end-to-end"
+    )
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -103,6 +117,9 @@ class Room:
     connected: int = 0
     conversation: str | None = None  # a group's id; pairs send with `to`
     ready: Event = field(default_factory=Event)
+    #: End-to-end: every message an ``e2e`` object (pairs then send to
+    #: their conversation's id, made before the first message).
+    e2e: bool = False
 
     def others(self, user: str) -> list[str]:
         return [m.username for m in self.members if m.username != user]
@@ -115,6 +132,7 @@ class Ledger:
         self.checker = LossChecker()
         self.rooms: list[Room] = []
         self.sizes = itertools.cycle([2])
+        self.e2e_share = 0.5
         self.stopping = False
         self.clients: list[WsClient] = []
         self.seen_at: dict[tuple[str, str], float] = {}  # (id, seer) -> when 'seen' went out
@@ -131,7 +149,10 @@ class Ledger:
             else None
         )
         if room is None:
-            room = Room(next(self.sizes))
+            # Every room whose running share of e2e falls short is e2e:
+            # 0.5 makes every other one.
+            e2e_so_far = sum(1 for r in self.rooms if r.e2e)
+            room = Room(next(self.sizes), e2e=e2e_so_far < self.e2e_share * (len(self.rooms) + 1))
             self.rooms.append(room)
         room.members.append(user)
         return room, len(room.members) == room.size
@@ -157,6 +178,7 @@ def _init(environment: Environment, **_kw) -> None:
     opts = environment.parsed_options
     if opts is not None:
         LEDGER.sizes = itertools.cycle([int(s) for s in opts.room_sizes.split(",") if s])
+        LEDGER.e2e_share = opts.e2e_share
 
 
 # -- one WebSocket ----------------------------------------------------------------------
@@ -172,12 +194,15 @@ class WsClient:
 
     def __init__(self, user: ChatUser, url: str, token: str) -> None:
         self.user = user
+        self.e2e: E2EDevice = user.e2e
         self.name = user.username
         self.url = url
         self.token = token
         self.out: Queue = Queue()
         self.pending: dict[str, tuple[float, dict, list[str]]] = {}  # cid -> (t0, frame, to)
         self.sent_at: dict[str, float] = {}  # message id -> t0 (for receipts)
+        self.sealed: set[str] = set()  # ids of this client's end-to-end messages
+        self.texts: dict[str, str] = {}  # cid -> plaintext of an unconfirmed e2e send
         self.ready = Event()
         self.closed = False
         self.connections = 0
@@ -188,7 +213,7 @@ class WsClient:
     # the reader owns the connection; the writer drains `out` onto it
     def _connect(self) -> websocket.WebSocket:
         ws = websocket.create_connection(self.url, timeout=30)
-        ws.send(json.dumps({"type": "auth", "token": self.token}))
+        ws.send(json.dumps({"type": "auth", "token": self.token, "device": self.e2e.device}))
         while True:
             frame = json.loads(ws.recv())
             if frame.get("type") == "ready":
@@ -255,13 +280,34 @@ class WsClient:
     def send_message(self, text: str, recipients: list[str], *, to=None, conversation=None):
         t0 = now()
         cid = f"{self.name}-{secrets.token_hex(4)}"
-        frame: dict = {"type": "send", "cid": cid, "body": f"{text}{_T_MARK}{t0:.6f}"}
+        body = f"{text}{_T_MARK}{t0:.6f}"
+        frame: dict = {"type": "send", "cid": cid, "body": body}
+        if conversation is not None and conversation in self.e2e.epochs:
+            del frame["body"]
+            frame["e2e"] = self.e2e.encrypt(conversation, body)
+            self.texts[cid] = body
         if conversation is not None:
             frame["conversation"] = conversation
         else:
             frame["to"] = to
         self.pending[cid] = (t0, frame, recipients)
         self.send_json(frame)
+
+    def _name(self, name: str, e2e: bool) -> str:
+        return name + E2E if e2e else name
+
+    def _body(self, f: dict) -> str:
+        """The text of a message frame: decrypted when it is end-to-end
+        (fetching the shares and device lists it needs); "" if it cannot be."""
+        if "e2e" not in f:
+            return f.get("body", "")
+        try:
+            return self.user.read_e2e(f)
+        except DecryptError as exc:
+            LEDGER.errors[f"decrypt: {exc.reason}"] = (
+                LEDGER.errors.get(f"decrypt: {exc.reason}", 0) + 1
+            )
+            return ""
 
     def _handle(self, f: dict, conn: str) -> None:
         kind = f.get("type")
@@ -270,8 +316,12 @@ class WsClient:
             entry = self.pending.pop(f["cid"], None)
             if entry is None:
                 return  # a retried send answered twice
-            t0, _frame, recipients = entry
-            LEDGER.fire(SEND_SENT, t - t0)
+            t0, frame, recipients = entry
+            e2e = "e2e" in frame
+            if e2e:
+                self.sealed.add(f["id"])
+                self.texts.pop(f["cid"], None)
+            LEDGER.fire(self._name(SEND_SENT, e2e), t - t0)
             LEDGER.checker.sent(f["id"], recipients)
             self.sent_at[f["id"]] = t0
             for member in recipients:
@@ -281,10 +331,12 @@ class WsClient:
             if f["from"] == self.name:
                 return  # our own message on another device: never owed
             LEDGER.checker.received(self.name, conn, f)
-            body = f.get("body", "")
+            body = self._body(f)
+            t = now()  # after decrypting: the latency a person sees
             mark = body.rfind(_T_MARK)
             if mark >= 0:
-                LEDGER.fire(SEND_DELIVERED, t - float(body[mark + len(_T_MARK) :]))
+                sent = float(body[mark + len(_T_MARK) :])
+                LEDGER.fire(self._name(SEND_DELIVERED, "e2e" in f), t - sent)
             self.send_json({"type": "ack", "ids": [f["id"]]})
             LEDGER.pending_seen += 1
             gevent.spawn_later(random.uniform(*self.user.seen_delay), self._seen, f["id"])
@@ -294,20 +346,26 @@ class WsClient:
             if key not in LEDGER.owed_receipts:
                 return  # again after a reconnect, or a message from before this run
             LEDGER.owed_receipts.discard(key)
+            e2e = f["id"] in self.sealed
             if f["status"] == "delivered":
                 t0 = self.sent_at.get(f["id"])
                 if t0 is not None:
-                    LEDGER.fire(SEND_RECEIPT, t - t0)
+                    LEDGER.fire(self._name(SEND_RECEIPT, e2e), t - t0)
             else:
                 ts = LEDGER.seen_at.pop((f["id"], f["by"]), None)
                 if ts is not None:
-                    LEDGER.fire(SEEN_RECEIPT, t - ts)
+                    LEDGER.fire(self._name(SEEN_RECEIPT, e2e), t - ts)
         elif kind == "error":
             code = f.get("code", "?")
             LEDGER.errors[code] = LEDGER.errors.get(code, 0) + 1
+            if f.get("reason") == "e2e_stale" and f.get("cid") in self.pending:
+                # The room's devices changed: a new epoch, the same cid.
+                gevent.spawn(self.user.resend_sealed, f["cid"])
+                return
             entry = self.pending.pop(f.get("cid", ""), None)
             if entry is not None:
-                LEDGER.fire(SEND_SENT, t - entry[0], RuntimeError(f"error {code}"))
+                name = self._name(SEND_SENT, "e2e" in entry[1])
+                LEDGER.fire(name, t - entry[0], RuntimeError(f"error {code}"))
 
     def _seen(self, mid: str) -> None:
         LEDGER.pending_seen -= 1
@@ -344,6 +402,14 @@ class ChatUser(HttpUser):
         )
         resp.raise_for_status()
         token = resp.json()["token"]
+        self.auth = {"Authorization": f"Bearer {token}"}
+        self.e2e = E2EDevice(self.username)
+        self.client.put(
+            f"/api/e2e/devices/{self.e2e.device}",
+            json=self.e2e.keys.registration(),
+            headers=self.auth,
+            name="/api/e2e/devices/[device]",
+        ).raise_for_status()
         url = (opts.ws_url if opts else "") or self.host.replace("http", "ws", 1).rstrip(
             "/"
         ) + "/ws"
@@ -357,10 +423,25 @@ class ChatUser(HttpUser):
 
     def _open_room(self) -> None:
         room = self.room
-        if room.size > 2:
+        if room.size == 2 and room.e2e:
+            # Made before the first message, so that both ends can fetch
+            # each other's devices (only contacts may).
             resp = self.client.post(
                 "/api/conversations",
-                json={"members": room.others(self.username), "title": "locust group"},
+                json={"to": room.others(self.username)[0]},
+                headers=self.auth,
+                name="/api/conversations",
+            )
+            resp.raise_for_status()
+            room.conversation = resp.json()["id"]
+        elif room.size > 2:
+            resp = self.client.post(
+                "/api/conversations",
+                json={
+                    "members": room.others(self.username),
+                    "title": "locust group",
+                    "e2e": room.e2e,
+                },
                 headers={"Authorization": f"Bearer {self.ws.token}"},
                 name="/api/conversations",
             )
@@ -375,10 +456,66 @@ class ChatUser(HttpUser):
             return
         others = room.others(self.username)
         text = random.choice(("hi", "how are you?", "see you at 8", "ok 👍", "lunch?")) * 3
+        if room.e2e and room.conversation not in self.e2e.epochs:
+            self.new_epoch()
         if room.conversation:
             self.ws.send_message(text, others, conversation=room.conversation)
         else:
             self.ws.send_message(text, others, to=others[0])
+
+    # -- end-to-end ----------------------------------------------------------------
+
+    def _get(self, path: str, name: str) -> dict:
+        resp = self.client.get(path, headers=self.auth, name=name)
+        resp.raise_for_status()
+        return resp.json()
+
+    def _devices(self, user: str) -> list[dict]:
+        got = self._get(f"/api/users/{user}/devices", "/api/users/[name]/devices")["devices"]
+        self.e2e.directory[user] = got
+        return got
+
+    def new_epoch(self) -> None:
+        """A new epoch for the room, sealed to every device in it, uploaded."""
+        conv = self.room.conversation
+        assert conv is not None
+        members = [self.username, *self.room.others(self.username)]
+        epoch, bodies = self.e2e.plan_epoch(conv, {m: self._devices(m) for m in members})
+        for body in bodies:
+            self.client.put(
+                f"/api/conversations/{conv}/e2e/epochs/{epoch}",
+                json=body,
+                headers=self.auth,
+                name="/api/conversations/[id]/e2e/epochs/[epoch]",
+            ).raise_for_status()
+        self.e2e.use_epoch(conv, epoch)
+
+    def resend_sealed(self, cid: str) -> None:
+        """After ``e2e_stale``: a new epoch, and the message again, same cid."""
+        entry = self.ws.pending.get(cid)
+        if entry is None:
+            return
+        t0, frame, recipients = entry
+        self.new_epoch()
+        frame = {**frame, "e2e": self.e2e.encrypt(frame["conversation"], self.ws.texts[cid])}
+        self.ws.pending[cid] = (t0, frame, recipients)
+        self.ws.send_json(frame)
+
+    def read_e2e(self, f: dict) -> str:
+        """Decrypt a message frame (fetching this device's share of its
+        epoch and the sender's devices when they are new)."""
+        conv = f["conversation"]
+        missing = self.e2e.epochs_to_fetch([f])
+        if missing:
+            got = self._get(
+                f"/api/conversations/{conv}/e2e/shares?epochs={','.join(missing)}",
+                "/api/conversations/[id]/e2e/shares",
+            )
+            self.e2e.take_shares(conv, got["shares"])
+        known = {d["device"] for d in self.e2e.directory.get(f["from"], [])}
+        if f["e2e"].get("device") not in known:
+            self._devices(f["from"])
+        return self.e2e.read(f)
 
 
 # -- draining and the zero-loss report ---------------------------------------------------

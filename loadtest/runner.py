@@ -38,7 +38,9 @@ sys.path.insert(0, str(ROOT))
 from chatd.testing.cluster import Cluster  # noqa: E402
 from loadtest import loadvenv  # noqa: E402
 
-REQUEST_NAMES = ("send→sent", "send→delivered", "send→delivered receipt", "seen→seen receipt")
+PLAIN_NAMES = ("send→sent", "send→delivered", "send→delivered receipt", "seen→seen receipt")
+# End-to-end rooms (half of them by default) report the same four, marked.
+REQUEST_NAMES = PLAIN_NAMES + tuple(f"{n} (e2e)" for n in PLAIN_NAMES)
 SMOKE = {"users": 30, "spawn_rate": 15, "time": "15s", "replicas": 2}
 
 

@@ -25,10 +25,13 @@ class ChatError(Exception):
     code = "internal"
     http_status = 500
 
-    def __init__(self, message: str, *, cid: str | None = None) -> None:
+    def __init__(self, message: str, *, cid: str | None = None, **extra: object) -> None:
         super().__init__(message)
         self.message = message
         self.cid = cid
+        #: More fields for the wire (the error frame, the HTTP error object):
+        #: ``reason``, ``missing`` and ``extra`` of an end-to-end refusal.
+        self.extra: dict[str, object] = extra
 
     def with_cid(self, cid: str | None) -> ChatError:
         if cid is not None and self.cid is None:

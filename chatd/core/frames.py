@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from chatd.core import e2e as e2e_rules
 from chatd.core.errors import BadRequest, TooLarge, Unauthorized
 from chatd.core.events import MAX_EMOJI_CHARS, is_emoji
 from chatd.core.model import ReceiptKey
@@ -32,10 +33,13 @@ class Auth:
 @dataclass(frozen=True, slots=True)
 class Send:
     cid: str
-    body: str
+    #: The plain text, or None for an end-to-end message (``e2e`` instead).
+    body: str | None
     to: str | None = None
     conversation: str | None = None
     reply_to: str | None = None
+    #: An end-to-end message's ``e2e`` object (shape checked only).
+    e2e: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +64,8 @@ class React:
 class Edit:
     cid: str
     id: str
-    body: str
+    body: str | None
+    e2e: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +190,19 @@ def _message_id(obj: dict[str, Any], key: str, cid: str) -> str:
     return value
 
 
+def _content(obj: dict[str, Any], cid: str) -> tuple[str | None, dict[str, Any] | None]:
+    """(body, None) of a plain send or edit, (None, e2e) of an end-to-end one."""
+    if obj.get("e2e") is None:
+        return _body(obj, cid), None
+    if obj.get("body") is not None:
+        raise BadRequest("'body' and 'e2e' do not go together", cid=cid)
+    return None, e2e_rules.check_message(obj["e2e"], cid=cid)
+
+
 def _parse_send(obj: dict[str, Any]) -> Send:
     # A cid that is not valid is not echoed back: the error then has no cid.
     cid = check_cid(obj.get("cid"))
-    body = _body(obj, cid)
+    body, sealed = _content(obj, cid)
     reply_to = None if obj.get("reply_to") is None else _message_id(obj, "reply_to", cid)
     to = obj.get("to")
     conversation = obj.get("conversation")
@@ -198,7 +212,7 @@ def _parse_send(obj: dict[str, Any]) -> Send:
         raise BadRequest("'to' must be a username", cid=cid)
     if conversation is not None and not isinstance(conversation, str):
         raise BadRequest("'conversation' must be a conversation id", cid=cid)
-    return Send(cid=cid, body=body, to=to, conversation=conversation, reply_to=reply_to)
+    return Send(cid=cid, body=body, to=to, conversation=conversation, reply_to=reply_to, e2e=sealed)
 
 
 def _parse_ack(obj: dict[str, Any]) -> Ack:
@@ -229,7 +243,9 @@ def _parse_react(obj: dict[str, Any]) -> React:
 
 def _parse_edit(obj: dict[str, Any]) -> Edit:
     cid = check_cid(obj.get("cid"))
-    return Edit(cid=cid, id=_message_id(obj, "id", cid), body=_body(obj, cid))
+    mid = _message_id(obj, "id", cid)
+    body, sealed = _content(obj, cid)
+    return Edit(cid=cid, id=mid, body=body, e2e=sealed)
 
 
 def _parse_delete(obj: dict[str, Any]) -> Delete:
@@ -298,12 +314,14 @@ def message(
     conversation: str,
     seq: int,
     sender: str,
-    body: str,
+    body: str | None,
     ts: int,
     reply_to: str | None = None,
     edited_ts: int | None = None,
+    e2e: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    frame = {
+    """A ``message``: with ``body``, or (end-to-end) with ``e2e`` and no body."""
+    frame: dict[str, Any] = {
         "type": "message",
         "id": id,
         "conversation": conversation,
@@ -312,6 +330,9 @@ def message(
         "body": body,
         "ts": ts,
     }
+    if e2e is not None:
+        del frame["body"]
+        frame["e2e"] = e2e
     # Only when set: the frame of a plain message stays as small as before.
     if reply_to is not None:
         frame["reply_to"] = reply_to
@@ -352,8 +373,10 @@ def event(
     emoji: str | None = None,
     on: bool = True,
     body: str | None = None,
+    e2e: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A ``reaction``, ``edited`` or ``deleted`` event frame."""
+    """A ``reaction``, ``edited`` (``body``, or ``e2e`` end-to-end) or
+    ``deleted`` event frame."""
     frame: dict[str, Any] = {
         "type": kind,
         "eid": eid,
@@ -366,6 +389,8 @@ def event(
     if kind == "reaction":
         frame["emoji"] = emoji
         frame["on"] = on
+    elif kind == "edited" and e2e is not None:
+        frame["e2e"] = e2e
     elif kind == "edited":
         frame["body"] = body
     return frame

@@ -69,6 +69,9 @@ class Conversation:
     #: (member, the first seq they may read) for members who joined a group
     #: after it began (everyone else reads from seq 1).
     joined: tuple[tuple[str, int], ...] = ()
+    #: End-to-end (issue 12): messages carry an ``e2e`` object the server
+    #: cannot read, never a plain body. One way: never switched back.
+    e2e: bool = False
 
     def visible_from(self, user: str) -> int:
         """The first seq ``user`` may read."""
@@ -88,6 +91,7 @@ class ConversationSummary:
     admins: tuple[str, ...] = ()
     #: (member, first seq they may read) for members who joined later.
     joined: tuple[tuple[str, int], ...] = ()
+    e2e: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,10 @@ class NewMessage:
     recipients: tuple[str, ...]
     #: The id of a message of the same conversation this one answers.
     reply_to: str | None = None
+    #: An end-to-end message (``body`` seals its ``e2e`` object, see
+    #: :mod:`chatd.core.e2e`): switches the conversation to end-to-end; a
+    #: plain one in an end-to-end conversation is refused (``e2e_required``).
+    e2e: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +129,9 @@ class Appended:
     #: Who the message is owed to, as the store decided in its transaction
     #: (a group's members at that moment, but the sender); None: as asked.
     recipients: tuple[str, ...] | None = None
-    #: Set (a wire error code) when the store refused the message: the
-    #: sender is no longer a member of the group. Nothing was stored.
+    #: Set when the store refused the message; nothing was stored:
+    #: ``forbidden`` (the sender is no longer a member of the group) or
+    #: ``e2e_required`` (a plain body in an end-to-end conversation).
     refused: str | None = None
 
 
@@ -304,3 +313,27 @@ class Device:
     self_sig: str
     created_ts: int
     removed_ts: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    """An end-to-end epoch of a conversation: made by one sending device,
+    whose key is sealed (one *share* each) to the devices ``recipients``."""
+
+    conversation: str
+    epoch: str
+    user: str
+    device: str
+    recipients: tuple[str, ...]
+    created_ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class EpochShare:
+    """One sealed epoch key, addressed to device ``to``."""
+
+    epoch: str
+    sender: str
+    device: str
+    to: str
+    share: str

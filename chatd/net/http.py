@@ -22,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from chatd import __version__
 from chatd.core.errors import BadRequest, ChatError, TooLarge, Unauthorized
-from chatd.core.model import GroupAction
+from chatd.core.model import Conversation, GroupAction
 from chatd.net.clientip import Network, client_ip
 from chatd.service import ChatService
 
@@ -42,14 +42,15 @@ _HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
+def error_response(status: int, code: str, message: str, **extra: object) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+    body = {"code": code, "message": message, **extra}
+    return JSONResponse({"error": body}, status, headers=headers)
 
 
 async def _chat_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ChatError)
-    response = error_response(exc.http_status, exc.code, exc.message)
+    response = error_response(exc.http_status, exc.code, exc.message, **exc.extra)
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
@@ -95,6 +96,17 @@ def _int_param(request: Request, name: str) -> int | None:
         return int(raw)
     except ValueError:
         raise BadRequest(f"'{name}' must be an integer") from None
+
+
+def _conversation_json(conv: Conversation) -> dict[str, Any]:
+    return {
+        "id": conv.id,
+        "kind": conv.kind,
+        "members": list(conv.members),
+        "title": conv.title,
+        "admins": list(conv.admins),
+        "e2e": conv.e2e,
+    }
 
 
 def create_app(
@@ -149,17 +161,20 @@ def create_app(
         user = await caller(request)
         if request.method == "POST":
             body = await _json(request)
-            conv = await service.create_group(user, body.get("members"), body.get("title"))
-            return JSONResponse(
-                {
-                    "id": conv.id,
-                    "kind": conv.kind,
-                    "members": list(conv.members),
-                    "title": conv.title,
-                    "admins": list(conv.admins),
-                },
-                201,
+            if "to" in body:
+                # A one-to-one conversation: made (or found) now; it becomes
+                # end-to-end at its first end-to-end message.
+                if body.get("e2e") not in (None, False) or "members" in body:
+                    raise BadRequest(
+                        "'to' goes alone: a one-to-one conversation becomes end-to-end"
+                        " at its first end-to-end message"
+                    )
+                conv = await service.open_dm(user, body["to"])
+                return JSONResponse(_conversation_json(conv))
+            conv = await service.create_group(
+                user, body.get("members"), body.get("title"), body.get("e2e", False)
             )
+            return JSONResponse(_conversation_json(conv), 201)
         return JSONResponse({"conversations": await service.conversations(user)})
 
     async def conversation(request: Request) -> Response:
@@ -216,6 +231,26 @@ def create_app(
             return Response(status_code=204)
         created = await service.register_device(user, device, await _json(request))
         return JSONResponse({"device": device}, 201 if created else 200)
+
+    async def e2e_epoch(request: Request) -> Response:
+        """PUT {device, shares}: an epoch's key sealed to devices (in chunks)."""
+        user = await caller(request)
+        created = await service.put_epoch(
+            user,
+            request.path_params["id"],
+            request.path_params["epoch"],
+            await _json(request),
+        )
+        return JSONResponse({"epoch": request.path_params["epoch"]}, 201 if created else 200)
+
+    async def e2e_shares(request: Request) -> Response:
+        """GET ?epochs=a,b: the shares addressed to the caller's devices."""
+        user = await caller(request)
+        return JSONResponse(
+            await service.epoch_shares(
+                user, request.path_params["id"], request.query_params.get("epochs")
+            )
+        )
 
     async def user_devices(request: Request) -> Response:
         user = await caller(request)
@@ -282,6 +317,8 @@ def create_app(
             Route("/conversations/{id}/members/{name}", remove_member, methods=["DELETE"]),
             Route("/conversations/{id}/admins", add_members, methods=["POST"]),
             Route("/conversations/{id}/admins/{name}", remove_member, methods=["DELETE"]),
+            Route("/conversations/{id}/e2e/epochs/{epoch}", e2e_epoch, methods=["PUT"]),
+            Route("/conversations/{id}/e2e/shares", e2e_shares, methods=["GET"]),
             Route("/users/{name}", user_info, methods=["GET"]),
             Route("/users/{name}/devices", user_devices, methods=["GET"]),
             Route("/e2e/devices/{device}", e2e_device, methods=["PUT", "DELETE"]),

@@ -643,7 +643,7 @@ class WsConnection:
                 while self._inflight >= MAX_INFLIGHT // 2 and not self._closing:
                     await self._inflight_lot.park()
         except ChatError as exc:
-            self._push(frames.error(exc.code, exc.message, exc.cid))
+            self._push(frames.error(exc.code, exc.message, exc.cid, **exc.extra))
         except Exception:
             log.exception("frame handling failed", extra={"user": self.user, "conn": self.id})
             cid = frame.cid if isinstance(frame, frames.Send | frames.EventFrame) else None
@@ -657,12 +657,12 @@ class WsConnection:
             self._refuse(exc)
             return
         except ChatError as exc:
-            self._push(frames.error(exc.code, exc.message, exc.cid))
+            self._push(frames.error(exc.code, exc.message, exc.cid, **exc.extra))
             return
         try:
             self.session.check(frame, trio.current_time())
         except ChatError as exc:  # anything but auth: refused, keep waiting
-            self._push(frames.error(exc.code, exc.message, exc.cid))
+            self._push(frames.error(exc.code, exc.message, exc.cid, **exc.extra))
             return
         if not isinstance(frame, frames.Auth):
             raise RuntimeError("the session let a frame other than auth through")
@@ -672,14 +672,14 @@ class WsConnection:
             self._refuse(exc)
             return
         except ChatError as exc:
-            self._push(frames.error(exc.code, exc.message))
+            self._push(frames.error(exc.code, exc.message, **exc.extra))
             self._close = (CLOSE_INTERNAL, "could not check the token")
             self._closing = True
             return
         try:
             await self.service.admit_device(claims.user)
         except RateLimited as exc:
-            self._push(frames.error(exc.code, exc.message))
+            self._push(frames.error(exc.code, exc.message, **exc.extra))
             self._close = (CLOSE_TOO_MANY, "too many connections")
             self._closing = True
             return
@@ -700,7 +700,7 @@ class WsConnection:
         try:
             await self.service.attach(self)
         except ChatError as exc:
-            self._push(frames.error(exc.code, exc.message))
+            self._push(frames.error(exc.code, exc.message, **exc.extra))
             self._close = (CLOSE_INTERNAL, "could not start the session")
             self._closing = True
             return
@@ -710,7 +710,7 @@ class WsConnection:
         nursery.start_soon(self._backlog)
 
     def _refuse(self, exc: ChatError) -> None:
-        self._push(frames.error(exc.code, exc.message))
+        self._push(frames.error(exc.code, exc.message, **exc.extra))
         self._close = (CLOSE_UNAUTHORIZED, exc.message)
         self._closing = True
 

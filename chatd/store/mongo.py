@@ -82,7 +82,7 @@ username (and a taken group id) is :class:`Conflict`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote
@@ -112,6 +112,8 @@ from chatd.core.model import (
     Conversation,
     ConversationSummary,
     Device,
+    Epoch,
+    EpochShare,
     EventKind,
     EventResult,
     Mark,
@@ -176,6 +178,7 @@ CONVERSATIONS = "conversations"
 MESSAGES = "messages"
 EVENTS = "events"
 DEVICES = "devices"
+E2E_EPOCHS = "e2e_epochs"
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,19 @@ INDEXES: tuple[Index, ...] = (
         "the per-user bound: one device per (user, slot), slot < limit; a user's"
         " devices and taken slots ({user})",
         unique=True,
+    ),
+    Index(
+        DEVICES,
+        "device_id",
+        (("device", ASCENDING),),
+        "a device id is one device's, whoever's (end-to-end shares are addressed by it)",
+        unique=True,
+    ),
+    Index(
+        DEVICES,
+        "active_devices",
+        (("user", ASCENDING), ("removed_ts", ASCENDING)),
+        "active_devices: {user: {$in}, removed_ts: null}",
     ),
 )
 
@@ -428,6 +444,7 @@ def _conversation(doc: dict[str, Any]) -> Conversation:
         created_by=doc.get("created_by"),
         admins=tuple(_admins(doc)),
         joined=tuple(sorted((m, seq) for m, seq in _joined(doc).items() if seq > 1)),
+        e2e=bool(doc.get("e2e")),
     )
 
 
@@ -579,6 +596,7 @@ class MongoStore:
         self._messages = self._db.get_collection(MESSAGES)
         self._events = self._db.get_collection(EVENTS)
         self._devices = self._db.get_collection(DEVICES)
+        self._epochs = self._db.get_collection(E2E_EPOCHS)
         self._limiter = trio.CapacityLimiter(max_threads)
         self._ready = False
         self._ready_lock = trio.Lock()
@@ -738,9 +756,12 @@ class MongoStore:
         members: Sequence[str],
         ts: int,
         creator: str | None = None,
+        e2e: bool = False,
     ) -> Conversation:
         doc = self._new_conversation(id, "group", title, members, ts)
         doc["created_by"] = creator
+        if e2e:
+            doc["e2e"] = True
         # The creator is the first admin; mver counts membership changes.
         doc["admins"] = [creator] if creator in doc["members"] else []
         doc["mver"] = 0
@@ -931,6 +952,7 @@ class MongoStore:
                     last_message=last.get(c["_id"]),
                     admins=tuple(_admins(c)),
                     joined=tuple(sorted((m, q) for m, q in _joined(c).items() if q > 1)),
+                    e2e=bool(c.get("e2e")),
                 )
                 for c in convs
             ]
@@ -965,6 +987,104 @@ class MongoStore:
 
         return await self._run(fn)
 
+    async def active_devices(self, users: Sequence[str]) -> list[str]:
+        def fn() -> list[str]:
+            docs = self._devices.find(
+                {"user": {"$in": list(users)}, "removed_ts": None}, {"device": 1}
+            )
+            return sorted(d["device"] for d in docs)
+
+        if not users:
+            return []
+        return await self._run(fn)
+
+    # -- end-to-end epochs ---------------------------------------------------------
+    #
+    # One document per epoch: _id "conversation:epoch", the device that made
+    # it, and ``shares`` {recipient device: sealed key} (device ids are
+    # A-Z a-z 0-9 _ -: safe as field names).
+
+    async def put_epoch(
+        self,
+        conversation: str,
+        epoch: str,
+        user: str,
+        device: str,
+        shares: Mapping[str, str],
+        ts: int,
+    ) -> str:
+        def fn() -> str:
+            key = f"{conversation}:{epoch}"
+            for _ in range(_APPEND_CONFLICTS):
+                doc = self._epochs.find_one({"_id": key})
+                if doc is None:
+                    try:
+                        self._epochs.insert_one(
+                            {
+                                "_id": key,
+                                "conversation": conversation,
+                                "epoch": epoch,
+                                "user": user,
+                                "device": device,
+                                "created_ts": ts,
+                                "shares": dict(shares),
+                            }
+                        )
+                    except DuplicateKeyError:
+                        continue  # made meanwhile: look again
+                    return "created"
+                if (doc["user"], doc["device"]) != (user, device):
+                    return "conflict"
+                have = doc.get("shares") or {}
+                if any(have.get(d, s) != s for d, s in shares.items()):
+                    return "conflict"
+                new = {d: s for d, s in shares.items() if d not in have}
+                if not new:
+                    return "added"
+                # Compare-and-set: a share added meanwhile sends it round again.
+                done = self._epochs.update_one(
+                    {"_id": key, **{f"shares.{d}": {"$exists": False} for d in new}},
+                    {"$set": {f"shares.{d}": s for d, s in new.items()}},
+                )
+                if done.matched_count == 1:
+                    return "added"
+            raise Unavailable(f"too much contention adding shares to epoch {epoch}")
+
+        return await self._run(fn)
+
+    async def get_epoch(self, conversation: str, epoch: str) -> Epoch | None:
+        def fn() -> Epoch | None:
+            doc = self._epochs.find_one({"_id": f"{conversation}:{epoch}"})
+            if doc is None:
+                return None
+            return Epoch(
+                conversation,
+                epoch,
+                doc["user"],
+                doc["device"],
+                tuple(sorted(doc.get("shares") or {})),
+                doc["created_ts"],
+            )
+
+        return await self._run(fn)
+
+    async def epoch_shares(
+        self, conversation: str, epochs: Sequence[str], devices: Sequence[str]
+    ) -> list[EpochShare]:
+        def fn() -> list[EpochShare]:
+            ids = [f"{conversation}:{e}" for e in epochs]
+            mine = set(devices)
+            out = []
+            for doc in self._epochs.find({"_id": {"$in": ids}}, sort=[("_id", ASCENDING)]):
+                for to, share in sorted((doc.get("shares") or {}).items()):
+                    if to in mine:
+                        out.append(EpochShare(doc["epoch"], doc["user"], doc["device"], to, share))
+            return out
+
+        if not epochs or not devices:
+            return []
+        return await self._run(fn)
+
     # -- end-to-end devices ------------------------------------------------------
 
     async def put_device(self, device: Device, limit: int) -> str:
@@ -992,6 +1112,8 @@ class MongoStore:
                     {**key, **keys, "removed_ts": None}, {"$set": {"name": device.name}}
                 )
                 return "same" if done.matched_count == 1 else "conflict"
+            if self._devices.find_one({"device": device.device}, {"_id": 1}) is not None:
+                return "conflict"  # another user's device id
             taken = {d.get("slot") for d in self._devices.find({"user": device.user}, {"slot": 1})}
             slot = next((s for s in range(limit) if s not in taken), None)
             if slot is None:
@@ -1071,11 +1193,14 @@ class MongoStore:
         groups: dict[str, dict[str, Any]] = {}
         to: dict[int, Sequence[str]] = {}
         names = sorted({batch[i].conversation for i in unique})
-        fields = {"last_seq": 1, "kind": 1, "members": 1, "mver": 1, "pending": 1}
+        fields = {"last_seq": 1, "kind": 1, "members": 1, "mver": 1, "pending": 1, "e2e": 1}
+        e2e_on: set[str] = set()
         for doc in self._conversations.find({"_id": {"$in": names}}, fields):
             top[doc["_id"]] = doc.get("last_seq", 0)
             if doc.get("kind") == "group":
                 groups[doc["_id"]] = doc
+            if doc.get("e2e"):
+                e2e_on.add(doc["_id"])
         if pending:
             missing = [c for c in sorted({batch[i].conversation for i in pending}) if c not in top]
             if missing:
@@ -1084,9 +1209,19 @@ class MongoStore:
                 if doc.get("pending") is not None:
                     self._announce(doc["pending"])  # a change's event not yet stored
             allowed: list[int] = []
+            turned: set[str] = set()
             for i in pending:
                 msg = batch[i]
                 group = groups.get(msg.conversation)
+                if msg.e2e:
+                    turned.add(msg.conversation)
+                elif msg.conversation in e2e_on or msg.conversation in turned:
+                    # A plain body in an end-to-end conversation (or after an
+                    # end-to-end message of the same batch): refused.
+                    results[i] = Appended(
+                        msg.id, msg.conversation, 0, msg.ts, False, refused="e2e_required"
+                    )
+                    continue
                 if group is None:
                     to[i] = msg.recipients
                 elif msg.sender in group["members"]:
@@ -1178,6 +1313,17 @@ class MongoStore:
             if res is not None and res.refused is None:
                 seq, ts = advance.get(res.conversation, (0, 0))
                 advance[res.conversation] = (max(seq, res.seq), max(ts, res.ts))
+        # The first end-to-end message switches its conversation (one way).
+        switched = sorted(
+            {
+                res.conversation
+                for msg, res in zip(batch, results, strict=True)
+                if msg.e2e and res is not None and res.refused is None
+            }
+            - e2e_on
+        )
+        if switched:
+            self._conversations.update_many({"_id": {"$in": switched}}, {"$set": {"e2e": True}})
         plain = [
             UpdateOne({"_id": conv}, {"$max": {"last_seq": seq, "last_ts": ts}})
             for conv, (seq, ts) in sorted(advance.items())

@@ -36,7 +36,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
@@ -52,6 +52,8 @@ from chatd.core.model import (
     Conversation,
     ConversationSummary,
     Device,
+    Epoch,
+    EpochShare,
     EventKind,
     EventResult,
     Mark,
@@ -179,6 +181,24 @@ CREATE TABLE IF NOT EXISTS reactions (
     ts           INTEGER NOT NULL,
     PRIMARY KEY (message_id, username, emoji)
 ) WITHOUT ROWID;
+-- A device id is one device's, whoever's (shares are addressed by it).
+CREATE UNIQUE INDEX IF NOT EXISTS devices_by_id ON devices (device);
+-- End-to-end epochs: who made each, and its key sealed to each device.
+CREATE TABLE IF NOT EXISTS e2e_epochs (
+    conversation TEXT NOT NULL,
+    epoch        TEXT NOT NULL,
+    username     TEXT NOT NULL,
+    device       TEXT NOT NULL,
+    created_ts   INTEGER NOT NULL,
+    PRIMARY KEY (conversation, epoch)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS e2e_shares (
+    conversation TEXT NOT NULL,
+    epoch        TEXT NOT NULL,
+    recipient    TEXT NOT NULL,
+    share        TEXT NOT NULL,
+    PRIMARY KEY (conversation, epoch, recipient)
+) WITHOUT ROWID;
 """
 
 #: Columns added after the first release: (table, column, definition). A
@@ -195,6 +215,8 @@ COLUMNS = (
     ("members", "admin", "INTEGER NOT NULL DEFAULT 0"),
     # A members event's action, users and the group after it (JSON).
     ("events", "detail", "TEXT"),
+    # End-to-end (issue 12): set at creation or by the first e2e message.
+    ("conversations", "e2e", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -330,12 +352,21 @@ def _append_rows(db: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[Ap
                 )
                 continue
             recipients = tuple(sorted(members - {msg.sender}))
+        # An end-to-end message switches the conversation (one way); a plain
+        # one in an end-to-end conversation matches no row.
         seq_row = db.execute(
-            "UPDATE conversations SET last_seq = last_seq + 1, last_ts = ?"
-            " WHERE id = ? RETURNING last_seq",
-            (msg.ts, msg.conversation),
+            "UPDATE conversations SET last_seq = last_seq + 1, last_ts = ?, e2e = e2e | ?"
+            " WHERE id = ? AND (e2e = 0 OR ?) RETURNING last_seq",
+            (msg.ts, int(msg.e2e), msg.conversation, int(msg.e2e)),
         ).fetchone()
         if seq_row is None:
+            if db.execute(
+                "SELECT 1 FROM conversations WHERE id = ?", (msg.conversation,)
+            ).fetchone():
+                out.append(
+                    Appended(msg.id, msg.conversation, 0, msg.ts, False, refused="e2e_required")
+                )
+                continue
             # Rolls the whole batch back: nothing is half-written.
             raise NotFound(f"conversation {msg.conversation} does not exist")
         seq = seq_row[0]
@@ -803,7 +834,7 @@ class SqliteStore:
     @staticmethod
     def _conversation(db: sqlite3.Connection, id: str) -> Conversation | None:
         row = db.execute(
-            "SELECT id, kind, title, created_ts, created_by FROM conversations WHERE id = ?",
+            "SELECT id, kind, title, created_ts, created_by, e2e FROM conversations WHERE id = ?",
             (id,),
         ).fetchone()
         if row is None:
@@ -822,6 +853,7 @@ class SqliteStore:
             created_by=row[4],
             admins=tuple(r[0] for r in rows if r[1]),
             joined=tuple((r[0], r[2]) for r in rows if r[2] > 1),
+            e2e=bool(row[5]),
         )
 
     async def ensure_dm(self, a: str, b: str, ts: int) -> Conversation:
@@ -856,14 +888,15 @@ class SqliteStore:
         members: Sequence[str],
         ts: int,
         creator: str | None = None,
+        e2e: bool = False,
     ) -> Conversation:
         def fn(db: sqlite3.Connection) -> Conversation:
             with _Tx(db):
                 try:
                     db.execute(
-                        "INSERT INTO conversations (id, kind, title, created_ts, created_by)"
-                        " VALUES (?, 'group', ?, ?, ?)",
-                        (id, title, ts, creator),
+                        "INSERT INTO conversations (id, kind, title, created_ts, created_by, e2e)"
+                        " VALUES (?, 'group', ?, ?, ?, ?)",
+                        (id, title, ts, creator, int(e2e)),
                     )
                 except sqlite3.IntegrityError:
                     raise Conflict(f"conversation '{id}' exists") from None
@@ -979,6 +1012,10 @@ class SqliteStore:
                         (device.name, device.user, device.device),
                     )
                     return "same"
+                if db.execute(
+                    "SELECT 1 FROM devices WHERE device = ?", (device.device,)
+                ).fetchone():
+                    return "conflict"  # another user's device id
                 count = db.execute(
                     "SELECT count(*) FROM devices WHERE username = ?", (device.user,)
                 ).fetchone()[0]
@@ -1040,13 +1077,112 @@ class SqliteStore:
 
         return await self._run(fn)
 
+    async def active_devices(self, users: Sequence[str]) -> list[str]:
+        def fn(db: sqlite3.Connection) -> list[str]:
+            marks = ",".join("?" * len(users))
+            return [
+                r[0]
+                for r in db.execute(
+                    f"SELECT device FROM devices WHERE username IN ({marks})"
+                    " AND removed_ts IS NULL ORDER BY device",
+                    tuple(users),
+                )
+            ]
+
+        if not users:
+            return []
+        return await self._run(fn)
+
+    # -- end-to-end epochs ---------------------------------------------------------
+
+    async def put_epoch(
+        self,
+        conversation: str,
+        epoch: str,
+        user: str,
+        device: str,
+        shares: Mapping[str, str],
+        ts: int,
+    ) -> str:
+        def fn(db: sqlite3.Connection) -> str:
+            with _Tx(db):
+                row = db.execute(
+                    "SELECT username, device FROM e2e_epochs WHERE conversation = ? AND epoch = ?",
+                    (conversation, epoch),
+                ).fetchone()
+                if row is not None and tuple(row) != (user, device):
+                    return "conflict"
+                have = dict(
+                    db.execute(
+                        "SELECT recipient, share FROM e2e_shares"
+                        " WHERE conversation = ? AND epoch = ?",
+                        (conversation, epoch),
+                    ).fetchall()
+                )
+                if any(have.get(d, s) != s for d, s in shares.items()):
+                    return "conflict"
+                if row is None:
+                    db.execute(
+                        "INSERT INTO e2e_epochs (conversation, epoch, username, device,"
+                        " created_ts) VALUES (?, ?, ?, ?, ?)",
+                        (conversation, epoch, user, device, ts),
+                    )
+                db.executemany(
+                    "INSERT OR IGNORE INTO e2e_shares (conversation, epoch, recipient, share)"
+                    " VALUES (?, ?, ?, ?)",
+                    [(conversation, epoch, d, s) for d, s in sorted(shares.items())],
+                )
+                return "created" if row is None else "added"
+
+        return await self._write(fn)
+
+    async def get_epoch(self, conversation: str, epoch: str) -> Epoch | None:
+        def fn(db: sqlite3.Connection) -> Epoch | None:
+            row = db.execute(
+                "SELECT username, device, created_ts FROM e2e_epochs"
+                " WHERE conversation = ? AND epoch = ?",
+                (conversation, epoch),
+            ).fetchone()
+            if row is None:
+                return None
+            to = db.execute(
+                "SELECT recipient FROM e2e_shares WHERE conversation = ? AND epoch = ?"
+                " ORDER BY recipient",
+                (conversation, epoch),
+            ).fetchall()
+            return Epoch(conversation, epoch, row[0], row[1], tuple(r[0] for r in to), row[2])
+
+        return await self._run(fn)
+
+    async def epoch_shares(
+        self, conversation: str, epochs: Sequence[str], devices: Sequence[str]
+    ) -> list[EpochShare]:
+        def fn(db: sqlite3.Connection) -> list[EpochShare]:
+            e_marks = ",".join("?" * len(epochs))
+            d_marks = ",".join("?" * len(devices))
+            return [
+                EpochShare(*row)
+                for row in db.execute(
+                    "SELECT s.epoch, e.username, e.device, s.recipient, s.share"
+                    " FROM e2e_shares s JOIN e2e_epochs e"
+                    " ON e.conversation = s.conversation AND e.epoch = s.epoch"
+                    f" WHERE s.conversation = ? AND s.epoch IN ({e_marks})"
+                    f" AND s.recipient IN ({d_marks}) ORDER BY s.epoch, s.recipient",
+                    (conversation, *epochs, *devices),
+                )
+            ]
+
+        if not epochs or not devices:
+            return []
+        return await self._run(fn)
+
     async def get_conversation(self, id: str) -> Conversation | None:
         return await self._run(self._conversation, id)
 
     async def conversations_of(self, username: str) -> list[ConversationSummary]:
         def fn(db: sqlite3.Connection) -> list[ConversationSummary]:
             rows = db.execute(
-                "SELECT c.id, c.kind, c.title, c.last_seq, c.last_ts, c.created_ts"
+                "SELECT c.id, c.kind, c.title, c.last_seq, c.last_ts, c.created_ts, c.e2e"
                 " FROM members m JOIN conversations c ON c.id = m.conversation"
                 " WHERE m.username = ?",
                 (username,),
@@ -1095,6 +1231,7 @@ class SqliteStore:
                     last_message=last.get(r[0]),
                     admins=tuple(admins.get(r[0], ())),
                     joined=tuple(joined.get(r[0], ())),
+                    e2e=bool(r[6]),
                 )
                 for r in rows
             ]

@@ -22,6 +22,7 @@ class Cluster:
     replicas: int = 2
     extra_args: list[str] = field(default_factory=list)
     with_nginx: bool = True
+    nginx_access_log: bool = False
     redis: RedisServer | None = None
     #: Use this Redis (not started or stopped here) instead of starting one.
     redis_url: str = ""
@@ -59,6 +60,7 @@ class Cluster:
                     self.workdir / "nginx",
                     http_upstreams=[f"127.0.0.1:{n.http_port}" for n in self.nodes],
                     ws_upstreams=[f"127.0.0.1:{n.ws_port}" for n in self.nodes],
+                    access_log=self.nginx_access_log,
                 ).start()
         except BaseException:
             self.close()

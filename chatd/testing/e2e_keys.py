@@ -50,3 +50,8 @@ class KeyedDevice:
             "name": self.name,
             "self_sig": b64url(sig),
         }
+
+    def public(self, removed_ts: int | None = None) -> dict[str, object]:
+        """This device as ``GET /api/users/{name}/devices`` lists it (less
+        ``created_ts``, which only the server knows)."""
+        return {"device": self.device, **self.registration(), "removed_ts": removed_ts}

@@ -66,7 +66,7 @@ events {{ worker_connections 4096; }}
 http {{
     include {mime};
     default_type application/octet-stream;
-    access_log off;
+    access_log {access_log};
     client_body_temp_path {dir}/client_body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
@@ -86,6 +86,9 @@ class NginxProcess:
     port: int = 0
     proc: subprocess.Popen | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    #: Log every request to ``workdir/access.log`` (off: the benchmarks
+    #: would pay for it).
+    access_log: bool = False
 
     @property
     def url(self) -> str:
@@ -114,6 +117,7 @@ class NginxProcess:
             dir=self.workdir,
             mime=mime if os.path.exists(mime) else str(self.workdir / "chatd.conf"),
             user="user root;" if os.geteuid() == 0 else "",
+            access_log=f"{self.workdir}/access.log" if self.access_log else "off",
         )
         path = self.workdir / "nginx.conf"
         path.write_text(main)

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from chatd.testing.client import Api, connect
+from chatd.testing.e2e_client import AsyncE2E, E2EDevice
 from chatd.testing.procs import free_port
 from tests.admin.conftest import Deployment, ctl
 
@@ -440,3 +441,37 @@ async def test_messages_show_and_delete(deployment):
     assert "already deleted" in ok(again, 1).stderr
     missing = await trio.to_thread.run_sync(lambda: ctl(env, "messages", "show", "nope"))
     assert ok(missing, 1).stderr.strip() == "chatctl: no message 'nope'"
+
+
+async def test_an_end_to_end_message_shows_no_text(deployment):
+    """Even with the keyring, an operator sees an end-to-end message's
+    ciphertext object, never its text (issue 12)."""
+    env = deployment.env
+    api = Api(deployment.chatd.http_url)
+    tokens = {u: await api.user(u, PASSWORD) for u in ("mod_e", "mod_k")}
+    dev = AsyncE2E(
+        E2EDevice("mod_e"),
+        lambda method, path, **kw: api.call(method, path, tokens["mod_e"], **kw),
+    )
+    await dev.register()
+    status, made = await api.call(
+        "POST", "/api/conversations", tokens["mod_e"], json={"to": "mod_k"}
+    )
+    assert status == 200
+    await dev.new_epoch(made["id"], ["mod_e", "mod_k"])
+    await api.aclose()
+    e2e = dev.dev.encrypt(made["id"], "the operator must not read this")
+    async with connect(deployment.chatd.ws_url, "mod_e") as e:
+        await e.auth_with(tokens["mod_e"], device=dev.dev.device)
+        await e.send_json({"type": "send", "cid": "x1", "conversation": made["id"], "e2e": e2e})
+        mid = (await e.expect("sent", cid="x1"))["id"]
+    run = await trio.to_thread.run_sync(
+        lambda: ctl(env, "messages", "show", mid, "--decrypt", "--json")
+    )
+    shown = as_json(run)
+    assert shown["e2e"] == e2e and "body" not in shown
+    assert "must not read" not in run.stdout + run.stderr
+    queued = await trio.to_thread.run_sync(
+        lambda: ctl(env, "queue", "show", "mod_k", "--decrypt", "--json")
+    )
+    assert as_json(queued)[0]["e2e"] == e2e

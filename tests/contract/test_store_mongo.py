@@ -217,6 +217,12 @@ EXPECTED_INDEXES = {
     "devices": {
         "user_device": {"key": [("user", 1), ("device", 1)], "unique": True, "partial": {}},
         "user_slot": {"key": [("user", 1), ("slot", 1)], "unique": True, "partial": {}},
+        "device_id": {"key": [("device", 1)], "unique": True, "partial": {}},
+        "active_devices": {
+            "key": [("user", 1), ("removed_ts", 1)],
+            "unique": False,
+            "partial": {},
+        },
     },
 }
 

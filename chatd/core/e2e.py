@@ -1,0 +1,164 @@
+"""End-to-end conversations (issue 12): the server's side of the rules.
+
+The server never decrypts anything here. It checks shapes (the ``e2e``
+object of a ``send`` or ``edit``, epoch ids, sealed shares), decides whether
+an epoch's shares cover the devices they must (:func:`coverage`), and keeps
+an end-to-end message apart from a plain body in what it stores
+(:func:`stored_text`, :func:`parse_stored`). The formats the clients use are
+in ``docs/e2e-crypto.md``. Plain functions; the service and stores call them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from chatd.core.devices import b64url, check_device_id
+from chatd.core.errors import BadRequest, TooLarge
+
+VERSION = 1
+#: The most characters of an ``e2e.ct`` (base64url): a 4,000-character body
+#: of 4-byte characters in JSON, plus the tag, with room to spare.
+MAX_CT_CHARS = 22_000
+_EPOCH = re.compile(r"[A-Za-z0-9_-]{8,64}")
+#: A share is HPKE's ``enc`` (32 bytes) and the sealed 32-byte key (48).
+SHARE_BYTES = 80
+#: Shares one ``PUT .../e2e/epochs/{epoch}`` may carry (send more in chunks).
+MAX_SHARES_PER_PUT = 256
+#: Epochs one ``GET .../e2e/shares?epochs=`` may name.
+MAX_EPOCHS_PER_GET = 100
+
+# What the server stores for an end-to-end message, sealed at rest like any
+# body: this mark, then the ``e2e`` object as JSON. A plain body that
+# happens to begin with NUL is stored with one more NUL in front, so the two
+# never mix up (bodies are otherwise stored exactly as sent).
+_NUL = "\x00"
+_E2E_MARK = "\x00e2e:"
+
+
+def stored_text(*, body: str | None = None, e2e: Mapping[str, Any] | None = None) -> str:
+    """The text the server seals at rest for a plain ``body`` or an ``e2e`` object."""
+    if e2e is not None:
+        return _E2E_MARK + json.dumps(dict(e2e), separators=(",", ":"), sort_keys=True)
+    if body is None:
+        raise ValueError("a body or an e2e object")
+    return _NUL + body if body.startswith(_NUL) else body
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    """What a stored text holds: a plain ``body`` or an ``e2e`` object."""
+
+    body: str | None
+    e2e: dict[str, Any] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The wire's fields: ``{"body": ...}`` or ``{"e2e": {...}}``."""
+        return {"e2e": self.e2e} if self.e2e is not None else {"body": self.body}
+
+
+def parse_stored(text: str) -> Content:
+    """The inverse of :func:`stored_text`."""
+    if text.startswith(_E2E_MARK):
+        return Content(None, json.loads(text[len(_E2E_MARK) :]))
+    if text.startswith(_NUL + _NUL):
+        return Content(text[1:])
+    return Content(text)
+
+
+def check_epoch_id(epoch: object, *, cid: str | None = None) -> str:
+    if not isinstance(epoch, str) or not _EPOCH.fullmatch(epoch):
+        raise BadRequest("an epoch id is 8-64 characters of A-Z a-z 0-9 _ -", cid=cid)
+    return epoch
+
+
+def check_message(obj: object, *, cid: str | None = None) -> dict[str, Any]:
+    """An ``e2e`` object of a ``send`` or ``edit``, checked for shape only
+    (``v`` 1, the device and epoch ids, a 12-byte ``iv``, a ``ct`` of at
+    most :data:`MAX_CT_CHARS` holding at least the 16-byte tag, a 64-byte
+    ``sig``); returned with exactly those fields. BadRequest / TooLarge."""
+    if not isinstance(obj, dict):
+        raise BadRequest("'e2e' must be an object", cid=cid)
+    if obj.get("v") != VERSION or isinstance(obj.get("v"), bool):
+        raise BadRequest(f"'e2e.v' must be {VERSION}", cid=cid)
+    try:
+        device = check_device_id(obj.get("device"))
+    except BadRequest as exc:
+        raise BadRequest(f"'e2e.device': {exc.message}", cid=cid) from None
+    epoch = check_epoch_id(obj.get("epoch"), cid=cid)
+    ct = obj.get("ct")
+    if isinstance(ct, str) and len(ct) > MAX_CT_CHARS:
+        raise TooLarge(f"'e2e.ct' is over {MAX_CT_CHARS} characters", cid=cid)
+    try:
+        b64url(obj.get("iv"), 12, "e2e.iv")
+        b64url(obj.get("sig"), 64, "e2e.sig")
+        if len(_decode(ct, "e2e.ct")) < 16:
+            raise BadRequest("'e2e.ct' must hold at least the 16-byte tag")
+    except BadRequest as exc:
+        raise BadRequest(exc.message, cid=cid) from None
+    return {
+        "v": VERSION,
+        "device": device,
+        "epoch": epoch,
+        "iv": obj["iv"],
+        "ct": ct,
+        "sig": obj["sig"],
+    }
+
+
+def _decode(raw: object, what: str) -> bytes:
+    """base64url of any length (padding optional), else BadRequest."""
+    if not isinstance(raw, str) or not re.fullmatch(r"[A-Za-z0-9_-]*={0,2}", raw):
+        raise BadRequest(f"'{what}' must be base64url")
+    try:
+        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"'{what}' must be base64url") from None
+
+
+def check_shares(obj: object, *, sender_device: str) -> dict[str, str]:
+    """The ``shares`` of an epoch upload: device id → base64url of
+    :data:`SHARE_BYTES` bytes, at most :data:`MAX_SHARES_PER_PUT`, never to
+    the sending device itself (it keeps its own key). Empty is fine: an
+    epoch nobody else can read yet (no other device in the conversation).
+    BadRequest."""
+    if not isinstance(obj, dict):
+        raise BadRequest("'shares' must be an object of device id to sealed key")
+    if len(obj) > MAX_SHARES_PER_PUT:
+        raise BadRequest(f"at most {MAX_SHARES_PER_PUT} shares per request; send the rest after")
+    out: dict[str, str] = {}
+    for device, share in obj.items():
+        check_device_id(device)
+        if device == sender_device:
+            raise BadRequest("no share for the sending device itself")
+        b64url(share, SHARE_BYTES, f"shares.{device}")
+        out[device] = share
+    return out
+
+
+def check_epoch_list(raw: str | None) -> list[str]:
+    """``?epochs=a,b``: the epoch ids named, deduplicated, at most
+    :data:`MAX_EPOCHS_PER_GET`."""
+    names = [e for e in (raw or "").split(",") if e]
+    if not names:
+        raise BadRequest("'epochs' names one or more epoch ids, comma-separated")
+    if len(names) > MAX_EPOCHS_PER_GET:
+        raise BadRequest(f"at most {MAX_EPOCHS_PER_GET} epochs per request")
+    return list(dict.fromkeys(check_epoch_id(e) for e in names))
+
+
+def coverage(
+    recipients: Iterable[str], active: Iterable[str], sender_device: str
+) -> tuple[list[str], list[str]]:
+    """(missing, extra) of an epoch whose shares go to ``recipients``, when
+    the members' active devices are ``active``: every active device but the
+    sending one must have a share (missing: those without), and no share may
+    go to a device that is removed or no longer a member's (extra)."""
+    want = set(active) - {sender_device}
+    have = set(recipients)
+    return sorted(want - have), sorted(have - want)

@@ -1,0 +1,219 @@
+"""An end-to-end device for tests and the load suite: the client's half of
+issue 12 in Python (the web client's is ``web/js/e2e.js``).
+
+:class:`E2EDevice` keeps what a device keeps (its keys, its epochs per
+conversation, the epoch keys it opened, the device lists it fetched) and
+does the pure work: plan an epoch's shares, encrypt, read a message. The
+HTTP calls are the caller's, through :class:`AsyncE2E` (tests, trio) or the
+Locust user's own session (``loadtest/locustfile.py``), so both speak the
+same bytes (``docs/e2e-crypto.md``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatd.testing import e2e_crypto as ec
+from chatd.testing.e2e_keys import KeyedDevice
+
+#: Shares per ``PUT .../e2e/epochs/{epoch}`` (the server takes at most 256).
+SHARES_PER_PUT = 256
+#: Rotation: a sending device starts a new epoch after this many messages.
+MESSAGES_PER_EPOCH = 100
+EPOCH_MAX_AGE_S = 7 * 24 * 3600
+
+
+@dataclass
+class Epoch:
+    """This device's current epoch in one conversation."""
+
+    id: str
+    key: bytes
+    count: int = 0
+    created: float = field(default_factory=time.time)
+
+    def due(self) -> bool:
+        return self.count >= MESSAGES_PER_EPOCH or time.time() - self.created > EPOCH_MAX_AGE_S
+
+
+@dataclass
+class E2EDevice:
+    username: str
+    keys: KeyedDevice = field(default=None)  # type: ignore[assignment]
+    #: conversation -> this device's current epoch there.
+    epochs: dict[str, Epoch] = field(default_factory=dict)
+    #: (conversation, epoch) -> key: opened shares and this device's own.
+    known: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    #: username -> their device list as the server gave it.
+    directory: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    guard: ec.ReplayGuard = field(default_factory=ec.ReplayGuard)
+
+    def __post_init__(self) -> None:
+        if self.keys is None:
+            self.keys = KeyedDevice(self.username)
+
+    @property
+    def device(self) -> str:
+        return self.keys.device
+
+    def plan_epoch(
+        self, conversation: str, devices: Mapping[str, list[dict[str, Any]]]
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """A new epoch for ``conversation`` sealed to every active device in
+        ``devices`` (member -> device list) but this one; (epoch id, the PUT
+        bodies, in chunks). It becomes current once the caller stored them."""
+        epoch_id, key = ec.new_epoch_id(), ec.new_epoch_key()
+        shares = {
+            d["device"]: ec.seal_share(
+                d["dh_key"],
+                conversation=conversation,
+                epoch=epoch_id,
+                sender=self.username,
+                sender_device=self.device,
+                recipient_device=d["device"],
+                epoch_key=key,
+            )
+            for member_devices in devices.values()
+            for d in member_devices
+            if d.get("removed_ts") is None and d["device"] != self.device
+        }
+        items = sorted(shares.items())
+        bodies = [
+            {"device": self.device, "shares": dict(items[i : i + SHARES_PER_PUT])}
+            for i in range(0, max(len(items), 1), SHARES_PER_PUT)
+        ]
+        self.known[(conversation, epoch_id)] = key
+        return epoch_id, bodies
+
+    def use_epoch(self, conversation: str, epoch_id: str) -> None:
+        """The planned epoch was stored: send under it from now on."""
+        self.epochs[conversation] = Epoch(epoch_id, self.known[(conversation, epoch_id)])
+
+    def encrypt(self, conversation: str, body: str, *, edit_of: str | None = None) -> dict:
+        """The ``e2e`` object of a message (or an edit of ``edit_of``) under
+        the current epoch of ``conversation`` (KeyError if there is none)."""
+        epoch = self.epochs[conversation]
+        epoch.count += 1
+        plaintext = (
+            {"t": "edit", "id": edit_of, "body": body} if edit_of else {"t": "msg", "body": body}
+        )
+        return ec.encrypt(
+            epoch.key,
+            self.keys.sign,
+            conversation=conversation,
+            sender=self.username,
+            device=self.device,
+            epoch=epoch.id,
+            plaintext=plaintext,
+        )
+
+    def epochs_to_fetch(self, frames: list[dict[str, Any]]) -> list[str]:
+        """The epochs of these ``message`` frames whose key this device lacks."""
+        need = {
+            f["e2e"]["epoch"]
+            for f in frames
+            if "e2e" in f and (f["conversation"], f["e2e"]["epoch"]) not in self.known
+        }
+        return sorted(need)
+
+    def take_shares(self, conversation: str, shares: list[dict[str, Any]]) -> None:
+        """Open the shares ``GET .../e2e/shares`` returned for this device
+        (a share that does not open is left out: its messages say so)."""
+        for s in shares:
+            if s["to"] != self.device:
+                continue
+            try:
+                self.known[(conversation, s["epoch"])] = ec.open_share(
+                    self.keys.dh,
+                    s["share"],
+                    conversation=conversation,
+                    epoch=s["epoch"],
+                    sender=s["sender"],
+                    sender_device=s["device"],
+                    recipient_device=self.device,
+                )
+            except ec.DecryptError:
+                pass
+
+    def read(self, frame: dict[str, Any], *, edit_of: str | None = None) -> str:
+        """The body of a ``message`` (or ``edited``) frame or history item
+        carrying ``e2e``: raises DecryptError with the reason it cannot be
+        shown. The sender's device list must be in :attr:`directory`."""
+        e2e, conversation = frame["e2e"], frame["conversation"]
+        sender = frame.get("from") or frame.get("by") or ""
+        sig_key = next(
+            (
+                d["sig_key"]
+                for d in self.directory.get(sender, [])
+                if d["device"] == e2e.get("device")
+            ),
+            None,
+        )
+        key = self.known.get((conversation, str(e2e.get("epoch"))))
+        # None for either: decrypt reports it in the spec's order.
+        plaintext = ec.decrypt(key, sig_key, e2e, conversation=conversation, sender=sender)
+        if edit_of is None and frame.get("edited_ts") is not None and plaintext.get("t") == "edit":
+            # An edited message's latest version is its last edit's object.
+            edit_of = frame["id"]
+        body = ec.check_kind(plaintext, edit_of=edit_of)
+        if edit_of is None:
+            self.guard.check(e2e["device"], e2e["epoch"], e2e["iv"], frame["id"])
+        return body
+
+
+Call = Callable[..., Awaitable[tuple[int, Any]]]
+
+
+class AsyncE2E:
+    """:class:`E2EDevice` with the HTTP calls made through ``call(method,
+    path, json=...)`` -> (status, body) (e.g. ``Api.call`` with a token)."""
+
+    def __init__(self, device: E2EDevice, call: Call) -> None:
+        self.dev = device
+        self.call = call
+
+    async def register(self) -> None:
+        status, body = await self.call(
+            "PUT", f"/api/e2e/devices/{self.dev.device}", json=self.dev.keys.registration()
+        )
+        if status not in (200, 201):
+            raise AssertionError(f"device registration: {status} {body}")
+
+    async def devices_of(self, user: str) -> list[dict[str, Any]]:
+        status, body = await self.call("GET", f"/api/users/{user}/devices")
+        if status != 200:
+            raise AssertionError(f"devices of {user}: {status} {body}")
+        self.dev.directory[user] = body["devices"]
+        return body["devices"]
+
+    async def new_epoch(self, conversation: str, members: list[str]) -> str:
+        """Make, upload and use a new epoch for ``conversation``."""
+        devices = {m: await self.devices_of(m) for m in members}
+        epoch_id, bodies = self.dev.plan_epoch(conversation, devices)
+        for body in bodies:
+            status, answer = await self.call(
+                "PUT", f"/api/conversations/{conversation}/e2e/epochs/{epoch_id}", json=body
+            )
+            if status not in (200, 201):
+                raise AssertionError(f"epoch upload: {status} {answer}")
+        self.dev.use_epoch(conversation, epoch_id)
+        return epoch_id
+
+    async def read(self, frame: dict[str, Any], *, edit_of: str | None = None) -> str:
+        """Fetch what reading ``frame`` needs (shares, the sender's devices), then read it."""
+        conversation = frame["conversation"]
+        missing = self.dev.epochs_to_fetch([frame])
+        if missing:
+            status, body = await self.call(
+                "GET", f"/api/conversations/{conversation}/e2e/shares?epochs={','.join(missing)}"
+            )
+            if status == 200:
+                self.dev.take_shares(conversation, body["shares"])
+        sender = frame.get("from") or frame.get("by") or ""
+        known = {d["device"] for d in self.dev.directory.get(sender, [])}
+        if frame["e2e"].get("device") not in known:
+            await self.devices_of(sender)
+        return self.dev.read(frame, edit_of=edit_of)
