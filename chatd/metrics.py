@@ -25,8 +25,10 @@ from typing import Any
 import trio
 
 from chatd import __version__
-from chatd.core.errors import ChatError, Unavailable
+from chatd.core import frames
+from chatd.core.errors import ALL_CODES, ChatError, Unavailable
 from chatd.core.ids import ulid_time_ms
+from chatd.core.model import EventKind
 
 try:
     from prometheus_client import (
@@ -42,29 +44,12 @@ except ImportError:  # pragma: no cover - exercised only without the package
     CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Client frame types (``invalid``: could not be parsed, or too large).
-FRAMES_IN = (
-    "auth", "send", "ack", "seen", "typing", "ping", "react", "edit", "delete", "invalid"
-)  # fmt: skip
+FRAMES_IN = (*frames.CLIENT_TYPES, "invalid")
 #: Events stored, by kind (chatd_events_total).
-EVENT_KINDS = ("reaction", "edited", "deleted", "members")
+EVENT_KINDS = tuple(k.value for k in EventKind)
 #: Server frame types (``other`` should stay 0).
-FRAMES_OUT = (
-    "ready", "sent", "message", "receipt", "typing", "presence", "pong", "error",
-    "applied", "reaction", "edited", "deleted", "members", "devices", "other",
-)  # fmt: skip
-ERROR_CODES = (
-    "bad_request",
-    "unauthorized",
-    "forbidden",
-    "not_found",
-    "conflict",
-    "too_large",
-    "rate_limited",
-    "unavailable",
-    "internal",
-    "method_not_allowed",
-    "other",
-)
+FRAMES_OUT = (*frames.SERVER_TYPES, "other")
+ERROR_CODES = (*ALL_CODES, "other")
 #: Delivery and seen latencies include time a recipient spends offline, so
 #: the buckets reach a day.
 LATENCY_BUCKETS = (

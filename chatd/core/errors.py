@@ -12,7 +12,11 @@ status the HTTP API answers with::
     ├── Conflict                (conflict, 409)      username taken
     ├── TooLarge                (too_large, 413)     frame or body over the limit
     ├── RateLimited             (rate_limited, 429)  slow down
-    └── Unavailable             (unavailable, 503)   store or broker did not answer
+    ├── Unavailable             (unavailable, 503)   store or broker did not answer
+    ├── Internal                (internal, 500)      a bug
+    └── MethodNotAllowed        (method_not_allowed, 405; HTTP only)
+
+:data:`CATALOGUE` lists them once; every other list of codes derives from it.
 
 ``cid`` is carried so that an error about a ``send`` names the message the
 client tried to send.
@@ -91,14 +95,37 @@ class Internal(ChatError):
     http_status = 500
 
 
-#: Every wire code, in the order docs/protocol.md lists them.
-WIRE_CODES = (
-    "bad_request",
-    "unauthorized",
-    "forbidden",
-    "not_found",
-    "too_large",
-    "rate_limited",
-    "unavailable",
-    "internal",
+class MethodNotAllowed(ChatError):
+    """HTTP only: the route exists, not with this method (Starlette raises
+    its own; this class carries the code and status for the catalogue)."""
+
+    code = "method_not_allowed"
+    http_status = 405
+
+
+#: The one catalogue of error codes, in the order docs/protocol.md lists
+#: them: every other list (the wire codes, HTTP's status -> code map, the
+#: metrics' labels) is derived from it.
+CATALOGUE: tuple[type[ChatError], ...] = (
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    TooLarge,
+    RateLimited,
+    Unavailable,
+    Internal,
+    # HTTP only (never in a WebSocket error frame):
+    Conflict,
+    MethodNotAllowed,
 )
+_HTTP_ONLY = (Conflict, MethodNotAllowed)
+
+#: Every code a WebSocket ``error`` frame may carry.
+WIRE_CODES = tuple(c.code for c in CATALOGUE if c not in _HTTP_ONLY)
+#: The codes only HTTP answers with.
+HTTP_ONLY_CODES = tuple(c.code for c in _HTTP_ONLY)
+#: Every code, WebSocket and HTTP.
+ALL_CODES = tuple(c.code for c in CATALOGUE)
+#: HTTP status -> code (one code per status: 500 is ``internal``).
+HTTP_CODES = {c.http_status: c.code for c in CATALOGUE}

@@ -265,17 +265,29 @@ def _parse_ping(obj: dict[str, Any]) -> Ping:
     return Ping()
 
 
-_PARSERS = {
-    "auth": _parse_auth,
-    "send": _parse_send,
-    "ack": _parse_ack,
-    "seen": _parse_seen,
-    "typing": _parse_typing,
-    "ping": _parse_ping,
-    "react": _parse_react,
-    "edit": _parse_edit,
-    "delete": _parse_delete,
+#: The client frames: type -> (its record, its parser). The one list;
+#: metrics and the connection's counters derive theirs from it.
+CLIENT_FRAMES: dict[str, tuple[type, Any]] = {
+    "auth": (Auth, _parse_auth),
+    "send": (Send, _parse_send),
+    "ack": (Ack, _parse_ack),
+    "seen": (Seen, _parse_seen),
+    "typing": (Typing, _parse_typing),
+    "ping": (Ping, _parse_ping),
+    "react": (React, _parse_react),
+    "edit": (Edit, _parse_edit),
+    "delete": (Delete, _parse_delete),
 }
+CLIENT_TYPES = tuple(CLIENT_FRAMES)
+#: Frame record -> its type (what chatd_frames_in_total counts).
+TYPE_OF: dict[type, str] = {record: name for name, (record, _) in CLIENT_FRAMES.items()}
+_PARSERS = {name: parse for name, (_, parse) in CLIENT_FRAMES.items()}
+
+#: Every server frame type, in the order docs/protocol.md lists them.
+SERVER_TYPES = (
+    "ready", "sent", "message", "receipt", "typing", "presence", "pong", "error",
+    "applied", "reaction", "edited", "deleted", "members", "devices",
+)  # fmt: skip
 
 
 # --- server frames ------------------------------------------------------------

@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from chatd import __version__
-from chatd.core.errors import BadRequest, ChatError, TooLarge, Unauthorized
+from chatd.core.errors import HTTP_CODES, BadRequest, ChatError, TooLarge, Unauthorized
 from chatd.core.model import Conversation, GroupAction
 from chatd.net.clientip import Network, client_ip
 from chatd.service import ChatService
@@ -29,17 +29,7 @@ from chatd.service import ChatService
 log = logging.getLogger("chatd.http")
 
 MAX_BODY = 64 * 1024
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    409: "conflict",
-    413: "too_large",
-    429: "rate_limited",
-    503: "unavailable",
-}
+_HTTP_CODES = HTTP_CODES
 
 
 def error_response(status: int, code: str, message: str, **extra: object) -> JSONResponse:

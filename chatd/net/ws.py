@@ -85,17 +85,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL = 1011
 
 #: Frame class -> the type counted in chatd_frames_in_total.
-_FRAME_TYPES: dict[type, str] = {
-    frames.Auth: "auth",
-    frames.Send: "send",
-    frames.Ack: "ack",
-    frames.Seen: "seen",
-    frames.Typing: "typing",
-    frames.Ping: "ping",
-    frames.React: "react",
-    frames.Edit: "edit",
-    frames.Delete: "delete",
-}
+_FRAME_TYPES = frames.TYPE_OF
 
 _PING = wsp.ping_frame(b"chatd")
 
