@@ -208,7 +208,8 @@ class Batcher(Generic[Req, Res]):
                 raise Internal(f"{self.name}: {len(results)} results for {len(real)} requests")
             if len(real) != len(requests):
                 it = iter(results)
-                results = [None if r is _BARRIER else next(it) for r in requests]
+                # A barrier's slot: None (its waiter takes no result).
+                results = [None if r is _BARRIER else next(it) for r in requests]  # type: ignore[misc]
         except ChatError as exc:
             self._fail(waiters, exc)
             return
@@ -226,7 +227,7 @@ class Batcher(Generic[Req, Res]):
                     waiter.done(results[i : i + n])
                 except Exception:
                     log.exception("a write callback failed", extra={"batcher": self.name})
-            elif waiter.waiting:
+            elif waiter.waiting and waiter.task is not None:
                 waiter.waiting = False
                 trio.lowlevel.reschedule(waiter.task, outcome.Value(results[i : i + n]))
             i += n
@@ -241,6 +242,6 @@ class Batcher(Generic[Req, Res]):
                     waiter.done(fresh)
                 except Exception:
                     log.exception("a write callback failed", extra={"batcher": self.name})
-            elif waiter.waiting:
+            elif waiter.waiting and waiter.task is not None:
                 waiter.waiting = False
                 trio.lowlevel.reschedule(waiter.task, outcome.Error(fresh))

@@ -259,3 +259,7 @@ def load_keyring(
     # If another replica sharing the data dir created it first, use theirs.
     create_secret_file(key_file, _key_file_text(ring))
     return load_key_file(key_file)
+
+
+#: Checked by the type checker (``make lint``): both keyrings are Keys.
+_ARE_KEYS: tuple[type[Keys], ...] = (Keyring, LiveKeyring)

@@ -143,7 +143,7 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
     return None
 
 
-def render_payload(payload: str, keyring: crypto.Keyring, owed: bool) -> Outbound | None:
+def render_payload(payload: str, keyring: crypto.Keys, owed: bool) -> Outbound | None:
     """The frame for a broker payload; None (logged) if it cannot be decoded or opened."""
     try:
         env = decode(payload)

@@ -17,6 +17,7 @@ Without the ``prometheus-client`` package every collector is a no-op and
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Callable, Iterable
@@ -108,7 +109,9 @@ class Metrics:
     def __init__(self, node: str) -> None:
         self.node = node
         self.enabled = CollectorRegistry is not None
-        self.registry = CollectorRegistry(auto_describe=True) if self.enabled else None
+        # None without prometheus_client (then every collector is a no-op).
+        registry: Any = CollectorRegistry(auto_describe=True) if self.enabled else None
+        self.registry = registry
         self._queues_at = -float("inf")
         self._queue_lock = trio.Lock()
 
@@ -433,8 +436,8 @@ class Timed:
                 method,
                 _timed(
                     getattr(inner, method),
-                    lambda m=method: histogram.labels(m),
-                    lambda m=method: unavailable.labels(name, m),
+                    functools.partial(histogram.labels, method),
+                    functools.partial(unavailable.labels, name, method),
                 ),
             )
 

@@ -18,6 +18,7 @@ import trio
 from chatd.core.model import Presence
 from chatd.core.ratelimit import fill_and_take
 from chatd.ports import (
+    Broker,
     Deliver,
     Gone,
     Inbound,
@@ -252,3 +253,7 @@ class MemoryBroker:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+#: Checked by the type checker (``make lint``): the class satisfies the port.
+_IS_A_BROKER: type[Broker] = MemoryBroker

@@ -42,7 +42,7 @@ class DeviceKeys:
     self_sig: str
 
 
-def b64url(raw: str, size: int, what: str) -> bytes:
+def b64url(raw: object, size: int, what: str) -> bytes:
     """Decode base64url (padding optional) of exactly ``size`` bytes."""
     if not isinstance(raw, str) or not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", raw):
         raise BadRequest(f"'{what}' must be base64url")
@@ -73,6 +73,8 @@ def check_registration(username: str, device: object, body: dict) -> DeviceKeys:
     public = b64url(sig_key, 32, "sig_key")
     b64url(dh_key, 32, "dh_key")
     signature = b64url(self_sig, 64, "self_sig")
+    # Checked above: base64url strings.
+    sig_key, dh_key, self_sig = str(sig_key), str(dh_key), str(self_sig)
     name = body.get("name", "")
     if name is None:
         name = ""

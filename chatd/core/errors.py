@@ -24,18 +24,20 @@ client tried to send.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ChatError(Exception):
     code = "internal"
     http_status = 500
 
-    def __init__(self, message: str, *, cid: str | None = None, **extra: object) -> None:
+    def __init__(self, message: str, *, cid: str | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
         self.cid = cid
         #: More fields for the wire (the error frame, the HTTP error object):
         #: ``reason``, ``missing`` and ``extra`` of an end-to-end refusal.
-        self.extra: dict[str, object] = extra
+        self.extra: dict[str, Any] = extra
 
     def with_cid(self, cid: str | None) -> ChatError:
         if cid is not None and self.cid is None:

@@ -36,7 +36,7 @@ import socket
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -162,7 +162,7 @@ class Transport:
             except OSError:
                 return b""
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Send ``data`` now, or queue it behind what is already queued."""
         if self.broken or self.closed:
             return
@@ -863,7 +863,9 @@ _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 async def _accept_loop(
-    lsock: socket.socket, handler: Callable[[socket.socket], object], nursery: trio.Nursery
+    lsock: socket.socket,
+    handler: Callable[[socket.socket], Awaitable[object]],
+    nursery: trio.Nursery,
 ) -> None:
     while True:
         await trio.lowlevel.wait_readable(lsock)

@@ -131,7 +131,7 @@ from chatd.core.model import (
     User,
 )
 from chatd.core.names import GROUP_PREFIX, dm_id, rid
-from chatd.ports import Reseal, StoreStats, UserDeleted, Writes, Written
+from chatd.ports import Reseal, Store, StoreStats, UserDeleted, Writes, Written
 
 T = TypeVar("T")
 
@@ -2183,3 +2183,7 @@ def _guard(fn: Callable[..., T], *args: object) -> T:
 def _short(exc: BaseException) -> str:
     text = str(exc)
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+#: Checked by the type checker (``make lint``): the class satisfies the port.
+_IS_A_STORE: type[Store] = MongoStore

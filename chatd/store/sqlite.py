@@ -71,7 +71,7 @@ from chatd.core.model import (
     User,
 )
 from chatd.core.names import GROUP_PREFIX, dm_id, rid
-from chatd.ports import Reseal, StoreStats, UserDeleted, Writes, Written
+from chatd.ports import Reseal, Store, StoreStats, UserDeleted, Writes, Written
 
 T = TypeVar("T")
 
@@ -636,7 +636,7 @@ def _erase(db: sqlite3.Connection, message_id: str) -> list[tuple[str, str]]:
         "UPDATE messages SET key_id = ?, nonce = ?, ciphertext = ?, deleted = 1 WHERE id = ?",
         (*_ERASED, message_id),
     )
-    return [tuple(d) for d in dropped]
+    return [(d[0], d[1]) for d in dropped]
 
 
 def _event_ack_rows(db: sqlite3.Connection, acks: Sequence[tuple[str, str]]) -> None:
@@ -1580,3 +1580,7 @@ def _guard(fn: Callable[..., T], *args: object) -> T:
         raise Unavailable(f"store refused a write: {exc}") from None
     except sqlite3.Error as exc:
         raise Unavailable(f"store error: {exc}") from None
+
+
+#: Checked by the type checker (``make lint``): the class satisfies the port.
+_IS_A_STORE: type[Store] = SqliteStore

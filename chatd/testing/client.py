@@ -46,7 +46,7 @@ class ChatClient:
                 self._arrived = trio.Event()
         except ConnectionClosed as exc:
             reason = exc.reason
-            self.closed = (reason.code, reason.reason)
+            self.closed = (reason.code, reason.reason) if reason is not None else (1006, None)
             self._arrived.set()
 
     async def send_json(self, frame: Frame | str | bytes) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -43,7 +44,7 @@ class LossChecker:
     _sent_at: dict[str, float] = field(default_factory=dict)
     _delivered_at: dict[tuple[str, str], float] = field(default_factory=dict)
 
-    def sent(self, message_id: str, recipients: list[str] | tuple[str, ...]) -> None:
+    def sent(self, message_id: str, recipients: Sequence[str]) -> None:
         """The server answered ``sent`` for this message: it is owed to these users."""
         self._sent_at.setdefault(message_id, time.monotonic())
         self._sent_ids.add(message_id)

@@ -108,7 +108,7 @@ def let_mongomock_take_pymongo_411_bulk_updates() -> None:
             hint=hint,
         )
 
-    BulkOperationBuilder.add_update = add_update
+    BulkOperationBuilder.add_update = add_update  # type: ignore[method-assign]
 
 
 def client() -> Serialized:

@@ -13,7 +13,12 @@ import logging
 from collections.abc import Sequence
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from chatd.testing.loss import LossChecker
 
@@ -43,7 +48,7 @@ class ResilientClient:
         self.nodes: list[str] = []
         self.connections = 0
         self.connected = trio.Event()
-        self._ws = None
+        self._ws: WebSocketConnection | None = None
         self._changed = trio.Event()
 
     def _notify(self) -> None:

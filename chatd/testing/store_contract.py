@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -36,11 +36,20 @@ from chatd.core.model import (
     ReceiptKey,
     Sealed,
     Status,
+    Transition,
     User,
 )
 from chatd.ports import Reseal, Store, Writes
 
 _ids = UlidFactory()
+T = TypeVar("T")
+
+
+def present(value: T | None) -> T:
+    """``value``, which the contract says is there (a test failure if not)."""
+    if value is None:
+        raise AssertionError("expected a value, got None")
+    return value
 
 
 def sealed(tag: str = "x", key_id: str = "k1") -> Sealed:
@@ -179,7 +188,7 @@ class StoreContract:
         last = summaries[dm.id].last_message
         assert last is not None and last.seq == 2 and last.ts == 11 and last.sender == "alice"
         assert summaries[g.id].last_message is not None
-        assert summaries[g.id].last_message.id == done[0].id
+        assert present(summaries[g.id].last_message).id == done[0].id
         # Most recent activity first.
         assert [s.id for s in await store.conversations_of("bob")] == [g.id, dm.id]
         await store.mark([Mark("bob", done[0].id, Status.SEEN, 30)])
@@ -318,7 +327,7 @@ class StoreContract:
         dm = await store.ensure_dm("alice", "bob", 1)
         msg = new_message(dm.id, "alice", ("bob",))
         await store.append([msg])
-        made = []
+        made: list[Transition] = []
 
         async def marker() -> None:
             [r] = await store.mark([Mark("bob", msg.id, Status.DELIVERED, 5)])
@@ -897,7 +906,7 @@ class StoreContract:
         msg = new_message(g, "bob", ("alice", "carol"))
         react = new_event(g, EventKind.REACTION, msg.id, "carol", ("alice", "bob"), emoji="👍")
         done = await store.write(Writes(appends=[msg], events=[react]))
-        assert done.events[0].refused is None and done.events[0].event.eseq == 1
+        assert done.events[0].refused is None and present(done.events[0].event).eseq == 1
 
     async def test_owed_events_page_after_conversation_and_eseq(self, store: Store) -> None:
         g, msg = await self._trio(store)
@@ -956,7 +965,7 @@ class StoreContract:
     async def test_group_changes_are_events_owed_to_old_and_new_members(self, store: Store) -> None:
         g, _msg = await self._trio(store)
         await users(store, "dave")
-        conv = await store.get_conversation(g)
+        conv = present(await store.get_conversation(g))
         assert conv is not None and conv.admins == ("alice",)
         added = await self._change(store, "alice", GroupAction.ADD, "dave")
         assert added.refused is None and added.event.kind is EventKind.MEMBERS
@@ -968,7 +977,7 @@ class StoreContract:
         assert set(removed.recipients) == {"alice", "bob", "carol", "dave"}  # bob hears of it
         renamed = await self._change(store, "alice", GroupAction.RENAME, title="Lunch")
         assert renamed.event.title == "Lunch" and "bob" not in renamed.recipients
-        conv = await store.get_conversation(g)
+        conv = present(await store.get_conversation(g))
         assert conv.members == ("alice", "carol", "dave") and conv.title == "Lunch"
         assert conv.visible_from("dave") == 2 and conv.visible_from("carol") == 1
         # The members events are owed like any event, with what they changed.
@@ -991,7 +1000,7 @@ class StoreContract:
         # The caller's view was stale (bob still listed): the store knows better.
         late = new_message(g, "carol", ("alice", "bob"))
         [done] = await store.append([late])
-        assert done.refused is None and set(done.recipients) == {"alice", "dave"}
+        assert done.refused is None and set(present(done.recipients)) == {"alice", "dave"}
         assert late.id not in [m.id for m in await store.owed_messages("bob", 10)]
         assert [m.id for m in await store.owed_messages("dave", 10)] == [late.id]
         # A removed member's send is refused and stores nothing.
@@ -1055,7 +1064,7 @@ class StoreContract:
             NewMembership(_ids.new(), "g:none", "alice", 1, GroupAction.LEAVE)
         )
         assert missing.refused == "not_found"
-        conv = await store.get_conversation(g)
+        conv = present(await store.get_conversation(g))
         assert conv.members == ("alice", "bob", "carol") and conv.admins == ("alice",)
         assert await store.owed_events("bob", 10) == []
 
@@ -1075,7 +1084,7 @@ class StoreContract:
         await self._change(store, "alice", GroupAction.LEAVE)
         await self._change(store, "carol", GroupAction.LEAVE)
         # The last admin left: the longest-standing member left takes over.
-        conv = await store.get_conversation(g)
+        conv = present(await store.get_conversation(g))
         assert conv.members == ("bob",) and conv.admins == ("bob",)
 
     # -- end-to-end devices -------------------------------------------------------
@@ -1162,7 +1171,10 @@ class StoreContract:
             )
             == "conflict"
         )
-        assert (await store.get_epoch(conv.id, "epoch-0001")).recipients == ("b-one-01", "b-two-02")
+        assert present(await store.get_epoch(conv.id, "epoch-0001")).recipients == (
+            "b-one-01",
+            "b-two-02",
+        )
         assert await store.get_epoch(conv.id, "epoch-0002") is None
         # Shares only to the devices asked for, of the epochs asked for.
         shares = await store.epoch_shares(
@@ -1190,7 +1202,7 @@ class StoreContract:
         assert got[0].seq == 2 and got[0].refused is None
         # The plain message after the switch, in the same batch: refused.
         assert got[1].refused == "e2e_required"
-        assert (await store.get_conversation(conv.id)).e2e is True
+        assert present(await store.get_conversation(conv.id)).e2e is True
         [summary] = [s for s in await store.conversations_of("bob") if s.id == conv.id]
         assert summary.e2e is True and summary.last_seq == 2
         again = await store.append([new_message(conv.id, "bob", ("alice",))])
@@ -1205,7 +1217,7 @@ class StoreContract:
             "g:sealed", "t", ["alice", "bob"], 1, creator="alice", e2e=True
         )
         assert group.e2e is True
-        assert (await store.get_conversation("g:sealed")).e2e is True
+        assert present(await store.get_conversation("g:sealed")).e2e is True
         got = await store.append([new_message("g:sealed", "alice", ("bob",))])
         assert got[0].refused == "e2e_required"
         ok = await store.append([replace(new_message("g:sealed", "alice", ("bob",)), e2e=True)])
