@@ -161,7 +161,8 @@ class Hub:
         self._last: tuple[Envelope, Outbound | None, str | None] | None = None
 
     def add(self, conn: Connection) -> None:
-        assert conn.user is not None
+        if conn.user is None:
+            raise ValueError("only an authenticated connection joins the hub")
         self._by_user.setdefault(conn.user, {})[conn.id] = conn
 
     def remove(self, conn: Connection) -> None:

@@ -833,7 +833,8 @@ class ChatService:
 
     async def attach(self, conn: Connection) -> None:
         """Register a connection here and in presence; announce a first device."""
-        assert conn.user is not None
+        if conn.user is None:
+            raise Internal("attach of a connection that is not authenticated")
         self.hub.add(conn)
         try:
             first = await self.broker.attach(conn.user, self.node, conn.id)
@@ -1342,7 +1343,8 @@ class ChatService:
         self._writes.call_after(callback)
 
     async def typing(self, conn: Connection, frame: frames.Typing) -> None:
-        assert conn.user is not None
+        if conn.user is None:
+            raise Internal("typing on a connection that is not authenticated")
         conv = await self.member_conversation(conn.user, frame.conversation)
         env = TypingEnvelope(conv.id, conn.user)
         payload = encode(env)

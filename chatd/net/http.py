@@ -39,7 +39,8 @@ def error_response(status: int, code: str, message: str, **extra: object) -> JSO
 
 
 async def _chat_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ChatError)
+    if not isinstance(exc, ChatError):  # Starlette routes only ChatErrors here
+        raise TypeError(f"not a ChatError: {exc!r}")
     response = error_response(exc.http_status, exc.code, exc.message, **exc.extra)
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
@@ -48,7 +49,8 @@ async def _chat_error(request: Request, exc: Exception) -> Response:
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):
+        raise TypeError(f"not an HTTPException: {exc!r}")
     code = _HTTP_CODES.get(exc.status_code, "internal" if exc.status_code >= 500 else "bad_request")
     response = error_response(exc.status_code, code, str(exc.detail))
     response.headers.update(exc.headers or {})  # e.g. Allow on a 405

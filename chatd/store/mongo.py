@@ -105,7 +105,7 @@ from pymongo.errors import (
 )
 
 from chatd.core.delivery import SETTLED_BY_ACK, apply_mark
-from chatd.core.errors import ChatError, Conflict, NotFound, Unavailable
+from chatd.core.errors import ChatError, Conflict, Internal, NotFound, Unavailable
 from chatd.core.events import Refusal, Target, judge, manages, plan_membership
 from chatd.core.model import (
     Appended,
@@ -2155,7 +2155,8 @@ def _stamp(doc: dict[str, Any] | None, idx: int, status: Status) -> str | None:
 
 
 def _need(value: T | None) -> T:
-    assert value is not None
+    if value is None:
+        raise Internal("a result the store planned is missing")
     return value
 
 

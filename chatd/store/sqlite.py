@@ -876,7 +876,8 @@ class SqliteStore:
                         [(id, first), (id, second)],
                     )
             conv = self._conversation(db, id)
-            assert conv is not None
+            if conv is None:
+                raise Unavailable(f"conversation {id} vanished")
             return conv
 
         return await self._write(fn)
@@ -905,7 +906,8 @@ class SqliteStore:
                     [(id, m, int(m == creator)) for m in sorted(set(members))],
                 )
             conv = self._conversation(db, id)
-            assert conv is not None
+            if conv is None:
+                raise Unavailable(f"conversation {id} vanished")
             return conv
 
         return await self._write(fn)
