@@ -1255,6 +1255,32 @@ class SplitStore:
             "get_epoch",
             "epoch_shares",
             "ping",
+            "list_users",
+            "count_by_key",
+            "messages_by_key",
+            "stats",
+        }
+    )
+    #: Everything else the port has (tests/contract/test_split_store.py
+    #: checks that the two cover every method of Store, once).
+    _WRITES = frozenset(
+        {
+            "write",
+            "append",
+            "mark",
+            "ack_receipts",
+            "create_user",
+            "set_last_seen",
+            "ensure_dm",
+            "create_group",
+            "change_group",
+            "put_device",
+            "remove_device",
+            "put_epoch",
+            "set_disabled",
+            "delete_user",
+            "reseal",
+            "aclose",
         }
     )
 
