@@ -5,7 +5,13 @@ same environment variables), opens the store and the broker through
 :mod:`chatd.wiring`, and does everything through the ports
 (:mod:`admin.ops`), so it works against a live cluster while chatd serves.
 
-Tables for people, ``--json`` for scripts. Exit codes::
+A command is its options and a call of :func:`report`: run an operation
+of :mod:`admin.ops`, then print what it returned, as JSON with ``--json``
+or for people with its function in :mod:`admin.text`. Commands that ask
+first run their preview before it; ``keys rotate`` and ``keys retire``,
+which change the keyring rather than the store, print with :func:`show`.
+
+Exit codes::
 
     0  done
     1  not found: no such user or key
@@ -19,19 +25,19 @@ Tables for people, ``--json`` for scripts. Exit codes::
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import sys
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import click
 import trio
 
+from admin import ops, text
 from chatd import __version__, crypto
+from chatd.auth import check_password
 from chatd.cli import config_options
 from chatd.config import Config, ConfigError, load
 from chatd.core.errors import BadRequest, ChatError, Conflict, NotFound, Unavailable
@@ -54,6 +60,8 @@ NO_BROKER = (
 
 
 class CtlError(Exception):
+    """A failure with its exit code, raised inside :func:`run`."""
+
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.message = message
@@ -63,11 +71,13 @@ class CtlError(Exception):
 @dataclass
 class Ctx:
     flags: dict[str, Any]
+    #: ``--json``, before the command or after it.
     json: bool = False
     _config: Config | None = None
 
     @property
     def config(self) -> Config:
+        """The settings; exits 2 when they are wrong."""
         if self._config is None:
             try:
                 self._config = load(os.environ, self.flags)
@@ -80,6 +90,8 @@ class Ctx:
 
 
 def fail(message: str, code: int) -> NoReturn:
+    """Print ``chatctl: message`` on standard error and exit with ``code``
+    (raises SystemExit)."""
     click.echo(f"chatctl: {message}", err=True)
     sys.exit(code)
 
@@ -108,9 +120,11 @@ def run(
     store: bool = False,
     broker: bool | None = None,
 ) -> Any:
-    """Run ``fn(store?, broker?)`` under trio and map failures to exit codes.
+    """Run ``fn(store?, broker?)`` under trio and return what it returns.
 
     ``broker``: True needs Redis, None uses it when configured, False skips it.
+    A failure exits (SystemExit, through :func:`fail`) with its exit code
+    and one line: the module docstring lists them.
     """
     config = ctx.config
 
@@ -164,75 +178,82 @@ def run(
         fail(f"unexpected error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
 
 
-def load_ring(config: Config, purpose: str) -> crypto.Keyring:
+def show(
+    ctx: Ctx,
+    data: Any,
+    print_text: Callable[[Any], None],
+    as_json: Callable[[Any], Any] | None = None,
+) -> None:
+    """Print ``data``: as JSON with ``--json`` (``as_json(data)`` when
+    given), for people with ``print_text(data)`` otherwise."""
+    if ctx.json:
+        click.echo(json.dumps(data if as_json is None else as_json(data), indent=2))
+    else:
+        print_text(data)
+
+
+def report(
+    ctx: Ctx,
+    fn: Callable[..., Awaitable[Any]],
+    print_text: Callable[[Any], None],
+    *,
+    store: bool = False,
+    broker: bool | None = None,
+    as_json: Callable[[Any], Any] | None = None,
+) -> Any:
+    """What a command does: :func:`run` ``fn``, :func:`show` what it
+    returned, and return that too. Exits as :func:`run` does on failure."""
+    data = run(ctx, fn, store=store, broker=broker)
+    show(ctx, data, print_text, as_json)
+    return data
+
+
+def confirm(question: str) -> None:
+    """Ask ``question`` on standard error; exits 4 unless the answer is yes."""
+    try:
+        ok = click.confirm(question, default=False, err=True)
+    except click.Abort:
+        ok = False
+    if not ok:
+        fail("aborted: nothing was changed", EXIT_REFUSED)
+
+
+def keyring(ctx: Ctx, purpose: str) -> crypto.Keyring:
+    """The keyring, for ``purpose``; exits 2 when it cannot be read."""
+    config = ctx.config
     try:
         return crypto.load_keyring(
             config.keys or None, config.active_key or None, config.key_path, create=False
         )
     except crypto.KeyringError as exc:
-        raise CtlError(
+        fail(
             f"{purpose} needs the keyring (CHATD_KEYS, or the key file {config.key_path}): {exc}",
             EXIT_USAGE,
-        ) from None
+        )
 
 
 def keyring_source(config: Config) -> str:
     return "CHATD_KEYS (environment)" if config.keys else str(config.key_path)
 
 
-# -- output ------------------------------------------------------------------------------
-
-
-def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=False))
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for r in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-
-
-def pairs(rows: Sequence[tuple[str, Any]]) -> None:
-    """A two-column block: names on the left, values on the right."""
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        click.echo(f"{k.ljust(width)}  {v}")
-
-
-def when(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
-
-
-def age(ms: int | None, now: int | None = None) -> str:
-    """How long ago ``ms`` was, shortly: 4s, 3m, 2h, 5d."""
-    if ms is None:
-        return "-"
-    seconds = max(0, ((now or time.time_ns() // 1_000_000) - ms) // 1000)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def plural(n: int, word: str) -> str:
-    if n == 1:
-        return f"{n} {word}"
-    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
-
-
 # -- the command tree ----------------------------------------------------------------------
 
 
-json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def _json_after_command(click_ctx: click.Context, _: click.Parameter, value: bool) -> None:
+    ctx = click_ctx.find_object(Ctx)
+    if value and ctx is not None:
+        ctx.json = True
 
 
-def wants_json(ctx: Ctx, as_json: bool) -> bool:
-    return as_json or ctx.json
-
+#: ``--json`` after a command: the same as ``chatctl --json`` before it.
+json_flag = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    expose_value=False,
+    callback=_json_after_command,
+    help="Print JSON for scripts.",
+)
 
 pass_ctx = click.make_pass_decorator(Ctx)
 
@@ -267,81 +288,31 @@ def users() -> None:
 @users.command("list")
 @json_flag
 @pass_ctx
-def users_list(ctx: Ctx, as_json: bool) -> None:
+def users_list(ctx: Ctx) -> None:
     """Every account, with its status and (with Redis) whether it is online."""
-    from admin import ops
-
-    found = run(ctx, ops.list_users, store=True, broker=None)
-    if wants_json(ctx, as_json):
-        emit_json(found)
-        return
-    rows = [
-        (
-            u["username"],
-            u["status"],
-            when(u["created_ts"]),
-            when(u["last_seen"]),
-            "-" if u["online"] is None else ",".join(u["nodes"]) or "no",
-        )
-        for u in found
-    ]
-    table(("USER", "STATUS", "CREATED", "LAST SEEN", "ONLINE ON"), rows)
-    click.echo(f"{plural(len(found), 'user')}")
+    report(ctx, ops.list_users, text.users, store=True, broker=None)
 
 
 @users.command("show")
 @click.argument("name")
 @json_flag
 @pass_ctx
-def users_show(ctx: Ctx, name: str, as_json: bool) -> None:
+def users_show(ctx: Ctx, name: str) -> None:
     """One account: presence, what is owed to it, its conversations."""
-    from admin import ops
+    report(ctx, lambda s, b: ops.show_user(s, b, name), text.user, store=True, broker=None)
 
-    info = run(ctx, lambda s, b: ops.show_user(s, b, name), store=True, broker=None)
-    if wants_json(ctx, as_json):
-        emit_json(info)
-        return
-    p = info["presence"]
-    if p is None:
-        online = "unknown (no Redis configured)"
-    elif p["online"]:
-        online = "yes, on " + ", ".join(p["nodes"])
+
+def read_password(from_stdin: bool) -> str:
+    """A new password: the first line of standard input, or asked twice
+    (hidden). Exits 2 when it breaks the password rule."""
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
     else:
-        online = "no"
-    owed = info["owed"]
-    queue = "-" if owed["queue_entries"] is None else plural(owed["queue_entries"], "entry")
-    pairs(
-        [
-            ("user", info["username"]),
-            ("status", info["status"]),
-            ("created", when(info["created_ts"])),
-            ("last seen", f"{when(info['last_seen'])} ({age(info['last_seen'])} ago)"),
-            ("online", online),
-            (
-                "owed to them",
-                f"{plural(owed['messages'], 'message')}, {plural(owed['receipts'], 'receipt')}"
-                " (store)",
-            ),
-            ("Redis queue", queue),
-        ],
-    )
-    convs = info["conversations"]
-    click.echo(f"\n{plural(len(convs), 'conversation')}:")
-    if convs:
-        table(
-            ("ID", "KIND", "MEMBERS", "LAST SEQ", "LAST ACTIVITY", "UNREAD"),
-            [
-                (
-                    c["id"],
-                    c["kind"],
-                    ", ".join(c["members"]),
-                    c["last_seq"],
-                    when(c["last_ts"]),
-                    c["unread"],
-                )
-                for c in convs
-            ],
-        )
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        return check_password(password)
+    except BadRequest as exc:
+        fail(exc.message, EXIT_USAGE)
 
 
 @users.command("create")
@@ -353,59 +324,34 @@ def users_show(ctx: Ctx, name: str, as_json: bool) -> None:
 )
 @json_flag
 @pass_ctx
-def users_create(ctx: Ctx, name: str, password_stdin: bool, as_json: bool) -> None:
+def users_create(ctx: Ctx, name: str, password_stdin: bool) -> None:
     """Create an account (asks for the password, never takes it as an argument)."""
-    from admin import ops
-
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
-    try:
-        ops.check_password(password)
-    except BadRequest as exc:
-        fail(exc.message, EXIT_USAGE)
-    info = run(ctx, lambda s: ops.create_user(s, name, password), store=True, broker=False)
-    if wants_json(ctx, as_json):
-        emit_json(info)
-        return
-    click.echo(f"created user {info['username']}")
-
-
-def _set_disabled(ctx: Ctx, name: str, disabled: bool, as_json: bool) -> None:
-    from admin import ops
-
-    info = run(ctx, lambda s, b: ops.set_disabled(s, b, name, disabled), store=True, broker=None)
-    if wants_json(ctx, as_json):
-        emit_json(info)
-        return
-    if not disabled:
-        click.echo(f"enabled {info['username']}: they can log in again")
-        return
-    click.echo(f"disabled {info['username']}: logins and new connections are refused")
-    if info["online_on"]:
-        click.echo(
-            f"they are online on {', '.join(info['online_on'])}: open connections end when"
-            " their token expires or they reconnect"
-        )
+    password = read_password(password_stdin)
+    report(
+        ctx, lambda s: ops.create_user(s, name, password), text.created, store=True, broker=False
+    )
 
 
 @users.command("disable")
 @click.argument("name")
 @json_flag
 @pass_ctx
-def users_disable(ctx: Ctx, name: str, as_json: bool) -> None:
+def users_disable(ctx: Ctx, name: str) -> None:
     """Refuse the account's logins and connections (messages to it are still kept)."""
-    _set_disabled(ctx, name, True, as_json)
+    report(
+        ctx, lambda s, b: ops.set_disabled(s, b, name, True), text.disabled, store=True, broker=None
+    )
 
 
 @users.command("enable")
 @click.argument("name")
 @json_flag
 @pass_ctx
-def users_enable(ctx: Ctx, name: str, as_json: bool) -> None:
+def users_enable(ctx: Ctx, name: str) -> None:
     """Let a disabled account log in again."""
-    _set_disabled(ctx, name, False, as_json)
+    report(
+        ctx, lambda s, b: ops.set_disabled(s, b, name, False), text.enabled, store=True, broker=None
+    )
 
 
 @users.command("delete")
@@ -413,47 +359,15 @@ def users_enable(ctx: Ctx, name: str, as_json: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_flag
 @pass_ctx
-def users_delete(ctx: Ctx, name: str, yes: bool, as_json: bool) -> None:
+def users_delete(ctx: Ctx, name: str, yes: bool) -> None:
     """Delete an account; others' history stays (docs/admin.md says exactly what goes)."""
-    from admin import ops
-
     if not yes:
-        p = run(ctx, lambda s, b: ops.delete_preview(s, b, name), store=True, broker=None)
-        queue = p["queue_entries"]
-        click.echo(
-            f"Deleting {p['username']} ({p['status']}):\n"
-            f"  - the account can never log in again; the name stays taken\n"
-            f"  - {plural(p['owed_messages'], 'message')} not yet delivered to them"
-            " will not be delivered\n"
-            f"  - {plural(p['owed_receipts'], 'receipt')} owed to them are dropped\n"
-            + (
-                f"  - their Redis queue ({plural(queue, 'entry')}) is purged\n"
-                if queue is not None
-                else "  - (no Redis configured: purge their queue later with chatctl queue purge)\n"
-            )
-            + "  Messages they sent and their conversations stay in everyone else's history.",
-            err=True,
-        )
-        _confirm("Delete?")
-    info = run(ctx, lambda s, b: ops.delete_user(s, b, name), store=True, broker=None)
-    if wants_json(ctx, as_json):
-        emit_json(info)
-        return
-    purged = info["queue_entries_purged"]
-    click.echo(
-        f"deleted {info['username']}: {plural(info['messages_dropped'], 'owed message')}"
-        f" and {plural(info['receipts_settled'], 'owed receipt')} dropped"
-        + (f", {plural(purged, 'queue entry')} purged" if purged is not None else "")
+        preview = run(ctx, lambda s, b: ops.delete_preview(s, b, name), store=True, broker=None)
+        text.delete_user_preview(preview)
+        confirm("Delete?")
+    report(
+        ctx, lambda s, b: ops.delete_user(s, b, name), text.deleted_user, store=True, broker=None
     )
-
-
-def _confirm(question: str) -> None:
-    try:
-        ok = click.confirm(question, default=False, err=True)
-    except click.Abort:
-        ok = False
-    if not ok:
-        fail("aborted: nothing was changed", EXIT_REFUSED)
 
 
 # -- queues --------------------------------------------------------------------------------
@@ -467,20 +381,9 @@ def queue() -> None:
 @queue.command("list")
 @json_flag
 @pass_ctx
-def queue_list(ctx: Ctx, as_json: bool) -> None:
+def queue_list(ctx: Ctx) -> None:
     """Users with owed items: how many, and how long the oldest has waited."""
-    from admin import ops
-
-    found = run(ctx, ops.list_queues, broker=True)
-    if wants_json(ctx, as_json):
-        emit_json(found)
-        return
-    table(
-        ("USER", "ENTRIES", "OLDEST QUEUED"),
-        [(q["user"], q["entries"], f"{age(q['oldest_queued_at'])} ago") for q in found],
-    )
-    total = sum(q["entries"] for q in found)
-    click.echo(f"{plural(len(found), 'user')}, {total} entries")
+    report(ctx, ops.list_queues, text.queues, broker=True)
 
 
 @queue.command("show")
@@ -489,45 +392,53 @@ def queue_list(ctx: Ctx, as_json: bool) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Show the oldest N.")
 @json_flag
 @pass_ctx
-def queue_show(ctx: Ctx, name: str, decrypt: bool, limit: int | None, as_json: bool) -> None:
+def queue_show(ctx: Ctx, name: str, decrypt: bool, limit: int | None) -> None:
     """One user's owed queue, oldest first: ids, conversation, sender, age."""
-    from admin import ops
-
     ring = None
     if decrypt:
-        try:
-            ring = load_ring(ctx.config, "--decrypt")
-        except CtlError as exc:
-            fail(exc.message, exc.code)
+        ring = keyring(ctx, "--decrypt")
         click.echo(
             f"decrypting bodies with the keyring from {keyring_source(ctx.config)}", err=True
         )
-    entries = run(ctx, lambda b: ops.show_queue(b, name, ring, limit), broker=True)
-    if wants_json(ctx, as_json):
-        emit_json(entries)
-        return
-    now = time.time_ns() // 1_000_000
-    headers = ["KEY", "KIND", "CONVERSATION", "FROM", "SENT", "QUEUED"]
-    if decrypt:
-        headers.append("BODY")
-    rows = []
-    for e in entries:
-        who = e.get("sender", "")
-        if e.get("kind") == "receipt":
-            who = f"{who} ({e['status']})"
-        row = [
-            e["key"],
-            e["kind"],
-            e.get("conversation", ""),
-            who,
-            f"{age(e.get('ts'), now)} ago" if e.get("ts") else "-",
-            f"{age(e.get('queued_at'), now)} ago" if e.get("queued_at") else "-",
-        ]
-        if decrypt:
-            row.append(e.get("body") if e.get("body") is not None else e.get("error", ""))
-        rows.append(row)
-    table(headers, rows)
-    click.echo(plural(len(entries), "entry"))
+    report(
+        ctx,
+        lambda b: ops.show_queue(b, name, ring, limit),
+        lambda entries: text.queue(entries, decrypt),
+        broker=True,
+    )
+
+
+@queue.command("requeue")
+@click.argument("name")
+@json_flag
+@pass_ctx
+def queue_requeue(ctx: Ctx, name: str) -> None:
+    """Rebuild a user's owed queue from what the store says is owed."""
+    report(
+        ctx,
+        lambda s, b: ops.requeue(s, b, name),
+        lambda done: text.requeued(ops.username(name), done),
+        store=True,
+        broker=True,
+    )
+
+
+@queue.command("purge")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_flag
+@pass_ctx
+def queue_purge(ctx: Ctx, name: str, yes: bool) -> None:
+    """Empty a user's owed queue in Redis (asks first; --yes skips)."""
+    if not yes:
+        kinds = run(ctx, lambda b: ops.queue_summary(b, name), broker=True)
+        if not text.purge_preview(ops.username(name), kinds):
+            return
+        confirm("Purge?")
+    report(ctx, lambda b: ops.purge_queue(b, name), text.purged, broker=True)
+
+
+# -- messages ------------------------------------------------------------------------------
 
 
 @main.group()
@@ -540,42 +451,16 @@ def messages() -> None:
 @click.option("--decrypt", is_flag=True, help="Show the body (needs the keyring).")
 @json_flag
 @pass_ctx
-def messages_show(ctx: Ctx, id: str, decrypt: bool, as_json: bool) -> None:
+def messages_show(ctx: Ctx, id: str, decrypt: bool) -> None:
     """A message by id: conversation, seq, sender, receipts, reactions, edits."""
-    from admin import ops
-
-    ring = None
-    if decrypt:
-        try:
-            ring = load_ring(ctx.config, "--decrypt")
-        except CtlError as exc:
-            fail(exc.message, exc.code)
-    info = run(ctx, lambda s: ops.show_message(s, id, ring), store=True, broker=False)
-    if wants_json(ctx, as_json):
-        emit_json(info)
-        return
-    rows = [
-        ("id", info["id"]),
-        ("conversation", info["conversation"]),
-        ("seq", info["seq"]),
-        ("from", info["from"]),
-        ("sent", when(info["ts"])),
-        ("state", "deleted" if info["deleted"] else "stored"),
-        ("key id", info["key_id"] or "-"),
-        ("reply to", info["reply_to"] or "-"),
-        ("edited", f"{when(info['edited_ts'])} ({info['edits']}x)" if info["edits"] else "-"),
-        (
-            "reactions",
-            " ".join(f"{e} {n}" for e, n in info["reactions"].items()) or "-",
-        ),
-        ("delivered to", ", ".join(info["delivered_to"]) or "-"),
-        ("seen by", ", ".join(info["seen_by"]) or "-"),
-    ]
-    if decrypt:
-        rows.append(
-            ("body", info.get("body") if info.get("body") is not None else info.get("error", "-"))
-        )
-    pairs(rows)
+    ring = keyring(ctx, "--decrypt") if decrypt else None
+    report(
+        ctx,
+        lambda s: ops.show_message(s, id, ring),
+        lambda info: text.message(info, decrypt),
+        store=True,
+        broker=False,
+    )
 
 
 @messages.command("delete")
@@ -583,92 +468,20 @@ def messages_show(ctx: Ctx, id: str, decrypt: bool, as_json: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_flag
 @pass_ctx
-def messages_delete(ctx: Ctx, id: str, yes: bool, as_json: bool) -> None:
+def messages_delete(ctx: Ctx, id: str, yes: bool) -> None:
     """Delete a message for everyone: the body is erased, members get a
     'deleted' event. Writes an audit line to stderr."""
-    from admin import ops
-
     if not yes:
         info = run(ctx, lambda s: ops.show_message(s, id, None), store=True, broker=False)
-        click.echo(
-            f"Deleting message {info['id']} (seq {info['seq']} of {info['conversation']},"
-            f" from {info['from']}, sent {when(info['ts'])}) for everyone:\n"
-            "  - its body is erased from the store and from Redis queues; it cannot be undone\n"
-            "  - every member gets a 'deleted' event; history keeps a tombstone",
-            err=True,
-        )
-        _confirm("Delete?")
-    done = run(ctx, lambda s, b: ops.delete_message(s, b, id), store=True, broker=None)
-    audit = {
-        "audit": "message deleted",
-        "by": "chatctl",
-        "operator": getpass.getuser(),
-        "id": done["id"],
-        "conversation": done["conversation"],
-        "from": done["from"],
-        "eid": done["eid"],
-        "ts": done["ts"],
-    }
-    click.echo(json.dumps(audit, ensure_ascii=False), err=True)
-    if wants_json(ctx, as_json):
-        emit_json(done)
-        return
-    click.echo(
-        f"deleted {done['id']} (seq {done['seq']} of {done['conversation']}) for everyone;"
-        f" event {done['eid']} owed to {plural(len(done['members']), 'member')}"
-    )
+        text.delete_message_preview(info)
+        confirm("Delete?")
 
+    async def delete(store: Store, broker: Broker | None) -> dict[str, Any]:
+        done = await ops.delete_message(store, broker, id)
+        text.audit(done)  # on standard error, --json or not
+        return done
 
-@queue.command("requeue")
-@click.argument("name")
-@json_flag
-@pass_ctx
-def queue_requeue(ctx: Ctx, name: str, as_json: bool) -> None:
-    """Rebuild a user's owed queue from what the store says is owed."""
-    from admin import ops
-
-    done = run(ctx, lambda s, b: ops.requeue(s, b, name), store=True, broker=True)
-    if wants_json(ctx, as_json):
-        emit_json(done)
-        return
-    click.echo(
-        f"rebuilt the queue of {ops.username(name)} from the store:"
-        f" {plural(done['messages'], 'message')} and {plural(done['receipts'], 'receipt')}"
-        f" queued (it held {plural(done['purged'], 'entry')}). Nothing was delivered live: their"
-        " devices get everything owed at their next connect."
-    )
-
-
-@queue.command("purge")
-@click.argument("name")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@json_flag
-@pass_ctx
-def queue_purge(ctx: Ctx, name: str, yes: bool, as_json: bool) -> None:
-    """Empty a user's owed queue in Redis (asks first; --yes skips)."""
-    from admin import ops
-
-    if not yes:
-        kinds = run(ctx, lambda b: ops.queue_summary(b, name), broker=True)
-        total = sum(kinds.values())
-        if total == 0:
-            click.echo(f"the queue of {ops.username(name)} is empty: nothing to purge")
-            return
-        click.echo(
-            f"Purging the Redis queue of {ops.username(name)} removes {total} entries"
-            f" ({plural(kinds.get('message', 0), 'message')},"
-            f" {plural(kinds.get('receipt', 0), 'receipt')}).\n"
-            "They stay owed in the store, so their devices still get them at the next"
-            " connect; what is lost is the fast path (and the copy Redis would serve"
-            " while the store is down).",
-            err=True,
-        )
-        _confirm("Purge?")
-    removed = run(ctx, lambda b: ops.purge_queue(b, name), broker=True)
-    if wants_json(ctx, as_json):
-        emit_json({"user": ops.username(name), "purged": removed})
-        return
-    click.echo(f"purged {plural(removed, 'entry')} from the queue of {ops.username(name)}")
+    report(ctx, delete, text.deleted_message, store=True, broker=None)
 
 
 # -- presence, nodes, stats ----------------------------------------------------------------
@@ -677,70 +490,19 @@ def queue_purge(ctx: Ctx, name: str, yes: bool, as_json: bool) -> None:
 @main.command()
 @json_flag
 @pass_ctx
-def presence(ctx: Ctx, as_json: bool) -> None:
+def presence(ctx: Ctx) -> None:
     """Who is online, on which replica."""
-    from admin import ops
-
-    found = run(ctx, ops.presence, broker=True)
-    if wants_json(ctx, as_json):
-        emit_json(found)
-        return
-    table(("USER", "NODES"), [(p["user"], ", ".join(p["nodes"])) for p in found])
-    click.echo(f"{plural(len(found), 'user')} online")
+    report(ctx, ops.presence, text.presence, broker=True)
 
 
 @main.command()
 @json_flag
 @pass_ctx
-def nodes(ctx: Ctx, as_json: bool) -> None:
+def nodes(ctx: Ctx) -> None:
     """Live replicas: connections, users, last heartbeat; then the Redis
     deployment (a cluster's shards, Sentinel's master)."""
-    from admin import ops
-
-    found, redis = run(ctx, ops.nodes_and_redis, broker=True)
-    if wants_json(ctx, as_json):
-        emit_json(found)
-        return
-    table(
-        ("NODE", "INCARNATION", "CONNECTIONS", "USERS", "HEARTBEAT", "UP SINCE"),
-        [
-            (
-                n["node"],
-                n["incarnation"],
-                n["connections"],
-                n["users"],
-                "-"
-                if n["heartbeat_age_ms"] is None
-                else f"{n['heartbeat_age_ms'] / 1000:.1f}s ago",
-                when(n["started_at"]),
-            )
-            for n in found
-        ],
-    )
-    click.echo(f"{plural(len(found), 'live node')}")
-    if redis is not None:
-        click.echo("")
-        redis_lines(redis)
-
-
-def redis_lines(redis: dict[str, Any]) -> None:
-    """The Redis deployment, for people."""
-    pubsub = "sharded pub/sub" if redis.get("sharded_pubsub") else "classic pub/sub"
-    mode = redis["mode"]
-    if mode == "cluster":
-        shards = redis["shards"]
-        click.echo(f"redis: cluster, {plural(len(shards), 'shard')}, {pubsub}")
-        table(
-            ("MASTER", "REPLICAS", "SLOTS"),
-            [(s["master"], ", ".join(s["replicas"]) or "-", s["slots"]) for s in shards],
-        )
-    elif mode == "sentinel":
-        click.echo(
-            f"redis: sentinel, master {redis['master_name']!r} at {redis['master'] or '?'}"
-            f" (sentinels {', '.join(redis['sentinels'])}), {pubsub}"
-        )
-    else:
-        click.echo(f"redis: {mode}, {redis.get('server', '?')}, {pubsub}")
+    # --json prints the nodes only.
+    report(ctx, ops.nodes_and_redis, text.nodes, broker=True, as_json=lambda both: both[0])
 
 
 @main.command()
@@ -753,55 +515,9 @@ def redis_lines(redis: dict[str, Any]) -> None:
 )
 @json_flag
 @pass_ctx
-def stats(ctx: Ctx, window: float, as_json: bool) -> None:
+def stats(ctx: Ctx, window: float) -> None:
     """Messages stored and owed, delivered/seen rates, per-node connections."""
-    from admin import ops
-
-    st = run(ctx, lambda s, b: ops.stats(s, b, window), store=True, broker=None)
-    if wants_json(ctx, as_json):
-        emit_json(st)
-        return
-    span = f"last {window:g} s"
-    u, m = st["users"], st["messages"]
-    rows = [
-        ("users", f"{u['total']} ({u['disabled']} disabled, {u['deleted']} deleted)"),
-        ("conversations", st["conversations"]),
-        (
-            "messages",
-            f"{m['stored']} stored; {m['in_window']} in the {span} ({m['per_minute']}/min)",
-        ),
-        (
-            "owed (store)",
-            f"{plural(st['owed']['messages'], 'message')},"
-            f" {plural(st['owed']['receipts'], 'receipt')}",
-        ),
-        (
-            "delivered",
-            f"{st['delivered']['in_window']} in the {span} ({st['delivered']['per_minute']}/min)",
-        ),
-        ("seen", f"{st['seen']['in_window']} in the {span} ({st['seen']['per_minute']}/min)"),
-        ("keys", ", ".join(f"{k}: {n}" for k, n in sorted(st["keys"].items())) or "-"),
-    ]
-    q = st["queues"]
-    if q is None:
-        rows.append(("queues, nodes", "unknown (no Redis configured)"))
-    else:
-        rows.append(
-            (
-                "queues (Redis)",
-                f"{plural(q['users'], 'user')}, {q['entries']} entries, oldest queued"
-                f" {age(q['oldest_queued_at'])} ago",
-            )
-        )
-        rows.append(
-            (
-                "connections",
-                ", ".join(f"{n}: {c}" for n, c in st["nodes"].items()) or "no live node",
-            )
-        )
-    pairs(rows)
-    if st.get("redis") is not None:
-        redis_lines(st["redis"])
+    report(ctx, lambda s, b: ops.stats(s, b, window), text.stats, store=True, broker=None)
 
 
 # -- keys ----------------------------------------------------------------------------------
@@ -815,82 +531,38 @@ def keys() -> None:
 @keys.command("list")
 @json_flag
 @pass_ctx
-def keys_list(ctx: Ctx, as_json: bool) -> None:
+def keys_list(ctx: Ctx) -> None:
     """Keys in the keyring, which one is active, and how many messages each seals."""
-    from admin import ops
+    ring = keyring(ctx, "keys list")
 
-    ring = _ring(ctx, "keys list")
-    found = run(ctx, lambda s: ops.list_keys(s, ring), store=True, broker=False)
-    if wants_json(ctx, as_json):
-        emit_json({"source": keyring_source(ctx.config), "keys": found})
-        return
-    click.echo(f"keyring: {keyring_source(ctx.config)}")
-    table(
-        ("KEY", "ACTIVE", "MESSAGES", "IN KEYRING"),
-        [
-            (
-                k["key"],
-                "*" if k["active"] else "",
-                k["messages"],
-                "yes" if k["in_keyring"] else "NO",
-            )
-            for k in found
-        ],
-    )
-    missing = [k["key"] for k in found if not k["in_keyring"]]
-    if missing:
-        click.echo(
-            f"warning: messages are sealed with keys missing from the keyring: {', '.join(missing)}"
-            " (they cannot be opened)",
-            err=True,
-        )
+    async def listing(store: Store) -> dict[str, Any]:
+        return {"source": keyring_source(ctx.config), "keys": await ops.list_keys(store, ring)}
 
-
-def _ring(ctx: Ctx, purpose: str) -> crypto.Keyring:
-    try:
-        return load_ring(ctx.config, purpose)
-    except CtlError as exc:
-        fail(exc.message, exc.code)
+    report(ctx, listing, text.keys, store=True, broker=False)
 
 
 @keys.command("rotate")
 @click.option("--kid", default=None, help="The new key's id (default: generated).")
 @json_flag
 @pass_ctx
-def keys_rotate(ctx: Ctx, kid: str | None, as_json: bool) -> None:
+def keys_rotate(ctx: Ctx, kid: str | None) -> None:
     """Add a new key and make it the active one."""
     config = ctx.config
-    ring = _ring(ctx, "keys rotate")
+    ring = keyring(ctx, "keys rotate")
     try:
         new = ring.with_new_key(kid)
     except crypto.KeyringError as exc:
         fail(str(exc), EXIT_REFUSED)
+    saved = ops.save_keyring(config, new)
+    show(ctx, {"active": new.active, "keys": list(new.keys), **saved}, text.rotated)
     if config.keys:
-        value = crypto.keys_env_value(new)
-        if as_json or ctx.json:
-            emit_json({"active": new.active, "keys": list(new.keys), "CHATD_KEYS": value})
-        else:
-            click.echo(f"CHATD_KEYS={value}")
-            click.echo(f"CHATD_ACTIVE_KEY={new.active}")
         click.echo(
             "The keyring comes from CHATD_KEYS, so nothing was written. Set these values on"
             " every replica and restart them one by one, then run chatctl keys reencrypt"
             " with the same environment.",
             err=True,
         )
-        return
-    crypto.write_key_file(config.key_path, new)
-    if as_json or ctx.json:
-        emit_json({"active": new.active, "keys": list(new.keys), "key_file": str(config.key_path)})
-    else:
-        click.echo(
-            f"new active key {new.active} in {config.key_path} (keys: {', '.join(new.keys)})"
-        )
-        click.echo(
-            "Replicas reading this file seal with it within a second (kill -HUP makes it"
-            " immediate). Then: chatctl keys reencrypt"
-        )
-    if config.active_key:
+    elif config.active_key:
         click.echo(
             f"warning: CHATD_ACTIVE_KEY={config.active_key} is set here; replicas with it set"
             " keep sealing with that key",
@@ -902,13 +574,11 @@ def keys_rotate(ctx: Ctx, kid: str | None, as_json: bool) -> None:
 @click.option("--batch", type=click.IntRange(1, 5000), default=500, show_default=True)
 @json_flag
 @pass_ctx
-def keys_reencrypt(ctx: Ctx, batch: int, as_json: bool) -> None:
+def keys_reencrypt(ctx: Ctx, batch: int) -> None:
     """Re-seal stored bodies with the active key (safe while chatd serves; resumable)."""
-    from admin import ops
+    ring = keyring(ctx, "keys reencrypt")
 
-    ring = _ring(ctx, "keys reencrypt")
-
-    async def go(store: Store) -> dict[str, Any]:
+    async def reencrypt(store: Store) -> dict[str, Any]:
         counts = await store.count_by_key()
         total = sum(n for k, n in counts.items() if k != ring.active and k in ring.keys)
         with click.progressbar(
@@ -918,15 +588,7 @@ def keys_reencrypt(ctx: Ctx, batch: int, as_json: bool) -> None:
         ) as bar:
             return await ops.reencrypt(store, ring, batch=batch, progress=bar.update)
 
-    done = run(ctx, go, store=True, broker=False)
-    if wants_json(ctx, as_json):
-        emit_json(done)
-    else:
-        click.echo(
-            f"re-sealed {plural(done['resealed'], 'message')} with {done['active']}"
-            f" ({done['skipped']} changed meanwhile and were re-read,"
-            f" {done['failed']} could not be opened)"
-        )
+    done = report(ctx, reencrypt, text.reencrypted, store=True, broker=False)
     if done["remaining"]:
         left = ", ".join(f"{k}: {n}" for k, n in done["remaining"].items())
         fail(
@@ -934,18 +596,16 @@ def keys_reencrypt(ctx: Ctx, batch: int, as_json: bool) -> None:
             " key, or a key is missing from the keyring; run it again",
             EXIT_REFUSED,
         )
-    if not (as_json or ctx.json):
-        click.echo(f"every stored message is sealed with {done['active']}")
 
 
 @keys.command("retire")
 @click.argument("kid")
 @json_flag
 @pass_ctx
-def keys_retire(ctx: Ctx, kid: str, as_json: bool) -> None:
+def keys_retire(ctx: Ctx, kid: str) -> None:
     """Remove a key from the keyring, once no stored message uses it."""
     config = ctx.config
-    ring = _ring(ctx, "keys retire")
+    ring = keyring(ctx, "keys retire")
     if kid not in ring.keys:
         fail(f"no key '{kid}' in the keyring ({keyring_source(config)})", EXIT_NOT_FOUND)
     if kid == ring.active:
@@ -957,28 +617,19 @@ def keys_retire(ctx: Ctx, kid: str, as_json: bool) -> None:
     used = run(ctx, count, store=True, broker=False)
     if used:
         fail(
-            f"{plural(used, 'message')} still sealed with '{kid}': run chatctl keys reencrypt"
+            f"{text.plural(used, 'message')} still sealed with '{kid}': run chatctl keys reencrypt"
             " first",
             EXIT_REFUSED,
         )
     new = ring.without(kid)
+    saved = ops.save_keyring(config, new)
+    show(ctx, {"retired": kid, "keys": list(new.keys), **saved}, text.retired)
     if config.keys:
-        value = crypto.keys_env_value(new)
-        if as_json or ctx.json:
-            emit_json({"retired": kid, "keys": list(new.keys), "CHATD_KEYS": value})
-        else:
-            click.echo(f"CHATD_KEYS={value}")
         click.echo(
             "The keyring comes from CHATD_KEYS, so nothing was written: set this value on"
             " every replica and restart them one by one.",
             err=True,
         )
-        return
-    crypto.write_key_file(config.key_path, new)
-    if as_json or ctx.json:
-        emit_json({"retired": kid, "keys": list(new.keys), "key_file": str(config.key_path)})
-    else:
-        click.echo(f"retired {kid} from {config.key_path} (keys: {', '.join(new.keys)})")
 
 
 if __name__ == "__main__":

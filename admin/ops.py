@@ -2,22 +2,22 @@
 
 Each function takes the store, the broker and/or the keyring it needs and
 returns plain data (dicts and lists, JSON-ready) that :mod:`admin.cli`
-prints as a table or as JSON. Nothing here touches a Redis key or a table
-directly: everything goes through :class:`chatd.ports.Store` and
-:class:`chatd.ports.Broker`, so chatctl works on every implementation and
-against a live cluster.
+prints as JSON or, for people, with :mod:`admin.text`. Nothing here
+touches a Redis key or a table directly: everything goes through
+:class:`chatd.ports.Store` and :class:`chatd.ports.Broker`, so chatctl
+works on every implementation and against a live cluster.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from chatd import crypto, owed
-from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Passwords
+from chatd.auth import Passwords, check_password
+from chatd.config import Config
 from chatd.core.e2e import parse_stored
 from chatd.core.envelope import (
     EventEnvelope,
@@ -33,7 +33,7 @@ from chatd.core.errors import BadRequest, Forbidden, NotFound
 from chatd.core.ids import UlidFactory
 from chatd.core.model import EventKind, NewEvent, StoredMessage, User
 from chatd.core.names import normalize_username
-from chatd.ports import Broker, Owed, Reseal, Routed, Store, Writes
+from chatd.ports import Broker, Owed, Reseal, Routed, Store, SystemClock, Writes
 
 #: Who a deletion by an operator is ``by`` on the wire: not a valid username,
 #: so it can never be mistaken for a member.
@@ -41,9 +41,8 @@ OPERATOR = "@operator"
 
 PAGE = 500
 
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+#: chatctl's clock (milliseconds since the epoch), the one chatd's service uses.
+clock = SystemClock()
 
 
 def username(name: str) -> str:
@@ -134,17 +133,11 @@ async def show_user(store: Store, broker: Broker | None, name: str) -> dict[str,
     }
 
 
-def check_password(password: str) -> str:
-    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-        raise BadRequest(f"password must be {MIN_PASSWORD}-{MAX_PASSWORD} characters")
-    return password
-
-
 async def create_user(store: Store, name: str, password: str) -> dict[str, Any]:
     name = normalize_username(name)  # BadRequest: a usage error
-    check_password(password)
+    check_password(password)  # BadRequest: a usage error
     pw_hash = await trio.to_thread.run_sync(Passwords().hash, password)
-    user = User(name, pw_hash, now_ms())
+    user = User(name, pw_hash, clock.now_ms())
     await store.create_user(user)  # Conflict when taken
     return {"username": name, "status": "active", "created_ts": user.created_ts}
 
@@ -312,9 +305,9 @@ async def delete_message(store: Store, broker: Broker | None, id: str) -> dict[s
         raise NotFound(f"message '{id}' is already deleted")
     conv = await store.get_conversation(m.conversation)
     members = conv.members if conv is not None else ()
-    eid = UlidFactory().new()
+    eid = UlidFactory(clock_ms=clock.now_ms).new()
     ev = NewEvent(
-        eid, m.conversation, EventKind.DELETED, m.id, OPERATOR, f"op-{eid}", now_ms(),
+        eid, m.conversation, EventKind.DELETED, m.id, OPERATOR, f"op-{eid}", clock.now_ms(),
         tuple(members), moderator=True,
     )  # fmt: skip
     [done] = (await store.write(Writes(events=[ev]))).events
@@ -360,8 +353,9 @@ async def queue_summary(broker: Broker, name: str) -> dict[str, int]:
     return kinds
 
 
-async def purge_queue(broker: Broker, name: str) -> int:
-    return await broker.purge(username(name))
+async def purge_queue(broker: Broker, name: str) -> dict[str, Any]:
+    user = username(name)
+    return {"user": user, "purged": await broker.purge(user)}
 
 
 async def requeue(store: Store, broker: Broker, name: str) -> dict[str, int]:
@@ -416,7 +410,7 @@ async def nodes_and_redis(broker: Broker) -> tuple[list[dict[str, Any]], dict[st
 
 
 async def stats(store: Store, broker: Broker | None, window_s: float) -> dict[str, Any]:
-    now = now_ms()
+    now = clock.now_ms()
     st = await store.stats(now - int(window_s * 1000))
     minutes = window_s / 60
     out: dict[str, Any] = {
@@ -472,6 +466,17 @@ async def list_keys(store: Store, ring: crypto.Keyring) -> list[dict[str, Any]]:
         if kid not in ring.keys
     ]
     return out
+
+
+def save_keyring(config: Config, new: crypto.Keyring) -> dict[str, str]:
+    """Keep a changed keyring where it came from. From ``CHATD_KEYS``,
+    nothing is written: returns ``CHATD_KEYS``, the value to set. From the
+    key file: writes it and returns ``key_file``, its path. Raises OSError
+    when the file cannot be written."""
+    if config.keys:
+        return {"CHATD_KEYS": crypto.keys_env_value(new)}
+    crypto.write_key_file(config.key_path, new)
+    return {"key_file": str(config.key_path)}
 
 
 async def reencrypt(

@@ -13,13 +13,22 @@ import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from chatd.core.errors import Unauthorized
+from chatd.core.errors import BadRequest, Unauthorized
 from chatd.files import create_secret_file
 
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 _ALGORITHM = "HS256"
 _ISSUER = "chatd"
+
+
+def check_password(password: object) -> str:
+    """The rule for a new password (registering, ``chatctl users create``):
+    a string of :data:`MIN_PASSWORD` to :data:`MAX_PASSWORD` characters.
+    Returns it; raises :class:`BadRequest` otherwise."""
+    if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise BadRequest(f"password must be {MIN_PASSWORD}-{MAX_PASSWORD} characters")
+    return password
 
 
 class Passwords:

@@ -30,6 +30,7 @@ from chatd.core import frames
 from chatd.core.errors import ALL_CODES, ChatError, Unavailable
 from chatd.core.ids import ulid_time_ms
 from chatd.core.model import EventKind
+from chatd.ports import wall_ms
 
 try:
     from prometheus_client import (
@@ -317,12 +318,12 @@ class Metrics:
                     found = await queues()
                 except ChatError:
                     return
-                wall_ms = time.time_ns() // 1_000_000
+                now_ms = wall_ms()
                 oldest = [q.oldest_queued_at for q in found if q.oldest_queued_at is not None]
                 self.queue_users.set(len(found))
                 self.queue_entries.set(sum(q.entries for q in found))
-                self.queue_oldest.set(max(0, wall_ms - min(oldest)) / 1000 if oldest else 0)
-                self.queue_sampled.set(wall_ms / 1000)
+                self.queue_oldest.set(max(0, now_ms - min(oldest)) / 1000 if oldest else 0)
+                self.queue_sampled.set(now_ms / 1000)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

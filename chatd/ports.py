@@ -12,6 +12,7 @@ its backend does not answer, and :class:`chatd.core.errors.Conflict` /
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -106,6 +107,19 @@ class Clock(Protocol):
     def now_ms(self) -> int:
         """Wall-clock milliseconds since the Unix epoch (the wire's ``ts``)."""
         ...
+
+
+def wall_ms() -> int:
+    """Wall-clock milliseconds since the Unix epoch: the one place that
+    reads it (everything else takes a :class:`Clock`, or calls this)."""
+    return time.time_ns() // 1_000_000
+
+
+class SystemClock:
+    """The real :class:`Clock`."""
+
+    def now_ms(self) -> int:
+        return wall_ms()
 
 
 class Store(Protocol):

@@ -15,7 +15,6 @@ import logging
 import math
 import random
 import secrets
-import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -25,7 +24,7 @@ from typing import Any, TypeVar
 import trio
 
 from chatd import crypto, owed
-from chatd.auth import MAX_PASSWORD, MIN_PASSWORD, Claims, Passwords, Tokens
+from chatd.auth import MAX_PASSWORD, Claims, Passwords, Tokens, check_password
 from chatd.batching import Batcher
 from chatd.core import e2e as e2e_rules
 from chatd.core import frames
@@ -84,7 +83,7 @@ from chatd.core.session import Outbound
 from chatd.hashing import Hasher
 from chatd.hub import Connection, Hub, render, render_payload
 from chatd.metrics import Metrics
-from chatd.ports import Broker, Clock, Routed, Store, Writes
+from chatd.ports import Broker, Clock, Routed, Store, SystemClock, Writes
 from chatd.rates import UserRates
 
 log = logging.getLogger("chatd.service")
@@ -152,11 +151,6 @@ def _error(exc: ChatError) -> Outbound:
 BACKLOG_PAGE = 500
 HISTORY_DEFAULT = 50
 HISTORY_MAX = 200
-
-
-class SystemClock:
-    def now_ms(self) -> int:
-        return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)
@@ -417,8 +411,7 @@ class ChatService:
 
     async def register(self, username: object, password: object) -> str:
         name = normalize_username(username)
-        if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-            raise BadRequest(f"password must be {MIN_PASSWORD}-{MAX_PASSWORD} characters")
+        password = check_password(password)
         if await self.store.get_user(name) is not None:
             raise Conflict(f"username '{name}' is taken")
         pw_hash = await self.hasher.run(self.passwords.hash, password)
