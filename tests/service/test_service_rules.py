@@ -1,0 +1,188 @@
+"""The service with real ports (SQLite, memory broker) and fake connections
+(issue 13: tests in the middle): the end-to-end rules, events and groups,
+driven without sockets, each refusal checked for what it leaves behind."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from chatd.auth import Passwords, Tokens
+from chatd.broker.memory import MemoryBroker
+from chatd.core.errors import BadRequest, Forbidden, NotFound
+from chatd.core.frames import Delete, Edit, React, Send, Typing
+from chatd.core.model import GroupAction
+from chatd.core.names import dm_id
+from chatd.crypto import Keyring
+from chatd.service import ChatService
+from chatd.store.sqlite import SqliteStore
+from chatd.testing.e2e_client import E2EDevice
+from tests.service.test_service import FakeConn
+
+
+class DeviceConn(FakeConn):
+    def __init__(self, conn_id: str, user: str, device: str | None = None) -> None:
+        super().__init__(conn_id, user)
+        self.device = device
+
+
+@pytest.fixture
+async def svc(tmp_path, nursery):
+    store = SqliteStore.open(tmp_path)
+    s = ChatService(
+        store=store,
+        broker=MemoryBroker(),
+        keyring=Keyring({"k1": os.urandom(32)}, "k1"),
+        tokens=Tokens("x" * 32, 3600),
+        passwords=Passwords(),
+        node="n1",
+    )
+    await nursery.start(s.run)
+    for name in ("alice", "bob", "carol"):
+        await s.register(name, "password123")
+    yield s
+    s.stop()
+    await s.stopped.wait()
+    await store.aclose()
+
+
+async def device(svc: ChatService, user: str) -> E2EDevice:
+    dev = E2EDevice(user)
+    assert await svc.register_device(user, dev.device, dev.keys.registration()) is True
+    return dev
+
+
+async def epoch(svc: ChatService, dev: E2EDevice, conv: str, members: list[str]) -> str:
+    listed = {m: (await svc.user_devices(dev.username, m))["devices"] for m in members}
+    epoch_id, bodies = dev.plan_epoch(conv, listed)
+    for body in bodies:
+        await svc.put_epoch(dev.username, conv, epoch_id, body)
+    dev.use_epoch(conv, epoch_id)
+    return epoch_id
+
+
+def error_of(conn: FakeConn, cid: str) -> dict:
+    [err] = [f for f in conn.of("error") if f.get("cid") == cid]
+    return err
+
+
+async def test_e2e_sends_are_checked_against_the_members_devices(svc):
+    conv = (await svc.open_dm("alice", "bob")).id
+    a, b = await device(svc, "alice"), await device(svc, "bob")
+    ca = DeviceConn("a1", "alice", a.device)
+    await epoch(svc, a, conv, ["alice", "bob"])
+    sealed = a.encrypt(conv, "hello")
+    # Not this connection's device: refused before anything is stored.
+    with pytest.raises(Forbidden):
+        await svc.send(DeviceConn("a2", "alice"), Send("x1", None, conversation=conv, e2e=sealed))
+    await svc.send(ca, Send("x2", None, conversation=conv, e2e=sealed))
+    await svc.flush()
+    assert [f["cid"] for f in ca.of("sent")] == ["x2"]
+    assert (await svc.store.get_conversation(conv)).e2e is True
+    # bob adds a device: alice's epoch misses it.
+    b2 = await device(svc, "bob")
+    with pytest.raises(BadRequest) as stale:
+        await svc.send(ca, Send("x3", None, conversation=conv, e2e=a.encrypt(conv, "again")))
+    assert stale.value.extra == {"reason": "e2e_stale", "missing": [b2.device], "extra": []}
+    assert len(await svc.store.history(conv, None, 10)) == 1
+    # After the switch, a plain body is refused with its reason.
+    with pytest.raises(BadRequest) as plain:
+        await svc.send(DeviceConn("b1", "bob", b.device), Send("p1", "plain", conversation=conv))
+    assert plain.value.extra["reason"] == "e2e_required"
+
+
+async def test_a_plain_send_that_races_the_switch_is_refused_by_the_store(svc):
+    """The service's copy of a one-to-one conversation can predate its
+    switch (a cache, another replica): the store's answer is what counts."""
+    conv = (await svc.open_dm("alice", "bob")).id
+    a = await device(svc, "alice")
+    await device(svc, "bob")
+    stale_copy = await svc.store.get_conversation(conv)  # plain, as cached
+    await epoch(svc, a, conv, ["alice", "bob"])
+    ca = DeviceConn("a1", "alice", a.device)
+    await svc.send(ca, Send("x1", None, conversation=conv, e2e=a.encrypt(conv, "s")))
+    await svc.flush()
+    svc._conversations[conv] = stale_copy  # the other replica's view
+    cb = DeviceConn("b1", "bob")
+    await svc.send(cb, Send("p1", "plain", conversation=conv))
+    await svc.flush()
+    assert error_of(cb, "p1")["reason"] == "e2e_required"
+    assert len(await svc.store.history(conv, None, 10)) == 1
+
+
+async def test_epoch_uploads_are_refused_for_strangers_and_foreign_devices(svc):
+    conv = (await svc.open_dm("alice", "bob")).id
+    a, c = await device(svc, "alice"), await device(svc, "carol")
+    with pytest.raises(Forbidden):  # carol is not a member
+        await svc.put_epoch("carol", conv, "epoch-0001", {"device": c.device, "shares": {}})
+    with pytest.raises(Forbidden):  # not alice's device
+        await svc.put_epoch("alice", conv, "epoch-0001", {"device": c.device, "shares": {}})
+    _, bodies = a.plan_epoch(conv, {"carol": [c.keys.public()]})
+    with pytest.raises(BadRequest) as unknown:  # a share to a non-member's device
+        await svc.put_epoch("alice", conv, "epoch-0002", bodies[0])
+    assert unknown.value.extra == {"unknown": [c.device]}
+    assert await svc.store.get_epoch(conv, "epoch-0002") is None
+    with pytest.raises(NotFound):
+        await svc.put_epoch("alice", "g:nope", "epoch-0003", {"device": a.device, "shares": {}})
+
+
+async def test_events_reach_the_others_and_refusals_change_nothing(svc):
+    a, b = FakeConn("a1", "alice"), FakeConn("b1", "bob")
+    await svc.attach(b)
+    await svc.send(a, Send("m1", "hello", to="bob"))
+    await svc.flush()
+    [msg] = b.of("message")
+    await svc.act(b, React("r1", msg["id"], "👍", True))
+    await svc.act(a, Edit("e1", msg["id"], "hello!"))
+    await svc.flush()
+    assert [f["type"] for f in b.frames if f["type"] in ("reaction", "edited")] == ["edited"]
+    assert b.of("edited")[0]["body"] == "hello!"
+    # bob may not edit alice's message; carol may not even see it.
+    await svc.act(b, Edit("e2", msg["id"], "mine now"))
+    await svc.flush()
+    assert error_of(b, "e2")["code"] == "forbidden"
+    with pytest.raises(NotFound):
+        await svc.act(FakeConn("c1", "carol"), Delete("d1", msg["id"]))
+    [stored] = await svc.store.get_messages([msg["id"]])
+    assert svc._open(stored).body == "hello!" and stored.reactions == (("👍", ("bob",)),)
+
+
+async def test_typing_needs_membership_and_a_removed_member_hears_nothing(svc):
+    group = await svc.create_group("alice", ["bob", "carol"], "g")
+    b, c = FakeConn("b1", "bob"), FakeConn("c1", "carol")
+    await svc.attach(b)
+    await svc.attach(c)
+    await svc.change_group("alice", group.id, GroupAction.REMOVE, ["carol"])
+    await svc.typing(FakeConn("a1", "alice"), Typing(group.id))
+    await svc.send(FakeConn("a1", "alice"), Send("g1", "after", conversation=group.id))
+    await svc.flush()
+    assert [f["type"] for f in b.frames if f["type"] in ("typing", "message")] == [
+        "typing",
+        "message",
+    ]
+    # The positive control above: bob got both. carol got the change only.
+    assert [f["type"] for f in c.frames] == ["members"]
+    with pytest.raises(Forbidden):
+        await svc.typing(c, Typing(group.id))
+    with pytest.raises(Forbidden):
+        await svc.send(c, Send("g2", "let me in", conversation=group.id))
+
+
+async def test_history_gives_e2e_objects_as_sent_and_never_a_body(svc):
+    conv = (await svc.open_dm("alice", "bob")).id
+    a = await device(svc, "alice")
+    await device(svc, "bob")
+    await epoch(svc, a, conv, ["alice", "bob"])
+    sealed = a.encrypt(conv, "secret")
+    await svc.send(
+        DeviceConn("a1", "alice", a.device), Send("x1", None, conversation=conv, e2e=sealed)
+    )
+    await svc.flush()
+    [item] = await svc.history("bob", conv, None, None)
+    assert item["e2e"] == sealed and "body" not in item
+    assert "secret" not in json.dumps(item)
+    listed = [c for c in await svc.conversations("bob") if c["id"] == conv]
+    assert listed[0]["e2e"] is True and listed[0]["last_message"]["e2e"] == sealed
+    assert conv == dm_id("alice", "bob")
