@@ -205,6 +205,11 @@ class Store(Protocol):
         """The other member of each one-to-one conversation of ``username``."""
         ...
 
+    async def sent_id(self, sender: str, cid: str) -> str | None:
+        """The id of the message ``sender`` stored under ``cid``, if any (a
+        retry is answered with its first ``sent`` whatever changed since)."""
+        ...
+
     async def append(self, batch: Sequence[NewMessage]) -> list[Appended]:
         """Store a batch in one commit; one :class:`Appended` per item, in order."""
         ...

@@ -951,13 +951,20 @@ class ChatService:
         if frame.reply_to is not None:
             await self._message_in(frame.reply_to, conv, sender, frame.cid)
         switches = frame.e2e is not None and not conv.e2e
-        if frame.e2e is not None:
-            await self._check_e2e(conn, conv, frame.e2e, frame.cid)
-            text = stored_text(e2e=frame.e2e)
-        elif conv.e2e:
-            raise _e2e_required(frame.cid)
-        else:
-            text = stored_text(body=frame.body)
+        try:
+            if frame.e2e is not None:
+                await self._check_e2e(conn, conv, frame.e2e, frame.cid)
+                text = stored_text(e2e=frame.e2e)
+            elif conv.e2e:
+                raise _e2e_required(frame.cid)
+            else:
+                text = stored_text(body=frame.body)
+        except (BadRequest, Forbidden):
+            # A retry of a message stored before a device or the mode
+            # changed is answered with its first ``sent``, as any retry.
+            if await self.store.sent_id(sender, frame.cid) is None:
+                raise
+            text = stored_text(body=frame.body) if frame.body is not None else ""
         mid = self.ids.new()
         ts = self.clock.now_ms()
         sealed = self.keyring.seal(text, mid, conv.id)

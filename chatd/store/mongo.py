@@ -987,6 +987,13 @@ class MongoStore:
 
         return await self._run(fn)
 
+    async def sent_id(self, sender: str, cid: str) -> str | None:
+        def fn() -> str | None:
+            doc = self._messages.find_one({"sender": sender, "cid": cid}, {"_id": 1})
+            return None if doc is None else str(doc["_id"])
+
+        return await self._run(fn)
+
     async def active_devices(self, users: Sequence[str]) -> list[str]:
         def fn() -> list[str]:
             docs = self._devices.find(

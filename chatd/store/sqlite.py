@@ -1079,6 +1079,15 @@ class SqliteStore:
 
         return await self._run(fn)
 
+    async def sent_id(self, sender: str, cid: str) -> str | None:
+        def fn(db: sqlite3.Connection) -> str | None:
+            row = db.execute(
+                "SELECT id FROM messages WHERE sender = ? AND cid = ?", (sender, cid)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._run(fn)
+
     async def active_devices(self, users: Sequence[str]) -> list[str]:
         def fn(db: sqlite3.Connection) -> list[str]:
             marks = ",".join("?" * len(users))

@@ -1211,6 +1211,15 @@ class StoreContract:
         # A retry of the switch is a duplicate, not a refusal.
         assert (await store.append([switch]))[0].duplicate is True
 
+    async def test_sent_id_finds_a_message_by_its_senders_cid(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        conv = await store.ensure_dm("alice", "bob", 1)
+        msg = new_message(conv.id, "alice", ("bob",), cid="c-1")
+        await store.append([msg])
+        assert await store.sent_id("alice", "c-1") == msg.id
+        assert await store.sent_id("bob", "c-1") is None
+        assert await store.sent_id("alice", "c-2") is None
+
     async def test_a_group_made_end_to_end(self, store: Store) -> None:
         await users(store, "alice", "bob")
         group = await store.create_group(
@@ -1252,6 +1261,7 @@ class SplitStore:
             "devices",
             "contacts",
             "active_devices",
+            "sent_id",
             "get_epoch",
             "epoch_shares",
             "ping",

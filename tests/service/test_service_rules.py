@@ -186,3 +186,26 @@ async def test_history_gives_e2e_objects_as_sent_and_never_a_body(svc):
     listed = [c for c in await svc.conversations("bob") if c["id"] == conv]
     assert listed[0]["e2e"] is True and listed[0]["last_message"]["e2e"] == sealed
     assert conv == dm_id("alice", "bob")
+
+
+async def test_a_retry_gets_its_first_sent_whatever_changed_since(svc):
+    """protocol.md: a repeated (sender, cid) is answered with the first
+    ``sent``, even when a device or the conversation's mode changed since."""
+    conv = (await svc.open_dm("alice", "bob")).id
+    a = await device(svc, "alice")
+    await device(svc, "bob")
+    ca = DeviceConn("a1", "alice", a.device)
+    await svc.send(ca, Send("p1", "plain first", conversation=conv))
+    await epoch(svc, a, conv, ["alice", "bob"])
+    sealed = a.encrypt(conv, "sealed")
+    await svc.send(ca, Send("x1", None, conversation=conv, e2e=sealed))
+    await svc.flush()
+    first = {f["cid"]: f["id"] for f in ca.of("sent")}
+    await device(svc, "bob")  # alice's epoch is stale now
+    await svc.send(ca, Send("x1", None, conversation=conv, e2e=sealed))
+    await svc.send(ca, Send("p1", "plain first", conversation=conv))  # after the switch
+    await svc.flush()
+    again = [(f["cid"], f["id"]) for f in ca.of("sent")][2:]
+    assert again == [("x1", first["x1"]), ("p1", first["p1"])]
+    assert ca.of("error") == []
+    assert len(await svc.store.history(conv, None, 10)) == 2

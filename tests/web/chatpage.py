@@ -226,6 +226,47 @@ class ChatPage:
         self.tid("confirm-ok").click()
         expect(self.tid("confirm-dialog")).to_be_hidden()
 
+    # -- end-to-end --------------------------------------------------------------
+
+    def expect_device(self) -> str:
+        """Wait until this profile's end-to-end device is registered; its id."""
+        self.page.wait_for_function("() => window.chatd && window.chatd.e2e.ready")
+        return self.page.evaluate("window.chatd.e2e.deviceId")
+
+    def open_e2e_panel(self) -> Locator:
+        """The encryption panel of the open chat, once its device lists are in."""
+        self.tid("e2e-info").click()
+        expect(self.tid("e2e-panel")).to_be_visible()
+        expect(self.tid("e2e-loading")).to_have_count(0)
+        return self.tid("e2e-panel")
+
+    def close_e2e_panel(self) -> None:
+        self.tid("e2e-panel-close").click()
+        expect(self.tid("e2e-panel")).to_be_hidden()
+
+    def turn_on_e2e(self) -> None:
+        """Switch the open one-to-one chat to end-to-end, from its panel."""
+        self.open_e2e_panel()
+        self.tid("e2e-enable").click()
+        expect(self.tid("confirm-title")).to_have_text("Turn on end-to-end encryption?")
+        self.confirm()
+        expect(self.tid("e2e-enable")).to_be_hidden()
+        expect(self.tid("e2e-status")).to_have_attribute("data-state", "on")
+        self.close_e2e_panel()
+        expect(self.tid("chat-lock")).to_be_visible()
+
+    def safety_number(self, user: str) -> Locator:
+        """The safety number with ``user`` in the open encryption panel."""
+        return self.page.locator(f'[data-testid=safety-number][data-user="{user}"]')
+
+    def e2e_member(self, user: str) -> Locator:
+        """A member's section of the encryption panel."""
+        return self.page.locator(f'[data-testid=e2e-member][data-name="{user}"]')
+
+    def undecryptable(self, message: Locator) -> Locator:
+        """The placeholder a message shows instead of text it could not verify."""
+        return message.get_by_test_id("message-undecryptable")
+
     # -- attention ---------------------------------------------------------------
 
     def set_focus(self, focused: bool) -> None:

@@ -1,11 +1,13 @@
 // The HTTP API: JSON in, JSON out, {"error": {code, message}} on failure.
 
 export class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, details = {}) {
     super(message);
     this.name = 'ApiError';
     this.status = status;
     this.code = code;
+    // The error object's other fields (e.g. `unknown` devices of an epoch upload).
+    this.details = details;
   }
 }
 
@@ -50,7 +52,8 @@ export async function api(path, { method = 'GET', body, token, signal } = {}) {
   if (!res.ok) {
     const e = data && data.error;
     const code = (e && e.code) || CODE_BY_STATUS[res.status] || (res.status >= 500 ? 'internal' : 'bad_request');
-    throw new ApiError(res.status, code, (e && e.message) || res.statusText || `HTTP ${res.status}`);
+    const { code: _c, message: _m, ...details } = e || {};
+    throw new ApiError(res.status, code, (e && e.message) || res.statusText || `HTTP ${res.status}`, details);
   }
   return data;
 }

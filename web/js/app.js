@@ -17,6 +17,17 @@
 // a system line to the chat ("alice added dave"), and when we are no longer a
 // member the chat becomes read-only (until a reload drops it from the list).
 // The group info panel (groups.js) makes the changes over HTTP.
+//
+// End-to-end conversations (e2e.js does the keys, epochs and checks): after
+// login this profile's device is loaded (or made) and registered before the
+// socket's `auth` names it. In an end-to-end conversation a message or an
+// edit is encrypted when it is about to go out (`prepare`), so an outbox item
+// keeps its plaintext and is sealed again, same cid, when the server answers
+// `e2e_stale` (a new epoch) or `e2e_required` (switched elsewhere). What
+// arrives with `e2e` is decrypted (`readSealed`): until then, and when it
+// fails, the message shows a placeholder and never text, and `seen` is sent
+// only for what was shown. The encryption panel (DevicesPanel) shows devices
+// and safety numbers; a banner says when a contact's devices changed.
 
 import { api } from './api.js';
 import { Connection } from './connection.js';
@@ -35,6 +46,7 @@ import { errorText, errorTitle } from './errors.js';
 import {
   EDIT_WINDOW_MS,
   PALETTE,
+  listNames,
   applyDelete,
   applyEdit,
   applyMembers,
@@ -44,6 +56,7 @@ import {
   reactionChips,
   reactionsFromHistory,
 } from './events.js';
+import { DevicesPanel, E2E, E2EError, placeholderText } from './e2e.js';
 import { GroupPanel, USERNAME_RE, parseUsernames } from './groups.js';
 import { icons } from './icons.js';
 import { resolveWsUrl } from './wsurl.js';
@@ -57,6 +70,11 @@ const TYPING_SHOW_MS = 6000;
 const MAX_IDS = 500; // per ack/seen frame (the server takes up to 1000)
 const FLASH_MS = 1600; // how long a message quoted and clicked stays highlighted
 const EVENT_OF = { react: 'reaction', edit: 'edited', delete: 'deleted' }; // request -> its event
+const DEVICE_WAIT_MS = 2500; // how long the socket waits for the device's registration
+const SEAL_TRIES = 3; // e2e_stale / e2e_required answers one message may get before it fails
+const DECRYPT_RETRY_MS = 3000; // a message that could not be decrypted for now (network) is tried again
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // pending 🕓, sent ✓, delivered ✓✓, seen ✓✓ in colour; drawn as SVG.
 const TICKS = {
@@ -120,6 +138,12 @@ export class App {
       chatTitle: $('chat-title'),
       chatSubtitle: $('chat-subtitle'),
       groupInfo: $('group-info'),
+      e2eInfo: $('e2e-info'),
+      chatLock: $('chat-lock'),
+      e2eBanner: $('e2e-banner'),
+      e2eBannerText: $('e2e-banner-text'),
+      e2eBannerCheck: $('e2e-banner-check'),
+      e2eBannerDismiss: $('e2e-banner-dismiss'),
       readonly: $('chat-readonly'),
       offlineBanner: $('offline-banner'),
       messages: $('messages'),
@@ -146,6 +170,7 @@ export class App {
     this.info = null;
     this.renderQueued = false;
     this.groupPanel = new GroupPanel(this, root);
+    this.devicesPanel = new DevicesPanel(this, root);
     this.reset();
     this.bindUi();
   }
@@ -153,6 +178,17 @@ export class App {
   reset() {
     this.me = null;
     this.token = null;
+    // This session's end-to-end state (the keys stay in IndexedDB across sessions).
+    this.e2e = new E2E({
+      getToken: () => this.token,
+      onChange: (ev) => {
+        this.scheduleRender();
+        if (ev.type === 'trust') this.resumeSealed(); // verified or dismissed: paused sends go
+        const msg = ev.type === 'replayed' && this.byId.get(ev.id);
+        if (msg && msg.sealed) this.showOpened(msg, ev.verdict); // an earlier copy came to light
+      },
+    });
+    this.deviceFixAt = 0;
     // id -> {id, kind, title, members, admins, last_seq, last_ts, unread, provisional,
     //        left, leftNote, membersEseq, membersAt, joined}
     this.convs = new Map();
@@ -189,6 +225,7 @@ export class App {
       this.el.convList.replaceChildren();
       this.renderCompose();
       this.groupPanel.close();
+      this.devicesPanel.close();
     }
     clearTimeout(this.flushTimer);
     clearTimeout(this.convRefreshTimer);
@@ -292,15 +329,91 @@ export class App {
     this.el.meName.textContent = this.me;
     this.el.meAvatar.replaceChildren(avatar(this.me));
     this.restoreOutbox();
-    this.startConnection();
+    const token = this.token;
+    // The socket's `auth` names this profile's device: it waits (a moment)
+    // for the device to be loaded and registered.
+    this.setupDevice().then(() => {
+      if (this.token === token && !this.conn) this.startConnection();
+    });
     this.loadConversations();
     this.route();
     this.scheduleRender();
   }
 
-  logout() {
+  /**
+   * Load (or make) this profile's end-to-end device and register it; waits
+   * for the registration DEVICE_WAIT_MS at most (it carries on behind).
+   * Never throws: without a device the chat works, end-to-end does not.
+   */
+  async setupDevice() {
+    const e2e = this.e2e;
+    try {
+      await e2e.load(this.me);
+    } catch {
+      return; // e2e.failure says why; the panel shows it
+    }
+    const open = this.openId && this.convs.get(this.openId);
+    if (this.isE2E(open)) this.prefetchDevices(open); // opened before the device was there
+    const registered = e2e.register().then(
+      () => {
+        e2e.failure = null;
+        if (this.e2e !== e2e) return;
+        // Messages that waited for the device go now.
+        if (this.conn && this.conn.ready) this.resendOutbox();
+        this.scheduleRender();
+      },
+      (err) => {
+        if (this.e2e !== e2e) return;
+        e2e.failure = `this device could not be registered: ${errorText(err.code, err.message)}`;
+        this.scheduleRender();
+      },
+    );
+    await Promise.race([registered, sleep(DEVICE_WAIT_MS)]);
+  }
+
+  /**
+   * `ready` did not claim our device (its registration was late, failed, or
+   * the device was removed elsewhere): register it (or a new one) and
+   * connect again so that `auth` names it. At most every 10 s.
+   */
+  async claimDevice() {
+    const e2e = this.e2e;
+    if (!e2e.device || Date.now() - this.deviceFixAt < 10_000) return;
+    this.deviceFixAt = Date.now();
+    try {
+      await e2e.register();
+    } catch {
+      return;
+    }
+    if (this.e2e === e2e && this.conn) this.conn.restart();
+  }
+
+  /** The person switched this one-to-one conversation on: from the next message on. */
+  turnOnE2E(id) {
+    this.e2e.want(id);
+    const conv = this.convs.get(id);
+    if (conv) this.prefetchDevices(conv);
+    this.scheduleRender();
+  }
+
+  /** Is this conversation end-to-end (on the server, or switched on here)? */
+  isE2E(conv) {
+    return Boolean(conv && (conv.e2e || this.e2e.isWanted(conv.id)));
+  }
+
+  /** Fetch the members' device lists (trust on first use starts here). */
+  prefetchDevices(conv) {
+    if (!this.e2e.device || conv.provisional) return;
+    for (const u of conv.members || []) this.e2e.devicesOf(u).catch(() => {});
+  }
+
+  logout({ force = false } = {}) {
     const unsent = this.outbox.length;
-    if (unsent && !window.confirm(`${unsent} message(s) are not sent yet and will be lost. Log out anyway?`)) {
+    if (
+      unsent &&
+      !force &&
+      !window.confirm(`${unsent} message(s) are not sent yet and will be lost. Log out anyway?`)
+    ) {
       return;
     }
     if (this.conn) this.conn.stop();
@@ -318,6 +431,7 @@ export class App {
   startConnection() {
     this.conn = new Connection({
       token: this.token,
+      authFields: () => (this.e2e.deviceId ? { device: this.e2e.deviceId } : {}),
       resolveUrl: () => this.wsUrl(),
       onFrame: (f) => this.onFrame(f),
       onStatus: (s) => this.onStatus(s),
@@ -425,6 +539,14 @@ export class App {
     });
     el.groupInfo.append(icons.info());
     el.groupInfo.addEventListener('click', () => this.openId && this.groupPanel.open(this.openId));
+    el.e2eInfo.append(icons.shield());
+    el.e2eInfo.addEventListener('click', () => this.openId && this.devicesPanel.open(this.openId));
+    el.chatLock.append(icons.lock());
+    el.e2eBannerCheck.addEventListener('click', () => this.openId && this.devicesPanel.open(this.openId));
+    el.e2eBannerDismiss.addEventListener('click', () => {
+      const conv = this.openId && this.convs.get(this.openId);
+      for (const u of conv ? this.changedContacts(conv) : []) this.e2e.dismiss(u);
+    });
     el.composeContextCancel.addEventListener('click', () => {
       this.setCompose(null);
       el.input.focus();
@@ -493,6 +615,7 @@ export class App {
     if (this.openId !== id) {
       this.openId = id;
       this.groupPanel.close();
+      this.devicesPanel.close();
       this.compose = null; // a reply or an edit belongs to the chat it started in
       this.paletteFor = null;
       this.renderCompose();
@@ -504,6 +627,7 @@ export class App {
       this.updateComposerNote();
       const conv = this.convs.get(id);
       if (isDm(id) && !conv.provisional) this.loadPresence(dmPeer(id, this.me));
+      if (this.isE2E(conv)) this.prefetchDevices(conv);
       if (window.matchMedia('(min-width: 721px)').matches) this.el.input.focus();
     }
     const st = this.histState(id);
@@ -515,6 +639,7 @@ export class App {
     if (this.openId === null) return;
     this.openId = null;
     this.groupPanel.close();
+    this.devicesPanel.close();
     this.compose = null;
     this.paletteFor = null;
     this.renderCompose();
@@ -654,6 +779,8 @@ export class App {
         last_ts: Math.max(c.last_ts || 0, conv.last_ts || 0),
         unread: (c.unread || 0) + newer,
         provisional: false,
+        // The switch is one way: a copy of the list older than it says nothing.
+        e2e: Boolean(c.e2e || conv.e2e),
       });
       // A `members` event applied since the list was asked for is newer.
       if (!(conv.membersAt >= started)) {
@@ -733,6 +860,7 @@ export class App {
     const error = form.querySelector('.form-error');
     const title = form.elements.title.value.trim();
     const { names: members, bad } = parseUsernames(form.elements.members.value, this.me);
+    const e2e = form.elements.e2e.checked;
     error.textContent = '';
     if (bad) {
       error.textContent = `“${bad}” is not a valid username.`;
@@ -748,7 +876,8 @@ export class App {
       const made = await api('/api/conversations', {
         method: 'POST',
         token: this.token,
-        body: { members, title: title || null },
+        // Without the field the server makes a plain group (what older servers understand).
+        body: e2e ? { members, title: title || null, e2e: true } : { members, title: title || null },
       });
       this.convs.set(made.id, {
         id: made.id,
@@ -761,7 +890,9 @@ export class App {
         unread: 0,
         provisional: false,
         created: Date.now(),
+        e2e: Boolean(made.e2e),
       });
+      if (e2e && !made.e2e) this.toast('bad_request', 'The server made the group without end-to-end encryption.');
       this.histState(made.id).loaded = true;
       this.histState(made.id).complete = true;
       form.reset();
@@ -897,7 +1028,7 @@ export class App {
         conversation: m.conversation,
         seq: m.seq,
         from: m.from,
-        body: m.body,
+        body: m.e2e ? null : m.body,
         ts: m.ts,
         replyTo: m.reply_to || null,
         editedTs: m.edited_ts || null,
@@ -915,12 +1046,20 @@ export class App {
     }
     if (m.cid && !msg.cid) msg.cid = m.cid;
     if (m.reply_to && !msg.replyTo) msg.replyTo = m.reply_to;
+    if (m.e2e) {
+      const conv = this.convs.get(m.conversation);
+      if (conv) conv.e2e = true; // the first end-to-end message is the switch
+    }
     if (m.deleted) applyDelete(msg);
     else if (!msg.deleted && (fresh || msg.touched < asOf)) {
       // The snapshot is newer than whatever events told us: it wins.
       if (m.body !== undefined && (m.edited_ts || 0) >= (msg.editedTs || 0)) {
         msg.body = m.body;
         msg.editedTs = m.edited_ts || null;
+      } else if (m.e2e && (m.edited_ts || 0) >= (msg.editedTs || 0)) {
+        // An edited message carries its latest edit: {t: "edit", id}.
+        msg.editedTs = m.edited_ts || null;
+        this.readSealed(msg, m.e2e, { editOf: m.edited_ts ? m.id : null, ts: m.edited_ts || m.ts });
       }
       if (Array.isArray(m.reactions)) {
         msg.reactions = reactionsFromHistory(m.reactions, this.me, this.dmPeerOf(m.conversation));
@@ -932,6 +1071,50 @@ export class App {
       msg.deliveredTo.add(u);
     }
     return { msg, fresh };
+  }
+
+  /**
+   * Decrypt a message's `e2e` object (or, with `editOf`, an edit's) into
+   * `msg.body`. Until it is done the message shows "decrypting", and when it
+   * fails a placeholder saying why (`e2eError`), never text. `ts` is when
+   * the content was made (for "sent before this device was added").
+   */
+  readSealed(msg, e2e, { editOf = null, ts = msg.ts } = {}) {
+    const input = { id: msg.id, conversation: msg.conversation, from: msg.from, seq: msg.seq, ts, e2e };
+    msg.sealed = true;
+    const same = msg.e2eInput && this.e2e.cacheKey(msg.e2eInput) === this.e2e.cacheKey(input);
+    if (same) return; // this version is read already, or being read
+    msg.e2eInput = input;
+    const known = this.e2e.peek(input);
+    if (known) {
+      this.showOpened(msg, known);
+      return;
+    }
+    if (msg.body == null) msg.e2eState = 'pending';
+    this.e2e.open(input, { editOf }).then((result) => {
+      if (msg.e2eInput !== input || msg.deleted) return; // a newer version came meanwhile
+      const r = this.e2e.peek(input) || result; // taken back meanwhile (a replay) wins
+      if (r.retry) {
+        // Not tried (the network): once more in a moment.
+        setTimeout(() => {
+          if (msg.e2eInput !== input || this.byId.get(msg.id) !== msg) return; // replaced, or logged out
+          msg.e2eInput = null;
+          this.readSealed(msg, e2e, { editOf, ts });
+        }, DECRYPT_RETRY_MS);
+        return;
+      }
+      this.showOpened(msg, r);
+      this.scheduleRender();
+      this.reportSeen(); // shown now: it may be seen
+    });
+  }
+
+  showOpened(msg, r) {
+    if (r.body != null) Object.assign(msg, { body: r.body, e2eState: 'ok', e2eError: null, e2eReason: null });
+    else {
+      const reason = r.unavailable ? 'unavailable' : r.before ? 'before' : r.reason;
+      Object.assign(msg, { body: null, e2eState: 'failed', e2eError: placeholderText(r), e2eReason: reason });
+    }
   }
 
   /** The other member of a one-to-one chat; null for a group. */
@@ -977,10 +1160,24 @@ export class App {
 
   sendFromComposer() {
     const body = this.el.input.value;
-    if (!body.trim() || !this.openId || this.convs.get(this.openId)?.left) return;
+    const conv = this.openId && this.convs.get(this.openId);
+    if (!body.trim() || !conv || conv.left) return;
     if (body.length > MAX_BODY) {
       this.updateComposerNote();
       return;
+    }
+    if (this.isE2E(conv)) {
+      const paused = this.pausedBy(conv);
+      if (paused.length) {
+        this.composerRefusal(
+          `Not sent: ${listNames(paused)}'s devices changed since you verified them. Check the new safety number first.`,
+        );
+        return;
+      }
+      if (!this.e2e.device) {
+        this.composerRefusal(`Not sent: ${this.e2e.failure || 'end-to-end encryption is not ready on this device'}.`);
+        return;
+      }
     }
     if (this.compose && this.compose.mode === 'edit') {
       this.submitEdit(body);
@@ -1005,8 +1202,16 @@ export class App {
     return frame;
   }
 
+  /** Say under the composer why what was typed did not go (it stays there). */
+  composerRefusal(text) {
+    const note = this.el.composerNote;
+    note.hidden = false;
+    note.className = 'composer-note over';
+    note.textContent = text;
+  }
+
   /** A message of ours, not yet stored (sent now, or restored from the outbox). */
-  localMessage({ cid, conversation, body, ts, afterSeq, replyTo }) {
+  localMessage({ cid, conversation, body, ts, afterSeq, replyTo, sealed = false }) {
     const msg = {
       afterSeq,
       key: `c:${cid}`,
@@ -1027,6 +1232,9 @@ export class App {
       state: 'pending',
       error: null,
       order: ++this.order,
+      // End-to-end: the text is ours (typed here), sealed when it goes out.
+      sealed,
+      e2eState: sealed ? 'ok' : null,
     };
     this.convMsgs(conversation).set(msg.key, msg);
     this.byCid.set(cid, msg);
@@ -1037,19 +1245,125 @@ export class App {
     const conv = this.convs.get(convId);
     const cid = randomId('w');
     const afterSeq = this.maxSeq(convId);
-    const msg = this.localMessage({ cid, conversation: convId, body, ts: Date.now(), afterSeq, replyTo });
-    const item = {
-      cid,
-      conversation: convId,
-      frame: this.frameFor(conv, cid, body, replyTo),
-      ts: msg.ts,
-      afterSeq,
-    };
+    const sealed = this.isE2E(conv);
+    const msg = this.localMessage({ cid, conversation: convId, body, ts: Date.now(), afterSeq, replyTo, sealed });
+    const item = this.outboxItem(conv, msg);
     this.outbox.push(item);
     this.saveOutbox();
-    if (this.conn) this.conn.send(item.frame);
+    this.dispatch(item);
     if (convId === this.openId) this.scrollMode = 'bottom';
     this.scheduleRender();
+  }
+
+  /**
+   * The outbox entry of a message of ours: its `send` frame, or (end-to-end)
+   * its plaintext, sealed into a frame when it goes out (`prepare`).
+   */
+  outboxItem(conv, msg) {
+    const item = { cid: msg.cid, conversation: msg.conversation, frame: null, ts: msg.ts, afterSeq: msg.afterSeq };
+    if (msg.sealed) Object.assign(item, { sealed: true, body: msg.body, replyTo: msg.replyTo });
+    else item.frame = this.frameFor(conv, msg.cid, msg.body, msg.replyTo);
+    return item;
+  }
+
+  /** Send an outbox item: a plain one as it is, an end-to-end one once sealed. */
+  dispatch(item) {
+    if (item.sealed && !item.frame) this.prepare(item);
+    else if (this.conn) this.conn.send(item.frame);
+  }
+
+  /**
+   * Seal an end-to-end outbox item ({t: "msg"}, a new epoch if one is due)
+   * and send it. It waits (stays pending) while the device is not registered
+   * or sending is paused for a contact; the network failing leaves it for the
+   * next `ready`; anything else fails it (with why).
+   */
+  async prepare(item) {
+    const conv = this.convs.get(item.conversation);
+    if (item.preparing || !conv || !this.outbox.includes(item)) return;
+    if (!this.e2e.device && this.e2e.failure) {
+      this.sendFailed(item.cid, 'bad_request', this.e2e.failure);
+      return;
+    }
+    if (!this.e2e.ready || this.pausedBy(conv).length) return;
+    item.preparing = true;
+    try {
+      const e2e = await this.e2e.seal(conv, { t: 'msg', body: item.body });
+      if (!this.outbox.includes(item)) return;
+      item.frame = { type: 'send', cid: item.cid, conversation: conv.id, e2e };
+      if (item.replyTo) item.frame.reply_to = item.replyTo;
+      this.saveOutbox();
+      if (this.conn) this.conn.send(item.frame);
+    } catch (err) {
+      if (err.status === 401) this.sessionEnded(err.message);
+      else if (err instanceof E2EError || (err.status >= 400 && err.status < 500)) {
+        this.sendFailed(item.cid, err.code || 'bad_request', err.message);
+      }
+    } finally {
+      item.preparing = false;
+    }
+  }
+
+  /** One of our messages will not go: it shows "Not sent" with why, and Retry. */
+  sendFailed(cid, code, message) {
+    this.removeFromOutbox(cid);
+    const msg = this.byCid.get(cid);
+    if (msg && msg.state !== 'stored') {
+      msg.state = 'failed';
+      msg.error = { code, message: errorText(code, message) };
+      this.scheduleRender();
+    }
+  }
+
+  /** Sending was paused (a contact to check) or waited for the device: go on. */
+  resumeSealed() {
+    for (const item of this.outbox) if (item.sealed && !item.frame) this.prepare(item);
+    for (const [cid, action] of this.actions) if (action.sealed && !action.frame) this.prepareEdit(cid, action);
+  }
+
+  /** Contacts in an end-to-end conversation whose devices changed since last checked. */
+  changedContacts(conv) {
+    if (!this.isE2E(conv) || conv.left) return [];
+    return this.others(conv).filter((u) => this.e2e.trustOf(u).changed);
+  }
+
+  /** Contacts the person had verified whose devices changed since: sending to them waits. */
+  pausedBy(conv) {
+    if (!this.isE2E(conv)) return [];
+    return this.others(conv).filter((u) => this.e2e.trustOf(u).blocked);
+  }
+
+  /**
+   * The server refused one of our sends or edits with `e2e_stale` (the
+   * epoch's shares are not the conversation's devices now) or `e2e_required`
+   * (switched on another device): seal it again, new epoch, same cid (never
+   * stored twice). False when it was tried too often (it fails as usual).
+   */
+  sealAgain(f) {
+    const item = this.outbox.find((i) => i.cid === f.cid);
+    const action = this.actions.get(f.cid);
+    const target = item || action;
+    const conv = target && this.convs.get(target.conversation);
+    if (!conv) return false;
+    target.sealTries = (target.sealTries || 0) + 1;
+    if (target.sealTries > SEAL_TRIES) return false;
+    if (f.reason === 'e2e_required') conv.e2e = true;
+    else this.e2e.markStale(conv.id);
+    if (item) {
+      if (!item.sealed) {
+        Object.assign(item, { sealed: true, body: item.frame.body, replyTo: item.frame.reply_to || null });
+        const msg = this.byCid.get(item.cid);
+        if (msg) Object.assign(msg, { sealed: true, e2eState: 'ok' });
+      }
+      item.frame = null;
+      this.saveOutbox();
+      this.prepare(item);
+    } else {
+      Object.assign(action, { sealed: true, frame: null });
+      this.prepareEdit(f.cid, action);
+    }
+    this.scheduleRender();
+    return true;
   }
 
   /** Send a failed message again, with the same cid: it can never be stored twice. */
@@ -1061,16 +1375,11 @@ export class App {
     // The message it answered was deleted meanwhile: send it as a plain message.
     const original = msg.replyTo && this.byId.get(msg.replyTo);
     if (original && original.deleted) msg.replyTo = null;
-    const item = {
-      cid: msg.cid,
-      conversation: msg.conversation,
-      frame: this.frameFor(conv, msg.cid, msg.body, msg.replyTo),
-      ts: msg.ts,
-      afterSeq: msg.afterSeq,
-    };
+    if (this.isE2E(conv)) Object.assign(msg, { sealed: true, e2eState: 'ok' });
+    const item = this.outboxItem(conv, msg);
     this.outbox.push(item);
     this.saveOutbox();
-    if (this.conn) this.conn.send(item.frame);
+    this.dispatch(item);
     this.scheduleRender();
   }
 
@@ -1090,7 +1399,18 @@ export class App {
   saveOutbox() {
     if (!this.me) return;
     const key = OUTBOX_PREFIX + this.me;
-    if (this.outbox.length) sessionStorage.setItem(key, JSON.stringify(this.outbox));
+    // What is kept: the frame, or (end-to-end, not sealed yet) the text; never the working flags.
+    const items = this.outbox.map(({ cid, conversation, frame, ts, afterSeq, sealed, body, replyTo }) => ({
+      cid,
+      conversation,
+      frame,
+      ts,
+      afterSeq,
+      sealed,
+      body,
+      replyTo,
+    }));
+    if (items.length) sessionStorage.setItem(key, JSON.stringify(items));
     else sessionStorage.removeItem(key);
   }
 
@@ -1102,16 +1422,17 @@ export class App {
       items = [];
     }
     for (const item of items) {
-      if (!item || !item.cid || !item.frame) continue;
+      if (!item || !item.cid || !(item.frame || (item.sealed && typeof item.body === 'string'))) continue;
       if (isDm(item.conversation)) this.provisionalDm(dmPeer(item.conversation, this.me));
       else this.ensureConv(item.conversation);
       this.localMessage({
         cid: item.cid,
         conversation: item.conversation,
-        body: item.frame.body,
+        body: item.sealed ? item.body : item.frame.body,
         ts: item.ts || Date.now(),
         afterSeq: item.afterSeq || 0,
-        replyTo: item.frame.reply_to,
+        replyTo: item.sealed ? item.replyTo : item.frame.reply_to,
+        sealed: Boolean(item.sealed),
       });
       this.outbox.push(item);
     }
@@ -1123,7 +1444,7 @@ export class App {
     // Pace a long queue a little so the server's rate limit is not hit.
     items.forEach((item, i) => {
       const send = () => {
-        if (this.outbox.includes(item) && this.conn) this.conn.send(item.frame);
+        if (this.outbox.includes(item)) this.dispatch(item);
       };
       if (i < 40) send();
       else setTimeout(send, (i - 39) * 60);
@@ -1163,7 +1484,7 @@ export class App {
   request(type, msg, fields) {
     const cid = randomId('a');
     const frame = { type, cid, id: msg.id, ...fields };
-    this.actions.set(cid, { frame, type, id: msg.id, ...fields });
+    this.actions.set(cid, { frame, type, id: msg.id, conversation: msg.conversation, ...fields });
     if (this.conn) this.conn.send(frame); // else after the next `ready`
     return cid;
   }
@@ -1249,6 +1570,8 @@ export class App {
     this.notes.set(conv.id, notes);
     if (changed) {
       conv.membersAt = Date.now();
+      // New members' devices (the next epoch goes to them too) in the panel.
+      if (this.devicesPanel.isOpen && this.devicesPanel.convId === conv.id) this.devicesPanel.refresh();
       const typing = this.typing.get(conv.id);
       for (const u of typing ? [...typing.keys()] : []) if (!conv.members.includes(u)) typing.delete(u);
       if (wasMember && !member) this.noLongerMember(conv, lines[0]);
@@ -1288,6 +1611,12 @@ export class App {
       const conv = this.convs.get(msg.conversation);
       const members = conv && conv.members && conv.members.length ? conv.members.length : Infinity;
       changed = applyReaction(msg.reactions, f.by, f.emoji, f.on !== false, members);
+    } else if (type === 'edited' && f.e2e) {
+      // End-to-end: the new text is shown once it decrypts (checked as an edit of this message).
+      if (msg.deleted || (msg.editedTs && f.ts && f.ts < msg.editedTs)) return;
+      msg.editedTs = f.ts || Date.now();
+      this.readSealed(msg, f.e2e, { editOf: msg.id, ts: f.ts || msg.ts });
+      changed = true;
     } else if (type === 'edited') {
       changed = applyEdit(msg, f.body, f.ts);
     } else if (type === 'deleted') {
@@ -1358,7 +1687,38 @@ export class App {
     const msg = this.byId.get(this.compose.id);
     this.setCompose(null);
     if (!msg || msg.deleted || body === msg.body) return;
-    this.request('edit', msg, { body });
+    const conv = this.convs.get(msg.conversation);
+    if (this.isE2E(conv)) this.requestSealedEdit(msg, body);
+    else this.request('edit', msg, { body });
+  }
+
+  /** An edit in an end-to-end conversation: {t: "edit", id, body} sealed, then sent. */
+  requestSealedEdit(msg, body) {
+    const cid = randomId('a');
+    const action = { frame: null, type: 'edit', id: msg.id, body, sealed: true, conversation: msg.conversation };
+    this.actions.set(cid, action);
+    this.prepareEdit(cid, action);
+    return cid;
+  }
+
+  async prepareEdit(cid, action) {
+    const conv = this.convs.get(action.conversation);
+    if (action.preparing || !conv || !this.e2e.ready || this.pausedBy(conv).length) return;
+    action.preparing = true;
+    try {
+      const e2e = await this.e2e.seal(conv, { t: 'edit', id: action.id, body: action.body });
+      if (this.actions.get(cid) !== action) return;
+      action.frame = { type: 'edit', cid, id: action.id, e2e };
+      if (this.conn) this.conn.send(action.frame); // else after the next `ready`
+    } catch (err) {
+      if (err.status === 401) this.sessionEnded(err.message);
+      else if (err instanceof E2EError || (err.status >= 400 && err.status < 500)) {
+        this.toast('bad_request', `The edit was not sent: ${err.message}`);
+        this.actionFailed(cid, 'bad_request');
+      }
+    } finally {
+      action.preparing = false;
+    }
   }
 
   /**
@@ -1478,6 +1838,8 @@ export class App {
     for (const key of this.visible) {
       const msg = map.get(key);
       if (!msg || !msg.id || msg.deleted || msg.from === this.me || msg.seenBy.has(this.me)) continue;
+      // End-to-end: seen means its text was shown (not a placeholder).
+      if (msg.sealed && msg.e2eState !== 'ok') continue;
       msg.seenBy.add(this.me);
       msg.deliveredTo.add(this.me);
       this.seenQueue.add(msg.id);
@@ -1522,6 +1884,8 @@ export class App {
       case 'deleted':
       case 'members':
         return this.onEvent(f);
+      case 'devices':
+        return this.onDevices(f);
       case 'error':
         return this.onError(f);
       default:
@@ -1529,11 +1893,16 @@ export class App {
     }
   }
 
-  onReady() {
+  onReady(f) {
     this.readyCount += 1;
+    // The socket speaks for our device only if `ready` says so.
+    if (this.e2e.device && f.device !== this.e2e.deviceId) this.claimDevice();
     this.resendOutbox();
     // Requests not answered yet go again, same cid: applied once at most.
-    for (const action of this.actions.values()) this.conn.send(action.frame);
+    for (const [cid, action] of this.actions) {
+      if (action.frame) this.conn.send(action.frame);
+      else if (action.sealed) this.prepareEdit(cid, action);
+    }
     this.flush();
     if (!this.convsLoaded) this.loadConversations(); // the first try failed
     if (this.readyCount > 1) {
@@ -1587,6 +1956,7 @@ export class App {
       this.loadPresence(dmPeer(conv.id, this.me));
     }
     Object.assign(msg, { id: f.id, seq: f.seq, ts: f.ts, state: 'stored', error: null });
+    if (msg.sealed) conv.e2e = true; // our first end-to-end message was the switch
     this.byId.set(f.id, msg);
     conv.last_seq = Math.max(conv.last_seq || 0, f.seq);
     conv.last_ts = Math.max(conv.last_ts || 0, f.ts);
@@ -1648,6 +2018,31 @@ export class App {
     return [...map].filter(([, until]) => until > now).map(([u]) => u);
   }
 
+  /**
+   * A `devices` frame: someone's devices changed (a contact's, or ours).
+   * The list is fetched again (trust on first use compares it there; the
+   * next send sees the new devices and makes a new epoch).
+   */
+  async onDevices(f) {
+    if (typeof f.user !== 'string' || !this.e2e.device) return;
+    const e2e = this.e2e;
+    let removedMe = false;
+    try {
+      ({ removedMe } = await e2e.onDevicesFrame(f.user));
+    } catch {
+      return; // no longer shares a conversation with us: nothing to show
+    }
+    if (this.e2e !== e2e) return;
+    if (removedMe) {
+      // Removed from another tab or window: this tab gets a new device.
+      this.toast('forbidden', 'This device was removed from your account. A new device is registered for this browser.');
+      this.deviceFixAt = 0;
+      this.claimDevice();
+    }
+    if (this.devicesPanel.isOpen) this.devicesPanel.refresh();
+    this.scheduleRender();
+  }
+
   onPresence(f) {
     this.presence.set(f.user, { online: f.online, last_seen: f.last_seen });
     if (!f.online) {
@@ -1657,6 +2052,8 @@ export class App {
   }
 
   onError(f) {
+    // An end-to-end refusal of ours is no error to show: sealed again and resent.
+    if (f.cid && (f.reason === 'e2e_stale' || f.reason === 'e2e_required') && this.sealAgain(f)) return;
     if (f.cid && this.actions.has(f.cid)) this.actionFailed(f.cid, f.code);
     if (f.cid) {
       this.removeFromOutbox(f.cid);
@@ -1759,6 +2156,7 @@ export class App {
     this.renderList();
     this.renderChat();
     this.groupPanel.render();
+    this.devicesPanel.render();
     this.renderStatus();
     const unread = [...this.convs.values()].reduce((n, c) => n + (c.unread || 0), 0);
     document.title = unread ? `(${unread}) chatd` : 'chatd';
@@ -1835,14 +2233,16 @@ export class App {
         last.deleted
           ? h('em', null, 'message deleted')
           : last.body == null
-            ? h('em', null, 'message unavailable')
+            ? h('em', null, this.sealedText(last) || 'message unavailable')
             : last.body.replace(/\s+/g, ' '),
       ];
     } else preview = h('em', null, conv.provisional ? 'New conversation' : 'No messages yet');
     const stamp = last ? formatStamp(last.ts) : '';
+    const e2e = this.isE2E(conv);
     const sig = JSON.stringify([
       title,
-      last && [last.key, last.body, last.deleted, last.ts, last.from === this.me && this.status(last)],
+      e2e,
+      last && [last.key, last.body, last.deleted, last.ts, last.from === this.me && this.status(last), last.e2eError],
       typing,
       online,
       conv.unread,
@@ -1869,6 +2269,7 @@ export class App {
         h(
           'span',
           { class: 'conv-top' },
+          e2e ? this.lockEl('conv-lock', 'conv-lock') : null,
           h('span', { class: 'conv-title', testid: 'conv-title' }, title),
           h('span', { class: 'conv-time' }, stamp),
         ),
@@ -1886,6 +2287,17 @@ export class App {
         ),
       ),
     );
+  }
+
+  /** The lock of an end-to-end conversation (list, header) or message. */
+  lockEl(cls, testid, label = 'End-to-end encrypted') {
+    return h('span', { class: `lock ${cls}`, testid, title: label, role: 'img', 'aria-label': label }, icons.lock());
+  }
+
+  /** What a sealed message without text shows: "decrypting…" or why it cannot be shown. */
+  sealedText(msg) {
+    if (!msg.sealed) return null;
+    return msg.e2eState === 'failed' ? msg.e2eError : 'decrypting…';
   }
 
   tickEl(status, msg) {
@@ -1939,6 +2351,7 @@ export class App {
     el.chatSubtitle.textContent = subtitle;
     el.chatSubtitle.dataset.state = state;
     el.groupInfo.hidden = dm;
+    this.renderE2E(conv);
     // A former member reads what is here, and writes nothing more.
     el.composer.hidden = Boolean(conv.left);
     el.readonly.hidden = !conv.left;
@@ -2030,6 +2443,31 @@ export class App {
     if (box.scrollTop < 120 && st.loaded && !st.complete && !st.loading) this.loadOlder(conv.id);
   }
 
+  /** The header's lock, the composer's placeholder and the banner about changed devices. */
+  renderE2E(conv) {
+    const el = this.el;
+    const on = this.isE2E(conv);
+    el.chatLock.hidden = !on;
+    el.chatLock.dataset.state = conv.e2e ? 'on' : 'next';
+    const label = conv.e2e
+      ? "End-to-end encrypted: only the members' devices can read these messages"
+      : 'End-to-end encryption is on from your next message';
+    el.chatLock.title = label;
+    el.chatLock.setAttribute('aria-label', label);
+    if (!this.compose) {
+      const placeholder = on ? 'Write an encrypted message' : 'Write a message';
+      if (el.input.placeholder !== placeholder) el.input.placeholder = placeholder;
+    }
+    const changed = this.changedContacts(conv);
+    el.e2eBanner.hidden = !changed.length;
+    if (!changed.length) return;
+    const paused = this.pausedBy(conv);
+    el.e2eBanner.dataset.paused = String(paused.length > 0);
+    el.e2eBannerText.textContent = paused.length
+      ? `${listNames(paused)}'s devices changed since you verified them. Sending is paused until you check the new safety number.`
+      : `${listNames(changed)}'s devices changed. Check the safety number if it matters who reads this.`;
+  }
+
   /** The messages and the lines about group changes, in order (a line before the first message after it). */
   timeline(id, list) {
     const notes = [...(this.notes.get(id) || [])].sort((a, b) => a.ts - b.ts);
@@ -2075,6 +2513,8 @@ export class App {
       msg.id,
       deleted,
       msg.editedTs,
+      msg.sealed,
+      msg.e2eError,
       JSON.stringify([quote, chips, actions, palette]),
     ].join('\u0001');
     if (this.msgSigs.get(li) === sig) return;
@@ -2087,9 +2527,21 @@ export class App {
     else delete li.dataset.status;
     if (deleted) li.dataset.deleted = 'true';
     else delete li.dataset.deleted;
+    if (msg.sealed) li.dataset.e2e = 'true';
+    else delete li.dataset.e2e;
     let body;
     if (deleted) body = h('em', { class: 'body deleted', testid: 'message-deleted' }, 'message deleted');
-    else if (msg.body == null) {
+    else if (msg.body == null && msg.sealed) {
+      // Never any text of a message that did not pass every check: why, instead.
+      body =
+        msg.e2eState === 'failed'
+          ? h(
+              'em',
+              { class: 'body undecryptable', testid: 'message-undecryptable', dataset: { reason: msg.e2eReason || '' } },
+              msg.e2eError,
+            )
+          : h('em', { class: 'body decrypting', testid: 'message-decrypting' }, 'Decrypting…');
+    } else if (msg.body == null) {
       body = h('em', { class: 'body unavailable', testid: 'message-body' }, 'This message cannot be shown.');
     } else body = h('div', { class: 'body', testid: 'message-body' }, richText(msg.body));
     const edited =
@@ -2103,6 +2555,7 @@ export class App {
     const meta = h(
       'div',
       { class: 'meta' },
+      msg.sealed && !deleted ? this.lockEl('msg-lock', 'message-lock') : null,
       edited,
       h('time', { datetime: new Date(msg.ts).toISOString(), title: new Date(msg.ts).toLocaleString() }, formatTime(msg.ts)),
       status ? this.tickEl(status, msg) : null,

@@ -15,10 +15,13 @@ export const CLOSE_UNAUTHORIZED = 4001;
  *  onStatus({state, retryInMs?, attempt?})  state: connecting | authenticating | ready | waiting | stopped
  *  onFrame(frame)                           every server frame after auth, including `ready`
  *  onUnauthorized(message)                  close 4001: the caller logs out
+ * `authFields()` gives more fields for each `auth` frame ({device}).
  */
 export class Connection {
-  constructor({ token, resolveUrl, onFrame, onStatus, onUnauthorized }) {
+  constructor({ token, resolveUrl, onFrame, onStatus, onUnauthorized, authFields = () => ({}) }) {
     this.token = token;
+    // More fields of `auth`, asked at each connect (the end-to-end `device`).
+    this.authFields = authFields;
     this.resolveUrl = resolveUrl;
     this.onFrame = onFrame;
     this.onStatus = onStatus;
@@ -123,7 +126,7 @@ export class Connection {
     this.lastError = null;
     ws.onopen = () => {
       this._setState('authenticating');
-      ws.send(JSON.stringify({ type: 'auth', token: this.token }));
+      ws.send(JSON.stringify({ ...this.authFields(), type: 'auth', token: this.token }));
       this.timers.ready = setTimeout(() => ws.close(4000, 'no ready'), READY_TIMEOUT_MS);
     };
     ws.onmessage = (ev) => {

@@ -119,7 +119,11 @@ export function applyDelete(msg) {
 export function quoteOf(original) {
   if (!original) return { state: 'missing', from: null, text: 'original message not loaded' };
   if (original.deleted) return { state: 'deleted', from: original.from, text: 'message deleted' };
-  if (original.body == null) return { state: 'ok', from: original.from, text: 'message unavailable' };
+  if (original.body == null) {
+    // End-to-end: not decrypted (yet), and never any text of it then.
+    const sealed = original.sealed && (original.e2eState === 'failed' ? original.e2eError : 'encrypted message');
+    return { state: 'ok', from: original.from, text: sealed || 'message unavailable' };
+  }
   return { state: 'ok', from: original.from, text: firstLine(original.body) };
 }
 

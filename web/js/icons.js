@@ -1,5 +1,6 @@
 // Small inline SVG icons (no icon font, no emoji font needed): ticks, the
-// message actions (reply, react, edit, delete), close, group info, the logo.
+// message actions (reply, react, edit, delete), close, group info, the
+// end-to-end lock, shield and device, the logo.
 
 const NS = 'http://www.w3.org/2000/svg';
 
@@ -59,6 +60,21 @@ export const icons = {
       ['path', { d: 'M8 7.3v4', ...stroke }],
       ['circle', { cx: '8', cy: '4.9', r: '0.9', fill: 'currentColor' }],
     ], 'icon'),
+  lock: () =>
+    svg('0 0 16 16', [
+      ['rect', { x: '3.2', y: '7.2', width: '9.6', height: '6.8', rx: '1.4', fill: 'currentColor' }],
+      ['path', { d: 'M5.4 7.2V5.3a2.6 2.6 0 0 1 5.2 0v1.9', ...stroke, 'stroke-width': '1.6' }],
+    ], 'icon icon-lock'),
+  shield: () =>
+    svg('0 0 16 16', [
+      ['path', { d: 'M8 1.8l5 1.9v4c0 3.1-2.1 5.4-5 6.5-2.9-1.1-5-3.4-5-6.5v-4z', ...stroke }],
+      ['path', { d: 'M5.7 8l1.6 1.6 3-3.1', ...stroke }],
+    ], 'icon'),
+  device: () =>
+    svg('0 0 16 16', [
+      ['rect', { x: '2', y: '3', width: '12', height: '8', rx: '1.2', ...stroke }],
+      ['path', { d: 'M5.5 13.5h5M8 11v2.5', ...stroke }],
+    ], 'icon icon-device'),
   close: () => svg('0 0 16 16', [['path', { d: 'M4 4l8 8M12 4l-8 8', ...stroke }]], 'icon'),
   logo: () =>
     svg('0 0 64 64', [
