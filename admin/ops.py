@@ -105,12 +105,15 @@ async def count_owed(store: Store, name: str) -> tuple[int, int]:
 async def show_user(store: Store, broker: Broker | None, name: str) -> dict[str, Any]:
     user = await need_user(store, name)
     messages, receipts = await count_owed(store, user.username)
-    presence = queue = None
+    presence: dict[str, Any] | None = None
+    queue: int | None = None
+    seen = [user.last_seen] if user.last_seen is not None else []
     if broker is not None:
         p = (await broker.presence([user.username]))[user.username]
         presence = {"online": p.online, "nodes": list(p.nodes), "last_seen": p.last_seen}
         queue = len(await broker.owed(user.username))
-    seen = [t for t in (user.last_seen, presence and presence["last_seen"]) if t is not None]
+        if p.last_seen is not None:
+            seen.append(p.last_seen)
     return {
         "username": user.username,
         "status": status_of(user),
