@@ -20,6 +20,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pymongo
@@ -30,6 +31,7 @@ from pymongo.errors import AutoReconnect, NetworkTimeout, ServerSelectionTimeout
 from chatd.core.errors import Unavailable
 from chatd.core.events import manages
 from chatd.core.model import EventKind, GroupAction, Mark, NewMembership, ReceiptKey, Status
+from chatd.store import mongo_groups, mongo_messages, mongo_receipts
 from chatd.store.mongo import INDEXES, MongoStore, _guard, _members_at
 from chatd.testing import mongomock_support
 from chatd.testing.store_contract import (
@@ -156,6 +158,12 @@ class _Hooked:
             return attr(*args, **kwargs)
 
         return call
+
+
+def _hook(store: MongoStore, name: str, method: str, hook: Callable[[], None]) -> None:
+    """Make ``store``'s collection ``name`` (``Collections``' field) a
+    :class:`_Hooked` one: the next ``method`` call on it runs ``hook`` first."""
+    store._c = replace(store._c, **{name: _Hooked(getattr(store._c, name), method, hook)})
 
 
 def _membership(conv: str, by: str, action: GroupAction, *names: str) -> NewMembership:
@@ -335,7 +343,7 @@ class MongoSpecific:
         await mine.append([new_message(dm.id, "alice", ("bob",))])
         theirs = new_message(dm.id, "bob", ("alice",))
         await other.ensure_indexes()
-        mine._messages = _Hooked(mine._messages, "insert_many", lambda: other._append([theirs]))
+        _hook(mine, "messages", "insert_many", lambda: mongo_messages.append(other._c, [theirs]))
         batch = [new_message(dm.id, "alice", ("bob",)) for _ in range(3)]
         out = await mine.append(batch)
         assert [a.seq for a in out] == [3, 4, 5] and not any(a.duplicate for a in out)
@@ -363,7 +371,7 @@ class MongoSpecific:
         dm = await mine.ensure_dm("alice", "bob", 1)
         first = new_message(dm.id, "alice", ("bob",), cid="same")
         await other.ensure_indexes()
-        mine._messages = _Hooked(mine._messages, "insert_many", lambda: other._append([first]))
+        _hook(mine, "messages", "insert_many", lambda: mongo_messages.append(other._c, [first]))
         retry = new_message(dm.id, "alice", ("bob",), cid="same")
         after = new_message(dm.id, "alice", ("bob",), cid="next")
         dup, nxt = await mine.append([retry, after])
@@ -381,10 +389,13 @@ class MongoSpecific:
         await mine.append([msg])
         await other.ensure_indexes()
         theirs: list = []
-        mine._messages = _Hooked(
-            mine._messages,
+        _hook(
+            mine,
+            "messages",
             "bulk_write",
-            lambda: theirs.extend(other._mark([Mark("bob", msg.id, Status.DELIVERED, 4)])),
+            lambda: theirs.extend(
+                mongo_receipts.mark(other._c, [Mark("bob", msg.id, Status.DELIVERED, 4)])
+            ),
         )
         bob, carol = await mine.mark(
             [Mark("bob", msg.id, Status.SEEN, 5), Mark("carol", msg.id, Status.DELIVERED, 6)]
@@ -527,10 +538,12 @@ class MongoSpecific:
         await other.ensure_indexes()
 
         def changes() -> None:
-            other._change_group(_membership(g.id, "alice", GroupAction.REMOVE, "bob"))
-            other._change_group(_membership(g.id, "alice", GroupAction.ADD, "dave"))
+            mongo_groups.change_group(
+                other._c, _membership(g.id, "alice", GroupAction.REMOVE, "bob")
+            )
+            mongo_groups.change_group(other._c, _membership(g.id, "alice", GroupAction.ADD, "dave"))
 
-        mine._messages = _Hooked(mine._messages, "insert_many", changes)
+        _hook(mine, "messages", "insert_many", changes)
         late = new_message(g.id, "carol", ("alice", "bob"))
         [done] = await mine.append([late])
         assert done.refused is None and done.seq == 2 and done.recipients == ("alice", "dave")
@@ -552,11 +565,13 @@ class MongoSpecific:
         await other.ensure_indexes()
 
         def changes() -> None:
-            other._change_group(_membership(g.id, "alice", GroupAction.REMOVE, "bob"))
-            other._change_group(_membership(g.id, "alice", GroupAction.ADD, "dave"))
+            mongo_groups.change_group(
+                other._c, _membership(g.id, "alice", GroupAction.REMOVE, "bob")
+            )
+            mongo_groups.change_group(other._c, _membership(g.id, "alice", GroupAction.ADD, "dave"))
 
-        mine._messages = _Hooked(mine._messages, "insert_many", changes)
-        mine._conversations = _Hooked(mine._conversations, "update_one", _crash)
+        _hook(mine, "messages", "insert_many", changes)
+        _hook(mine, "conversations", "update_one", _crash)
         msg = new_message(g.id, "carol", ("alice", "bob"), cid="c-1")
         with pytest.raises(RuntimeError):
             await mine.append([msg])
@@ -577,10 +592,13 @@ class MongoSpecific:
         first = new_message(g.id, "alice", ("bob", "carol"))
         await mine.append([first])
         await other.ensure_indexes()
-        mine._messages = _Hooked(
-            mine._messages,
+        _hook(
+            mine,
+            "messages",
             "insert_many",
-            lambda: other._change_group(_membership(g.id, "alice", GroupAction.REMOVE, "carol")),
+            lambda: mongo_groups.change_group(
+                other._c, _membership(g.id, "alice", GroupAction.REMOVE, "carol")
+            ),
         )
         late = new_message(g.id, "carol", ("alice", "bob"), cid="late")
         [done] = await mine.append([late])
@@ -606,10 +624,12 @@ class MongoSpecific:
         await other.ensure_indexes()
 
         def changes() -> None:
-            other._change_group(_membership(g.id, "alice", GroupAction.ADD, "dave"))
-            other._change_group(_membership(g.id, "alice", GroupAction.REMOVE, "bob"))
+            mongo_groups.change_group(other._c, _membership(g.id, "alice", GroupAction.ADD, "dave"))
+            mongo_groups.change_group(
+                other._c, _membership(g.id, "alice", GroupAction.REMOVE, "bob")
+            )
 
-        mine._conversations = _Hooked(mine._conversations, "update_one", changes)
+        _hook(mine, "conversations", "update_one", changes)
         msg = new_message(g.id, "carol", ("alice", "bob"))
         [done] = await mine.append([msg])
         assert done.refused is None and done.seq == 1 and done.recipients == ("alice", "bob")
@@ -632,12 +652,13 @@ class MongoSpecific:
         await other.ensure_indexes()
         # carol's mark lands between the read and the compare-and-set: the
         # reassignment is planned again and keeps it.
-        mine._messages = _Hooked(
-            mine._messages,
+        _hook(
+            mine,
+            "messages",
             "update_one",
-            lambda: other._mark([Mark("carol", msg.id, Status.DELIVERED, 6)]),
+            lambda: mongo_receipts.mark(other._c, [Mark("carol", msg.id, Status.DELIVERED, 6)]),
         )
-        mine._reassign(msg.id, ("carol", "dave"))
+        mongo_groups.reassign(mine._c, msg.id, ("carol", "dave"))
         doc = backend.raw.get_collection("messages").find_one({"_id": msg.id})
         assert doc["recipients"] == ["carol", "dave"]
         carol, dave = doc["receipts"]
@@ -663,9 +684,11 @@ class MongoSpecific:
         msg = new_message(g.id, "alice", ("bob", "carol"))
         await other.append([msg])
         await crashed.ensure_indexes()
-        crashed._events = _Hooked(crashed._events, "insert_one", _crash)
+        _hook(crashed, "events", "insert_one", _crash)
         with pytest.raises(RuntimeError):
-            crashed._change_group(_membership(g.id, "alice", GroupAction.ADD, "dave"))
+            mongo_groups.change_group(
+                crashed._c, _membership(g.id, "alice", GroupAction.ADD, "dave")
+            )
         conversations = backend.raw.get_collection("conversations")
         assert "pending" in conversations.find_one({"_id": g.id})
         conv = await other.get_conversation(g.id)
@@ -677,9 +700,11 @@ class MongoSpecific:
         assert [(e.eseq, e.action) for e in await other.owed_events("dave", 10)] == [(1, "add")]
         assert "pending" not in conversations.find_one({"_id": g.id})
         # And the next event, before itself.
-        crashed._events = _Hooked(crashed._events, "insert_one", _crash)
+        _hook(crashed, "events", "insert_one", _crash)
         with pytest.raises(RuntimeError):
-            crashed._change_group(_membership(g.id, "alice", GroupAction.ADD, "erin"))
+            mongo_groups.change_group(
+                crashed._c, _membership(g.id, "alice", GroupAction.ADD, "erin")
+            )
         react = new_event(g.id, EventKind.REACTION, msg.id, "bob", ("alice",), emoji="👍")
         done = await one_event(other, react)
         assert done.event.eseq == 3 and set(done.recipients) == {"alice", "carol", "dave", "erin"}
