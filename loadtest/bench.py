@@ -567,8 +567,8 @@ def bench_idle(args, python: Path, name: str, work: Path, secret: str) -> dict:
 RULES = [
     ("WorkerThread._work (trio/_core/_thread_cache", "idle: worker thread waiting for a job"),
     ("get_events (trio/_core/_io_epoll", "idle: trio waiting in epoll"),
-    ("_Tx.__enter__ (chatd/store/sqlite", "SQLite BEGIN IMMEDIATE (waiting for the write lock)"),
-    ("_Tx.__exit__ (chatd/store/sqlite", "SQLite COMMIT (fsync)"),
+    ("Tx.__enter__ (chatd/store/sqlite", "SQLite BEGIN IMMEDIATE (waiting for the write lock)"),
+    ("Tx.__exit__ (chatd/store/sqlite", "SQLite COMMIT (fsync)"),
     ("sqlite3", "SQLite (store)"),
     ("chatd/store/", "SQLite (store)"),
     ("cryptography", "AES-GCM"),
