@@ -14,6 +14,7 @@ from chatd.core.frames import Ack, Seen, Send
 from chatd.core.session import Outbound, Session
 from chatd.crypto import Keyring
 from chatd.service import ChatService
+from chatd.service import connections as backlog_mod
 from chatd.store.sqlite import SqliteStore
 
 
@@ -79,7 +80,7 @@ async def collect_backlog(svc, user):
 
 
 async def test_backlog_comes_in_pages_and_in_order(svc, monkeypatch):
-    monkeypatch.setattr(service_mod, "BACKLOG_PAGE", 3)
+    monkeypatch.setattr(backlog_mod, "BACKLOG_PAGE", 3)
     a = FakeConn("a1", "alice")
     for i in range(8):
         await svc.send(a, Send(f"c{i}", f"m{i}", to="bob"))
@@ -95,7 +96,7 @@ async def test_backlog_comes_in_pages_and_in_order(svc, monkeypatch):
 
 
 async def test_receipts_backlog_pages_by_member(svc, monkeypatch):
-    monkeypatch.setattr(service_mod, "BACKLOG_PAGE", 2)
+    monkeypatch.setattr(backlog_mod, "BACKLOG_PAGE", 2)
     a, b = FakeConn("a1", "alice"), FakeConn("b1", "bob")
     await svc.attach(b)
     for i in range(3):
