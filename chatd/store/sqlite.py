@@ -78,7 +78,14 @@ from chatd.core.model import (
 from chatd.ports import Reseal, Store, StoreStats, UserDeleted, Writes, Written
 from chatd.store import sqlite_reads, sqlite_writes
 from chatd.store.sqlite_schema import SCHEMA, connect, migrate
-from chatd.store.sqlite_tx import ack_rows, append_rows, event_ack_rows, event_rows, mark_rows
+from chatd.store.sqlite_tx import (
+    ack_rows,
+    append_rows,
+    event_ack_rows,
+    event_rows,
+    mark_rows,
+    rollback_quietly,
+)
 
 T = TypeVar("T")
 
@@ -163,11 +170,14 @@ class SqliteStore:
         delay, waited = 0.0001, 0.0
         while True:
             try:
+                _leave_stale_transaction(self._hot)
                 self._hot.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise Unavailable(f"store error: {exc}") from None
+            except sqlite3.Error as exc:  # not a database, a closed handle, ...
+                raise Unavailable(f"store error: {exc}") from None
             if waited >= BUSY_WAIT:
                 raise Unavailable(f"store is locked by another writer for {BUSY_WAIT:g} s")
             await trio.sleep(delay)
@@ -197,8 +207,7 @@ class SqliteStore:
                 result = fn(db)
                 db.execute("COMMIT")
             except BaseException as exc:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+                rollback_quietly(db)
                 if isinstance(exc, sqlite3.Error):
                     raise Unavailable(f"store error: {exc}") from None
                 raise
@@ -400,6 +409,14 @@ class SqliteStore:
         if not batch:
             return []
         return await self._write(sqlite_writes.reseal, batch)
+
+
+def _leave_stale_transaction(conn: sqlite3.Connection) -> None:
+    """A transaction an earlier failure could not roll back (its ROLLBACK
+    failed too) is rolled back before the next one begins: otherwise the
+    connection would refuse every BEGIN and hold the write lock for good."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _guard(fn: Callable[..., T], *args: object) -> T:

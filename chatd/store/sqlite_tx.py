@@ -51,6 +51,9 @@ class Tx:
         self.conn = conn
 
     def __enter__(self) -> sqlite3.Connection:
+        if self.conn.in_transaction:
+            # Left open by an earlier failure whose ROLLBACK failed too.
+            self.conn.execute("ROLLBACK")
         self.conn.execute("BEGIN IMMEDIATE")
         return self.conn
 
@@ -58,7 +61,18 @@ class Tx:
         if exc_type is None:
             self.conn.execute("COMMIT")
         else:
-            self.conn.execute("ROLLBACK")
+            rollback_quietly(self.conn)
+
+
+def rollback_quietly(conn: sqlite3.Connection) -> None:
+    """Roll back after a failure; a ROLLBACK that fails as well (the disk
+    went away) must not hide the first error: the transaction left open is
+    rolled back before the connection's next one begins."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
 
 def append_rows(db: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[Appended]:
