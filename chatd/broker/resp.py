@@ -149,7 +149,7 @@ class Address:
             tls=parts.scheme == "rediss",
             username=username,
             password=password,
-            db=int(db or query.get("db", 0)),
+            db=int(db or query.get("db", "0")),
             verify=query.get("ssl_cert_reqs", "required").lower() != "none",
             ca_file=query.get("ssl_ca_certs"),
         )
@@ -340,7 +340,7 @@ class Connection:
                 if not data:
                     self._fail(ConnectionLost("redis closed the connection"))
                     return
-                self._reader.feed(data)
+                self._reader.feed(data)  # type: ignore[arg-type]  # any buffer will do
                 self._take_replies()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail(ConnectionLost(f"redis connection broke: {exc}"))
@@ -388,3 +388,38 @@ class Connection:
                 batch.done(ConnectionLost(str(error)))
             except Exception:
                 log.exception("a redis reply handler failed")
+
+
+async def call_many(
+    batches: Sequence[tuple[Connection, Sequence[Command]]],
+) -> list[list[Any] | BaseException]:
+    """Each batch on its connection, all at once; each batch's replies (or
+    the error that lost its connection), in order."""
+    if not batches:
+        return []
+    if len(batches) == 1:
+        conn, commands = batches[0]
+        try:
+            return [await conn.call(*commands)]
+        except ConnectionLost as exc:
+            return [exc]
+    results: list[list[Any] | BaseException] = [[] for _ in batches]
+    left = [len(batches)]
+    all_done = trio.Event()
+
+    def finisher(k: int) -> Done:
+        def done(result: list[Any] | BaseException) -> None:
+            results[k] = result
+            left[0] -= 1
+            if left[0] == 0:
+                all_done.set()
+
+        return done
+
+    for k, (conn, commands) in enumerate(batches):
+        try:
+            conn.submit(commands, finisher(k))
+        except ConnectionLost as exc:
+            finisher(k)(exc)
+    await all_done.wait()
+    return results

@@ -4,7 +4,9 @@ Cluster, or the master that Redis Sentinel names.
 The broker asks a :class:`Topology` for the connection that serves a hash
 slot (:mod:`chatd.broker.resp` computes slots; every key chatd writes
 belongs to one user's slot or is a node key) and reports the redirections
-Redis answers with. Three implementations, one per mode:
+Redis answers with (:func:`command_slot` says which slot a command goes to,
+:func:`redirection` reads a reply that sends it elsewhere or later). Three
+implementations, one per mode:
 
 * :class:`Standalone` — one server; the slot does not matter.
 * :class:`Cluster` — any node's address seeds discovery (``CLUSTER SLOTS``);
@@ -26,6 +28,7 @@ Redis answers with. Three implementations, one per mode:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -394,3 +397,39 @@ async def detect(url: str, mode: Mode, opener: Opener, *, connect_timeout: float
             topology = probe
     await topology.discover()
     return topology
+
+
+# -- which slot a command goes to, and replies that send it elsewhere ---------------------
+
+#: Error replies that mean "not here / not now": the command did not run.
+_RETRY_PREFIXES = ("TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "READONLY")
+
+key_slot = functools.lru_cache(maxsize=1 << 16)(resp.hash_slot)
+
+#: Commands without a key (any server answers them).
+_KEYLESS = frozenset(("PING", "SCAN", "INFO", "CLUSTER", "ROLE", "COMMAND", "SCRIPT", "CLIENT"))
+
+
+def command_slot(command: resp.Command) -> int:
+    name = str(command[0]).upper()
+    if name in ("EVALSHA", "EVAL"):
+        return key_slot(str(command[3])) if int(command[2]) else 0
+    if name in _KEYLESS or len(command) < 2:
+        return 0
+    return key_slot(str(command[1]))
+
+
+def redirection(reply: Any) -> tuple[str, int, resp.Address | None] | None:
+    """("MOVED" | "ASK", slot, address) or (prefix, 0, None) for a reply that
+    means the command did not run here and may run elsewhere or later; None
+    for anything else."""
+    if not isinstance(reply, resp.ReplyError):
+        return None
+    text = str(reply)
+    if text.startswith(("MOVED ", "ASK ")):
+        kind, slot, where = text.split()[:3]
+        host, _, port = where.rpartition(":")
+        return kind, int(slot), resp.Address(host=host or "127.0.0.1", port=int(port))
+    if text.startswith(_RETRY_PREFIXES):
+        return text.split()[0], 0, None
+    return None

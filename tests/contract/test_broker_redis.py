@@ -538,7 +538,7 @@ class TestRedisBrokerWithClassicPubSub(BrokerContract):
 
             def classic(**tuning: object) -> RedisBroker:
                 broker = make(**tuning)
-                broker._sharded_allowed = False
+                broker._link.sharded_allowed = False
                 made.append(broker)
                 return broker
 
