@@ -31,6 +31,7 @@ system-deps:
 lint: venv-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: venv-test
 	$(VENV)/bin/ruff format .
