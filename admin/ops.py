@@ -10,14 +10,13 @@ works on every implementation and against a live cluster.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import trio
 
+from admin.keys import list_keys, reencrypt, save_keyring  # noqa: F401 - chatctl calls them as ops.*
 from chatd import crypto, owed
 from chatd.auth import Passwords, check_password
-from chatd.config import Config
 from chatd.core.e2e import parse_stored
 from chatd.core.envelope import (
     EventEnvelope,
@@ -33,7 +32,7 @@ from chatd.core.errors import BadRequest, Forbidden, NotFound
 from chatd.core.ids import UlidFactory
 from chatd.core.model import EventKind, NewEvent, StoredMessage, User
 from chatd.core.names import normalize_username
-from chatd.ports import Broker, Owed, Reseal, Routed, Store, SystemClock, Writes
+from chatd.ports import Broker, Owed, Routed, Store, SystemClock, Writes
 
 #: Who a deletion by an operator is ``by`` on the wire: not a valid username,
 #: so it can never be mistaken for a member.
@@ -447,89 +446,3 @@ async def stats(store: Store, broker: Broker | None, window_s: float) -> dict[st
         out["nodes"] = {n.node: n.connections for n in await broker.nodes()}
         out["redis"] = await redis_topology(broker)
     return out
-
-
-# -- keys --------------------------------------------------------------------------------
-
-
-async def list_keys(store: Store, ring: crypto.Keyring) -> list[dict[str, Any]]:
-    counts = await store.count_by_key()
-    out = [
-        {
-            "key": kid,
-            "active": kid == ring.active,
-            "messages": counts.get(kid, 0),
-            "in_keyring": True,
-        }
-        for kid in ring.keys
-    ]
-    out += [
-        {"key": kid, "active": False, "messages": n, "in_keyring": False}
-        for kid, n in sorted(counts.items())
-        if kid not in ring.keys
-    ]
-    return out
-
-
-def save_keyring(config: Config, new: crypto.Keyring) -> dict[str, str]:
-    """Keep a changed keyring where it came from. From ``CHATD_KEYS``,
-    nothing is written: returns ``CHATD_KEYS``, the value to set. From the
-    key file: writes it and returns ``key_file``, its path. Raises OSError
-    when the file cannot be written."""
-    if config.keys:
-        return {"CHATD_KEYS": crypto.keys_env_value(new)}
-    crypto.write_key_file(config.key_path, new)
-    return {"key_file": str(config.key_path)}
-
-
-async def reencrypt(
-    store: Store,
-    ring: crypto.Keyring,
-    *,
-    batch: int,
-    progress: Callable[[int], None],
-    passes: int = 3,
-    pause: float = 1.5,
-) -> dict[str, Any]:
-    """Re-seal every stored body sealed with a key other than the active one.
-
-    Safe while chatd serves: each body is replaced by compare-and-set, so a
-    body that changed meanwhile is skipped (and picked up by the next pass).
-    Resumable: only what is still sealed with an old key is read, so a second
-    run continues where an interrupted one stopped. Runs up to ``passes``
-    passes, ``pause`` seconds apart, while messages sealed with old keys
-    remain (replicas that had not yet picked up the new key).
-    """
-    resealed = skipped = 0
-    failed: set[str] = set()
-    for n in range(passes):
-        counts = await store.count_by_key()
-        todo = {k: c for k, c in counts.items() if k != ring.active and k in ring.keys}
-        if not todo:
-            break
-        if n:
-            await trio.sleep(pause)
-        for kid in sorted(todo):
-            after: str | None = None
-            while page := await store.messages_by_key(kid, after, batch):
-                items = []
-                for m in page:
-                    try:
-                        body = ring.open(m.body, m.id, m.conversation)
-                    except crypto.KeyringError:
-                        failed.add(m.id)
-                        continue
-                    items.append(Reseal(m.id, m.body, ring.seal(body, m.id, m.conversation)))
-                done = await store.reseal(items)
-                resealed += sum(done)
-                skipped += len(done) - sum(done)
-                progress(len(page))
-                after = page[-1].id
-    counts = await store.count_by_key()
-    return {
-        "active": ring.active,
-        "resealed": resealed,
-        "skipped": skipped,
-        "failed": len(failed),
-        "remaining": {k: c for k, c in sorted(counts.items()) if k != ring.active},
-    }
