@@ -11,7 +11,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from chatd.core.model import EventKind, GroupAction
+from chatd.core.model import EventKind, GroupAction, NewEvent
 from chatd.core.names import MAX_GROUP_MEMBERS
 
 #: How long after sending a message its sender may edit it (the default of
@@ -118,6 +118,32 @@ def judge(
 
 
 # --- groups that change -----------------------------------------------------------
+
+
+def judge_event(
+    ev: NewEvent,
+    target: Target | None,
+    *,
+    moderator: bool,
+    visible_from: int,
+    reactions_by_user: int,
+    reacted_already: bool,
+) -> Refusal | None:
+    """:func:`judge` for a :class:`NewEvent` as a store sees it in its commit
+    (both stores call this, with what they read of the target)."""
+    return judge(
+        ev.kind,
+        ev.by,
+        ev.conversation,
+        target,
+        ev.ts,
+        window_ms=ev.window_ms,
+        moderator=moderator,
+        visible_from=visible_from,
+        reactions_by_user=reactions_by_user,
+        reacted_already=reacted_already,
+        on=ev.on,
+    )
 
 
 def manages(user: str, admins: Sequence[str]) -> bool:

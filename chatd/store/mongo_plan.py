@@ -24,8 +24,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from chatd.core import events as event_rules
 from chatd.core.errors import Internal, Unavailable
-from chatd.core.events import MembershipPlan, Refusal, Target, judge, manages
+from chatd.core.events import MembershipPlan, Refusal, Target, manages
 from chatd.core.model import (
     Appended,
     EventKind,
@@ -340,18 +341,13 @@ def judge_event(
         elif not ev.moderator:
             target = None
         to = sorted(m for m in members if m != ev.by)
-    refusal = judge(
-        ev.kind,
-        ev.by,
-        ev.conversation,
+    refusal = event_rules.judge_event(
+        ev,
         target,
-        ev.ts,
-        window_ms=ev.window_ms,
         moderator=moderator,
         visible_from=visible_from,
         reactions_by_user=mine,
         reacted_already=already,
-        on=ev.on,
     )
     return refusal, to
 

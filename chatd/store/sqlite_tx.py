@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from chatd.core.delivery import apply_mark
 from chatd.core.errors import NotFound
-from chatd.core.events import Refusal, Target, judge, manages, plan_membership
+from chatd.core.events import Refusal, Target, judge_event, manages, plan_membership
 from chatd.core.model import (
     Appended,
     EventKind,
@@ -247,18 +247,13 @@ def event_rows(db: sqlite3.Connection, batch: Sequence[NewEvent]) -> list[EventR
                 " WHERE message_id = ? AND username = ?",
                 (ev.emoji, ev.message_id, ev.by),
             ).fetchone()
-        refusal = judge(
-            ev.kind,
-            ev.by,
-            ev.conversation,
+        refusal = judge_event(
+            ev,
             target,
-            ev.ts,
-            window_ms=ev.window_ms,
             moderator=moderator,
             visible_from=visible_from,
             reactions_by_user=mine,
             reacted_already=bool(already),
-            on=ev.on,
         )
         if refusal is not None:
             out.append(EventResult(None, refused=refusal.code, reason=refusal.reason))

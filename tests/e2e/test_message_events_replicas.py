@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import base64
 import sqlite3
-import subprocess
 
 import pytest
 import trio
 
+from chatd.testing.canary import redis_dump
 from chatd.testing.client import Api, connect
 from chatd.testing.cluster import Cluster
 from chatd.testing.nginx import requires_nginx
@@ -27,29 +27,7 @@ def cluster(tmp_path_factory):
 
 def redis_values(port: int) -> bytes:
     """Every key and value in the test's Redis, as one blob to search."""
-
-    def cli(*args: str) -> bytes:
-        return subprocess.run(
-            ["redis-cli", "-p", str(port), "--raw", *args],
-            check=True,
-            capture_output=True,
-            timeout=10,
-        ).stdout
-
-    blob = []
-    for key in cli("--scan").decode().split():
-        kind = cli("TYPE", key).decode().strip()
-        read = {
-            "string": ("GET", key),
-            "hash": ("HGETALL", key),
-            "list": ("LRANGE", key, "0", "-1"),
-            "set": ("SMEMBERS", key),
-            "zset": ("ZRANGE", key, "0", "-1"),
-            "stream": ("XRANGE", key, "-", "+"),
-        }.get(kind)
-        if read is not None:
-            blob.append(key.encode() + b" " + cli(*read))
-    return b"\n".join(blob)
+    return redis_dump(port)
 
 
 def stored_body(cluster: Cluster, message_id: str) -> tuple[bytes, bytes]:

@@ -2,20 +2,14 @@
 no sockets, so paging and resync can be checked exactly."""
 
 import json
-import os
 
 import pytest
 import trio
 
 from chatd import service as service_mod
-from chatd.auth import Passwords, Tokens
-from chatd.broker.memory import MemoryBroker
 from chatd.core.frames import Ack, Seen, Send
 from chatd.core.session import Outbound, Session
-from chatd.crypto import Keyring
-from chatd.service import ChatService
 from chatd.service import connections as backlog_mod
-from chatd.store.sqlite import SqliteStore
 
 
 class FakeConn:
@@ -47,26 +41,6 @@ class FakeConn:
 
     def of(self, kind: str) -> list[dict]:
         return [f for f in self.frames if f["type"] == kind]
-
-
-@pytest.fixture
-async def svc(tmp_path, nursery):
-    store = SqliteStore.open(tmp_path)
-    s = ChatService(
-        store=store,
-        broker=MemoryBroker(),
-        keyring=Keyring({"k1": os.urandom(32)}, "k1"),
-        tokens=Tokens("x" * 32, 3600),
-        passwords=Passwords(),
-        node="n1",
-    )
-    await nursery.start(s.run)
-    for name in ("alice", "bob", "carol"):
-        await s.register(name, "password123")
-    yield s
-    s.stop()
-    await s.stopped.wait()
-    await store.aclose()
 
 
 async def collect_backlog(svc, user):

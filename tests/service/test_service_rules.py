@@ -5,19 +5,14 @@ driven without sockets, each refusal checked for what it leaves behind."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from chatd.auth import Passwords, Tokens
-from chatd.broker.memory import MemoryBroker
 from chatd.core.errors import BadRequest, Forbidden, NotFound
 from chatd.core.frames import Delete, Edit, React, Send, Typing
 from chatd.core.model import GroupAction
 from chatd.core.names import dm_id
-from chatd.crypto import Keyring
 from chatd.service import ChatService
-from chatd.store.sqlite import SqliteStore
 from chatd.testing.e2e_client import E2EDevice
 from tests.service.test_service import FakeConn
 
@@ -26,26 +21,6 @@ class DeviceConn(FakeConn):
     def __init__(self, conn_id: str, user: str, device: str | None = None) -> None:
         super().__init__(conn_id, user)
         self.device = device
-
-
-@pytest.fixture
-async def svc(tmp_path, nursery):
-    store = SqliteStore.open(tmp_path)
-    s = ChatService(
-        store=store,
-        broker=MemoryBroker(),
-        keyring=Keyring({"k1": os.urandom(32)}, "k1"),
-        tokens=Tokens("x" * 32, 3600),
-        passwords=Passwords(),
-        node="n1",
-    )
-    await nursery.start(s.run)
-    for name in ("alice", "bob", "carol"):
-        await s.register(name, "password123")
-    yield s
-    s.stop()
-    await s.stopped.wait()
-    await store.aclose()
 
 
 async def device(svc: ChatService, user: str) -> E2EDevice:
