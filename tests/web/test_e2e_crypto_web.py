@@ -217,8 +217,8 @@ def test_a_chromium_device_registers_with_the_servers_rules(page) -> None:
     body = page.evaluate(
         "async ([d, u]) => E2E.registration(devices[d], u)", [dev["device"], "alice"]
     )
-    keys = check_registration("alice", dev["device"], body)
-    assert (keys.sig_key, keys.dh_key) == (dev["sig_key"], dev["dh_key"])
+    reg = check_registration("alice", dev["device"], body)
+    assert (reg.sig_key, reg.dh_key) == (dev["sig_key"], dev["dh_key"])
 
 
 # -- Python -> Chromium ------------------------------------------------------
