@@ -14,7 +14,7 @@ from typing import Protocol
 from chatd import crypto
 from chatd.core import frames
 from chatd.core.delivery import event_order, message_order, receipt_order
-from chatd.core.e2e import Content, parse_stored
+from chatd.core.e2e import split_stored
 from chatd.core.envelope import (
     DevicesEnvelope,
     Envelope,
@@ -40,6 +40,9 @@ CLOSE_UNAUTHORIZED = 4001
 class Connection(Protocol):
     id: str
     user: str | None
+    #: The end-to-end device this connection speaks for (named in ``auth``
+    #: and active then), or None.
+    device: str | None
 
     def offer(self, item: Outbound) -> None:
         """Take a live item; must not block (a full connection closes itself)."""
@@ -71,18 +74,18 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                 # message stays owed and is offered again once the key is back.
                 log.error("cannot open message body", extra={"id": m.id, "reason": str(exc)})
                 return None
-            content = parse_stored(body)
+            text, sealed = split_stored(body)
             data = frames.encode(
                 frames.message(
                     m.id,
                     m.conversation,
                     m.seq,
                     m.sender,
-                    content.body,
+                    text,
                     m.ts,
                     m.reply_to,
                     m.edited_ts,
-                    content.e2e,
+                    sealed,
                 )
             )
             return Outbound(data, m.id if owed else None, message_order(m.conversation, m.seq))
@@ -103,10 +106,10 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                 frames.encode(frame), e.id if owed else None, event_order(e.conversation, e.eseq)
             )
         case EventEnvelope(event=e):
-            content = Content(None)
+            text, sealed = None, None
             if e.body is not None:
                 try:
-                    content = parse_stored(keyring.open(e.body, e.message_id, e.conversation))
+                    text, sealed = split_stored(keyring.open(e.body, e.message_id, e.conversation))
                 except crypto.KeyringError as exc:
                     log.error("cannot open an edit", extra={"id": e.id, "reason": str(exc)})
                     return None
@@ -120,8 +123,8 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                 e.ts,
                 emoji=e.emoji,
                 on=e.on,
-                body=content.body,
-                e2e=content.e2e,
+                body=text,
+                e2e=sealed,
             )
             return Outbound(
                 frames.encode(frame), e.id if owed else None, event_order(e.conversation, e.eseq)

@@ -32,19 +32,20 @@ def queue_key(env: MessageEnvelope | EventEnvelope | ReceiptEnvelope) -> str:
 def message_item(m: StoredMessage) -> tuple[str, str, MessageEnvelope]:
     """(queue key, broker payload, the envelope it encodes) of an owed message."""
     env = MessageEnvelope(m)
-    return queue_key(env), encode(env), env
+    # The key queue_key gives, without its match (this runs per routed item).
+    return m.id, encode(env), env
 
 
 def receipt_item(r: Receipt) -> tuple[str, str, ReceiptEnvelope]:
     """(queue key, broker payload, the envelope it encodes) of an owed receipt."""
     env = ReceiptEnvelope(r)
-    return queue_key(env), encode(env), env
+    return rid(r.message_id, r.member, r.status), encode(env), env
 
 
 def event_item(e: StoredEvent) -> tuple[str, str, EventEnvelope]:
     """(queue key, broker payload, the envelope it encodes) of an owed event."""
     env = EventEnvelope(e)
-    return queue_key(env), encode(env), env
+    return e.id, encode(env), env
 
 
 def by_user(entries: Iterable[tuple[str, str]]) -> dict[str, list[str]]:

@@ -294,18 +294,6 @@ class RedisBroker:
     def users_key(self, incarnation: str) -> str:
         return self._keys.users_key(incarnation)
 
-    def burial_key(self, incarnation: str) -> str:
-        return self._keys.burial_key(incarnation)
-
-    def revoked_key(self, token_id: str) -> str:
-        return self._keys.revoked_key(token_id)
-
-    def bucket_key(self, bucket: str) -> str:
-        return self._keys.bucket_key(bucket)
-
-    def family_key(self, family: str) -> str:
-        return self._keys.family_key(family)
-
     # -- where commands go (chatd.broker.link) -------------------------------------------------
 
     @property

@@ -42,15 +42,16 @@ class DeviceKeys:
     self_sig: str
 
 
-def b64url(raw: object, size: int, what: str) -> bytes:
-    """Decode base64url (padding optional) of exactly ``size`` bytes."""
-    if not isinstance(raw, str) or not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", raw):
+def b64url(raw: object, size: int | None, what: str) -> bytes:
+    """Decode base64url (padding optional) of exactly ``size`` bytes (any
+    length when ``size`` is None), else BadRequest."""
+    if not isinstance(raw, str) or not re.fullmatch(r"[A-Za-z0-9_-]*={0,2}", raw):
         raise BadRequest(f"'{what}' must be base64url")
     try:
         data = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
     except (binascii.Error, ValueError):
         raise BadRequest(f"'{what}' must be base64url") from None
-    if len(data) != size:
+    if size is not None and len(data) != size:
         raise BadRequest(f"'{what}' must hold {size} bytes")
     return data
 

@@ -10,13 +10,12 @@ in ``docs/e2e-crypto.md``. Plain functions; the service and stores call them.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from chatd.core.devices import b64url, check_device_id
 from chatd.core.errors import BadRequest, TooLarge
@@ -44,7 +43,7 @@ _E2E_MARK = "\x00e2e:"
 def stored_text(*, body: str | None = None, e2e: Mapping[str, Any] | None = None) -> str:
     """The text the server seals at rest for a plain ``body`` or an ``e2e`` object."""
     if e2e is not None:
-        return _E2E_MARK + json.dumps(dict(e2e), separators=(",", ":"), sort_keys=True)
+        return _E2E_MARK + orjson.dumps(e2e, option=orjson.OPT_SORT_KEYS).decode()
     if body is None:
         raise ValueError("a body or an e2e object")
     return _NUL + body if body.startswith(_NUL) else body
@@ -62,13 +61,20 @@ class Content:
         return {"e2e": self.e2e} if self.e2e is not None else {"body": self.body}
 
 
-def parse_stored(text: str) -> Content:
-    """The inverse of :func:`stored_text`."""
+def split_stored(text: str) -> tuple[str | None, dict[str, Any] | None]:
+    """The inverse of :func:`stored_text`: (body, None) or (None, e2e). On
+    the delivery path of every message: a plain body that does not begin
+    with NUL (all but a few) costs one comparison."""
+    if text[:1] != _NUL:
+        return text, None
     if text.startswith(_E2E_MARK):
-        return Content(None, json.loads(text[len(_E2E_MARK) :]))
-    if text.startswith(_NUL + _NUL):
-        return Content(text[1:])
-    return Content(text)
+        return None, orjson.loads(text[len(_E2E_MARK) :])
+    return (text[1:] if text.startswith(_NUL + _NUL) else text), None
+
+
+def parse_stored(text: str) -> Content:
+    """:func:`split_stored` as a :class:`Content`."""
+    return Content(*split_stored(text))
 
 
 def check_epoch_id(epoch: object, *, cid: str | None = None) -> str:
@@ -88,19 +94,16 @@ def check_message(obj: object, *, cid: str | None = None) -> dict[str, Any]:
         raise BadRequest(f"'e2e.v' must be {VERSION}", cid=cid)
     try:
         device = check_device_id(obj.get("device"))
-    except BadRequest as exc:
-        raise BadRequest(f"'e2e.device': {exc.message}", cid=cid) from None
-    epoch = check_epoch_id(obj.get("epoch"), cid=cid)
-    ct = obj.get("ct")
-    if isinstance(ct, str) and len(ct) > MAX_CT_CHARS:
-        raise TooLarge(f"'e2e.ct' is over {MAX_CT_CHARS} characters", cid=cid)
-    try:
+        epoch = check_epoch_id(obj.get("epoch"))
+        ct = obj.get("ct")
+        if isinstance(ct, str) and len(ct) > MAX_CT_CHARS:
+            raise TooLarge(f"'e2e.ct' is over {MAX_CT_CHARS} characters")
         b64url(obj.get("iv"), 12, "e2e.iv")
         b64url(obj.get("sig"), 64, "e2e.sig")
-        if len(_decode(ct, "e2e.ct")) < 16:
+        if len(b64url(ct, None, "e2e.ct")) < 16:
             raise BadRequest("'e2e.ct' must hold at least the 16-byte tag")
-    except BadRequest as exc:
-        raise BadRequest(exc.message, cid=cid) from None
+    except (BadRequest, TooLarge) as exc:
+        raise exc.with_cid(cid) from None
     return {
         "v": VERSION,
         "device": device,
@@ -109,16 +112,6 @@ def check_message(obj: object, *, cid: str | None = None) -> dict[str, Any]:
         "ct": ct,
         "sig": obj["sig"],
     }
-
-
-def _decode(raw: object, what: str) -> bytes:
-    """base64url of any length (padding optional), else BadRequest."""
-    if not isinstance(raw, str) or not re.fullmatch(r"[A-Za-z0-9_-]*={0,2}", raw):
-        raise BadRequest(f"'{what}' must be base64url")
-    try:
-        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
-    except (binascii.Error, ValueError):
-        raise BadRequest(f"'{what}' must be base64url") from None
 
 
 def check_shares(obj: object, *, sender_device: str) -> dict[str, str]:

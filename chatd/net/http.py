@@ -29,7 +29,6 @@ from chatd.service import ChatService
 log = logging.getLogger("chatd.http")
 
 MAX_BODY = 64 * 1024
-_HTTP_CODES = HTTP_CODES
 
 
 def error_response(status: int, code: str, message: str, **extra: object) -> JSONResponse:
@@ -51,7 +50,7 @@ async def _chat_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, HTTPException):
         raise TypeError(f"not an HTTPException: {exc!r}")
-    code = _HTTP_CODES.get(exc.status_code, "internal" if exc.status_code >= 500 else "bad_request")
+    code = HTTP_CODES.get(exc.status_code, "internal" if exc.status_code >= 500 else "bad_request")
     response = error_response(exc.status_code, code, str(exc.detail))
     response.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return response
@@ -329,7 +328,7 @@ def create_app(
     def counted(handler: Any) -> Any:
         async def answer(request: Request, exc: Exception) -> Response:
             response = await handler(request, exc)
-            code = _HTTP_CODES.get(response.status_code, "internal")
+            code = HTTP_CODES.get(response.status_code, "internal")
             service.metrics.http_error(code)
             return response
 

@@ -177,7 +177,8 @@ class WsLink:
         self._frame_out(payload)
         self.transport.write(wsp.text_frame(payload))
         out = self.transport.outbox
-        if too_slow(out.frames, out.bytes, out.budget):
+        # Nothing queued (the common case): nothing can be too slow.
+        if out.frames and too_slow(out.frames, out.bytes, out.budget):
             self._too_slow()
 
     def _push(self, frame: dict) -> None:

@@ -34,9 +34,6 @@ from chatd.net.ws_outbox import backlog_full
 
 log = logging.getLogger("chatd.ws")
 
-#: Frame class -> the type counted in chatd_frames_in_total.
-_FRAME_TYPES = frames.TYPE_OF
-
 
 class WsConnection(WsLink):
     """One WebSocket after its handshake: its session and its socket."""
@@ -48,7 +45,7 @@ class WsConnection(WsLink):
         except ChatError:
             self._frames_in["invalid"].inc()
             raise
-        self._frames_in[_FRAME_TYPES[type(frame)]].inc()
+        self._frames_in[frames.TYPE_OF[type(frame)]].inc()
         return frame
 
     def _push_error(self, exc: ChatError, *, with_cid: bool = True) -> None:

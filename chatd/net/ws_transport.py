@@ -77,7 +77,7 @@ class Transport:
         if self.broken or self.closed:
             return
         outbox = self.outbox
-        if not outbox:
+        if not outbox.frames:  # a plain attribute: this runs for every frame
             try:
                 sent = self.sock.send(data)
             except BlockingIOError:

@@ -108,10 +108,9 @@ class EndToEndMixin(ConversationsMixin):
         epoch = e2e_rules.check_epoch_id(epoch)
         device = check_device_id(body.get("device"))
         shares = e2e_rules.check_shares(body.get("shares"), sender_device=device)
-        active = set(await self.store.active_devices(conv.members))
-        if device not in set(await self.store.active_devices([user])):
+        if not await self.active_device(user, device):
             raise Forbidden("'device' must be one of your active devices")
-        strangers = sorted(set(shares) - active)
+        strangers = sorted(set(shares) - set(await self.store.active_devices(conv.members)))
         if strangers:
             raise BadRequest(
                 "shares only go to active devices of this conversation's members",
@@ -151,7 +150,7 @@ class EndToEndMixin(ConversationsMixin):
         device's and has a share for every active device of every member but
         the sending one, and for no other (``e2e_stale`` with ``missing`` and
         ``extra`` otherwise: the client rotates and sends again)."""
-        device = getattr(conn, "device", None)
+        device = conn.device
         if device is None or sealed["device"] != device:
             raise Forbidden(
                 "'e2e.device' must be this connection's device (name it in 'auth')", cid=cid

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from chatd import owed
 from chatd.core import frames
@@ -88,13 +88,9 @@ class MessagesMixin(EndToEndMixin):
             await self._message_in(frame.reply_to, conv, sender, frame.cid)
         switches = frame.e2e is not None and not conv.e2e
         try:
-            if frame.e2e is not None:
-                await self._check_e2e(conn, conv, frame.e2e, frame.cid)
-                text = stored_text(e2e=frame.e2e)
-            elif conv.e2e:
-                raise e2e_required(frame.cid)
-            else:
-                text = stored_text(body=frame.body)
+            text = await self._content(
+                conn, conv, frame.body, frame.e2e, frame.cid, may_switch=True
+            )
         except (BadRequest, Forbidden):
             # A retry of a message stored before a device or the mode
             # changed is answered with its first ``sent``, as any retry.
@@ -234,18 +230,34 @@ class MessagesMixin(EndToEndMixin):
         # (on any replica): the store knows.
         if not conv.e2e:
             conv = await self.store.get_conversation(conv.id) or conv
-        if frame.e2e is not None:
-            if not conv.e2e:
+        return await self._content(conn, conv, frame.body, frame.e2e, frame.cid, may_switch=False)
+
+    async def _content(
+        self,
+        conn: Connection,
+        conv: Conversation,
+        body: str | None,
+        e2e: dict[str, Any] | None,
+        cid: str,
+        *,
+        may_switch: bool,
+    ) -> str:
+        """The text a send or an edit stores: its ``e2e`` object, checked
+        (only a send may switch a plain conversation: an edit gets
+        ``e2e_off``), or its plain body, refused in an end-to-end
+        conversation (``e2e_required``)."""
+        if e2e is not None:
+            if not may_switch and not conv.e2e:
                 raise BadRequest(
                     "this conversation is not end-to-end: edit with 'body'",
-                    cid=frame.cid,
+                    cid=cid,
                     reason="e2e_off",
                 )
-            await self._check_e2e(conn, conv, frame.e2e, frame.cid)
-            return stored_text(e2e=frame.e2e)
+            await self._check_e2e(conn, conv, e2e, cid)
+            return stored_text(e2e=e2e)
         if conv.e2e:
-            raise e2e_required(frame.cid)
-        return stored_text(body=frame.body)
+            raise e2e_required(cid)
+        return stored_text(body=body)
 
     def publish_event(
         self,

@@ -83,6 +83,7 @@ from chatd.store.sqlite_tx import (
     append_rows,
     event_ack_rows,
     event_rows,
+    leave_stale_transaction,
     mark_rows,
     rollback_quietly,
 )
@@ -170,7 +171,7 @@ class SqliteStore:
         delay, waited = 0.0001, 0.0
         while True:
             try:
-                _leave_stale_transaction(self._hot)
+                leave_stale_transaction(self._hot)
                 self._hot.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
@@ -409,14 +410,6 @@ class SqliteStore:
         if not batch:
             return []
         return await self._write(sqlite_writes.reseal, batch)
-
-
-def _leave_stale_transaction(conn: sqlite3.Connection) -> None:
-    """A transaction an earlier failure could not roll back (its ROLLBACK
-    failed too) is rolled back before the next one begins: otherwise the
-    connection would refuse every BEGIN and hold the write lock for good."""
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
 
 
 def _guard(fn: Callable[..., T], *args: object) -> T:

@@ -51,9 +51,7 @@ class Tx:
         self.conn = conn
 
     def __enter__(self) -> sqlite3.Connection:
-        if self.conn.in_transaction:
-            # Left open by an earlier failure whose ROLLBACK failed too.
-            self.conn.execute("ROLLBACK")
+        leave_stale_transaction(self.conn)
         self.conn.execute("BEGIN IMMEDIATE")
         return self.conn
 
@@ -62,6 +60,14 @@ class Tx:
             self.conn.execute("COMMIT")
         else:
             rollback_quietly(self.conn)
+
+
+def leave_stale_transaction(conn: sqlite3.Connection) -> None:
+    """A transaction an earlier failure could not roll back (its ROLLBACK
+    failed too) is rolled back before the next one begins: otherwise the
+    connection would refuse every BEGIN and hold the write lock for good."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def rollback_quietly(conn: sqlite3.Connection) -> None:

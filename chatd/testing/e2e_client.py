@@ -16,11 +16,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatd.core.e2e import MAX_SHARES_PER_PUT
 from chatd.testing import e2e_crypto as ec
 from chatd.testing.e2e_keys import KeyedDevice
 
 #: Shares per ``PUT .../e2e/epochs/{epoch}`` (the server takes at most 256).
-SHARES_PER_PUT = 256
+SHARES_PER_PUT = MAX_SHARES_PER_PUT
 #: Rotation: a sending device starts a new epoch after this many messages.
 MESSAGES_PER_EPOCH = 100
 EPOCH_MAX_AGE_S = 7 * 24 * 3600

@@ -4,7 +4,6 @@ body the server expects (keys as base64url, self-signed)."""
 
 from __future__ import annotations
 
-import base64
 import secrets
 from dataclasses import dataclass, field
 
@@ -13,10 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from chatd.core.devices import signed_text
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+from chatd.testing.e2e_crypto import b64url
 
 
 def _raw(public: object) -> bytes:

@@ -26,6 +26,7 @@ class Conn:
     id: str
     user: str | None
     token_id: str | None = None
+    device: str | None = None
     got: list[Outbound] = field(default_factory=list)
     closed: list[tuple[int, str]] = field(default_factory=list)
 
@@ -143,3 +144,18 @@ def test_render_without_the_key_delivers_nothing():
     other = crypto.Keyring(keys={"k9": secrets.token_bytes(32)}, active="k9")
     env = MessageEnvelope(message(stored_text(body="hi"), ring=other))
     assert render(env, RING, owed=True) is None
+
+
+def test_each_owed_item_is_keyed_as_queue_key_says():
+    """owed.*_item build their keys inline (they run per routed item); they
+    must stay what queue_key, which the backlog and chatctl use, gives."""
+    from chatd import owed
+    from chatd.core.model import EventKind, Receipt, Status, StoredEvent
+
+    items = [
+        owed.message_item(message("hi")),
+        owed.receipt_item(Receipt("m1", "dm:alice:bob", "alice", "bob", Status.SEEN, 5)),
+        owed.event_item(StoredEvent("e1", "dm:alice:bob", 1, EventKind.DELETED, "m1", "bob", 5)),
+    ]
+    for key, _payload, env in items:
+        assert key == owed.queue_key(env)

@@ -238,9 +238,9 @@ async def test_an_e2e_group_and_a_member_added(server, api, names):
         await cc1.auth_with(tc, device=c1.dev.device)
         cid = await ca1.send("plain", conversation=gid)
         assert (await ca1.expect("error", cid=cid))["reason"] == "e2e_required"
-        await a1.new_epoch(gid, [alice, bob])
+        first_epoch = await a1.new_epoch(gid, [alice, bob])
         await ca1.send_json(_e2e_send(gid, a1.dev.encrypt(gid, "to the group"), "g-1"))
-        first = await ca1.expect("sent", cid="g-1")
+        await ca1.expect("sent", cid="g-1")
 
         status, _ = await api.call(
             "POST", f"/api/conversations/{gid}/members", ta, json={"members": [carol]}
@@ -259,7 +259,15 @@ async def test_an_e2e_group_and_a_member_added(server, api, names):
     # in her history), and she holds no share of its epoch either.
     status, history = await api.call("GET", f"/api/conversations/{gid}/messages", tc)
     assert [m["id"] for m in history["messages"]] == [sent["id"]]
-    assert first["id"] != sent["id"]
+    status, shares = await api.call(
+        "GET", f"/api/conversations/{gid}/e2e/shares?epochs={first_epoch}", tc
+    )
+    assert (status, shares) == (200, {"shares": []})
+    # ...while bob, a member then, has his (the positive control).
+    status, shares = await api.call(
+        "GET", f"/api/conversations/{gid}/e2e/shares?epochs={first_epoch}", tb
+    )
+    assert [s["to"] for s in shares["shares"]] == [b1.dev.device]
     # bob (offline) reads both from history.
     status, history = await api.call("GET", f"/api/conversations/{gid}/messages", tb)
     assert [await b1.read(m) for m in history["messages"]] == ["to the group", "hello carol"]

@@ -16,6 +16,7 @@ class FakeConn:
     def __init__(self, conn_id: str, user: str) -> None:
         self.id = conn_id
         self.user = user
+        self.device: str | None = None
         self.session = Session(rate=0)
         self.session.authenticated(user)
         self.session.finish_backlog()
