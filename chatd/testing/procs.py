@@ -95,7 +95,10 @@ class ChatdProcess:
 
     def start(self, timeout: float = 20.0) -> ChatdProcess:
         self.http_port = self.http_port or free_port()
-        self.ws_port = self.ws_port or free_port()
+        # Two free_port() calls can return the same port (it is free again
+        # once the probe closes): chatd refuses one port for both.
+        while not self.ws_port or self.ws_port == self.http_port:
+            self.ws_port = free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_path or self.data_dir / f"chatd-{self.http_port}.log"
         env = {
