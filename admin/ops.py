@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from admin.keys import list_keys, reencrypt, save_keyring  # noqa: F401 - chatctl calls them as ops.*
-from chatd import crypto, owed
+from chatd import crypto, queue_items
 from chatd.auth import Passwords, check_password
 from chatd.core.e2e import parse_stored
 from chatd.core.envelope import (
@@ -32,7 +32,7 @@ from chatd.core.errors import BadRequest, Forbidden, NotFound
 from chatd.core.ids import UlidFactory
 from chatd.core.model import EventKind, NewEvent, StoredMessage, User
 from chatd.core.names import normalize_username
-from chatd.ports import Broker, Owed, Routed, Store, SystemClock, Writes
+from chatd.ports import Broker, QueueEntry, Routed, Store, SystemClock, Writes
 
 #: Who a deletion by an operator is ``by`` on the wire: not a valid username,
 #: so it can never be mistaken for a member.
@@ -96,8 +96,8 @@ async def list_users(store: Store, broker: Broker | None) -> list[dict[str, Any]
 
 async def count_owed(store: Store, name: str) -> tuple[int, int]:
     """(messages, receipts) the store records as owed to ``name``."""
-    messages = sum([len(p) async for p in owed.message_pages(store, name, PAGE)])
-    receipts = sum([len(p) async for p in owed.receipt_pages(store, name, PAGE)])
+    messages = sum([len(p) async for p in queue_items.message_pages(store, name, PAGE)])
+    receipts = sum([len(p) async for p in queue_items.receipt_pages(store, name, PAGE)])
     return messages, receipts
 
 
@@ -110,7 +110,7 @@ async def show_user(store: Store, broker: Broker | None, name: str) -> dict[str,
     if broker is not None:
         p = (await broker.presence([user.username]))[user.username]
         presence = {"online": p.online, "nodes": list(p.nodes), "last_seen": p.last_seen}
-        queue = len(await broker.owed(user.username))
+        queue = len(await broker.queued(user.username))
         if p.last_seen is not None:
             seen.append(p.last_seen)
     return {
@@ -165,13 +165,13 @@ async def close_sockets(broker: Broker, user: str, reason: str) -> None:
     """Close every socket of ``user`` on every replica (4001), through the
     broker as the replicas route to each other."""
     env = KickEnvelope(None, reason)
-    await broker.route([Routed(user, "kick", encode(env), owed=False, envelope=env)])
+    await broker.route([Routed(user, "kick", encode(env), queued=False, envelope=env)])
 
 
 async def delete_preview(store: Store, broker: Broker | None, name: str) -> dict[str, Any]:
     user = await need_user(store, name)
     messages, receipts = await count_owed(store, user.username)
-    queue = len(await broker.owed(user.username)) if broker is not None else None
+    queue = len(await broker.queued(user.username)) if broker is not None else None
     return {
         "username": user.username,
         "status": status_of(user),
@@ -209,7 +209,7 @@ async def list_queues(broker: Broker) -> list[dict[str, Any]]:
     ]
 
 
-def describe(entry: Owed, keyring: crypto.Keys | None) -> dict[str, Any]:
+def describe(entry: QueueEntry, keyring: crypto.Keys | None) -> dict[str, Any]:
     """One queue entry for people: what it is, never its body unless a keyring
     is given (``--decrypt``)."""
     out: dict[str, Any] = {"key": entry.key, "queued_at": entry.queued_at}
@@ -319,9 +319,9 @@ async def delete_message(store: Store, broker: Broker | None, id: str) -> dict[s
     e = done.event
     routed = 0
     if broker is not None:
-        key, payload, env = owed.event_item(e)
+        key, payload, env = queue_items.event_item(e)
         await broker.route([Routed(u, key, payload, True, None, env) for u in members])
-        for user, keys in owed.by_user(done.dropped).items():
+        for user, keys in queue_items.by_user(done.dropped).items():
             await broker.settle(user, keys)
         routed = len(members)
     return {
@@ -341,7 +341,7 @@ async def delete_message(store: Store, broker: Broker | None, id: str) -> dict[s
 async def show_queue(
     broker: Broker, name: str, keyring: crypto.Keys | None, limit: int | None
 ) -> list[dict[str, Any]]:
-    entries = await broker.owed(username(name))
+    entries = await broker.queued(username(name))
     if limit is not None:
         entries = entries[:limit]
     return [describe(e, keyring) for e in entries]
@@ -349,7 +349,7 @@ async def show_queue(
 
 async def queue_summary(broker: Broker, name: str) -> dict[str, int]:
     kinds: dict[str, int] = {"message": 0, "receipt": 0}
-    for entry in await broker.owed(username(name)):
+    for entry in await broker.queued(username(name)):
         kind = describe(entry, None)["kind"]
         kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
@@ -369,11 +369,11 @@ async def requeue(store: Store, broker: Broker, name: str) -> dict[str, int]:
     user = await need_user(store, name)
     before = await broker.purge(user.username)
     messages = receipts = 0
-    async for page in owed.message_pages(store, user.username, PAGE):
-        entries = [Owed(*owed.message_entry(m)) for m in page]
+    async for page in queue_items.message_pages(store, user.username, PAGE):
+        entries = [QueueEntry(*queue_items.message_entry(m)) for m in page]
         messages += await broker.enqueue(user.username, entries)
-    async for got in owed.receipt_pages(store, user.username, PAGE):
-        entries = [Owed(*owed.receipt_entry(r)) for r in got]
+    async for got in queue_items.receipt_pages(store, user.username, PAGE):
+        entries = [QueueEntry(*queue_items.receipt_entry(r)) for r in got]
         receipts += await broker.enqueue(user.username, entries)
     return {"purged": before, "messages": messages, "receipts": receipts}
 

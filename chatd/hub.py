@@ -29,7 +29,7 @@ from chatd.core.envelope import (
 from chatd.core.model import EventKind
 from chatd.core.names import rid
 from chatd.core.session import Outbound
-from chatd.ports import Inbound
+from chatd.ports import Routed
 
 log = logging.getLogger("chatd.hub")
 
@@ -63,8 +63,11 @@ class Connection(Protocol):
         ...
 
 
-def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
-    """The frame a device gets for an envelope; None if it cannot be opened."""
+def render(env: Envelope, keyring: crypto.Keys, needs_ack: bool) -> Outbound | None:
+    """The frame a device gets for an envelope; None if it cannot be opened.
+
+    ``needs_ack``: the item is in the user's queue (:attr:`Routed.queued`), so
+    the outbound carries its key and the device must ack it."""
     match env:
         case MessageEnvelope(message=m):
             try:
@@ -88,7 +91,7 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                     sealed,
                 )
             )
-            return Outbound(data, m.id if owed else None, message_order(m.conversation, m.seq))
+            return Outbound(data, m.id if needs_ack else None, message_order(m.conversation, m.seq))
         case EventEnvelope(event=e) if e.kind is EventKind.MEMBERS:
             frame = frames.members(
                 e.id,
@@ -103,7 +106,9 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                 e.title,
             )
             return Outbound(
-                frames.encode(frame), e.id if owed else None, event_order(e.conversation, e.eseq)
+                frames.encode(frame),
+                e.id if needs_ack else None,
+                event_order(e.conversation, e.eseq),
             )
         case EventEnvelope(event=e):
             text, sealed = None, None
@@ -127,7 +132,9 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                 e2e=sealed,
             )
             return Outbound(
-                frames.encode(frame), e.id if owed else None, event_order(e.conversation, e.eseq)
+                frames.encode(frame),
+                e.id if needs_ack else None,
+                event_order(e.conversation, e.eseq),
             )
         case ReceiptEnvelope(receipt=r):
             receipt_id = rid(r.message_id, r.member, r.status)
@@ -135,7 +142,9 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
                 receipt_id, r.message_id, r.conversation, r.status.value, r.member, r.ts
             )
             return Outbound(
-                frames.encode(frame), receipt_id if owed else None, receipt_order(r.ts, receipt_id)
+                frames.encode(frame),
+                receipt_id if needs_ack else None,
+                receipt_order(r.ts, receipt_id),
             )
         case TypingEnvelope():
             return Outbound(frames.encode(frames.typing(env.conversation, env.sender)))
@@ -146,14 +155,14 @@ def render(env: Envelope, keyring: crypto.Keys, owed: bool) -> Outbound | None:
     return None
 
 
-def render_payload(payload: str, keyring: crypto.Keys, owed: bool) -> Outbound | None:
+def render_payload(payload: str, keyring: crypto.Keys, needs_ack: bool) -> Outbound | None:
     """The frame for a broker payload; None (logged) if it cannot be decoded or opened."""
     try:
         env = decode(payload)
     except ValueError as exc:
         log.error("dropping an undecodable broker payload", extra={"reason": str(exc)})
         return None
-    return render(env, keyring, owed)
+    return render(env, keyring, needs_ack)
 
 
 class Hub:
@@ -189,7 +198,7 @@ class Hub:
     def count(self) -> int:
         return sum(len(c) for c in self._by_user.values())
 
-    def dispatch(self, item: Inbound) -> None:
+    def dispatch(self, item: Routed) -> None:
         conns = self._by_user.get(item.user)
         if not conns:
             return
@@ -206,7 +215,7 @@ class Hub:
         if isinstance(env, KickEnvelope):
             self._kick(targets, env)
             return
-        out = self._render(env, item.owed)
+        out = self._render(env, item.queued)
         if out is None:
             return
         for conn in targets:
@@ -218,7 +227,7 @@ class Hub:
                 log.info("closing a socket", extra={"user": conn.user, "reason": env.reason})
                 conn.close_soon(CLOSE_UNAUTHORIZED, env.reason)
 
-    def _render(self, env: Envelope, owed: bool) -> Outbound | None:
+    def _render(self, env: Envelope, needs_ack: bool) -> Outbound | None:
         """:func:`render`, remembering the last envelope: the items of one
         route (a message for the recipient and for the sender's other
         devices) are rendered, and a body opened, once."""
@@ -227,11 +236,11 @@ class Hub:
             out = last[1]
             if out is None:
                 return None
-            if (out.key is not None) == owed:
+            if (out.key is not None) == needs_ack:
                 return out
-            return Outbound(out.data, last[2] if owed else None, out.order)
-        out = render(env, self.keyring, owed=True)
+            return Outbound(out.data, last[2] if needs_ack else None, out.order)
+        out = render(env, self.keyring, needs_ack=True)
         self._last = (env, out, out.key if out is not None else None)
-        if out is not None and not owed:
+        if out is not None and not needs_ack:
             return Outbound(out.data, None, out.order)
         return out

@@ -80,10 +80,10 @@ except ImportError:  # re-run with the project's python, which has chatd's deps
     raise
 
 sys.path.insert(0, str(ROOT))
-from chatd.testing.cluster import Cluster  # noqa: E402
-from chatd.testing.nginx import NginxProcess  # noqa: E402
-from chatd.testing.procs import ChatdProcess, free_port, stop_process, wait_http  # noqa: E402
-from chatd.testing.redis_server import RedisServer  # noqa: E402
+from harness.cluster import Cluster  # noqa: E402
+from harness.nginx import NginxProcess  # noqa: E402
+from harness.procs import ChatdProcess, free_port, stop_process, wait_http  # noqa: E402
+from harness.redis_server import RedisServer  # noqa: E402
 from loadtest import loadvenv, noderef  # noqa: E402
 
 PASSWORD = "bench-password"

@@ -16,7 +16,7 @@ the latency still counts from the due time). The recipient acks each message
 at once and marks it seen at once; the sender acks both receipts. After
 ``--seconds`` it stops sending, waits up to ``--drain`` seconds for what is
 in flight, and prints one result line: latency samples (ms) and the
-zero-loss report from :class:`chatd.testing.loss.LossChecker`.
+zero-loss report from :class:`harness.loss.LossChecker`.
 
 ``idle``: open connections (authenticated, then silent) on command —
 ``{"open": n}`` — and answer ``{"open": total}``; ``{"close": true}`` ends it.
@@ -42,7 +42,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from chatd.testing.loss import LossChecker  # noqa: E402  (standard library only)
+from harness.loss import LossChecker  # noqa: E402  (standard library only)
 
 T_MARK = " ~t="
 BODY = "the quick brown fox jumps over the lazy dog"

@@ -32,10 +32,10 @@ End-to-end rooms (``--e2e-share``, half of them by default) report the same
 four under the same names with `` (e2e)`` appended, beside the plain ones:
 their users register an end-to-end device, each sender seals an epoch key
 to the room's devices before its first message, sends ``e2e`` objects, and
-the recipients open their shares and decrypt (``chatd.testing.e2e_client``,
+the recipients open their shares and decrypt (``harness.e2e_client``,
 the same bytes as the web client) before they ack and mark seen.
 
-Zero-loss accounting reuses :class:`chatd.testing.loss.LossChecker` (plain
+Zero-loss accounting reuses :class:`harness.loss.LossChecker` (plain
 bookkeeping, no trio). When the test stops, the users stop sending, the
 sockets stay open until everything in flight has arrived (``--drain``
 seconds at most), then the report (missing / duplicate / out-of-order, and
@@ -55,6 +55,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gevent
 import websocket
@@ -67,9 +68,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # loss.py and chatd/__init__.py import nothing but the standard library;
 # the end-to-end client needs cryptography (in loadtest/requirements.txt).
-from chatd.testing.e2e_client import E2EDevice  # noqa: E402
-from chatd.testing.e2e_crypto import DecryptError  # noqa: E402
-from chatd.testing.loss import LossChecker  # noqa: E402
+from harness.e2e_client import (  # noqa: E402
+    E2EDevice,
+    Request,
+    new_epoch_steps,
+    read_steps,
+    register_steps,
+    reseal_steps,
+    run_steps,
+)
+from harness.e2e_crypto import DecryptError  # noqa: E402
+from harness.loss import LossChecker  # noqa: E402
 
 log = logging.getLogger("chatd.locust")
 
@@ -404,12 +413,7 @@ class ChatUser(HttpUser):
         token = resp.json()["token"]
         self.auth = {"Authorization": f"Bearer {token}"}
         self.e2e = E2EDevice(self.username)
-        self.client.put(
-            f"/api/e2e/devices/{self.e2e.device}",
-            json=self.e2e.keys.registration(),
-            headers=self.auth,
-            name="/api/e2e/devices/[device]",
-        ).raise_for_status()
+        run_steps(register_steps(self.e2e), self._http)
         url = (opts.ws_url if opts else "") or self.host.replace("http", "ws", 1).rstrip(
             "/"
         ) + "/ws"
@@ -442,7 +446,7 @@ class ChatUser(HttpUser):
                     "title": "locust group",
                     "e2e": room.e2e,
                 },
-                headers={"Authorization": f"Bearer {self.ws.token}"},
+                headers=self.auth,
                 name="/api/conversations",
             )
             resp.raise_for_status()
@@ -463,32 +467,32 @@ class ChatUser(HttpUser):
         else:
             self.ws.send_message(text, others, to=others[0])
 
-    # -- end-to-end ----------------------------------------------------------------
+    # -- end-to-end: harness.e2e_client's procedures, their calls made here -----------
 
-    def _get(self, path: str, name: str) -> dict:
-        resp = self.client.get(path, headers=self.auth, name=name)
+    def _http(self, request: Request) -> tuple[int, Any]:
+        """One call of an end-to-end procedure, through this user's session
+        (in Locust's stats under the route's name); an error status raises."""
+        resp = self.client.request(
+            request.method,
+            request.path,
+            json=request.json,
+            headers=self.auth,
+            name=request.name,
+        )
         resp.raise_for_status()
-        return resp.json()
+        try:
+            return resp.status_code, resp.json()
+        except ValueError:
+            return resp.status_code, resp.text
 
-    def _devices(self, user: str) -> list[dict]:
-        got = self._get(f"/api/users/{user}/devices", "/api/users/[name]/devices")["devices"]
-        self.e2e.directory[user] = got
-        return got
+    def _members(self) -> list[str]:
+        return [self.username, *self.room.others(self.username)]
 
     def new_epoch(self) -> None:
         """A new epoch for the room, sealed to every device in it, uploaded."""
         conv = self.room.conversation
         assert conv is not None
-        members = [self.username, *self.room.others(self.username)]
-        epoch, bodies = self.e2e.plan_epoch(conv, {m: self._devices(m) for m in members})
-        for body in bodies:
-            self.client.put(
-                f"/api/conversations/{conv}/e2e/epochs/{epoch}",
-                json=body,
-                headers=self.auth,
-                name="/api/conversations/[id]/e2e/epochs/[epoch]",
-            ).raise_for_status()
-        self.e2e.use_epoch(conv, epoch)
+        run_steps(new_epoch_steps(self.e2e, conv, self._members()), self._http)
 
     def resend_sealed(self, cid: str) -> None:
         """After ``e2e_stale``: a new epoch, and the message again, same cid."""
@@ -496,26 +500,15 @@ class ChatUser(HttpUser):
         if entry is None:
             return
         t0, frame, recipients = entry
-        self.new_epoch()
-        frame = {**frame, "e2e": self.e2e.encrypt(frame["conversation"], self.ws.texts[cid])}
+        steps = reseal_steps(self.e2e, frame, self.ws.texts[cid], self._members())
+        frame = run_steps(steps, self._http)
         self.ws.pending[cid] = (t0, frame, recipients)
         self.ws.send_json(frame)
 
     def read_e2e(self, f: dict) -> str:
         """Decrypt a message frame (fetching this device's share of its
         epoch and the sender's devices when they are new)."""
-        conv = f["conversation"]
-        missing = self.e2e.epochs_to_fetch([f])
-        if missing:
-            got = self._get(
-                f"/api/conversations/{conv}/e2e/shares?epochs={','.join(missing)}",
-                "/api/conversations/[id]/e2e/shares",
-            )
-            self.e2e.take_shares(conv, got["shares"])
-        known = {d["device"] for d in self.e2e.directory.get(f["from"], [])}
-        if f["e2e"].get("device") not in known:
-            self._devices(f["from"])
-        return self.e2e.read(f)
+        return run_steps(read_steps(self.e2e, f), self._http)
 
 
 # -- draining and the zero-loss report ---------------------------------------------------

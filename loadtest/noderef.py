@@ -7,7 +7,7 @@ again whenever the lock file changes); :class:`NodeRefProcess` runs one
 instance of ``server.js`` on a free loopback port, the same way
 ``loadtest/bench.py``'s ``RefProcess`` runs the python-socketio reference.
 
-Standard library only (plus ``chatd.testing.procs``, itself standard library only).
+Standard library only (plus ``harness.procs``, itself standard library only).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench.py does this already; `python loadtest/noderef.py` not
     sys.path.insert(0, str(ROOT))
-from chatd.testing.procs import free_port, stop_process, wait_http  # noqa: E402
+from harness.procs import free_port, stop_process, wait_http  # noqa: E402
 
 NODE_DIR = ROOT / "loadtest" / "reference" / "node"
 SERVER = NODE_DIR / "server.js"

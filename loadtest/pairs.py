@@ -33,8 +33,8 @@ from trio_websocket import open_websocket_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatd.testing.client import Api
-from chatd.testing.procs import ChatdProcess
+from harness.client import Api
+from harness.procs import ChatdProcess
 from loadtest.bench import cpu_model
 
 

@@ -61,7 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from chatd.broker.redis import SCRIPTS, RedisBroker
 from chatd.ports import Routed
-from chatd.testing.redis_server import RedisServer
+from harness.redis_server import RedisServer
 
 NODE = "bench"
 TOKEN = "0" * 16
@@ -128,8 +128,8 @@ class Workload:
         sender, recipient = random.sample(self.users, 2)
         key = f"m{self.seq:012d}"
         return [
-            Routed(recipient, key, PAYLOAD, owed=True),
-            Routed(sender, key, PAYLOAD, owed=False, exclude="conn-1"),
+            Routed(recipient, key, PAYLOAD, queued=True),
+            Routed(sender, key, PAYLOAD, queued=False, exclude="conn-1"),
         ]
 
     def seed(self, server: RedisServer, names: RedisBroker) -> None:

@@ -54,7 +54,7 @@ from chatd.core.session import Outbound
 from chatd.crypto import Keyring
 from chatd.service import ChatService
 from chatd.store.sqlite import SqliteStore
-from chatd.testing.redis_server import RedisServer
+from harness.redis_server import RedisServer
 
 
 class Tally:
@@ -157,7 +157,7 @@ async def bench(opts: argparse.Namespace) -> dict[str, Any]:
                     await inner.create_user(User(user, "x", now))
                 # Each user is owed --owed messages from the next user.
                 senders = [Conn(f"s-{u}", u) for u in users]
-                for k in range(opts.owed):
+                for k in range(opts.queued):
                     for i, sender in enumerate(senders):
                         await svc.send(sender, Send(f"c{k}-{i}", "hi", to=users[i - 1]))
                         if i % 500 == 0:
@@ -169,7 +169,7 @@ async def bench(opts: argparse.Namespace) -> dict[str, Any]:
                     await svc.attach(conn)
                 setup = time.perf_counter() - t
                 print(f"set-up: {len(users)} users attached, {setup:.1f} s", file=sys.stderr)
-                expected = opts.owed
+                expected = opts.queued
                 for concurrency in opts.concurrency:
                     svc.resync_concurrency = concurrency
                     tally.waiting, tally.done = len(conns), trio.Event()
@@ -209,7 +209,7 @@ async def bench(opts: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "loadavg_at_start": os.getloadavg(),
         },
-        "owed_per_user": opts.owed,
+        "owed_per_user": opts.queued,
         "results": results,
     }
 

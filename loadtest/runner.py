@@ -5,7 +5,7 @@
 
 1. makes the load tooling's venv if needed (``build/loadtest-venv``);
 2. starts Redis, N chatd replicas and NGINX on loopback
-   (:class:`chatd.testing.cluster.Cluster`, as ``python -m loadtest.stack`` does);
+   (:class:`harness.cluster.Cluster`, as ``python -m loadtest.stack`` does);
 3. runs Locust headless from the load venv, in its own process, against the
    NGINX URL, writing ``locust_stats.csv`` (and the other CSVs),
    ``report.html`` and ``locust.log``;
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatd.testing.cluster import Cluster  # noqa: E402
+from harness.cluster import Cluster  # noqa: E402
 from loadtest import loadvenv  # noqa: E402
 
 PLAIN_NAMES = ("send→sent", "send→delivered", "send→delivered receipt", "seen→seen receipt")

@@ -37,8 +37,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chatd.testing.client import Api, connect, silent_device
-from chatd.testing.procs import ChatdProcess
+from harness.client import Api, connect, silent_device
+from harness.procs import ChatdProcess
 
 PASSWORD = "correct horse"
 

@@ -5,7 +5,7 @@
 One real ``redis-server`` (a free port, never the machine's 6379), N
 ``chatd serve`` replicas sharing it and one SQLite data dir, and a real
 ``nginx`` in front with the repository's config: exactly
-:class:`chatd.testing.cluster.Cluster`. Once everything answers it prints
+:class:`harness.cluster.Cluster`. Once everything answers it prints
 (and writes to ``--ready-file``) a JSON line with the URLs; on SIGTERM or
 SIGINT it stops what it started (NGINX, replicas with a drain, Redis) and
 exits with 0 if every replica exited 0.
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatd.testing.cluster import Cluster  # noqa: E402
+from harness.cluster import Cluster  # noqa: E402
 
 
 def describe(cluster: Cluster) -> dict:

@@ -24,7 +24,7 @@ def pytest_configure(config):
         return
     import shutil
 
-    from chatd.testing.nginx import nginx_binary
+    from harness.nginx import nginx_binary
 
     missing = [
         name

@@ -28,9 +28,9 @@ import pytest
 
 from chatd import config as chatd_config
 from chatd import crypto
-from chatd.testing.nginx import TEMPLATE, NginxProcess, nginx_binary
-from chatd.testing.nginx import render as harness_render
-from chatd.testing.procs import free_port
+from harness.nginx import TEMPLATE, NginxProcess, nginx_binary
+from harness.nginx import render as harness_render
+from harness.procs import free_port
 
 yaml = pytest.importorskip(
     "yaml", reason="PyYAML is missing: it belongs in setup.cfg's test extras"

@@ -44,7 +44,7 @@ from chatd.broker.local import Local
 from chatd.broker.presence import PresenceTracker
 from chatd.broker.topology import TopologyError, key_slot, redirection
 from chatd.core.errors import Unavailable
-from chatd.ports import Deliver, Gone, Inbound, Resync
+from chatd.ports import Deliver, Gone, Resync, Routed
 
 log = logging.getLogger("chatd.broker.redis")
 
@@ -57,8 +57,8 @@ def dispatch(message: list[Any], deliver: Deliver) -> None:
         doc = orjson.loads(message[2])
         user = doc["u"]
         items = [
-            Inbound(user, str(key), str(payload), owed == "1", exclude or None)
-            for key, payload, owed, exclude in doc["i"]
+            Routed(user, str(key), str(payload), queued == "1", exclude or None)
+            for key, payload, queued, exclude in doc["i"]
         ]
     except (ValueError, KeyError, TypeError, IndexError):
         log.error("dropping an undecodable broker message")

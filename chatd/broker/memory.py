@@ -21,9 +21,8 @@ from chatd.ports import (
     Broker,
     Deliver,
     Gone,
-    Inbound,
     NodeInfo,
-    Owed,
+    QueueEntry,
     QueueInfo,
     Resync,
     Rotation,
@@ -88,24 +87,21 @@ class MemoryBroker:
     def route_nowait(self, items: Sequence[Routed]) -> None:
         now = _now_ms()
         for item in items:
-            if item.owed:
+            if item.queued:
                 self._queue(item.user, item.key, item.payload, now)
             nodes = set(self._conns.get(item.user, {}).values())
             for node in nodes:
                 deliver = self._nodes.get(node)
                 if deliver is None:
                     continue
-                inbound = Inbound(
-                    item.user, item.key, item.payload, item.owed, item.exclude, item.envelope
-                )
                 try:
-                    deliver(inbound)
+                    deliver(item)
                 except Exception:
                     log.exception("deliver failed", extra={"user": item.user, "key": item.key})
 
-    async def owed(self, user: str) -> list[Owed]:
+    async def queued(self, user: str) -> list[QueueEntry]:
         await trio.lowlevel.checkpoint()
-        return [Owed(k, p, ts) for k, (p, ts) in self._owed.get(user, {}).items()]
+        return [QueueEntry(k, p, ts) for k, (p, ts) in self._owed.get(user, {}).items()]
 
     async def settle(self, user: str, keys: Sequence[str]) -> None:
         self.settle_nowait(user, keys)
@@ -214,7 +210,7 @@ class MemoryBroker:
             if q
         ]
 
-    async def enqueue(self, user: str, items: Sequence[Owed]) -> int:
+    async def enqueue(self, user: str, items: Sequence[QueueEntry]) -> int:
         now = _now_ms()
         added = sum(self._queue(user, o.key, o.payload, now) for o in items)
         if not self._owed.get(user):

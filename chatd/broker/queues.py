@@ -1,10 +1,10 @@
-"""Owed queues and routing on Redis: route, fan-out, owed, settle.
+"""Owed queues and routing on Redis: route, fan-out, queued, settle.
 
 Owns each user's owed queue (``q``: key → payload, ``qo``: key → arrival
 time in µs; names from :mod:`chatd.broker.keys`), the ROUTE script that
 queues and publishes in one step, the local hand-off to this node's
 connections, and the admin calls ``queues``, ``enqueue`` and ``purge``
-(scripts ROUTE, OWED, SETTLE, ENQUEUE, PURGE).
+(scripts ROUTE, QUEUED, SETTLE, ENQUEUE, PURGE).
 
 Guarantees (docs/redis.md, *The scripts*):
 
@@ -15,7 +15,7 @@ Guarantees (docs/redis.md, *The scripts*):
   the arrival order, at most ``queue_limit`` entries (oldest dropped; the
   store re-supplies them) and expires ``queue_ttl`` after its last write.
 * Entries leave only through ``settle`` (and trimming, and ``purge``);
-  reading them (``owed``) removes nothing.
+  reading them (``queued``) removes nothing.
 * ``route`` costs one round trip per server for the whole batch; the
   ``_nowait`` forms never raise (see :meth:`chatd.broker.link.Link.fire`).
 """
@@ -31,7 +31,7 @@ from chatd.broker.keys import Keys
 from chatd.broker.link import Link
 from chatd.broker.local import Local
 from chatd.broker.scripts import SCRIPTS, Call
-from chatd.ports import Deliver, Inbound, Owed, QueueInfo, Routed
+from chatd.ports import Deliver, QueueEntry, QueueInfo, Routed
 
 log = logging.getLogger("chatd.broker.redis")
 
@@ -100,7 +100,7 @@ class Queues:
                     self.local.skip,
                     publish,
                 ]
-            args += [item.key, item.payload, "1" if item.owed else "0", item.exclude or ""]
+            args += [item.key, item.payload, "1" if item.queued else "0", item.exclude or ""]
         return [
             (
                 SCRIPTS["route"],
@@ -117,27 +117,24 @@ class Queues:
     def deliver_locally(self, items: Sequence[Routed]) -> None:
         """Connections of these users on this node get the items at once; the
         scripts publish them only to the other nodes."""
-        local: list[tuple[Deliver, Inbound]] = []
+        local: list[tuple[Deliver, Routed]] = []
         for item in items:
             for inc in set(self.local.by_user.get(item.user, {}).values()):
                 node = self.local.nodes.get(inc)
                 if node is not None:
-                    inbound = Inbound(
-                        item.user, item.key, item.payload, item.owed, item.exclude, item.envelope
-                    )
-                    local.append((node[0], inbound))
-        for deliver, inbound in local:
+                    local.append((node[0], item))
+        for deliver, item in local:
             try:
-                deliver(inbound)
+                deliver(item)
             except Exception:
-                log.exception("deliver failed", extra={"user": inbound.user, "key": inbound.key})
+                log.exception("deliver failed", extra={"user": item.user, "key": item.key})
 
     # -- the owed queue ----------------------------------------------------------------------
 
-    async def owed(self, user: str) -> list[Owed]:
-        [flat] = await self.link.scripts("owed", [(SCRIPTS["owed"], self._queue(user), [])])
+    async def queued(self, user: str) -> list[QueueEntry]:
+        [flat] = await self.link.scripts("queued", [(SCRIPTS["queued"], self._queue(user), [])])
         return [
-            Owed(str(flat[i]), str(flat[i + 1]), arrival_ms(flat[i + 2]))
+            QueueEntry(str(flat[i]), str(flat[i + 1]), arrival_ms(flat[i + 2]))
             for i in range(0, len(flat) - 2, 3)
         ]
 
@@ -175,7 +172,7 @@ class Queues:
                     out.append(QueueInfo(user, count, oldest))
         return out
 
-    async def enqueue(self, user: str, items: Sequence[Owed]) -> int:
+    async def enqueue(self, user: str, items: Sequence[QueueEntry]) -> int:
         if not items:
             return 0
         args: list[resp.Arg] = [self.queue_limit, self.queue_ttl]

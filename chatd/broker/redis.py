@@ -91,7 +91,7 @@ from chatd.ports import (
     Deliver,
     Gone,
     NodeInfo,
-    Owed,
+    QueueEntry,
     QueueInfo,
     Resync,
     Rotation,
@@ -105,9 +105,9 @@ __all__ = [
     "DEFAULTS",
     "DETACH",
     "ENQUEUE",
-    "OWED",
     "PRUNE",
     "PURGE",
+    "QUEUED",
     "REDIRECT_LIMIT",
     "ROTATE",
     "ROUTE",
@@ -144,7 +144,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 #: The scripts' sources, under their names of before chatd/broker/lua/.
-ROUTE, OWED, ENQUEUE, PURGE, SETTLE, ATTACH, DETACH, PRUNE, TAKE, ROTATE = (
+ROUTE, QUEUED, ENQUEUE, PURGE, SETTLE, ATTACH, DETACH, PRUNE, TAKE, ROTATE = (
     SCRIPTS[name].source for name in NAMES
 )
 
@@ -326,8 +326,8 @@ class RedisBroker:
         """One ROUTE script per user (loadtest/redis_client_bench.py uses it)."""
         return self._queues.route_calls(items)
 
-    async def owed(self, user: str) -> list[Owed]:
-        return await self._queues.owed(user)
+    async def queued(self, user: str) -> list[QueueEntry]:
+        return await self._queues.queued(user)
 
     async def settle(self, user: str, keys: Sequence[str]) -> None:
         await self._queues.settle(user, keys)
@@ -338,7 +338,7 @@ class RedisBroker:
     async def queues(self) -> list[QueueInfo]:
         return await self._queues.queues()
 
-    async def enqueue(self, user: str, items: Sequence[Owed]) -> int:
+    async def enqueue(self, user: str, items: Sequence[QueueEntry]) -> int:
         return await self._queues.enqueue(user, items)
 
     async def purge(self, user: str) -> int:

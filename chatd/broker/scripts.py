@@ -30,7 +30,7 @@ from chatd.broker import resp
 #: The scripts, in the order they are loaded on each new command connection.
 NAMES = (
     "route",
-    "owed",
+    "queued",
     "enqueue",
     "purge",
     "settle",

@@ -168,8 +168,10 @@ class Mark:
 
 
 @dataclass(frozen=True, slots=True)
-class Transition:
-    """A receipt that newly happened: ``member`` reached ``status`` at ``ts``."""
+class Receipt:
+    """A receipt: ``member`` reached ``status`` for the message at ``ts``. A
+    mark makes it (:class:`MarkResult`); it is owed to the message's sender
+    until acked."""
 
     message_id: str
     conversation: str
@@ -181,23 +183,12 @@ class Transition:
 
 @dataclass(frozen=True, slots=True)
 class MarkResult:
-    """What one :class:`Mark` did. ``known`` is False when the user is neither
-    a recipient nor the sender of the message (or the id does not exist)."""
+    """What one :class:`Mark` did: the receipts that newly happened. ``known``
+    is False when the user is neither a recipient nor the sender of the
+    message (or the id does not exist)."""
 
-    transitions: tuple[Transition, ...]
+    transitions: tuple[Receipt, ...]
     known: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """A receipt owed to the message's sender."""
-
-    message_id: str
-    conversation: str
-    sender: str
-    member: str
-    status: Status
-    ts: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,31 +18,22 @@ from chatd.core.model import (
 
 @dataclass(frozen=True, slots=True)
 class Routed:
-    """One item for the broker to route to ``user``.
+    """One item routed to ``user``: what the service hands the broker, and
+    what the broker hands each node with a connection of ``user``
+    (:data:`Deliver`).
 
-    ``owed``: keep it in the user's owed queue under ``key`` until settled.
+    ``queued``: the item is also kept in the user's queue under ``key`` until
+    settled, so the device must ack it (the frame carries ``key``).
     ``exclude``: a connection id that must not get the live copy (the one
     that sent it). ``envelope``: the payload decoded, if the caller has it:
-    a broker hands it to local connections so they need not decode again.
+    a broker hands it to local connections so they need not decode again
+    (it is None once the item crossed a process).
     """
 
     user: str
     key: str
     payload: str
-    owed: bool
-    exclude: str | None = None
-    envelope: Envelope | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """A routed item arriving at a node for one of its local users
-    (``envelope``: the payload decoded, when it did not cross a process)."""
-
-    user: str
-    key: str
-    payload: str
-    owed: bool
+    queued: bool
     exclude: str | None = None
     envelope: Envelope | None = None
 
@@ -68,7 +59,7 @@ class Taken:
 
 
 @dataclass(frozen=True, slots=True)
-class Owed:
+class QueueEntry:
     key: str
     payload: str
     #: When the entry entered the queue (ms since the epoch), if known.
@@ -103,7 +94,7 @@ class NodeInfo:
 
 #: Called by the broker, on the trio thread, for every item addressed to a
 #: user with a connection on this node. Must not block.
-Deliver = Callable[[Inbound], None]
+Deliver = Callable[[Routed], None]
 
 #: Called by the broker when live delivery to this node was interrupted and
 #: is back (a lost subscription, a backend restart): items routed meanwhile
@@ -176,7 +167,7 @@ class Broker(Protocol):
         back, so the store re-offers what is owed. Never raises."""
         ...
 
-    async def owed(self, user: str) -> list[Owed]:
+    async def queued(self, user: str) -> list[QueueEntry]:
         """The user's owed queue, oldest first."""
         ...
 
@@ -245,7 +236,7 @@ class Broker(Protocol):
         entry's arrival. May scan the backend."""
         ...
 
-    async def enqueue(self, user: str, items: Sequence[Owed]) -> int:
+    async def enqueue(self, user: str, items: Sequence[QueueEntry]) -> int:
         """Queue ``items`` as owed to ``user``, in order, without live delivery
         (once per key: a key already queued keeps its payload and place; the
         queue's bound applies). Returns how many keys were new."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from chatd import owed
+from chatd import queue_items
 from chatd.core.envelope import (
     EventEnvelope,
     MessageEnvelope,
@@ -83,7 +83,7 @@ class ConnectionsMixin(ServiceBase):
         be incomplete.
         """
         try:
-            queued = {o.key: o.payload for o in await self.broker.owed(user)}
+            queued = {o.key: o.payload for o in await self.broker.queued(user)}
         except Unavailable as exc:
             log.warning("broker unavailable; backlog from the store", extra={"reason": exc.message})
             queued = {}
@@ -93,7 +93,7 @@ class ConnectionsMixin(ServiceBase):
             items = [
                 out
                 for p in queued.values()
-                if (out := render_payload(p, self.keyring, owed=True)) is not None
+                if (out := render_payload(p, self.keyring, needs_ack=True)) is not None
             ]
             if items:
                 await emit(items)
@@ -108,9 +108,9 @@ class ConnectionsMixin(ServiceBase):
         queued: dict[str, str],
     ) -> None:
         pages = self.store, user, BACKLOG_PAGE
-        await self._offer_pages(owed.message_pages(*pages), MessageEnvelope, emit, queued)
-        await self._offer_pages(owed.event_pages(*pages), EventEnvelope, emit, queued)
-        await self._offer_pages(owed.receipt_pages(*pages), ReceiptEnvelope, emit, queued)
+        await self._offer_pages(queue_items.message_pages(*pages), MessageEnvelope, emit, queued)
+        await self._offer_pages(queue_items.event_pages(*pages), EventEnvelope, emit, queued)
+        await self._offer_pages(queue_items.receipt_pages(*pages), ReceiptEnvelope, emit, queued)
 
     async def _offer_pages(
         self,
@@ -126,8 +126,8 @@ class ConnectionsMixin(ServiceBase):
             items = []
             for item in page:
                 env = wrap(item)
-                queued.pop(owed.queue_key(env), None)
-                out = render(env, self.keyring, owed=True)
+                queued.pop(queue_items.queue_key(env), None)
+                out = render(env, self.keyring, needs_ack=True)
                 if out is not None:
                     items.append(out)
             if items:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatd import crypto, owed
+from chatd import crypto, queue_items
 from chatd.core.e2e import Content, parse_stored
 from chatd.core.errors import BadRequest, Forbidden, NotFound
 from chatd.core.model import Conversation, GroupAction, NewMembership, StoredMessage, User
@@ -208,7 +208,7 @@ class ConversationsMixin(ServiceBase):
             "group changed",
             extra={"conversation": id, "by": user, "action": action.value, "users": names},
         )
-        key, payload, env = owed.event_item(e)
+        key, payload, env = queue_items.event_item(e)
         await self._route([Routed(u, key, payload, True, None, env) for u in done.recipients or ()])
         return {
             "id": id,

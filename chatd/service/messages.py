@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from chatd import owed
+from chatd import queue_items
 from chatd.core import frames
 from chatd.core.delivery import recipients, settled_rids, target_of
 from chatd.core.e2e import stored_text
@@ -125,7 +125,7 @@ class MessagesMixin(EndToEndMixin):
             self.metrics.messages_stored.inc()
             if switches and conv.id in self._conversations:
                 self._conversations[conv.id] = replace(conv, e2e=True)
-            key, payload, env = owed.message_item(
+            key, payload, env = queue_items.message_item(
                 StoredMessage(
                     done.id, conv.id, done.seq, sender, done.ts, sealed, reply_to=reply_to
                 )
@@ -294,12 +294,12 @@ class MessagesMixin(EndToEndMixin):
                 "message deleted for everyone",
                 extra={"id": e.message_id, "conversation": e.conversation, "by": e.by},
             )
-        key, payload, env = owed.event_item(e)
+        key, payload, env = queue_items.event_item(e)
         owed_to = to if done.recipients is None else done.recipients
         items = [Routed(r, key, payload, True, None, env) for r in owed_to]
         items.append(Routed(e.by, key, payload, False, conn.id if conn else None, env))
         self.broker.route_nowait(items)
-        for user, keys in owed.by_user(done.dropped).items():
+        for user, keys in queue_items.by_user(done.dropped).items():
             self.broker.settle_nowait(user, keys)
 
     async def ack(self, conn: Connection, frame: frames.Ack) -> None:
@@ -360,7 +360,7 @@ class MessagesMixin(EndToEndMixin):
                     receipt = Receipt(
                         t.message_id, t.conversation, t.sender, t.member, t.status, t.ts
                     )
-                    key, payload, env = owed.receipt_item(receipt)
+                    key, payload, env = queue_items.receipt_item(receipt)
                     routed.append(Routed(t.sender, key, payload, True, None, env))
             if routed:
                 self.broker.route_nowait(routed)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatd.core.delivery import SETTLED_BY_ACK, apply_mark
-from chatd.core.model import Mark, MarkResult, Receipt, ReceiptKey, Status, Transition
+from chatd.core.model import Mark, MarkResult, Receipt, ReceiptKey, Status
 from chatd.store.mongo_docs import field_of, unacked
 from chatd.store.mongo_plan import Op
 
@@ -136,7 +136,7 @@ def marked(mark: Mark, doc: dict[str, Any], made: Sequence[Status]) -> MarkResul
     """What a mark that won reports: its transitions."""
     return MarkResult(
         tuple(
-            Transition(mark.message_id, doc["conversation"], doc["sender"], mark.user, s, mark.ts)
+            Receipt(mark.message_id, doc["conversation"], doc["sender"], mark.user, s, mark.ts)
             for s in made
         ),
         known=True,

@@ -27,9 +27,9 @@ from chatd.core.model import (
     NewEvent,
     NewMembership,
     NewMessage,
+    Receipt,
     ReceiptKey,
     StoredEvent,
-    Transition,
 )
 from chatd.core.names import GROUP_PREFIX
 from chatd.store.sqlite_rows import (
@@ -181,8 +181,7 @@ def mark_rows(db: sqlite3.Connection, batch: Sequence[Mark]) -> list[MarkResult]
         out.append(
             MarkResult(
                 tuple(
-                    Transition(mark.message_id, conversation, sender, mark.user, s, ts)
-                    for s in made
+                    Receipt(mark.message_id, conversation, sender, mark.user, s, ts) for s in made
                 ),
                 known=True,
             )

@@ -1,5 +1,9 @@
-"""Test support that ships with chatd: contract suites for the ports, a
-process harness and a WebSocket client. A new Store or Broker
-implementation runs :mod:`chatd.testing.store_contract` /
-:mod:`chatd.testing.broker_contract` unchanged (see their docstrings).
+"""Contract suites for the ports, shipped with chatd so that a new Store or
+Broker implementation can run them unchanged:
+:mod:`chatd.testing.store_contract` (with its outage contract and
+:mod:`chatd.testing.outage`) and :mod:`chatd.testing.broker_contract` (see
+their docstrings).
+
+The process harness and the test clients are not here: they live in the
+source tree's ``harness/`` package and do not ship.
 """

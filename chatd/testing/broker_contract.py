@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from chatd.ports import Broker, Inbound, Owed, Routed
+from chatd.ports import Broker, QueueEntry, Routed
 
 Make = Callable[[], Broker]
 
@@ -34,11 +34,11 @@ class Node:
     def __init__(self, broker: Broker, name: str) -> None:
         self.broker = broker
         self.name = name
-        self.got: list[Inbound] = []
+        self.got: list[Routed] = []
         self.resyncs = 0
         self._arrived = trio.Event()
 
-    def deliver(self, item: Inbound) -> None:
+    def deliver(self, item: Routed) -> None:
         self.got.append(item)
         self._arrived.set()
         self._arrived = trio.Event()
@@ -46,7 +46,7 @@ class Node:
     def resync(self, users: object = None) -> None:
         self.resyncs += 1
 
-    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Inbound]:
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Routed]:
         with trio.fail_after(timeout):
             while len(self.got) < count:
                 await self._arrived.wait()
@@ -73,12 +73,14 @@ class BrokerContract:
     async def test_nowait_calls_come_before_later_calls(self, brokers: Make) -> None:
         """route_nowait and settle_nowait are in order with every later call."""
         b = brokers()
-        b.route_nowait([Routed("bob", "m1", "p1", owed=True), Routed("bob", "m2", "p2", owed=True)])
+        b.route_nowait(
+            [Routed("bob", "m1", "p1", queued=True), Routed("bob", "m2", "p2", queued=True)]
+        )
         b.settle_nowait("bob", ["m1"])
-        b.route_nowait([Routed("bob", "m3", "p3", owed=True)])
-        assert [(o.key, o.payload) for o in await b.owed("bob")] == [("m2", "p2"), ("m3", "p3")]
+        b.route_nowait([Routed("bob", "m3", "p3", queued=True)])
+        assert [(o.key, o.payload) for o in await b.queued("bob")] == [("m2", "p2"), ("m3", "p3")]
         b.settle_nowait("bob", ["m2", "m3"])
-        assert await b.owed("bob") == []
+        assert await b.queued("bob") == []
 
     async def test_route_nowait_reaches_this_node_at_once_and_others_soon(
         self, brokers: Make, nursery: trio.Nursery
@@ -87,42 +89,46 @@ class BrokerContract:
         n2 = await start_node(nursery, brokers(), "n2")
         await n1.broker.attach("bob", "n1", "c1")
         await n2.broker.attach("bob", "n2", "c2")
-        n1.broker.route_nowait([Routed("bob", "m1", "p1", owed=True)])
+        n1.broker.route_nowait([Routed("bob", "m1", "p1", queued=True)])
         # No await in between: the local connection has it already.
-        assert [(i.key, i.payload, i.owed) for i in n1.got] == [("m1", "p1", True)]
+        assert [(i.key, i.payload, i.queued) for i in n1.got] == [("m1", "p1", True)]
         [got] = await n2.wait_for(1)
-        assert (got.key, got.payload, got.owed) == ("m1", "p1", True)
+        assert (got.key, got.payload, got.queued) == ("m1", "p1", True)
         await n1.settle_down()
         assert len(n1.got) == 1  # not a second time through the backend
 
     async def test_owed_items_wait_until_settled(self, brokers: Make) -> None:
         b = brokers()
-        await b.route([Routed("bob", "m1", "p1", owed=True), Routed("bob", "m2", "p2", owed=True)])
-        assert [(o.key, o.payload) for o in await b.owed("bob")] == [("m1", "p1"), ("m2", "p2")]
+        await b.route(
+            [Routed("bob", "m1", "p1", queued=True), Routed("bob", "m2", "p2", queued=True)]
+        )
+        assert [(o.key, o.payload) for o in await b.queued("bob")] == [("m1", "p1"), ("m2", "p2")]
         # Reading does not remove.
-        assert len(await b.owed("bob")) == 2
+        assert len(await b.queued("bob")) == 2
         await b.settle("bob", ["m1"])
-        assert [o.key for o in await b.owed("bob")] == ["m2"]
+        assert [o.key for o in await b.queued("bob")] == ["m2"]
         await b.settle("bob", ["m2", "never-there"])
-        assert await b.owed("bob") == []
+        assert await b.queued("bob") == []
 
     async def test_one_entry_per_key(self, brokers: Make) -> None:
         b = brokers()
-        await b.route([Routed("bob", "m1", "p1", owed=True)])
-        await b.route([Routed("bob", "m1", "p1", owed=True)])
-        assert [o.key for o in await b.owed("bob")] == ["m1"]
+        await b.route([Routed("bob", "m1", "p1", queued=True)])
+        await b.route([Routed("bob", "m1", "p1", queued=True)])
+        assert [o.key for o in await b.queued("bob")] == ["m1"]
 
     async def test_not_owed_items_are_not_queued(self, brokers: Make) -> None:
         b = brokers()
-        await b.route([Routed("bob", "typing", "t", owed=False)])
-        assert await b.owed("bob") == []
+        await b.route([Routed("bob", "typing", "t", queued=False)])
+        assert await b.queued("bob") == []
 
     async def test_queues_are_per_user(self, brokers: Make) -> None:
         b = brokers()
-        await b.route([Routed("bob", "m1", "p", owed=True), Routed("carol", "m1", "p", owed=True)])
+        await b.route(
+            [Routed("bob", "m1", "p", queued=True), Routed("carol", "m1", "p", queued=True)]
+        )
         await b.settle("bob", ["m1"])
-        assert await b.owed("bob") == []
-        assert [o.key for o in await b.owed("carol")] == ["m1"]
+        assert await b.queued("bob") == []
+        assert [o.key for o in await b.queued("carol")] == ["m1"]
 
     async def test_settle_while_routing_loses_nothing(self, brokers: Make) -> None:
         b = brokers()
@@ -130,11 +136,11 @@ class BrokerContract:
 
         async def producer() -> None:
             for i in range(200):
-                await b.route([Routed("bob", f"m{i}", "p", owed=True)])
+                await b.route([Routed("bob", f"m{i}", "p", queued=True)])
 
         async def consumer() -> None:
             for _ in range(40):
-                keys = [o.key for o in await b.owed("bob")]
+                keys = [o.key for o in await b.queued("bob")]
                 await b.settle("bob", keys[:3])
                 settled.update(keys[:3])
                 await trio.lowlevel.checkpoint()
@@ -142,7 +148,7 @@ class BrokerContract:
         async with trio.open_nursery() as n:
             n.start_soon(producer)
             n.start_soon(consumer)
-        left = {o.key for o in await b.owed("bob")}
+        left = {o.key for o in await b.queued("bob")}
         assert left | settled == {f"m{i}" for i in range(200)}
         assert not left & settled
 
@@ -152,9 +158,9 @@ class BrokerContract:
         n1 = await start_node(nursery, brokers(), "n1")
         n2 = await start_node(nursery, brokers(), "n2")
         await n1.broker.attach("bob", "n1", "c1")
-        await n2.broker.route([Routed("bob", "m1", "hello", owed=True, exclude="c9")])
+        await n2.broker.route([Routed("bob", "m1", "hello", queued=True, exclude="c9")])
         [got] = await n1.wait_for(1)
-        assert (got.user, got.key, got.payload, got.owed, got.exclude) == (
+        assert (got.user, got.key, got.payload, got.queued, got.exclude) == (
             "bob",
             "m1",
             "hello",
@@ -164,14 +170,14 @@ class BrokerContract:
         await n2.settle_down()
         assert n2.got == []
         # Delivered live and still owed until settled.
-        assert [o.key for o in await n2.broker.owed("bob")] == ["m1"]
+        assert [o.key for o in await n2.broker.queued("bob")] == ["m1"]
 
     async def test_every_node_of_a_user_gets_it(self, brokers: Make, nursery) -> None:
         n1 = await start_node(nursery, brokers(), "n1")
         n2 = await start_node(nursery, brokers(), "n2")
         await n1.broker.attach("bob", "n1", "c1")
         await n2.broker.attach("bob", "n2", "c2")
-        await n1.broker.route([Routed("bob", "m1", "x", owed=False)])
+        await n1.broker.route([Routed("bob", "m1", "x", queued=False)])
         await n1.wait_for(1)
         await n2.wait_for(1)
         await n1.settle_down()
@@ -179,14 +185,14 @@ class BrokerContract:
 
     async def test_offline_user_is_only_queued(self, brokers: Make, nursery) -> None:
         n1 = await start_node(nursery, brokers(), "n1")
-        await n1.broker.route([Routed("bob", "m1", "x", owed=True)])
+        await n1.broker.route([Routed("bob", "m1", "x", queued=True)])
         await n1.settle_down()
         assert n1.got == []
-        assert [o.key for o in await n1.broker.owed("bob")] == ["m1"]
+        assert [o.key for o in await n1.broker.queued("bob")] == ["m1"]
         # Once bob connects, the next item is delivered, and only that one:
         # what was queued while he was away waits for his backlog.
         await n1.broker.attach("bob", "n1", "c1")
-        await n1.broker.route([Routed("bob", "m2", "y", owed=True)])
+        await n1.broker.route([Routed("bob", "m2", "y", queued=True)])
         [got] = await n1.wait_for(1)
         assert got.key == "m2"
 
@@ -195,12 +201,12 @@ class BrokerContract:
         for u in ("bob", "carol"):
             await n1.broker.attach(u, "n1", f"c-{u}")
         items = [
-            Routed(u, f"m{i}", f"p{i}", owed=True) for i in range(50) for u in ("bob", "carol")
+            Routed(u, f"m{i}", f"p{i}", queued=True) for i in range(50) for u in ("bob", "carol")
         ]
         await n1.broker.route(items)
         got = await n1.wait_for(100)
         assert sorted((g.user, g.key) for g in got) == sorted((i.user, i.key) for i in items)
-        assert len(await n1.broker.owed("bob")) == 50
+        assert len(await n1.broker.queued("bob")) == 50
 
     # -- token revocation ---------------------------------------------------------
 
@@ -291,10 +297,10 @@ class BrokerContract:
     async def test_queue_entries_say_when_they_arrived(self, brokers: Make) -> None:
         b = brokers()
         before = _now_ms()
-        await b.route([Routed("bob", "m1", "p1", owed=True)])
+        await b.route([Routed("bob", "m1", "p1", queued=True)])
         await trio.sleep(0.01)
-        await b.route([Routed("bob", "m2", "p2", owed=True)])
-        first, second = await b.owed("bob")
+        await b.route([Routed("bob", "m2", "p2", queued=True)])
+        first, second = await b.queued("bob")
         assert first.queued_at is not None and second.queued_at is not None
         # Clocks may differ a little between this process and the backend.
         assert before - 2000 <= first.queued_at <= second.queued_at <= _now_ms() + 2000
@@ -302,11 +308,13 @@ class BrokerContract:
     async def test_queues_lists_users_with_owed_items(self, brokers: Make) -> None:
         b = brokers()
         assert await b.queues() == []
-        await b.route([Routed("bob", f"m{i}", "p", owed=True) for i in range(3)])
-        await b.route([Routed("carol", "m1", "p", owed=True), Routed("dave", "t", "x", owed=False)])
+        await b.route([Routed("bob", f"m{i}", "p", queued=True) for i in range(3)])
+        await b.route(
+            [Routed("carol", "m1", "p", queued=True), Routed("dave", "t", "x", queued=False)]
+        )
         got = {q.user: q for q in await b.queues()}
         assert {u: q.entries for u, q in got.items()} == {"bob": 3, "carol": 1}
-        [oldest, *_] = await b.owed("bob")
+        [oldest, *_] = await b.queued("bob")
         assert got["bob"].oldest_queued_at == oldest.queued_at
         await b.settle("carol", ["m1"])
         assert [q.user for q in await b.queues()] == ["bob"]
@@ -314,13 +322,13 @@ class BrokerContract:
     async def test_enqueue_queues_without_live_delivery(self, brokers: Make, nursery) -> None:
         n1 = await start_node(nursery, brokers(), "n1")
         await n1.broker.attach("bob", "n1", "c1")
-        await n1.broker.route([Routed("bob", "m2", "routed", owed=True)])
+        await n1.broker.route([Routed("bob", "m2", "routed", queued=True)])
         await n1.wait_for(1)
         added = await n1.broker.enqueue(
-            "bob", [Owed("m1", "p1"), Owed("m2", "other"), Owed("m3", "p3")]
+            "bob", [QueueEntry("m1", "p1"), QueueEntry("m2", "other"), QueueEntry("m3", "p3")]
         )
         assert added == 2
-        assert [(o.key, o.payload) for o in await n1.broker.owed("bob")] == [
+        assert [(o.key, o.payload) for o in await n1.broker.queued("bob")] == [
             ("m2", "routed"),
             ("m1", "p1"),
             ("m3", "p3"),
@@ -331,15 +339,15 @@ class BrokerContract:
 
     async def test_purge_empties_one_queue(self, brokers: Make) -> None:
         b = brokers()
-        await b.route([Routed("bob", f"m{i}", "p", owed=True) for i in range(4)])
-        await b.route([Routed("carol", "m1", "p", owed=True)])
+        await b.route([Routed("bob", f"m{i}", "p", queued=True) for i in range(4)])
+        await b.route([Routed("carol", "m1", "p", queued=True)])
         assert await b.purge("bob") == 4
-        assert await b.owed("bob") == []
+        assert await b.queued("bob") == []
         assert [q.user for q in await b.queues()] == ["carol"]
         assert await b.purge("bob") == 0
         # A purged queue fills again as usual.
-        await b.route([Routed("bob", "m9", "p", owed=True)])
-        assert [o.key for o in await b.owed("bob")] == ["m9"]
+        await b.route([Routed("bob", "m9", "p", queued=True)])
+        assert [o.key for o in await b.queued("bob")] == ["m9"]
 
     async def test_nodes_report_live_nodes_and_their_connections(
         self, brokers: Make, nursery

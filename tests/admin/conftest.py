@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from admin.cli import main
-from chatd.testing.procs import ChatdProcess, shared_secrets
-from chatd.testing.redis_server import RedisServer
+from harness.procs import ChatdProcess, shared_secrets
+from harness.redis_server import RedisServer
 
 
 @dataclass

@@ -13,9 +13,9 @@ import json
 import pytest
 import trio
 
-from chatd.testing.client import Api, connect
-from chatd.testing.e2e_client import AsyncE2E, E2EDevice
-from chatd.testing.procs import free_port
+from harness.client import Api, connect
+from harness.e2e_client import AsyncE2E, E2EDevice
+from harness.procs import free_port
 from tests.admin.conftest import Deployment, ctl
 
 pytestmark = pytest.mark.e2e

@@ -9,8 +9,8 @@ import json
 import pytest
 import trio
 
-from chatd.testing.client import Api, connect
-from chatd.testing.cluster import Cluster
+from harness.client import Api, connect
+from harness.cluster import Cluster
 from tests.admin.conftest import ctl, until
 
 pytestmark = pytest.mark.e2e

@@ -18,8 +18,8 @@ from admin import ops
 from chatd import crypto
 from chatd.ports import Reseal
 from chatd.store.sqlite import SqliteStore
-from chatd.testing.client import Api, connect
 from chatd.testing.store_contract import users
+from harness.client import Api, connect
 from tests.admin.conftest import Deployment, ctl, ctl_process, until
 
 pytestmark = pytest.mark.e2e

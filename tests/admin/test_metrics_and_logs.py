@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatd.testing.client import Api, connect
-from chatd.testing.procs import ChatdProcess
+from harness.client import Api, connect
+from harness.procs import ChatdProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -2,7 +2,7 @@
 (dead nodes leave presence, Redis losing its data, outages, key layout).
 
 Every test talks to a throwaway ``redis-server`` on a free loopback port
-(:mod:`chatd.testing.redis_server`), never to the machine's Redis.
+(:mod:`harness.redis_server`), never to the machine's Redis.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from chatd.broker.resp import hash_slot
 from chatd.core.errors import Unavailable
 from chatd.ports import Routed
 from chatd.testing.broker_contract import BrokerContract, start_node
-from chatd.testing.redis_cluster import RedisClusterSet, SentinelSet
-from chatd.testing.redis_server import RedisServer, free_port
+from harness.redis_cluster import RedisClusterSet, SentinelSet
+from harness.redis_server import RedisServer, free_port
 
 #: Short timings so that expiry and recovery happen within a test.
 FAST = {
@@ -217,7 +217,7 @@ async def test_flushall_heartbeat_reasserts_presence_and_resyncs(
 
     await eventually(back, timeout=2)
     await eventually(lambda: n1.resyncs >= 1, timeout=2)
-    await sender.route([Routed("bob", "m1", "after-flush", owed=True)])
+    await sender.route([Routed("bob", "m1", "after-flush", queued=True)])
     [got] = await n1.wait_for(1)
     assert got.payload == "after-flush"
 
@@ -232,13 +232,13 @@ async def test_outage_unavailable_fast_run_survives_and_resyncs(
     n1 = await start_node(nursery, make(), "n1")
     b = n1.broker
     await b.attach("bob", "n1", "c1")
-    await b.route([Routed("bob", "m0", "before", owed=True)])
+    await b.route([Routed("bob", "m0", "before", queued=True)])
     await n1.wait_for(1)
 
     getattr(server, how)()
     limit = 0.5  # refused connections fail at once; well under op_timeout
-    await expect_unavailable_fast(lambda: b.route([Routed("bob", "m1", "x", owed=True)]), limit)
-    await expect_unavailable_fast(lambda: b.owed("bob"), limit)
+    await expect_unavailable_fast(lambda: b.route([Routed("bob", "m1", "x", queued=True)]), limit)
+    await expect_unavailable_fast(lambda: b.queued("bob"), limit)
     await expect_unavailable_fast(lambda: b.settle("bob", ["m0"]), limit)
     await expect_unavailable_fast(lambda: b.attach("carol", "n1", "c2"), limit)
     await expect_unavailable_fast(lambda: b.detach("dave", "n1", "c3", 1), limit)
@@ -254,10 +254,10 @@ async def test_outage_unavailable_fast_run_survives_and_resyncs(
     p = await b.presence(["bob", "carol"])
     assert p["bob"].nodes == ("n1",) and p["carol"].nodes == ("n1",)
     other = make()
-    await other.route([Routed("bob", "m2", "after", owed=True)])
+    await other.route([Routed("bob", "m2", "after", queued=True)])
     await n1.wait_for(2)
     assert n1.got[-1].key == "m2"
-    assert [o.key for o in await b.owed("bob")] == ["m2"]
+    assert [o.key for o in await b.queued("bob")] == ["m2"]
 
 
 async def test_a_hung_server_gives_unavailable_not_a_hang(
@@ -269,7 +269,9 @@ async def test_a_hung_server_gives_unavailable_not_a_hang(
     server.freeze()
     try:
         limit = FAST["op_timeout"] + 0.3
-        await expect_unavailable_fast(lambda: b.route([Routed("bob", "m1", "x", owed=True)]), limit)
+        await expect_unavailable_fast(
+            lambda: b.route([Routed("bob", "m1", "x", queued=True)]), limit
+        )
         await expect_unavailable_fast(lambda: b.presence(["bob"]), limit)
         await expect_unavailable_fast(b.ping, limit)
     finally:
@@ -278,7 +280,7 @@ async def test_a_hung_server_gives_unavailable_not_a_hang(
 
     async def works() -> bool:
         try:
-            await b.route([Routed("bob", "m2", "y", owed=True)])
+            await b.route([Routed("bob", "m2", "y", queued=True)])
         except Unavailable:
             return False
         return True
@@ -296,7 +298,7 @@ async def test_work_sent_without_waiting_and_lost_resyncs(
     b = n1.broker
     await b.ping()
     server.command("CLIENT", "KILL", "TYPE", "normal")  # not the subscription
-    b.route_nowait([Routed("bob", "m1", "p1", owed=True)])
+    b.route_nowait([Routed("bob", "m1", "p1", queued=True)])
     await eventually(lambda: n1.resyncs == 1, timeout=3)
     await b.ping()
     await trio.sleep(0.3)
@@ -311,14 +313,14 @@ async def test_nowait_while_redis_is_away_resyncs_once_back(
     await b.ping()
     server.kill()
     for i in range(20):
-        b.route_nowait([Routed("bob", f"m{i}", "p", owed=True)])  # never raises
+        b.route_nowait([Routed("bob", f"m{i}", "p", queued=True)])  # never raises
         b.settle_nowait("bob", [f"m{i}"])
         await trio.sleep(0.01)
     server.start()
     await eventually(lambda: n1.resyncs >= 1, timeout=5)
     await b.ping()
-    b.route_nowait([Routed("bob", "after", "p", owed=True)])
-    assert [o.key for o in await b.owed("bob")] == ["after"]
+    b.route_nowait([Routed("bob", "after", "p", queued=True)])
+    assert [o.key for o in await b.queued("bob")] == ["after"]
 
 
 async def test_run_starts_only_once_redis_answers() -> None:
@@ -352,8 +354,8 @@ async def test_queue_is_bounded_dropping_the_oldest_and_expires(
     make: Make, server: RedisServer
 ) -> None:
     b = make(queue_limit=3, queue_ttl=100)
-    await b.route([Routed("bob", f"m{i}", f"p{i}", owed=True) for i in range(5)])
-    assert [(o.key, o.payload) for o in await b.owed("bob")] == [
+    await b.route([Routed("bob", f"m{i}", f"p{i}", queued=True) for i in range(5)])
+    assert [(o.key, o.payload) for o in await b.queued("bob")] == [
         ("m2", "p2"),
         ("m3", "p3"),
         ("m4", "p4"),
@@ -364,13 +366,13 @@ async def test_queue_is_bounded_dropping_the_oldest_and_expires(
         assert 90 <= server.command("TTL", key) <= 100
         server.command("EXPIRE", key, 5)
     # A write refreshes the TTL; a read or a live-only item does not.
-    await b.owed("bob")
-    await b.route([Routed("bob", "typing", "t", owed=False)])
+    await b.queued("bob")
+    await b.route([Routed("bob", "typing", "t", queued=False)])
     assert server.command("TTL", q) <= 5
-    await b.route([Routed("bob", "m5", "p5", owed=True)])
+    await b.route([Routed("bob", "m5", "p5", queued=True)])
     for key in (q, qo):
         assert 90 <= server.command("TTL", key) <= 100
-    assert [o.key for o in await b.owed("bob")] == ["m3", "m4", "m5"]
+    assert [o.key for o in await b.queued("bob")] == ["m3", "m4", "m5"]
     await b.settle("bob", ["m3", "m4", "m5"])
     assert server.keys(f"{b.prefix}:{{u:bob}}:q*") == []
 
@@ -383,7 +385,7 @@ async def test_keys_carry_one_hash_tag_per_user(
     users = ["alice", "bob.b", "c-d_e"]
     for u in users:
         await b.attach(u, "n1", f"conn-{u}")
-    await b.route([Routed(u, f"m-{u}", "p", owed=True) for u in users])
+    await b.route([Routed(u, f"m-{u}", "p", queued=True) for u in users])
     await b.detach("alice", "n1", "conn-alice", 42)
     await b.presence(users)
 
@@ -441,7 +443,7 @@ async def test_repeated_restarts_under_load_are_each_recovered(
             while True:
                 try:
                     await b.route(
-                        [Routed("bob", "m", "p", owed=True), Routed("al", "m", "p", owed=True)]
+                        [Routed("bob", "m", "p", queued=True), Routed("al", "m", "p", queued=True)]
                     )
                 except Unavailable:
                     await trio.sleep(0.01)
@@ -467,7 +469,7 @@ async def test_callers_cancelled_mid_call_do_not_disturb_others(
         await b.attach(u, "n1", f"c-{u}")
 
     async def sender(i: int) -> None:
-        items = [Routed(u, f"m{i}", f"p{i}", owed=True) for u in ("bob", "carol")]
+        items = [Routed(u, f"m{i}", f"p{i}", queued=True) for u in ("bob", "carol")]
         if i % 2:
             await trio.sleep(random.uniform(0, 0.002))
             with trio.move_on_after(random.uniform(0, 0.002)):
@@ -482,9 +484,11 @@ async def test_callers_cancelled_mid_call_do_not_disturb_others(
                 inner.start_soon(sender, i)
     # Whatever was cut short, the shared connections still work and every
     # entry that made it is whole.
-    await b.route([Routed("bob", "last", "p", owed=True), Routed("carol", "last", "p", owed=True)])
+    await b.route(
+        [Routed("bob", "last", "p", queued=True), Routed("carol", "last", "p", queued=True)]
+    )
     for u in ("bob", "carol"):
-        owed = await b.owed(u)
+        owed = await b.queued(u)
         assert owed[-1].key == "last"
         assert all(o.payload == "p" + o.key[1:] or o.key == "last" for o in owed)
     await eventually(lambda: sum(1 for g in n1.got if g.key == "last") == 2)
@@ -559,7 +563,7 @@ async def test_a_cluster_routes_on_the_users_shard_only(
         n2 = await start_node(nursery, make(), "n2")
         await n2.broker.attach("bob", "n2", "c1")
         assert n1.broker.sharded
-        await n1.broker.route([Routed("bob", f"m{i}", "p", owed=True) for i in range(20)])
+        await n1.broker.route([Routed("bob", f"m{i}", "p", queued=True) for i in range(20)])
         await n2.wait_for(20)
     owner = real_cluster.owner(hash_slot(n1.broker.user_key("bob", "conns")))
     for master in real_cluster.masters():
@@ -660,7 +664,7 @@ async def test_tls_and_acl_user_are_what_the_server_sees(
         n1 = await start_node(nursery, make(), "n1")
         n2 = await start_node(nursery, make(), "n2")
         await n2.broker.attach("bob", "n2", "c1")
-        await n1.broker.route([Routed("bob", "m1", "p", owed=True)])
+        await n1.broker.route([Routed("bob", "m1", "p", queued=True)])
         await n2.wait_for(1)
         tls_port = int(url.split("@127.0.0.1:")[1].split("/")[0])
         assert _logged_in_as_chatd(server, tls_port)
@@ -692,7 +696,7 @@ async def test_a_cluster_and_sentinel_log_in_as_the_urls_user(
             users = [f"user{i}" for i in range(30)]  # spread over the shards
             for user in users:
                 await n2.broker.attach(user, "n2", f"c-{user}")
-            await n1.broker.route([Routed(u, "m1", "p", owed=True) for u in users])
+            await n1.broker.route([Routed(u, "m1", "p", queued=True) for u in users])
             await n2.wait_for(len(users))
             used = [s for s in servers if _logged_in_as_chatd(s)]
             assert len(used) == len(servers), url  # every shard, each as the ACL user

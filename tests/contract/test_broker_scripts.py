@@ -18,8 +18,8 @@ import trio
 
 from chatd.broker import scripts
 from chatd.broker.redis import SCRIPTS, RedisBroker
-from chatd.ports import Owed, Routed, Taken
-from chatd.testing.redis_server import RedisServer
+from chatd.ports import QueueEntry, Routed, Taken
+from harness.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 LUA = ROOT / "chatd" / "broker" / "lua"
@@ -99,7 +99,7 @@ def _uses(broker: RedisBroker, server: RedisServer) -> dict[str, Callable[[], Aw
 
     async def route() -> object:
         await broker.route([Routed("bob", "k1", "p1", True)])
-        return await broker.owed("bob")
+        return await broker.queued("bob")
 
     async def prune() -> object:
         # A connection of an incarnation without a heartbeat: presence prunes it.
@@ -116,8 +116,8 @@ def _uses(broker: RedisBroker, server: RedisServer) -> dict[str, Callable[[], Aw
 
     return {
         "route": route,
-        "owed": lambda: broker.owed("bob"),
-        "enqueue": lambda: broker.enqueue("bob", [Owed("k2", "p2")]),
+        "queued": lambda: broker.queued("bob"),
+        "enqueue": lambda: broker.enqueue("bob", [QueueEntry("k2", "p2")]),
         "purge": lambda: broker.purge("bob"),
         "settle": lambda: broker.settle("bob", ["k1"]),
         "attach": lambda: broker.attach("bob", "n1", "c1"),
@@ -130,7 +130,7 @@ def _uses(broker: RedisBroker, server: RedisServer) -> dict[str, Callable[[], Aw
 
 EXPECTED: dict[str, object] = {
     "route": [("k1", "p1")],
-    "owed": [],
+    "queued": [],
     "enqueue": 1,
     "purge": 0,
     "settle": None,

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from chatd.broker import resp
-from chatd.testing.redis_server import RedisServer
+from harness.redis_server import RedisServer
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ import pytest
 
 from chatd.store.mongo import MongoStore
 from chatd.store.sqlite import SqliteStore
-from chatd.testing import mongomock_support
 from chatd.testing.outage import (
     MONGO_FAILURES,
     SQLITE_FAILURES,
@@ -14,6 +13,7 @@ from chatd.testing.outage import (
     sqlite_outage,
 )
 from chatd.testing.store_contract import Down, StoreOutageContract
+from harness import mongomock_support
 
 
 class TestSqliteStoreOutage(StoreOutageContract):

@@ -33,7 +33,6 @@ from chatd.core.events import manages
 from chatd.core.model import EventKind, GroupAction, Mark, NewMembership, ReceiptKey, Status
 from chatd.store import mongo_groups, mongo_messages, mongo_receipts
 from chatd.store.mongo import INDEXES, MongoStore, _guard, _members_at
-from chatd.testing import mongomock_support
 from chatd.testing.store_contract import (
     SplitStore,
     StoreContract,
@@ -42,6 +41,7 @@ from chatd.testing.store_contract import (
     one_event,
     users,
 )
+from harness import mongomock_support
 
 MONGO_URL = os.environ.get("CHATD_TEST_MONGO_URL", "")
 

@@ -17,8 +17,8 @@ from chatd.broker.topology import (
     detect,
     parse_url,
 )
-from chatd.testing.redis_cluster import RedisClusterSet, SentinelSet
-from chatd.testing.redis_server import RedisServer
+from harness.redis_cluster import RedisClusterSet, SentinelSet
+from harness.redis_server import RedisServer
 
 
 def test_a_sentinel_url_names_the_sentinels_the_master_and_how_to_log_in():

@@ -4,7 +4,7 @@ import pytest
 
 from chatd.core.devices import check_registration
 from chatd.core.errors import BadRequest
-from chatd.testing.e2e_keys import KeyedDevice, b64url
+from harness.e2e_keys import KeyedDevice, b64url
 
 
 def test_a_self_signed_registration_passes():

@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from chatd.testing import e2e_crypto as e2e
-from chatd.testing.e2e_crypto import DecryptError
-from chatd.testing.e2e_keys import KeyedDevice
+from harness import e2e_crypto as e2e
+from harness.e2e_crypto import DecryptError
+from harness.e2e_keys import KeyedDevice
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from chatd.testing import loss
-from chatd.testing.loss import LossChecker
+from harness import loss
+from harness.loss import LossChecker
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from chatd.core.model import Mark, MarkResult, Receipt, ReceiptKey, Status, Transition
+from chatd.core.model import Mark, MarkResult, Receipt, ReceiptKey, Status
 from chatd.core.names import rid
 from chatd.store.mongo_docs import erased, unacked
 from chatd.store.mongo_plan_receipts import (
@@ -185,8 +185,8 @@ def test_marked_reports_the_transitions_made():
     doc = message(receipt("bob"))
     assert marked(Mark("bob", "m1", S, 7), doc, (D, S)) == MarkResult(
         (
-            Transition("m1", "d:alice:bob", "alice", "bob", D, 7),
-            Transition("m1", "d:alice:bob", "alice", "bob", S, 7),
+            Receipt("m1", "d:alice:bob", "alice", "bob", D, 7),
+            Receipt("m1", "d:alice:bob", "alice", "bob", S, 7),
         ),
         known=True,
     )

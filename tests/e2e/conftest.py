@@ -3,8 +3,8 @@ import uuid
 
 import pytest
 
-from chatd.testing.client import Api
-from chatd.testing.procs import ChatdProcess, shared_secrets
+from harness.client import Api
+from harness.procs import ChatdProcess, shared_secrets
 
 MONGO_URL = os.environ.get("CHATD_TEST_MONGO_URL", "")
 
@@ -33,7 +33,7 @@ def server(request, tmp_path_factory):
     elif request.param == "mongomock":
         proc = ChatdProcess(
             data,
-            module="chatd.testing.mongomock_serve",
+            module="harness.mongomock_serve",
             args=["--store", "mongo"],
             env=shared_secrets(data),
         )

@@ -7,7 +7,7 @@ import json
 import pytest
 import trio
 
-from chatd.testing.client import connect
+from harness.client import connect
 
 pytestmark = pytest.mark.e2e
 
@@ -117,7 +117,7 @@ async def test_token_of_unknown_user_closes_4001(tmp_path):
     """A token that verifies but names no user (e.g. a deleted one)."""
     import jwt
 
-    from chatd.testing.procs import ChatdProcess
+    from harness.procs import ChatdProcess
 
     secret = "s" * 40
     proc = ChatdProcess(tmp_path, env={"JWT_SECRET": secret}).start()
@@ -189,8 +189,8 @@ async def test_sender_is_always_the_authenticated_user(server, api, names):
 
 
 async def test_rate_limited(tmp_path, names):
-    from chatd.testing.client import Api
-    from chatd.testing.procs import ChatdProcess
+    from harness.client import Api
+    from harness.procs import ChatdProcess
 
     proc = ChatdProcess(tmp_path, args=["--rate", "1", "--burst", "3"]).start()
     api = Api(proc.http_url)
@@ -250,8 +250,8 @@ async def test_the_send_rate_is_per_account_across_devices_and_replicas(tmp_path
     """--rate 1 --burst 3 is the account's: a second device on another
     replica does not get a burst of its own (each connection alone would
     allow 3)."""
-    from chatd.testing.client import Api
-    from chatd.testing.cluster import Cluster
+    from harness.client import Api
+    from harness.cluster import Cluster
 
     cluster = Cluster(
         tmp_path, replicas=2, with_nginx=False, extra_args=["--rate", "1", "--burst", "3"]
@@ -292,8 +292,8 @@ async def gets_ready(url: str, token: str) -> bool:
 async def test_sockets_are_capped_per_account_across_replicas(tmp_path, names):
     """--max-sockets-per-user 2: a third device, on another replica, gets
     `rate_limited` and close 4029; once one leaves, a new one gets in."""
-    from chatd.testing.client import Api
-    from chatd.testing.cluster import Cluster
+    from harness.client import Api
+    from harness.cluster import Cluster
 
     cluster = Cluster(
         tmp_path, replicas=2, with_nginx=False, extra_args=["--max-sockets-per-user", "2"]
@@ -326,8 +326,8 @@ async def test_sockets_are_capped_per_account_across_replicas(tmp_path, names):
 async def test_sockets_are_capped_per_address(tmp_path, names):
     """--max-sockets-per-ip 2: the third socket from one address gets
     `rate_limited` and close 4029 at once, before any auth."""
-    from chatd.testing.client import Api
-    from chatd.testing.procs import ChatdProcess
+    from harness.client import Api
+    from harness.procs import ChatdProcess
 
     proc = ChatdProcess(tmp_path, args=["--max-sockets-per-ip", "2"]).start()
     api = Api(proc.http_url)

@@ -3,7 +3,7 @@
 import pytest
 import trio
 
-from chatd.testing.client import connect
+from harness.client import connect
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,7 @@ history paging: against a real chatd process."""
 import pytest
 import trio
 
-from chatd.testing.client import connect
+from harness.client import connect
 
 pytestmark = pytest.mark.e2e
 

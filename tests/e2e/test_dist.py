@@ -14,13 +14,14 @@ import os
 import signal
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from chatd.testing.client import Api, connect
-from chatd.testing.procs import free_port, wait_http
+from harness.client import Api, connect
+from harness.procs import free_port, wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -189,3 +190,15 @@ async def test_chat_through_the_single_binary(dist_server, names):
         await b.seen([msg["id"]])
         seen = await a.expect("receipt", id=sent["id"], status="seen")
         await a.ack(receipts=[delivered["rid"], seen["rid"]])
+
+
+def test_dist_ships_the_contract_suites_not_the_harness(dist_chatd):
+    """The archive holds chatd's contract suites (a third-party store or
+    broker runs them) and none of the test harness (issue 13)."""
+    with zipfile.ZipFile(dist_chatd) as archive:
+        names = archive.namelist()
+    shipped = {n.split("site-packages/", 1)[1] for n in names if "site-packages/" in n}
+    assert "chatd/testing/store_contract/__init__.py" in shipped
+    assert "chatd/testing/broker_contract.py" in shipped
+    assert "chatd/server.py" in shipped
+    assert [n for n in shipped if n.startswith("harness/")] == []

@@ -4,7 +4,7 @@ Two replicas behind NGINX on one real Redis. A random canary goes
 end-to-end between Python devices across both replicas (one recipient
 online, one offline so that it waits in Redis and comes from the backlog),
 and another canary goes in a plain conversation. Then everything the server
-side holds or emitted is scanned (``chatd.testing.canary``): the store with
+side holds or emitted is scanned (``harness.canary``): the store with
 every body opened by the server's own keyring, the raw database files,
 Redis keys with their envelopes opened, ``MONITOR`` for the whole run, the
 replicas' logs, NGINX's access and error logs, and every frame the server
@@ -20,11 +20,11 @@ import secrets
 import pytest
 import trio
 
-from chatd.testing.canary import Scanner, redis_monitor
-from chatd.testing.client import Api, connect
-from chatd.testing.cluster import Cluster
-from chatd.testing.e2e_client import AsyncE2E, E2EDevice
-from chatd.testing.nginx import requires_nginx
+from harness.canary import Scanner, redis_monitor
+from harness.client import Api, connect
+from harness.cluster import Cluster
+from harness.e2e_client import AsyncE2E, E2EDevice
+from harness.nginx import requires_nginx
 
 pytestmark = [pytest.mark.e2e, requires_nginx()]
 

@@ -4,7 +4,7 @@ edits, history, epochs and shares, and every refusal: plaintext after the
 switch, foreign devices, stale epochs (missing and extra), shares only to
 their addressees, non-members.
 
-The devices are Python ones (``chatd.testing.e2e_client``) speaking the same
+The devices are Python ones (``harness.e2e_client``) speaking the same
 bytes as the web client (``docs/e2e-crypto.md``)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 
 from chatd.core.names import dm_id
-from chatd.testing.client import connect
-from chatd.testing.e2e_client import AsyncE2E, E2EDevice
-from chatd.testing.e2e_crypto import DecryptError
+from harness.client import connect
+from harness.e2e_client import AsyncE2E, E2EDevice
+from harness.e2e_crypto import DecryptError
 
 pytestmark = pytest.mark.e2e
 

@@ -4,8 +4,8 @@ removal, who may list whose devices, `auth` with a device, `devices` frames."""
 
 import pytest
 
-from chatd.testing.client import connect
-from chatd.testing.e2e_keys import KeyedDevice
+from harness.client import connect
+from harness.e2e_keys import KeyedDevice
 
 pytestmark = pytest.mark.e2e
 

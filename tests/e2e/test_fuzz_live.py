@@ -14,8 +14,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatd.testing.client import Api, connect
-from chatd.testing.procs import ChatdProcess
+from harness.client import Api, connect
+from harness.procs import ChatdProcess
 
 pytestmark = pytest.mark.e2e
 

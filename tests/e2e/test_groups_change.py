@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from chatd.testing.client import Api, connect
-from chatd.testing.cluster import Cluster
-from chatd.testing.nginx import requires_nginx
+from harness.client import Api, connect
+from harness.cluster import Cluster
+from harness.nginx import requires_nginx
 
 pytestmark = [pytest.mark.e2e, requires_nginx()]
 

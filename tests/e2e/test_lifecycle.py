@@ -10,8 +10,8 @@ import time
 import pytest
 import trio
 
-from chatd.testing.client import Api, connect
-from chatd.testing.procs import ChatdProcess
+from harness.client import Api, connect
+from harness.procs import ChatdProcess
 
 pytestmark = pytest.mark.e2e
 

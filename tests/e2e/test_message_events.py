@@ -5,8 +5,8 @@ deletions")."""
 import pytest
 import trio
 
-from chatd.testing.client import ChatClient, connect
-from chatd.testing.procs import ChatdProcess
+from harness.client import ChatClient, connect
+from harness.procs import ChatdProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -193,7 +193,7 @@ async def test_events_owed_to_an_offline_member_come_in_eseq_order(server, api, 
 
 
 async def test_the_edit_window(tmp_path, names):
-    from chatd.testing.client import Api
+    from harness.client import Api
 
     proc = ChatdProcess(tmp_path, args=["--edit-window", "1"])
     proc.start()

@@ -10,10 +10,10 @@ import sqlite3
 import pytest
 import trio
 
-from chatd.testing.canary import redis_dump
-from chatd.testing.client import Api, connect
-from chatd.testing.cluster import Cluster
-from chatd.testing.nginx import requires_nginx
+from harness.canary import redis_dump
+from harness.client import Api, connect
+from harness.cluster import Cluster
+from harness.nginx import requires_nginx
 
 pytestmark = [pytest.mark.e2e, requires_nginx()]
 

@@ -9,9 +9,9 @@ import pytest
 import trio
 
 from chatd.broker.resp import hash_slot
-from chatd.testing.faults import run_with_fault
-from chatd.testing.nginx import requires_nginx
-from chatd.testing.redis_cluster import RedisClusterSet, SentinelSet
+from harness.faults import run_with_fault
+from harness.nginx import requires_nginx
+from harness.redis_cluster import RedisClusterSet, SentinelSet
 from tests.admin.conftest import ctl
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, requires_nginx()]

@@ -14,10 +14,10 @@ import time
 import pytest
 import trio
 
-from chatd.testing.client import Api, ExpectTimeout, connect
-from chatd.testing.cluster import Cluster
-from chatd.testing.faults import run_with_fault
-from chatd.testing.nginx import requires_nginx
+from harness.client import Api, ExpectTimeout, connect
+from harness.cluster import Cluster
+from harness.faults import run_with_fault
+from harness.nginx import requires_nginx
 
 pytestmark = [
     pytest.mark.e2e,

@@ -7,8 +7,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from chatd.testing.client import Api, connect, silent_device
-from chatd.testing.procs import ChatdProcess
+from harness.client import Api, connect, silent_device
+from harness.procs import ChatdProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

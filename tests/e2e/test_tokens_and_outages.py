@@ -7,8 +7,8 @@ import jwt
 import pytest
 import trio
 
-from chatd.testing.client import Api, connect
-from chatd.testing.procs import ChatdProcess, shared_secrets
+from harness.client import Api, connect
+from harness.procs import ChatdProcess, shared_secrets
 
 pytestmark = pytest.mark.e2e
 
@@ -97,7 +97,7 @@ async def test_store_outage_answers_unavailable(tmp_path, names):
 
 
 async def test_drain_leaves_presence_clean(tmp_path, names):
-    from chatd.testing.cluster import Cluster
+    from harness.cluster import Cluster
 
     cluster = Cluster(tmp_path, replicas=2, with_nginx=False).start()
     api = Api(cluster.nodes[1].http_url)
@@ -129,7 +129,7 @@ async def test_logout_revokes_the_token_and_closes_its_sockets_on_every_replica(
     within 2 s, the token is refused everywhere (WebSocket and HTTP) until
     it expires; the user's other device (another token) stays connected.
     Then chatctl disables the user: every socket of theirs closes."""
-    from chatd.testing.cluster import Cluster
+    from harness.cluster import Cluster
     from tests.admin.conftest import ctl
 
     cluster = Cluster(tmp_path, replicas=2, with_nginx=False).start()
@@ -230,7 +230,7 @@ async def test_a_login_storm_from_one_address_is_refused_not_the_user(tmp_path, 
 
 
 async def test_login_limits_are_shared_by_the_replicas(tmp_path, names):
-    from chatd.testing.cluster import Cluster
+    from harness.cluster import Cluster
 
     cluster = Cluster(
         tmp_path,

@@ -11,8 +11,8 @@ import trio
 from trio_websocket import open_websocket_url
 
 from chatd.net import websocket as wsp
-from chatd.testing.client import connect
-from chatd.testing.procs import ChatdProcess
+from harness.client import connect
+from harness.procs import ChatdProcess
 
 pytestmark = pytest.mark.e2e
 

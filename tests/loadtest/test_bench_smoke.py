@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chatd.testing.nginx import requires_nginx
+from harness.nginx import requires_nginx
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CONFIGS = ("chatd1", "chatd2", "node1", "node2", "ref1", "ref2")

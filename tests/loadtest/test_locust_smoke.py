@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from chatd.testing.nginx import requires_nginx
+from harness.nginx import requires_nginx
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PLAIN_NAMES = ("send→sent", "send→delivered", "send→delivered receipt", "seen→seen receipt")

@@ -93,7 +93,7 @@ async def test_stale_queue_entries_are_settled(svc):
     a = FakeConn("a1", "alice")
     await svc.send(a, Send("c1", "hi", to="bob"))
     await svc.flush()
-    [entry] = await svc.broker.owed("bob")
+    [entry] = await svc.broker.queued("bob")
     [msg] = await svc.store.owed_messages("bob", 10)
     # Delivered as the store records it, but the queue did not hear (a
     # lost settle): the next backlog offers nothing and cleans the queue.
@@ -101,7 +101,7 @@ async def test_stale_queue_entries_are_settled(svc):
 
     await svc.store.mark([Mark("bob", msg.id, Status.DELIVERED, 1)])
     assert await collect_backlog(svc, "bob") == []
-    assert await svc.broker.owed("bob") == []
+    assert await svc.broker.queued("bob") == []
     assert entry.key == msg.id
 
 

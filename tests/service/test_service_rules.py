@@ -10,7 +10,7 @@ from chatd.core.errors import BadRequest, Forbidden, NotFound
 from chatd.core.frames import Delete, Edit, React, Send, Typing
 from chatd.core.model import GroupAction
 from chatd.service import ChatService
-from chatd.testing.e2e_client import E2EDevice
+from harness.e2e_client import E2EDevice
 from tests.service.test_service import FakeConn
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from chatpage import CHROMIUM, CHROMIUM_ARGS, DESKTOP, SKIP_REASON, ChatPage
 
-from chatd.testing.procs import ChatdProcess
+from harness.procs import ChatdProcess
 
 
 @pytest.fixture(scope="session")

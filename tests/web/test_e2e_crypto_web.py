@@ -1,6 +1,6 @@
 """web/js/e2e-crypto.js in real Chromium: RFC 9180's known answers, and the
 formats of docs/e2e-crypto.md read and written both ways with the Python
-client's ``chatd.testing.e2e_crypto``; plus the module's Node unit tests
+client's ``harness.e2e_crypto``; plus the module's Node unit tests
 (``node --test web/test/``), so CI runs them.
 
 The page is a blank one served with web/ from a tiny HTTP server on a
@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from chatd.core.devices import check_registration
-from chatd.testing import e2e_crypto as py
-from chatd.testing.e2e_keys import KeyedDevice
+from harness import e2e_crypto as py
+from harness.e2e_keys import KeyedDevice
 
 ROOT = Path(__file__).resolve().parents[2]
 WEB = ROOT / "web"

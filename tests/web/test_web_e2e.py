@@ -6,7 +6,7 @@ are added to see what a new device reads. The plaintext exists only in the
 pages: the WebSocket frames carry the sealed `e2e` objects (tapped here and
 checked), and the server's database holds no trace of it (read raw, with the
 server's own keyring as the positive control). A Python client with keys of
-its own (chatd.testing.e2e_crypto) forges what a browser would never send,
+its own (harness.e2e_crypto) forges what a browser would never send,
 and the page shows why it cannot show it, never its text.
 """
 
@@ -31,9 +31,9 @@ from playwright.sync_api import WebSocketRoute, expect
 
 from chatd.core.model import Sealed
 from chatd.crypto import load_key_file
-from chatd.testing import e2e_crypto as py
-from chatd.testing.client import Api, connect
-from chatd.testing.e2e_keys import KeyedDevice
+from harness import e2e_crypto as py
+from harness.client import Api, connect
+from harness.e2e_keys import KeyedDevice
 
 pytestmark = [pytest.mark.e2e]
 

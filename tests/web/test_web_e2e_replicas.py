@@ -1,6 +1,6 @@
 """The browser's half of "the server never sees plaintext" (issue 12): two
 Chromium profiles on two replicas behind NGINX with a real Redis chat
-end-to-end, and a scanner (``chatd.testing.canary``) looks for their
+end-to-end, and a scanner (``harness.canary``) looks for their
 canaries in everything the server side holds or emitted: the store with
 every body opened by the server's own keyring, the raw database files,
 Redis keys and ``MONITOR`` (sealed envelopes opened), the replicas' and
@@ -21,9 +21,9 @@ if SKIP_REASON:
 from playwright.sync_api import expect
 from test_web_e2e import WS, Tap, expect_sealed
 
-from chatd.testing.canary import Scanner, redis_monitor
-from chatd.testing.cluster import Cluster
-from chatd.testing.nginx import requires_nginx
+from harness.canary import Scanner, redis_monitor
+from harness.cluster import Cluster
+from harness.nginx import requires_nginx
 
 pytestmark = [pytest.mark.e2e, requires_nginx()]
 

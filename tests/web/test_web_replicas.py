@@ -12,8 +12,8 @@ if SKIP_REASON:
 
 from playwright.sync_api import expect
 
-from chatd.testing.cluster import Cluster
-from chatd.testing.nginx import requires_nginx
+from harness.cluster import Cluster
+from harness.nginx import requires_nginx
 
 pytestmark = [
     pytest.mark.e2e,

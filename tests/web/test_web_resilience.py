@@ -250,9 +250,15 @@ def test_offline_outbox_and_retry_now(user):
     alice.open(bob.name)
     alice.expect_status("typed while offline", "pending")
 
-    tap.refuse = False
+    # "Retry now" beats the backoff. Wait (still refused) until the next
+    # automatic try is at least a second away, so the click, not the
+    # timer, is what reconnects; then let connections through.
     retry = alice.tid("conn-retry")
+    expect(alice.tid("conn-status")).to_contain_text(
+        re.compile(r"retrying in (?:[2-9]|[1-9]\d)s"), timeout=15_000
+    )
     expect(retry).to_be_visible()
+    tap.refuse = False
     retry.click()
     alice.expect_online()
     alice.expect_status("typed while offline", "delivered")
@@ -348,7 +354,7 @@ def test_bad_token_closes_4001_and_returns_to_login(user):
 @pytest.fixture(scope="module")
 def short_token_server(tmp_path_factory):
     """Access tokens that live 10 s (the shortest chatd allows)."""
-    from chatd.testing.procs import ChatdProcess
+    from harness.procs import ChatdProcess
 
     proc = ChatdProcess(tmp_path_factory.mktemp("short-tokens"), args=["--token-ttl", "10"]).start()
     yield proc

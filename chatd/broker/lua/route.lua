@@ -3,7 +3,7 @@
 -- KEYS: conns, q, qo. ARGV: the user's channel prefix, queue limit, queue
 -- ttl, user, skip (incarnations that deliver locally, each between spaces),
 -- publish command (SPUBLISH, or PUBLISH where Redis has no sharded pub/sub),
--- then per item: key, payload, owed ("1"/"0"), exclude ("" for none).
+-- then per item: key, payload, queued ("1"/"0"), exclude ("" for none).
 -- Queues the owed items (once per key, oldest dropped beyond the limit) and
 -- publishes the items once to the user's channel of each other incarnation
 -- holding a connection of the user. The channels carry the user's hash tag:

@@ -11,9 +11,9 @@ import trio
 from chatd.core.model import (
     Mark,
     NewMessage,
+    Receipt,
     ReceiptKey,
     Status,
-    Transition,
 )
 from chatd.ports import Store, Writes
 from chatd.testing.store_contract.helpers import (
@@ -77,7 +77,7 @@ class ReceiptsContract(ContractBase):
         dm = await store.ensure_dm("alice", "bob", 1)
         msg = new_message(dm.id, "alice", ("bob",))
         await store.append([msg])
-        made: list[Transition] = []
+        made: list[Receipt] = []
 
         async def marker() -> None:
             [r] = await store.mark([Mark("bob", msg.id, Status.DELIVERED, 5)])

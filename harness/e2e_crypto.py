@@ -4,7 +4,7 @@ and safety numbers. Plain functions over ``cryptography``; the test client
 and the tests use them to produce and check the same bytes as the web
 client.
 
-HPKE (RFC 9180) is :mod:`chatd.testing.hpke`; its names are re-exported
+HPKE (RFC 9180) is :mod:`harness.hpke`; its names are re-exported
 here for the tests and clients that use them.
 """
 
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from chatd.testing.hpke import (  # re-exported: the tests and clients use them from here
+from harness.hpke import (  # re-exported: the tests and clients use them from here
     N_ENC,
     HpkeContext,  # noqa: F401
     hpke_derive_key_pair,  # noqa: F401

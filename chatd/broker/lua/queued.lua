@@ -1,4 +1,4 @@
--- OWED: read a user's owed queue (read-only; nothing leaves on read).
+-- QUEUED: read a user's owed queue (read-only; nothing leaves on read).
 -- KEYS: q, qo. Returns the queue, oldest first, as a flat list
 -- key, payload, score, ...
 

@@ -78,7 +78,7 @@ class RedisServer:
         slot: a plain client works, and Redis refuses any command or script
         whose keys span two slots (CROSSSLOT), as a real cluster would. With
         ``own_all_slots=False`` the node starts empty, to be joined into a
-        bigger cluster (:mod:`chatd.testing.redis_cluster`)."""
+        bigger cluster (:mod:`harness.redis_cluster`)."""
         self.host = "127.0.0.1"
         self.port = port or (cluster_free_port() if cluster else free_port())
         self.executable = executable

@@ -11,9 +11,9 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatd.testing.nginx import NginxProcess
-from chatd.testing.procs import ChatdProcess, shared_secrets
-from chatd.testing.redis_server import RedisServer
+from harness.nginx import NginxProcess
+from harness.procs import ChatdProcess, shared_secrets
+from harness.redis_server import RedisServer
 
 
 @dataclass

@@ -20,9 +20,9 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from chatd.testing.loss import LossChecker
+from harness.loss import LossChecker
 
-log = logging.getLogger("chatd.testing.resilient")
+log = logging.getLogger("harness.resilient")
 _ids = itertools.count(1)
 
 

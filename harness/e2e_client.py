@@ -3,28 +3,39 @@ issue 12 in Python (the web client's is ``web/js/e2e.js``).
 
 :class:`E2EDevice` keeps what a device keeps (its keys, its epochs per
 conversation, the epoch keys it opened, the device lists it fetched) and
-does the pure work: plan an epoch's shares, encrypt, read a message. The
-HTTP calls are the caller's, through :class:`AsyncE2E` (tests, trio) or the
-Locust user's own session (``loadtest/locustfile.py``), so both speak the
-same bytes (``docs/e2e-crypto.md``).
+does the pure work: plan an epoch's shares, encrypt, read a message.
+
+The procedures that need the server (register the device, make and upload
+an epoch, seal a send again after ``e2e_stale``, fetch what reading a
+message needs) are said once, sans-I/O: generators that yield each
+:class:`Request` and are sent its ``(status, body)``. The caller makes the
+calls: :class:`AsyncE2E` for the tests (trio), :func:`run_steps` with the
+Locust user's own session (``loadtest/locustfile.py``, gevent), so both
+take the same steps and speak the same bytes (``docs/e2e-crypto.md``).
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from chatd.core.e2e import MAX_SHARES_PER_PUT
-from chatd.testing import e2e_crypto as ec
-from chatd.testing.e2e_keys import KeyedDevice
+from harness import e2e_crypto as ec
+from harness.e2e_keys import KeyedDevice
 
 #: Shares per ``PUT .../e2e/epochs/{epoch}`` (the server takes at most 256).
 SHARES_PER_PUT = MAX_SHARES_PER_PUT
 #: Rotation: a sending device starts a new epoch after this many messages.
 MESSAGES_PER_EPOCH = 100
 EPOCH_MAX_AGE_S = 7 * 24 * 3600
+
+
+def _sender(frame: dict[str, Any]) -> str:
+    """Who wrote a ``message`` frame or history item (``from``) or an edit (``by``)."""
+    return frame.get("from") or frame.get("by") or ""
 
 
 @dataclass
@@ -143,8 +154,7 @@ class E2EDevice:
         """The body of a ``message`` (or ``edited``) frame or history item
         carrying ``e2e``: raises DecryptError with the reason it cannot be
         shown. The sender's device list must be in :attr:`directory`."""
-        e2e, conversation = frame["e2e"], frame["conversation"]
-        sender = frame.get("from") or frame.get("by") or ""
+        e2e, conversation, sender = frame["e2e"], frame["conversation"], _sender(frame)
         sig_key = next(
             (
                 d["sig_key"]
@@ -165,6 +175,106 @@ class E2EDevice:
         return body
 
 
+# -- the procedures: sans-I/O, so that trio (AsyncE2E) and gevent (the
+# Locust user's session) run the same steps ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One HTTP call a procedure needs; the caller makes it (with its
+    token) and sends the procedure back ``(status, body)``."""
+
+    method: str
+    path: str
+    #: The route, its variable parts as ``[name]``: what Locust's stats group by.
+    name: str
+    json: Any = None
+
+
+T = TypeVar("T")
+#: A procedure: yields the calls it needs, is sent each one's ``(status,
+#: body)``, returns its result. Run it with :func:`run_steps` or :meth:`AsyncE2E.run`.
+Steps = Generator[Request, tuple[int, Any], T]
+
+
+def _request(method: str, route: str, json: Any = None, **parts: str) -> Request:
+    name = re.sub(r"\{(\w+)\}", r"[\1]", route.partition("?")[0])
+    return Request(method, route.format(**parts), name, json)
+
+
+def _expect(status: int, body: Any, ok: tuple[int, ...], what: str) -> None:
+    if status not in ok:
+        raise AssertionError(f"{what}: {status} {body}")
+
+
+def register_steps(dev: E2EDevice) -> Steps[None]:
+    """Register the device's keys in the directory."""
+    put = _request("PUT", "/api/e2e/devices/{device}", dev.keys.registration(), device=dev.device)
+    status, body = yield put
+    _expect(status, body, (200, 201), "device registration")
+
+
+def devices_steps(dev: E2EDevice, user: str) -> Steps[list[dict[str, Any]]]:
+    """Fetch ``user``'s device list into the device's :attr:`~E2EDevice.directory`."""
+    status, body = yield _request("GET", "/api/users/{name}/devices", name=user)
+    _expect(status, body, (200,), f"devices of {user}")
+    dev.directory[user] = body["devices"]
+    return body["devices"]
+
+
+def new_epoch_steps(dev: E2EDevice, conversation: str, members: list[str]) -> Steps[str]:
+    """Make, upload and use a new epoch for ``conversation``: its key
+    sealed to every device of ``members`` (this device's user among them)."""
+    devices = {}
+    for member in members:
+        devices[member] = yield from devices_steps(dev, member)
+    epoch_id, bodies = dev.plan_epoch(conversation, devices)
+    route = "/api/conversations/{id}/e2e/epochs/{epoch}"
+    for body in bodies:
+        status, answer = yield _request("PUT", route, body, id=conversation, epoch=epoch_id)
+        _expect(status, answer, (200, 201), "epoch upload")
+    dev.use_epoch(conversation, epoch_id)
+    return epoch_id
+
+
+def reseal_steps(
+    dev: E2EDevice, frame: dict[str, Any], text: str, members: list[str]
+) -> Steps[dict[str, Any]]:
+    """After ``e2e_stale`` on the ``send`` frame ``frame`` (of ``text``):
+    the conversation's devices changed, so a new epoch, and the frame sealed
+    again under it, its cid kept (the server stores the message once)."""
+    conversation = frame["conversation"]
+    yield from new_epoch_steps(dev, conversation, members)
+    return {**frame, "e2e": dev.encrypt(conversation, text)}
+
+
+def read_steps(dev: E2EDevice, frame: dict[str, Any], *, edit_of: str | None = None) -> Steps[str]:
+    """Fetch what reading ``frame`` needs (this device's share of its
+    epoch, the sender's devices when they are new), then read it
+    (:meth:`E2EDevice.read`)."""
+    conversation = frame["conversation"]
+    missing = dev.epochs_to_fetch([frame])
+    if missing:
+        route = "/api/conversations/{id}/e2e/shares?epochs={epochs}"
+        status, body = yield _request("GET", route, id=conversation, epochs=",".join(missing))
+        if status == 200:
+            dev.take_shares(conversation, body["shares"])
+    known = {d["device"] for d in dev.directory.get(_sender(frame), [])}
+    if frame["e2e"].get("device") not in known:
+        yield from devices_steps(dev, _sender(frame))
+    return dev.read(frame, edit_of=edit_of)
+
+
+def run_steps(steps: Steps[T], call: Callable[[Request], tuple[int, Any]]) -> T:
+    """Run a procedure with a blocking ``call`` (the Locust user's)."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(call(request))
+    except StopIteration as done:
+        return done.value
+
+
 Call = Callable[..., Awaitable[tuple[int, Any]]]
 
 
@@ -176,45 +286,23 @@ class AsyncE2E:
         self.dev = device
         self.call = call
 
-    async def register(self) -> None:
-        status, body = await self.call(
-            "PUT", f"/api/e2e/devices/{self.dev.device}", json=self.dev.keys.registration()
-        )
-        if status not in (200, 201):
-            raise AssertionError(f"device registration: {status} {body}")
+    async def run(self, steps: Steps[T]) -> T:
+        """Run a procedure, its calls through :attr:`call`."""
+        try:
+            request = next(steps)
+            while True:
+                kw = {} if request.json is None else {"json": request.json}
+                request = steps.send(await self.call(request.method, request.path, **kw))
+        except StopIteration as done:
+            return done.value
 
-    async def devices_of(self, user: str) -> list[dict[str, Any]]:
-        status, body = await self.call("GET", f"/api/users/{user}/devices")
-        if status != 200:
-            raise AssertionError(f"devices of {user}: {status} {body}")
-        self.dev.directory[user] = body["devices"]
-        return body["devices"]
+    async def register(self) -> None:
+        await self.run(register_steps(self.dev))
 
     async def new_epoch(self, conversation: str, members: list[str]) -> str:
         """Make, upload and use a new epoch for ``conversation``."""
-        devices = {m: await self.devices_of(m) for m in members}
-        epoch_id, bodies = self.dev.plan_epoch(conversation, devices)
-        for body in bodies:
-            status, answer = await self.call(
-                "PUT", f"/api/conversations/{conversation}/e2e/epochs/{epoch_id}", json=body
-            )
-            if status not in (200, 201):
-                raise AssertionError(f"epoch upload: {status} {answer}")
-        self.dev.use_epoch(conversation, epoch_id)
-        return epoch_id
+        return await self.run(new_epoch_steps(self.dev, conversation, members))
 
     async def read(self, frame: dict[str, Any], *, edit_of: str | None = None) -> str:
         """Fetch what reading ``frame`` needs (shares, the sender's devices), then read it."""
-        conversation = frame["conversation"]
-        missing = self.dev.epochs_to_fetch([frame])
-        if missing:
-            status, body = await self.call(
-                "GET", f"/api/conversations/{conversation}/e2e/shares?epochs={','.join(missing)}"
-            )
-            if status == 200:
-                self.dev.take_shares(conversation, body["shares"])
-        sender = frame.get("from") or frame.get("by") or ""
-        known = {d["device"] for d in self.dev.directory.get(sender, [])}
-        if frame["e2e"].get("device") not in known:
-            await self.devices_of(sender)
-        return self.dev.read(frame, edit_of=edit_of)
+        return await self.run(read_steps(self.dev, frame, edit_of=edit_of))

@@ -1,4 +1,4 @@
-"""``python -m chatd.testing.mongomock_serve serve …``: a real ``chatd serve``
+"""``python -m harness.mongomock_serve serve …``: a real ``chatd serve``
 process whose store is MongoStore on mongomock (in this process's memory).
 
 For the end-to-end suite where no MongoDB server exists: everything but the
@@ -12,7 +12,7 @@ from chatd import wiring
 from chatd.cli import main
 from chatd.config import Config
 from chatd.ports import Store
-from chatd.testing import mongomock_support
+from harness import mongomock_support
 
 
 def _mongomock_store(config: Config, create: bool) -> Store:

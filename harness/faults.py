@@ -1,6 +1,6 @@
 """Fault injection under traffic, shared by the end-to-end tests: users
 chatting in pairs through NGINX while something breaks, then the zero-loss
-accounting (:class:`~chatd.testing.loss.LossChecker`)."""
+accounting (:class:`~harness.loss.LossChecker`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import trio
 
-from chatd.testing.client import Api
-from chatd.testing.cluster import Cluster
-from chatd.testing.loss import LossChecker
-from chatd.testing.resilient import ResilientClient
+from harness.client import Api
+from harness.cluster import Cluster
+from harness.loss import LossChecker
+from harness.resilient import ResilientClient
 
 
 @dataclass

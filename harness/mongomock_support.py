@@ -3,7 +3,7 @@
 mongomock is an in-process imitation of MongoDB, not a server: tests that
 run on it say so in their names and markers, and ``docs/mongo.md`` says what
 they do and do not prove. Used by the store contract tests and by
-:mod:`chatd.testing.mongomock_serve` (a real ``chatd serve`` process whose
+:mod:`harness.mongomock_serve` (a real ``chatd serve`` process whose
 store is MongoStore on mongomock).
 """
 

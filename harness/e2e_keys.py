@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from chatd.core.devices import signed_text
-from chatd.testing.e2e_crypto import b64url
+from harness.e2e_crypto import b64url
 
 
 def _raw(public: object) -> bytes:

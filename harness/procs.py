@@ -25,6 +25,9 @@ def shared_secrets(data_dir: Path) -> dict[str, str]:
     }
 
 
+#: The directory that holds the ``harness`` package (the repository root).
+HARNESS_ROOT = Path(__file__).resolve().parent.parent
+
 #: The environment that turns the per-address and per-account caps off:
 #: every test user comes from 127.0.0.1, and load runs hold many devices.
 UNLIMITED_LOGINS = {
@@ -82,7 +85,7 @@ class ChatdProcess:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     #: The module run with ``python -m``: ``chatd`` itself, or a launcher that
-    #: wires a test double first (chatd.testing.mongomock_serve).
+    #: wires a test double first (harness.mongomock_serve).
     module: str = "chatd"
 
     @property
@@ -111,6 +114,12 @@ class ChatdProcess:
         # these).
         env.update(UNLIMITED_LOGINS)
         env.update(self.env)
+        if self.module.split(".")[0] == "harness":
+            # The harness is not installed (it does not ship): its launcher
+            # imports from the source tree.
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(HARNESS_ROOT), env.get("PYTHONPATH", "")) if p
+            )
         cmd = [
             sys.executable,
             "-m",

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatd.testing.procs import free_port, wait_http
+from harness.procs import free_port, wait_http
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "nginx" / "templates" / "chatd.conf.template"
 _PLACEHOLDER = re.compile(r"\$\{([A-Z_]+)\}")
 

@@ -12,7 +12,7 @@ port, keeps nothing on disk, and is killed (its directory removed) on
   them; :meth:`SentinelSet.fail_over` kills the master and waits until the
   sentinels name the promoted replica.
 
-Both are synchronous, like :class:`~chatd.testing.redis_server.RedisServer`:
+Both are synchronous, like :class:`~harness.redis_server.RedisServer`:
 their calls take milliseconds to seconds, so async tests call them through
 ``trio.to_thread.run_sync`` when something must go on meanwhile.
 """
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from chatd.testing.redis_server import (
+from harness.redis_server import (
     REDIS_SERVER,
     RedisError,
     RedisServer,
