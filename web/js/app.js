@@ -1,7 +1,7 @@
 // The chat client: one App (exposed as `window.chatd` by main.js), put
 // together from layers that each own a part:
 //
-//   state.js         the state and its updates (state + input -> state + effects); no DOM, no network
+//   state.js         the state and its updates (state + input -> new state + effects); no DOM, no network
 //   frames.js        what each live frame and event does to the state (same rules)
 //   protocol.js      the socket's frames, acks and seen, the list and history over HTTP, decrypting
 //   outbox.js        our messages until stored and our requests until applied; retry, same cid
@@ -31,9 +31,9 @@ import { loadSession, sessionMethods } from './session.js';
 import {
   addGroup,
   dmPeer,
-  ensureConv,
   histState,
   isDm,
+  knownConv,
   newState,
   others,
   provisionalDm,
@@ -156,7 +156,7 @@ export class App {
         this.scheduleRender();
         if (ev.type === 'trust') this.resumeSealed(); // verified or dismissed: paused sends go
         const msg = ev.type === 'replayed' && this.byId.get(ev.id);
-        if (msg && msg.sealed) this.showOpened(msg, ev.verdict); // an earlier copy came to light
+        if (msg && msg.sealed) this.showOpened(msg.id, ev.verdict); // an earlier copy came to light
       },
     });
     this.deviceFixAt = 0;
@@ -222,7 +222,7 @@ export class App {
   everySecond() {
     if (!this.me) return;
     // Typing indicators time out; the retry countdown counts down.
-    if (expireTyping(this.state, Date.now())) this.scheduleRender();
+    this.update(expireTyping, Date.now());
     if (this.connState && this.connState.state === 'waiting') this.renderStatus();
   }
 
@@ -230,14 +230,11 @@ export class App {
 
   /** The conversation `id`; one not known yet is made up, and the list asked for again. */
   ensureConv(id) {
-    const fx = [];
-    const conv = ensureConv(this.state, id, fx);
-    this.run(fx);
-    return conv;
+    return this.update(knownConv, id).conv;
   }
 
   provisionalDm(peer) {
-    return provisionalDm(this.state, peer, Date.now());
+    return this.update(provisionalDm, peer, Date.now()).id;
   }
 
   title(conv) {
@@ -323,7 +320,7 @@ export class App {
       // Without the field the server makes a plain group (what older servers understand).
       if (e2e) body.e2e = true;
       const made = await api('/api/conversations', { method: 'POST', token: this.token, body });
-      addGroup(this.state, made, Date.now());
+      this.update(addGroup, made, Date.now());
       if (e2e && !made.e2e) this.toast('bad_request', 'The server made the group without end-to-end encryption.');
       form.reset();
       form.hidden = true;

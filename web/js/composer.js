@@ -102,7 +102,7 @@ export const composerMethods = {
     this.el.input.focus();
   },
 
-  startEdit(msg, text = msg.body) {
+  startEdit(msg, text = (this.byId.get(msg.id) || msg).body) {
     this.setCompose({ mode: 'edit', id: msg.id, conversation: msg.conversation });
     this.el.input.value = text;
     this.autosize();
@@ -189,7 +189,7 @@ export const composerMethods = {
   // --- reactions, deleting, quotes ------------------------------------------------------
 
   toggleReaction(msg, emoji) {
-    const r = msg.reactions.get(emoji);
+    const r = (this.byId.get(msg.id) || msg).reactions.get(emoji); // as it is now
     const on = !(r && r.users.has(this.me));
     const keyboard = this.paletteFor === msg.key && document.activeElement?.matches(':focus-visible');
     this.paletteFor = null;
@@ -218,7 +218,8 @@ export const composerMethods = {
       text: 'It is deleted for everyone in the conversation.',
       ok: 'Delete',
     });
-    if (ok && msg.id && !msg.deleted) this.request('delete', msg, {});
+    const now = this.byId.get(msg.id) || msg; // as it is after the question
+    if (ok && now.id && !now.deleted) this.request('delete', now, {});
   },
 
   /** Scroll to a message quoted by a reply, and highlight it for a moment. */

@@ -28,8 +28,9 @@
 //   trust    {id: "<me> <contact>", contact, devices, verified, changed, blocked}
 
 import { api } from './api.js';
+import { ConvDialog } from './dialog.js';
 import { avatar, h } from './dom.js';
-import { errorText, errorTitle } from './errors.js';
+import { errorText } from './errors.js';
 import { icons } from './icons.js';
 import {
   DecryptError,
@@ -857,59 +858,34 @@ const dateFmt = new Intl.DateTimeFormat(undefined, { day: 'numeric', month: 'sho
 
 /**
  * The encryption panel of a conversation (a modal <dialog> opened from the
- * chat header): whether it is end-to-end (and, in a one-to-one chat that is
- * not, the switch), every member's active devices with their fingerprints,
- * the safety number with each contact and "mark as verified", and "remove
- * this device". Everything shown comes from the server's device lists,
- * fetched again on open and on a `devices` frame (`refresh`).
+ * chat header, see dialog.js): whether it is end-to-end (and, in a
+ * one-to-one chat that is not, the switch), every member's active devices
+ * with their fingerprints, the safety number with each contact and "mark
+ * as verified", and "remove this device". Everything shown comes from the
+ * server's device lists, fetched again on open and on a `devices` frame
+ * (`refresh`).
  */
-export class DevicesPanel {
+export class DevicesPanel extends ConvDialog {
   constructor(app, root = document) {
-    const $ = (id) => root.getElementById(id);
-    this.app = app;
-    this.el = {
-      dialog: $('e2e-dialog'),
-      close: $('e2e-close'),
-      status: $('e2e-status'),
-      enable: $('e2e-enable'),
-      members: $('e2e-members'),
-      error: $('e2e-error'),
-      remove: $('e2e-remove-device'),
-    };
-    this.convId = null;
+    super(app, root, {
+      dialog: 'e2e-dialog',
+      close: 'e2e-close',
+      status: 'e2e-status',
+      enable: 'e2e-enable',
+      members: 'e2e-members',
+      error: 'e2e-error',
+      remove: 'e2e-remove-device',
+    });
     this.data = null; // [{user, devices, prints, safety, error}] once loaded
     this.version = 0;
-    this.sig = null;
-    this.el.close.addEventListener('click', () => this.close());
-    this.el.dialog.addEventListener('close', () => {
-      this.convId = null;
-    });
     this.el.enable.addEventListener('click', () => this.turnOn());
     this.el.remove.addEventListener('click', () => this.removeDevice());
   }
 
-  get conv() {
-    return this.convId ? this.app.convs.get(this.convId) : null;
-  }
-
-  get isOpen() {
-    return this.el.dialog.open;
-  }
-
   open(convId) {
-    this.convId = convId;
     this.data = null;
-    this.sig = null;
-    this.el.error.textContent = '';
-    if (!this.el.dialog.open) this.el.dialog.showModal();
-    this.render();
+    super.open(convId);
     this.refresh();
-    this.el.close.focus();
-  }
-
-  close() {
-    this.convId = null;
-    if (this.el.dialog.open) this.el.dialog.close();
   }
 
   /** The people shown: me first, then the others by name. */
@@ -942,20 +918,14 @@ export class DevicesPanel {
       return entry;
     };
     const data = await Promise.all(this.people(conv).map(load));
-    if (version !== this.version || this.conv !== conv) return; // a newer refresh, or closed
+    if (version !== this.version || this.conv?.id !== conv.id) return; // a newer refresh, or closed
     this.data = data;
     this.sig = null;
     this.render();
   }
 
-  /** Redraw from the state (called on every render of the app; cheap when nothing changed). */
-  render() {
-    if (!this.el.dialog.open) return;
-    const conv = this.conv;
-    if (!conv) {
-      this.close();
-      return;
-    }
+  /** Draw the panel of `conv` (while open, on every render of the app; cheap when nothing changed). */
+  draw(conv) {
     const app = this.app;
     const e2e = app.e2e;
     const on = app.isE2E(conv);
@@ -974,16 +944,10 @@ export class DevicesPanel {
     const sig = JSON.stringify([this.data && this.data.map((d) => [d.user, d.devices, d.safety, d.error]), trust, e2e.deviceId]);
     if (sig === this.sig) return;
     this.sig = sig;
-    const focused = el.members.contains(document.activeElement) ? document.activeElement : null;
-    const again = focused && [focused.closest('[data-name]')?.dataset.name, focused.dataset.testid];
-    if (!this.data) {
-      el.members.replaceChildren(h('p', { class: 'muted', testid: 'e2e-loading' }, 'Loading devices…'));
-    } else el.members.replaceChildren(...this.data.map((d) => this.memberEl(d)));
-    if (again) {
-      const section = el.members.querySelector(`[data-name="${CSS.escape(again[0] || '')}"]`);
-      const button = section && section.querySelector(`[data-testid="${again[1]}"]`);
-      (button || el.close).focus();
-    }
+    const entries = this.data
+      ? this.data.map((d) => this.memberEl(d))
+      : [h('p', { class: 'muted', testid: 'e2e-loading' }, 'Loading devices…')];
+    this.replaceList(el.members, entries);
   }
 
   memberEl(entry) {
@@ -1080,7 +1044,7 @@ export class DevicesPanel {
     try {
       await fn();
     } catch (err) {
-      this.el.error.textContent = `${errorTitle(err.code)}: ${errorText(err.code, err.message)}`;
+      this.showError(err);
     }
     this.sig = null;
     this.app.scheduleRender();
@@ -1118,7 +1082,7 @@ export class DevicesPanel {
     try {
       await this.app.e2e.removeThisDevice();
     } catch (err) {
-      this.el.error.textContent = `${errorTitle(err.code)}: ${errorText(err.code, err.message)}`;
+      this.showError(err);
       return;
     }
     this.close();

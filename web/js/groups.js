@@ -1,12 +1,13 @@
-// The group info panel (a modal <dialog> opened from the chat header): the
-// group's name (admins rename it), its members with an "admin" badge, and for
-// admins adding members, removing one, making or unmaking admins; for every
-// member "Leave group". Each change is one HTTP request; the app applies its
-// answer like the `members` event it also becomes (`App.groupChanged`).
+// The group info panel (a modal <dialog> opened from the chat header, see
+// dialog.js): the group's name (admins rename it), its members with an
+// "admin" badge, and for admins adding members, removing one, making or
+// unmaking admins; for every member "Leave group". Each change is one HTTP
+// request; the app applies its answer like the `members` event it also
+// becomes (`App.groupChanged`).
 
 import { api } from './api.js';
+import { ConvDialog } from './dialog.js';
 import { avatar, h } from './dom.js';
-import { errorText, errorTitle } from './errors.js';
 import { canManage } from './events.js';
 
 export const USERNAME_RE = /^[a-z0-9_.-]{3,32}$/;
@@ -24,31 +25,23 @@ export function parseUsernames(text, me) {
   return { names, bad: names.find((m) => !USERNAME_RE.test(m)) || null };
 }
 
-export class GroupPanel {
+export class GroupPanel extends ConvDialog {
   constructor(app, root = document) {
-    const $ = (id) => root.getElementById(id);
-    this.app = app;
-    this.el = {
-      dialog: $('group-dialog'),
-      close: $('group-close'),
-      name: $('group-name'),
-      renameForm: $('group-rename-form'),
-      count: $('group-members-heading'),
-      members: $('group-members'),
-      addForm: $('group-add-form'),
-      error: $('group-error'),
-      leftNote: $('group-left-note'),
-      leave: $('group-leave'),
-    };
-    this.convId = null;
+    super(app, root, {
+      dialog: 'group-dialog',
+      close: 'group-close',
+      name: 'group-name',
+      renameForm: 'group-rename-form',
+      count: 'group-members-heading',
+      members: 'group-members',
+      addForm: 'group-add-form',
+      error: 'group-error',
+      leftNote: 'group-left-note',
+      leave: 'group-leave',
+    });
     this.busy = false;
-    this.sig = null;
     this.shownTitle = undefined;
     const el = this.el;
-    el.close.addEventListener('click', () => this.close());
-    el.dialog.addEventListener('close', () => {
-      this.convId = null;
-    });
     el.renameForm.addEventListener('submit', (ev) => {
       ev.preventDefault();
       this.rename();
@@ -60,35 +53,14 @@ export class GroupPanel {
     el.leave.addEventListener('click', () => this.leave());
   }
 
-  get conv() {
-    return this.convId ? this.app.convs.get(this.convId) : null;
-  }
-
   open(convId) {
-    const el = this.el;
-    this.convId = convId;
-    this.sig = null;
     this.shownTitle = undefined;
-    el.error.textContent = '';
-    el.addForm.reset();
-    if (!el.dialog.open) el.dialog.showModal();
-    this.render();
-    el.close.focus();
+    this.el.addForm.reset();
+    super.open(convId);
   }
 
-  close() {
-    this.convId = null;
-    if (this.el.dialog.open) this.el.dialog.close();
-  }
-
-  /** Redraw from the conversation's state (called on every render of the app). */
-  render() {
-    if (!this.el.dialog.open) return;
-    const conv = this.conv;
-    if (!conv) {
-      this.close();
-      return;
-    }
+  /** Draw the group `conv` (while open, on every render of the app). */
+  draw(conv) {
     const el = this.el;
     const me = this.app.me;
     const manage = canManage(conv, me);
@@ -114,14 +86,8 @@ export class GroupPanel {
     if (sig === this.sig) return;
     this.sig = sig;
     el.count.textContent = `${members.length} member${members.length === 1 ? '' : 's'}`;
-    const focused = el.members.contains(document.activeElement) ? document.activeElement : null;
-    const again = focused && [focused.closest('li')?.dataset.name, focused.dataset.testid];
-    el.members.replaceChildren(...members.map((name) => this.memberEl(name, admins, manage)));
-    if (again) {
-      const li = [...el.members.children].find((x) => x.dataset.name === again[0]);
-      const button = li && li.querySelector(`[data-testid="${again[1]}"]`);
-      (button || (li && li.querySelector('button')) || el.close).focus();
-    }
+    const entries = members.map((name) => this.memberEl(name, admins, manage));
+    this.replaceList(el.members, entries, { anyButton: true });
   }
 
   memberEl(name, admins, manage) {
@@ -181,9 +147,7 @@ export class GroupPanel {
       return true;
     } catch (err) {
       if (err.status === 401) app.sessionEnded(err.message);
-      else if (this.convId === id) {
-        this.el.error.textContent = `${errorTitle(err.code)}: ${errorText(err.code, err.message)}`;
-      }
+      else if (this.convId === id) this.showError(err);
       return false;
     } finally {
       this.busy = false;

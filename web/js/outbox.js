@@ -14,7 +14,17 @@
 
 import { randomId } from './dom.js';
 import { E2EError } from './e2e.js';
-import { dmPeer, localMessage, markFailed, discardMessage, retryMessage, isDm, maxSeq } from './state.js';
+import {
+  discardMessage,
+  dmPeer,
+  isDm,
+  localMessage,
+  markE2E,
+  markFailed,
+  markSealed,
+  maxSeq,
+  retryMessage,
+} from './state.js';
 
 /** Where the outbox of user `me` is kept: sessionStorage[OUTBOX_PREFIX + me]. */
 export const OUTBOX_PREFIX = 'chatd.outbox.';
@@ -126,7 +136,8 @@ export const outboxMethods = {
     const cid = randomId('w');
     const afterSeq = maxSeq(this.state, convId);
     const sealed = this.isE2E(conv);
-    const msg = localMessage(this.state, { cid, conversation: convId, body, ts: Date.now(), afterSeq, replyTo, sealed });
+    const fields = { cid, conversation: convId, body, ts: Date.now(), afterSeq, replyTo, sealed };
+    const { msg } = this.update(localMessage, fields);
     const item = outboxItem(conv, msg, this.me);
     this.outbox.push(item);
     this.saveOutbox();
@@ -175,7 +186,7 @@ export const outboxMethods = {
   /** One of our messages will not go: it shows "Not sent" with why, and Retry. */
   sendFailed(cid, code, message) {
     this.removeFromOutbox(cid);
-    if (markFailed(this.state, cid, code, message)) this.scheduleRender();
+    this.update(markFailed, cid, code, message);
   },
 
   /** Sending was paused (a contact to check) or waited for the device: go on. */
@@ -200,10 +211,7 @@ export const outboxMethods = {
       const wasSealed = item.sealed;
       if (!toReseal(item)) return false;
       this.noteSealRefusal(conv, f);
-      if (!wasSealed) {
-        const msg = this.byCid.get(item.cid);
-        if (msg) Object.assign(msg, { sealed: true, e2eState: 'ok' });
-      }
+      if (!wasSealed) this.update(markSealed, item.cid);
       this.saveOutbox();
       this.prepare(item);
     } else {
@@ -219,24 +227,24 @@ export const outboxMethods = {
 
   /** What an e2e refusal says about the conversation: switched on, or its epoch is stale. */
   noteSealRefusal(conv, f) {
-    if (f.reason === 'e2e_required') conv.e2e = true;
+    if (f.reason === 'e2e_required') this.update(markE2E, conv.id);
     else this.e2e.markStale(conv.id);
   },
 
   /** Send a failed message again, with the same cid: it can never be stored twice. */
   retry(msg) {
     const conv = this.convs.get(msg.conversation);
-    if (!conv || !retryMessage(this.state, msg, this.isE2E(conv))) return;
-    const item = outboxItem(conv, msg, this.me);
+    const retried = conv && this.update(retryMessage, msg, this.isE2E(conv)).msg;
+    if (!retried) return;
+    const item = outboxItem(conv, retried, this.me);
     this.outbox.push(item);
     this.saveOutbox();
     this.dispatch(item);
-    this.scheduleRender();
   },
 
   /** Drop a failed message. */
   discard(msg) {
-    if (discardMessage(this.state, msg)) this.scheduleRender();
+    this.update(discardMessage, msg);
   },
 
   removeFromOutbox(cid) {
@@ -259,7 +267,7 @@ export const outboxMethods = {
     for (const item of restoredItems(sessionStorage.getItem(OUTBOX_PREFIX + this.me))) {
       if (isDm(item.conversation)) this.provisionalDm(dmPeer(item.conversation, this.me));
       else this.ensureConv(item.conversation);
-      localMessage(this.state, restoredMessage(item, Date.now()));
+      this.update(localMessage, restoredMessage(item, Date.now()));
       this.outbox.push(item);
     }
   },

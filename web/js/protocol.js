@@ -1,6 +1,7 @@
 // The wire: the WebSocket's frames and the HTTP reads of the list and of
-// history. Each frame goes to its update in state.js; the effects it returns
-// are carried out here (`run`): acks batched every 30 ms, the list asked for
+// history. Each frame goes to its update in frames.js or state.js, which
+// returns the new state and effects; `update` keeps the state and carries
+// the effects out (`run`): acks batched every 30 ms, the list asked for
 // again, end-to-end bodies decrypted, and so on.
 //
 // Acks: every `message` from someone else is acked by id, every `receipt` by
@@ -23,8 +24,20 @@ import {
   receiveReceipt,
   receiveSent,
   receiveTyping,
+  setPresence,
 } from './frames.js';
-import { dmPeer, histState, isDm, markFailed, mergeConversations, mergeLatest, mergeOlder } from './state.js';
+import {
+  dmPeer,
+  histState,
+  isDm,
+  markFailed,
+  mergeConversations,
+  mergeLatest,
+  mergeOlder,
+  readingSealed,
+  sealedOpened,
+  setHistory,
+} from './state.js';
 import { resolveWsUrl } from './wsurl.js';
 
 const PAGE = 50; // messages per history page
@@ -39,8 +52,26 @@ function chunks(list, size) {
   return out;
 }
 
+/** What a sealed message shows once read: its text, or why there is none (never any text then). */
+function opened(r) {
+  if (r.body != null) return { body: r.body, e2eState: 'ok', e2eError: null, e2eReason: null };
+  const reason = r.unavailable ? 'unavailable' : r.before ? 'before' : r.reason;
+  return { body: null, e2eState: 'failed', e2eError: placeholderText(r), e2eReason: reason };
+}
+
 /** The App's protocol methods (`this` is the App). */
 export const protocolMethods = {
+  /**
+   * Apply a state update (state.js, frames.js) to the state: keep the new
+   * state, then carry out its effects. Returns the update's answer.
+   */
+  update(fn, ...args) {
+    const r = fn(this.state, ...args);
+    this.state = r.state;
+    this.run(r.fx);
+    return r;
+  },
+
   /** Carry out the effects of a state update (see state.js). */
   run(fx) {
     for (const e of fx) {
@@ -58,11 +89,15 @@ export const protocolMethods = {
           ({ ids: this.ackIds, receipts: this.ackReceipts, events: this.ackEvents })[e.queue].add(e.id);
           this.flushSoon();
           break;
+        case 'seen':
+          this.seenQueue.add(e.id);
+          this.flushSoon();
+          break;
         case 'unqueue':
           this.removeFromOutbox(e.cid);
           break;
         case 'readSealed':
-          this.readSealed(e.msg, e.e2e, { editOf: e.editOf, ts: e.ts });
+          this.readSealed(e.id, e.e2e, { editOf: e.editOf, ts: e.ts });
           break;
         case 'scrollBottom':
           if (e.conversation === this.openId) this.scrollMode = 'bottom';
@@ -114,22 +149,22 @@ export const protocolMethods = {
       case 'ready':
         return this.onReady(f);
       case 'sent':
-        return this.run(receiveSent(this.state, f));
+        return this.update(receiveSent, f);
       case 'message':
-        return this.run(receiveMessage(this.state, f, Date.now()));
+        return this.update(receiveMessage, f, Date.now());
       case 'receipt':
-        return this.run(receiveReceipt(this.state, f));
+        return this.update(receiveReceipt, f);
       case 'typing':
-        return this.run(receiveTyping(this.state, f, Date.now()));
+        return this.update(receiveTyping, f, Date.now());
       case 'presence':
-        return this.run(receivePresence(this.state, f));
+        return this.update(receivePresence, f);
       case 'applied':
         return this.onApplied(f);
       case 'reaction':
       case 'edited':
       case 'deleted':
       case 'members':
-        return this.run(receiveEvent(this.state, f, Date.now()));
+        return this.update(receiveEvent, f, Date.now());
       case 'devices':
         return this.onDevices(f);
       case 'error':
@@ -158,7 +193,7 @@ export const protocolMethods = {
       for (const [id, st] of this.hist) {
         if (!st.loaded) continue;
         if (id === this.openId) this.loadLatest(id, { refresh: true });
-        else st.stale = true;
+        else this.update(setHistory, id, { stale: true });
       }
       if (this.openId && isDm(this.openId)) this.loadPresence(dmPeer(this.openId, this.me));
     }
@@ -169,9 +204,9 @@ export const protocolMethods = {
   onApplied(f) {
     const action = this.actions.get(f.cid);
     this.actions.delete(f.cid);
-    if (!action || !firstTime(this.state, f.eid)) return;
+    if (!action || !this.update(firstTime, f.eid).first) return;
     const event = { ...action, id: f.id || action.id, by: this.me, ts: f.ts };
-    this.run(applyEvent(this.state, EVENT_OF[action.type], event, Date.now()));
+    this.update(applyEvent, EVENT_OF[action.type], event, Date.now());
   },
 
   /**
@@ -180,7 +215,7 @@ export const protocolMethods = {
    * event, once, whichever of the two comes first.
    */
   groupChanged(answer, action, users) {
-    if (!firstTime(this.state, answer.eid)) return;
+    if (!this.update(firstTime, answer.eid).first) return;
     const now = Date.now();
     const event = {
       type: 'members',
@@ -195,12 +230,12 @@ export const protocolMethods = {
       admins: answer.admins,
       title: answer.title,
     };
-    this.run(applyMembersEvent(this.state, event, now));
+    this.update(applyMembersEvent, event, now);
   },
 
   /** Removed, or left: the chat stays on screen, read-only, until a reload. */
   noLongerMember(conv, why) {
-    this.run(leaveConv(this.state, conv, why));
+    this.update(leaveConv, conv.id, why);
   },
 
   /** The open chat became read-only: no palette, no reply or edit under way. */
@@ -241,7 +276,7 @@ export const protocolMethods = {
     if (f.cid && this.actions.has(f.cid)) this.actionFailed(f.cid, f.code);
     if (f.cid) {
       this.removeFromOutbox(f.cid);
-      if (markFailed(this.state, f.cid, f.code, f.message)) this.scheduleRender();
+      this.update(markFailed, f.cid, f.code, f.message);
     }
     // An unauthorized during auth is followed by close 4001, which logs out.
     if (f.code === 'unauthorized' && this.conn && !this.conn.ready) return;
@@ -314,7 +349,7 @@ export const protocolMethods = {
       clearTimeout(this.settleTimer);
       this.settleTimer = setTimeout(() => this.loadConversations(), 600);
     }
-    this.run(mergeConversations(this.state, data.conversations, started));
+    this.update(mergeConversations, data.conversations, started);
     const first = !this.convsLoaded;
     this.convsLoaded = true;
     if (first) this.route();
@@ -338,8 +373,7 @@ export const protocolMethods = {
       const token = this.token;
       const info = await api(`/api/users/${encodeURIComponent(user)}`, { token });
       if (token !== this.token) return;
-      this.presence.set(info.username, { online: info.online, last_seen: info.last_seen });
-      this.scheduleRender();
+      this.update(setPresence, info.username, { online: info.online, last_seen: info.last_seen });
     } catch (err) {
       if (err.status === 401) this.sessionEnded(err.message);
       // 404: nothing shared yet; the header just shows no presence.
@@ -352,25 +386,28 @@ export const protocolMethods = {
     const conv = this.convs.get(id);
     if (st.loading || (conv && conv.left)) return; // no history for a former member
     if (conv && conv.provisional) {
-      st.loaded = st.complete = true;
+      this.update(setHistory, id, { loaded: true, complete: true });
       this.scheduleRender();
       return;
     }
-    st.loading = true;
-    st.stale = false;
+    this.update(setHistory, id, { loading: true, stale: false });
     this.scheduleRender();
+    const me = this.me;
     const token = this.token;
     const asOf = Date.now();
     try {
       const data = await api(`/api/conversations/${encodeURIComponent(id)}/messages?limit=${PAGE}`, { token });
       if (token !== this.token) return; // logged out meanwhile
-      this.run(mergeLatest(this.state, id, data.messages, { refresh, asOf, pageSize: PAGE }));
+      this.update(mergeLatest, id, data.messages, { refresh, asOf, pageSize: PAGE });
     } catch (err) {
-      if (err.status === 404) st.loaded = st.complete = true;
-      else if (err.status === 403 && conv && conv.kind === 'group') this.noLongerMember(conv);
-      else this.apiFailed(err);
+      const here = this.me === me; // not logged out meanwhile
+      if (err.status === 404) {
+        if (here) this.update(setHistory, id, { loaded: true, complete: true });
+      } else if (err.status === 403 && conv && conv.kind === 'group') {
+        if (here) this.noLongerMember(conv);
+      } else this.apiFailed(err);
     } finally {
-      st.loading = false;
+      if (this.me === me) this.update(setHistory, id, { loading: false });
       this.scheduleRender();
     }
   },
@@ -380,8 +417,9 @@ export const protocolMethods = {
     const st = histState(this.state, id);
     if (!st.loaded || st.complete || st.loading || st.oldest == null) return;
     if (this.convs.get(id)?.left) return;
-    st.loading = true;
+    this.update(setHistory, id, { loading: true });
     this.scheduleRender();
+    const me = this.me;
     const token = this.token;
     const asOf = Date.now();
     try {
@@ -390,12 +428,12 @@ export const protocolMethods = {
         { token },
       );
       if (token !== this.token) return;
-      this.run(mergeOlder(this.state, id, data.messages, { asOf, pageSize: PAGE }));
+      this.update(mergeOlder, id, data.messages, { asOf, pageSize: PAGE });
       if (this.openId === id) this.scrollMode = 'keep';
     } catch (err) {
       this.apiFailed(err);
     } finally {
-      st.loading = false;
+      if (this.me === me) this.update(setHistory, id, { loading: false });
       this.scheduleRender();
     }
   },
@@ -403,46 +441,43 @@ export const protocolMethods = {
   // --- end-to-end bodies ------------------------------------------------------------
 
   /**
-   * Decrypt a message's `e2e` object (or, with `editOf`, an edit's) into
-   * `msg.body`. Until it is done the message shows "decrypting", and when it
-   * fails a placeholder saying why (`e2eError`), never text. `ts` is when
-   * the content was made (for "sent before this device was added").
+   * Decrypt the `e2e` object of message `id` (or, with `editOf`, an edit's)
+   * into its body. Until it is done the message shows "decrypting", and when
+   * it fails a placeholder saying why (`e2eError`), never text. `ts` is when
+   * the content was made (for "sent before this device was added"). `again`:
+   * read it even if this version was tried already (it could not be, for now).
    */
-  readSealed(msg, e2e, { editOf = null, ts = msg.ts } = {}) {
-    const input = { id: msg.id, conversation: msg.conversation, from: msg.from, seq: msg.seq, ts, e2e };
-    msg.sealed = true;
-    const same = msg.e2eInput && this.e2e.cacheKey(msg.e2eInput) === this.e2e.cacheKey(input);
+  readSealed(id, e2e, { editOf = null, ts, again = false } = {}) {
+    const msg = this.byId.get(id);
+    if (!msg) return;
+    const input = { id, conversation: msg.conversation, from: msg.from, seq: msg.seq, ts: ts ?? msg.ts, e2e };
+    const same = !again && msg.e2eInput && this.e2e.cacheKey(msg.e2eInput) === this.e2e.cacheKey(input);
     if (same) return; // this version is read already, or being read
-    msg.e2eInput = input;
+    this.update(readingSealed, id, input);
     const known = this.e2e.peek(input);
     if (known) {
-      this.showOpened(msg, known);
+      this.showOpened(id, known);
       return;
     }
-    if (msg.body == null) msg.e2eState = 'pending';
+    // Still this version of this message (not a newer one, not logged out)?
+    const current = () => this.byId.get(id)?.e2eInput === input;
     this.e2e.open(input, { editOf }).then((result) => {
-      if (msg.e2eInput !== input || msg.deleted) return; // a newer version came meanwhile
+      if (!current() || this.byId.get(id).deleted) return; // a newer version came meanwhile
       const r = this.e2e.peek(input) || result; // taken back meanwhile (a replay) wins
       if (r.retry) {
         // Not tried (the network): once more in a moment.
         setTimeout(() => {
-          if (msg.e2eInput !== input || this.byId.get(msg.id) !== msg) return; // replaced, or logged out
-          msg.e2eInput = null;
-          this.readSealed(msg, e2e, { editOf, ts });
+          if (current()) this.readSealed(id, e2e, { editOf, ts, again: true });
         }, DECRYPT_RETRY_MS);
         return;
       }
-      this.showOpened(msg, r);
-      this.scheduleRender();
+      this.showOpened(id, r);
       this.reportSeen(); // shown now: it may be seen
     });
   },
 
-  showOpened(msg, r) {
-    if (r.body != null) Object.assign(msg, { body: r.body, e2eState: 'ok', e2eError: null, e2eReason: null });
-    else {
-      const reason = r.unavailable ? 'unavailable' : r.before ? 'before' : r.reason;
-      Object.assign(msg, { body: null, e2eState: 'failed', e2eError: placeholderText(r), e2eReason: reason });
-    }
+  /** Message `id` shows what reading it gave (`r`: its text, or why there is none). */
+  showOpened(id, r) {
+    this.update(sealedOpened, id, opened(r));
   },
 };

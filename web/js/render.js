@@ -7,7 +7,7 @@
 //
 // Seen: an IntersectionObserver on the message list says what is on screen;
 // reportSeen() marks it seen (state.js markSeen) while the tab is visible and
-// focused, and queues the `seen` frame.
+// focused; its effect queues the `seen` frame.
 //
 // `renderMethods` are mixed into App by app.js (`this` is the App).
 
@@ -385,21 +385,14 @@ export const renderMethods = {
   /** Report `seen` for incoming messages that are on screen in a focused tab. */
   reportSeen() {
     if (!this.openId || !this.attentive()) return;
-    const map = convMsgs(this.state, this.openId);
-    let any = false;
     for (const key of this.visible) {
-      const msg = map.get(key);
-      if (!markSeen(this.state, msg)) continue;
-      this.seenQueue.add(msg.id);
+      const msg = convMsgs(this.state, this.openId).get(key);
+      if (!this.update(markSeen, msg).fx.length) continue; // not news
       const el = this.msgEls.get(key);
       if (el) this.io.unobserve(el);
-      any = true;
     }
+    const map = convMsgs(this.state, this.openId);
     for (const key of [...this.visible]) if (!map.has(key)) this.visible.delete(key);
-    if (any) {
-      this.flushSoon();
-      this.scheduleRender();
-    }
   },
 
   onScroll() {

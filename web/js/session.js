@@ -11,6 +11,7 @@ import { avatar } from './dom.js';
 import { errorText, errorTitle } from './errors.js';
 import { USERNAME_RE } from './groups.js';
 import { OUTBOX_PREFIX } from './outbox.js';
+import { newState } from './state.js';
 
 const SESSION_KEY = 'chatd.session';
 const DEVICE_WAIT_MS = 2500; // how long the socket waits for the device's registration
@@ -95,7 +96,7 @@ export const sessionMethods = {
 
   enterApp(session) {
     this.reset();
-    this.state.me = session.user;
+    this.state = newState(session.user);
     this.token = session.token;
     this.el.loginView.hidden = true;
     this.el.appView.hidden = false;

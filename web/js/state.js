@@ -4,17 +4,26 @@
 // no timers, no clock (the time comes in as `now`), so it runs under Node
 // (`node --test web/test/`).
 //
-// Like the updates of events.js, a function here changes the state it is
-// given in place and returns what should happen next as a list of effects
-// (or pushes them onto the `fx` list it is given); the page carries them out
-// (`run` in protocol.js):
+// The state is never changed. An update takes a state (and a frame, a page
+// of history, …) and returns {state, fx}: the new state, and what should
+// happen next as a list of effects; some answer more (the message made, the
+// id of a new chat). The page keeps the new state and carries the effects
+// out (`update` and `run` in protocol.js). The new state shares with the old
+// one everything the update did not change: a message, conversation or
+// history state that changes is replaced by a changed copy, and a map or set
+// of the state is copied the first time an update changes it (a Draft,
+// below), so an update costs what it changes. web/test/pure.test.mjs runs
+// every update on a deep-frozen state.
+//
+// The effects (the page's `run`):
 //
 //   {type: 'render'}                          redraw (once per frame)
 //   {type: 'refreshConversations'}            ask for the conversation list again, soon
 //   {type: 'loadPresence', user}              ask whether `user` is online
 //   {type: 'ack', queue, id}                  ack `id`: queue is 'ids' | 'receipts' | 'events'
+//   {type: 'seen', id}                        report that we saw the message `id`
 //   {type: 'unqueue', cid}                    the message `cid` leaves the outbox (stored)
-//   {type: 'readSealed', msg, e2e, editOf, ts} decrypt an end-to-end body (or edit) into `msg`
+//   {type: 'readSealed', id, e2e, editOf, ts} decrypt an end-to-end body (or edit) of message `id`
 //   {type: 'scrollBottom', conversation}      our own message arrived: follow it if open
 //   {type: 'reload', conversation}            load that chat's newest page again if open
 //   {type: 'forgetDeleted', msg, by}          the composer and the palette let go of `msg`
@@ -61,6 +70,11 @@ export function bySeq(a, b) {
   return a.order - b.order;
 }
 
+/** The set `set` with `item` in it: `set` itself when it is there already, else a copy. */
+export function withItem(set, item) {
+  return set.has(item) ? set : new Set(set).add(item);
+}
+
 /** An empty state for user `me`. */
 export function newState(me = null) {
   return {
@@ -81,34 +95,123 @@ export function newState(me = null) {
   };
 }
 
+// --- updating ------------------------------------------------------------------------
+
+/**
+ * One update under way. `s` is the state as changed so far: the state given
+ * until the first change, then a shallow copy of it; a map or set of the
+ * state is copied the first time it changes (once per update) and changed in
+ * place after that. Messages, conversations and history states are replaced,
+ * never changed. The state given is never touched. `fx` collects the effects.
+ *
+ * The updates below (and in frames.js) start one, take their steps on it
+ * (the `ensureConv`, `ingest` and `settle` steps take a Draft too) and
+ * return `done()`.
+ */
+export class Draft {
+  constructor(state) {
+    this.base = state;
+    this.s = state;
+    this.fx = [];
+    this.copies = new Set(); // the maps and sets this update made (changed in place)
+  }
+
+  /** Set the field `name` of the state (order, noteCount, or a copied map). */
+  set(name, value) {
+    if (this.s === this.base) this.s = { ...this.base };
+    this.s[name] = value;
+  }
+
+  /** The state's map or set `name`, to change: copied the first time. */
+  own(name) {
+    const c = this.s[name];
+    if (this.copies.has(c)) return c;
+    const copy = c instanceof Set ? new Set(c) : new Map(c);
+    this.copies.add(copy);
+    this.set(name, copy);
+    return copy;
+  }
+
+  /** The map at `key` of the state's map `name` (msgs, typing), to change: copied the first time, made when missing. */
+  ownIn(name, key) {
+    const outer = this.own(name);
+    const inner = outer.get(key);
+    if (inner && this.copies.has(inner)) return inner;
+    const copy = new Map(inner);
+    this.copies.add(copy);
+    outer.set(key, copy);
+    return copy;
+  }
+
+  /** Put conversation `conv` (a new one, or a new version). */
+  putConv(conv) {
+    this.own('convs').set(conv.id, conv);
+    return conv;
+  }
+
+  /** Conversation `id` (one held) with `patch` over what it is now. */
+  patchConv(id, patch) {
+    return this.putConv({ ...this.s.convs.get(id), ...patch });
+  }
+
+  /** How much of conversation `id`'s history is here, with `patch` over what it is now. */
+  patchHist(id, patch) {
+    this.own('hist').set(id, { ...histState(this.s, id), ...patch });
+  }
+
+  /** Put message `msg` (a new one, or a new version) where it is found: its conversation, byId, byCid. */
+  putMsg(msg) {
+    this.ownIn('msgs', msg.conversation).set(msg.key, msg);
+    if (msg.id) this.own('byId').set(msg.id, msg);
+    if (msg.cid && this.s.byCid.get(msg.cid)?.key === msg.key) this.own('byCid').set(msg.cid, msg);
+    return msg;
+  }
+
+  /** Take message `msg` out of its conversation (byId and byCid are the caller's). */
+  dropMsg(msg) {
+    this.ownIn('msgs', msg.conversation).delete(msg.key);
+  }
+
+  /** The update's answer: {state, fx}, and `more`. */
+  done(more) {
+    return { state: this.s, fx: this.fx, ...more };
+  }
+}
+
 // --- conversations ---------------------------------------------------------------
 
-/** The conversation `id`, made up (and the list asked for, effect) when unknown. */
-export function ensureConv(s, id, fx) {
-  let conv = s.convs.get(id);
-  if (!conv) {
-    const dm = isDm(id);
-    conv = {
-      id,
-      kind: dm ? 'dm' : 'group',
-      title: null,
-      members: dm ? id.split(':').slice(1) : [],
-      last_seq: 0,
-      last_ts: 0,
-      unread: 0,
-      provisional: false,
-    };
-    s.convs.set(id, conv);
-    fx.push(REFRESH); // learn its title and members
-  }
+/** Step: the conversation `id`, made up (and the list asked for, effect) when unknown. */
+export function ensureConv(d, id) {
+  const known = d.s.convs.get(id);
+  if (known) return known;
+  const dm = isDm(id);
+  const conv = d.putConv({
+    id,
+    kind: dm ? 'dm' : 'group',
+    title: null,
+    members: dm ? id.split(':').slice(1) : [],
+    last_seq: 0,
+    last_ts: 0,
+    unread: 0,
+    provisional: false,
+  });
+  d.fx.push(REFRESH); // learn its title and members
   return conv;
 }
 
-/** A one-to-one chat with `peer` that the server does not have yet (the first message makes it). */
+/** The conversation `id` known: made up (and the list asked for) when it is not. Answers `conv`. */
+export function knownConv(s, id) {
+  const d = new Draft(s);
+  const conv = ensureConv(d, id);
+  return d.done({ conv });
+}
+
+/** A one-to-one chat with `peer` that the server does not have yet (the first message makes it). Answers its `id`. */
 export function provisionalDm(s, peer, now) {
+  const d = new Draft(s);
   const id = dmId(s.me, peer);
   if (!s.convs.has(id)) {
-    s.convs.set(id, {
+    d.putConv({
       id,
       kind: 'dm',
       title: null,
@@ -120,12 +223,13 @@ export function provisionalDm(s, peer, now) {
       created: now,
     });
   }
-  return id;
+  return d.done({ id });
 }
 
 /** A group we just made (the answer of `POST /api/conversations`): in the list, its history empty. */
 export function addGroup(s, made, now) {
-  s.convs.set(made.id, {
+  const d = new Draft(s);
+  d.putConv({
     id: made.id,
     kind: made.kind || 'group',
     title: made.title ?? null,
@@ -138,28 +242,27 @@ export function addGroup(s, made, now) {
     created: now,
     e2e: Boolean(made.e2e),
   });
-  const st = histState(s, made.id);
-  st.loaded = st.complete = true;
+  d.patchHist(made.id, { loaded: true, complete: true });
+  return d.done();
 }
 
-/** The messages of conversation `id` (Map key -> msg). */
+/** The messages of conversation `id` (Map key -> msg; an empty one when there are none). */
 export function convMsgs(s, id) {
-  let map = s.msgs.get(id);
-  if (!map) {
-    map = new Map();
-    s.msgs.set(id, map);
-  }
-  return map;
+  return s.msgs.get(id) || new Map();
 }
+
+const NO_HISTORY = Object.freeze({ loaded: false, loading: false, complete: false, oldest: null, stale: false });
 
 /** How much of conversation `id`'s history is here. */
 export function histState(s, id) {
-  let st = s.hist.get(id);
-  if (!st) {
-    st = { loaded: false, loading: false, complete: false, oldest: null, stale: false };
-    s.hist.set(id, st);
-  }
-  return st;
+  return s.hist.get(id) || NO_HISTORY;
+}
+
+/** How much of conversation `id`'s history is here changes (`patch`: loading, loaded, complete, stale). */
+export function setHistory(s, id, patch) {
+  const d = new Draft(s);
+  d.patchHist(id, patch);
+  return d.done();
 }
 
 /** What a conversation is called: the peer, the group's title, or its other members. */
@@ -202,32 +305,33 @@ export function unreadTotal(s) {
  * `started`) into the state: counts, titles, members, each last message.
  */
 export function mergeConversations(s, list, started) {
-  const fx = [];
+  const d = new Draft(s);
   for (const c of list) {
-    const conv = s.convs.get(c.id) || { created: 0 };
-    if (conv.provisional) histState(s, c.id).stale = true; // it has a history now
+    const held = d.s.convs.get(c.id) || { created: 0 };
+    if (held.provisional) d.patchHist(c.id, { stale: true }); // it has a history now
     const lastSeq = c.last_seq || 0;
     // Messages that arrived live after the server counted: add them.
     let newer = 0;
-    for (const m of convMsgs(s, c.id).values()) {
+    for (const m of convMsgs(d.s, c.id).values()) {
       if (m.seq > lastSeq && !m.deleted && m.from !== s.me && !m.seenBy.has(s.me)) newer += 1;
     }
-    Object.assign(conv, {
+    let conv = {
+      ...held,
       id: c.id,
       kind: c.kind || (isDm(c.id) ? 'dm' : 'group'),
-      last_seq: Math.max(lastSeq, conv.last_seq || 0),
-      last_ts: Math.max(c.last_ts || 0, conv.last_ts || 0),
+      last_seq: Math.max(lastSeq, held.last_seq || 0),
+      last_ts: Math.max(c.last_ts || 0, held.last_ts || 0),
       unread: (c.unread || 0) + newer,
       provisional: false,
       // The switch is one way: a copy of the list older than it says nothing.
-      e2e: Boolean(c.e2e || conv.e2e),
-    });
+      e2e: Boolean(c.e2e || held.e2e),
+    };
     // A `members` event applied since the list was asked for is newer.
-    if (!(conv.membersAt >= started)) {
-      Object.assign(conv, { title: c.title ?? null, members: c.members || [], admins: c.admins || [], left: false });
+    if (!(held.membersAt >= started)) {
+      conv = { ...conv, title: c.title ?? null, members: c.members || [], admins: c.admins || [], left: false };
     }
-    s.convs.set(c.id, conv);
-    if (c.last_message) ingest(s, { ...c.last_message, conversation: c.id }, started, fx);
+    d.putConv(conv);
+    if (c.last_message) ingest(d, { ...c.last_message, conversation: c.id }, started);
   }
   // Who is online: ask for the peers of the most recent one-to-one chats
   // once; `presence` frames keep it current after that.
@@ -236,13 +340,14 @@ export function mergeConversations(s, list, started) {
     .map((c) => dmPeer(c.id, s.me))
     .filter((u) => !s.presence.has(u))
     .slice(0, 30);
-  for (const user of peers) fx.push({ type: 'loadPresence', user });
-  return fx;
+  for (const user of peers) d.fx.push({ type: 'loadPresence', user });
+  return d.done();
 }
 
 // --- messages --------------------------------------------------------------------
 
-function blankMessage(s) {
+function blankMessage(d) {
+  d.set('order', d.s.order + 1);
   return {
     replyTo: null,
     editedTs: null,
@@ -252,13 +357,15 @@ function blankMessage(s) {
     deliveredTo: new Set(),
     seenBy: new Set(),
     error: null,
-    order: ++s.order,
+    order: d.s.order,
   };
 }
 
-/** A message of ours, not yet stored (sent now, or restored from the outbox): pending. */
+/** A message of ours, not yet stored (sent now, or restored from the outbox): pending. Answers `msg`. */
 export function localMessage(s, { cid, conversation, body, ts, afterSeq, replyTo, sealed = false }) {
-  const msg = Object.assign(blankMessage(s), {
+  const d = new Draft(s);
+  const msg = {
+    ...blankMessage(d),
     afterSeq,
     key: `c:${cid}`,
     id: null,
@@ -273,107 +380,109 @@ export function localMessage(s, { cid, conversation, body, ts, afterSeq, replyTo
     // End-to-end: the text is ours (typed here), sealed when it goes out.
     sealed,
     e2eState: sealed ? 'ok' : null,
-  });
-  convMsgs(s, conversation).set(msg.key, msg);
-  s.byCid.set(cid, msg);
-  return msg;
+  };
+  d.putMsg(msg);
+  d.own('byCid').set(cid, msg);
+  return d.done({ msg });
 }
 
 /**
- * Take a server message (history, live frame, list summary); merges by id.
- * History names our own messages' `cid`: a pending copy with that cid is
- * the same message, settled here (no `sent` needed any more). `asOf` is
+ * Step: take a server message (history, live frame, list summary); merges
+ * by id. History names our own messages' `cid`: a pending copy with that cid
+ * is the same message, settled here (no `sent` needed any more). `asOf` is
  * when the snapshot was asked for: state that events changed since then is
- * newer than the snapshot and kept. Returns {msg, fresh}; effects go to `fx`.
+ * newer than the snapshot and kept. Returns {msg, fresh}.
  */
-export function ingest(s, m, asOf, fx) {
-  let msg = s.byId.get(m.id);
-  if (m.cid && m.from === s.me) {
-    const pending = s.byCid.get(m.cid);
-    if (pending && pending !== msg && !pending.id) {
-      settle(s, pending, m, fx);
-      msg = s.byId.get(m.id);
+export function ingest(d, m, asOf) {
+  const me = d.s.me;
+  let msg = d.s.byId.get(m.id);
+  if (m.cid && m.from === me) {
+    const pending = d.s.byCid.get(m.cid);
+    if (pending && pending.key !== msg?.key && !pending.id) {
+      settle(d, pending, m);
+      msg = d.s.byId.get(m.id);
     }
   }
-  let fresh = false;
-  if (!msg) {
-    fresh = true;
-    msg = Object.assign(blankMessage(s), {
-      key: `m:${m.id}`,
-      id: m.id,
-      cid: m.cid || null,
-      conversation: m.conversation,
-      seq: m.seq,
-      from: m.from,
-      body: m.e2e ? null : m.body,
-      ts: m.ts,
-      replyTo: m.reply_to || null,
-      editedTs: m.edited_ts || null,
-      state: 'stored',
-    });
-    s.byId.set(m.id, msg);
-    convMsgs(s, m.conversation).set(msg.key, msg);
+  const fresh = !msg;
+  const next = fresh
+    ? {
+        ...blankMessage(d),
+        key: `m:${m.id}`,
+        id: m.id,
+        cid: m.cid || null,
+        conversation: m.conversation,
+        seq: m.seq,
+        from: m.from,
+        body: m.e2e ? null : m.body,
+        ts: m.ts,
+        replyTo: m.reply_to || null,
+        editedTs: m.edited_ts || null,
+        state: 'stored',
+      }
+    : { ...msg };
+  let changed = fresh;
+  const change = (patch) => {
+    Object.assign(next, patch);
+    changed = true;
+  };
+  if (m.cid && !next.cid) change({ cid: m.cid });
+  if (m.reply_to && !next.replyTo) change({ replyTo: m.reply_to });
+  // The first end-to-end message is the switch.
+  if (m.e2e && d.s.convs.has(m.conversation) && !d.s.convs.get(m.conversation).e2e) {
+    d.patchConv(m.conversation, { e2e: true });
   }
-  if (m.cid && !msg.cid) msg.cid = m.cid;
-  if (m.reply_to && !msg.replyTo) msg.replyTo = m.reply_to;
-  if (m.e2e) {
-    const conv = s.convs.get(m.conversation);
-    if (conv) conv.e2e = true; // the first end-to-end message is the switch
-  }
-  if (m.deleted) applyDelete(msg);
-  else if (!msg.deleted && (fresh || msg.touched < asOf)) {
+  if (m.deleted) {
+    if (applyDelete(next)) changed = true;
+  } else if (!next.deleted && (fresh || next.touched < asOf)) {
     // The snapshot is newer than whatever events told us: it wins.
-    if (m.body !== undefined && (m.edited_ts || 0) >= (msg.editedTs || 0)) {
-      msg.body = m.body;
-      msg.editedTs = m.edited_ts || null;
-    } else if (m.e2e && (m.edited_ts || 0) >= (msg.editedTs || 0)) {
+    const editedTs = m.edited_ts || null;
+    if (m.body !== undefined && (m.edited_ts || 0) >= (next.editedTs || 0)) {
+      if (next.body !== m.body || next.editedTs !== editedTs) change({ body: m.body, editedTs });
+    } else if (m.e2e && (m.edited_ts || 0) >= (next.editedTs || 0)) {
       // An edited message carries its latest edit: {t: "edit", id}.
-      msg.editedTs = m.edited_ts || null;
-      fx.push({ type: 'readSealed', msg, e2e: m.e2e, editOf: m.edited_ts ? m.id : null, ts: m.edited_ts || m.ts });
+      if (next.editedTs !== editedTs) change({ editedTs });
+      const editOf = m.edited_ts ? m.id : null;
+      d.fx.push({ type: 'readSealed', id: m.id, e2e: m.e2e, editOf, ts: m.edited_ts || m.ts });
     }
     if (Array.isArray(m.reactions)) {
-      msg.reactions = reactionsFromHistory(m.reactions, s.me, dmPeerOf(s, m.conversation));
+      change({ reactions: reactionsFromHistory(m.reactions, me, dmPeerOf(d.s, m.conversation)) });
     }
   }
-  for (const u of m.delivered_to || []) msg.deliveredTo.add(u);
-  for (const u of m.seen_by || []) {
-    msg.seenBy.add(u);
-    msg.deliveredTo.add(u);
-  }
-  return { msg, fresh };
+  const seenBy = m.seen_by || [];
+  const delivered = [...(m.delivered_to || []), ...seenBy].filter((u) => !next.deliveredTo.has(u));
+  const seen = seenBy.filter((u) => !next.seenBy.has(u));
+  if (delivered.length) change({ deliveredTo: new Set([...next.deliveredTo, ...delivered]) });
+  if (seen.length) change({ seenBy: new Set([...next.seenBy, ...seen]) });
+  if (!changed) return { msg, fresh };
+  return { msg: d.putMsg(next), fresh };
 }
 
 /**
- * Our message `msg` (pending or failed) is stored as `f` {id, conversation,
- * seq, ts}: from its `sent`, or from history naming its cid.
+ * Step: our message `msg` (pending or failed) is stored as `f` {id,
+ * conversation, seq, ts}: from its `sent`, or from history naming its cid.
  */
-export function settle(s, msg, f, fx) {
-  fx.push({ type: 'unqueue', cid: msg.cid });
-  const existing = s.byId.get(f.id);
-  if (existing && existing !== msg) {
+export function settle(d, msg, f) {
+  d.fx.push({ type: 'unqueue', cid: msg.cid });
+  const existing = d.s.byId.get(f.id);
+  if (existing && existing.key !== msg.key) {
     // It already reached us another way (history): one copy only.
-    convMsgs(s, msg.conversation).delete(msg.key);
-    existing.cid = msg.cid;
-    s.byCid.set(msg.cid, existing);
-    fx.push(RENDER);
+    d.dropMsg(msg);
+    d.own('byCid').set(msg.cid, existing);
+    d.putMsg({ ...existing, cid: msg.cid });
+    d.fx.push(RENDER);
     return;
   }
-  if (msg.conversation !== f.conversation) {
-    convMsgs(s, msg.conversation).delete(msg.key);
-    msg.conversation = f.conversation;
-    convMsgs(s, f.conversation).set(msg.key, msg);
-  }
-  const conv = ensureConv(s, f.conversation, fx);
+  if (msg.conversation !== f.conversation) d.dropMsg(msg);
+  const conv = ensureConv(d, f.conversation);
+  const patch = { last_seq: Math.max(conv.last_seq || 0, f.seq), last_ts: Math.max(conv.last_ts || 0, f.ts) };
   if (conv.provisional) {
-    conv.provisional = false;
-    fx.push(REFRESH, { type: 'loadPresence', user: dmPeer(conv.id, s.me) });
+    patch.provisional = false;
+    d.fx.push(REFRESH, { type: 'loadPresence', user: dmPeer(conv.id, d.s.me) });
   }
-  Object.assign(msg, { id: f.id, seq: f.seq, ts: f.ts, state: 'stored', error: null });
-  if (msg.sealed) conv.e2e = true; // our first end-to-end message was the switch
-  s.byId.set(f.id, msg);
-  conv.last_seq = Math.max(conv.last_seq || 0, f.seq);
-  conv.last_ts = Math.max(conv.last_ts || 0, f.ts);
-  fx.push(RENDER);
+  if (msg.sealed) patch.e2e = true; // our first end-to-end message was the switch
+  d.putMsg({ ...msg, conversation: f.conversation, id: f.id, seq: f.seq, ts: f.ts, state: 'stored', error: null });
+  d.patchConv(conv.id, patch);
+  d.fx.push(RENDER);
 }
 
 /**
@@ -384,40 +493,39 @@ export function settle(s, msg, f, fx) {
  * up loads it again.
  */
 export function mergeLatest(s, id, page, { refresh = false, asOf, pageSize }) {
-  const fx = [];
-  const st = histState(s, id);
-  const held = convMsgs(s, id);
+  const d = new Draft(s);
   if (refresh && page.length) {
+    const held = convMsgs(s, id);
     let maxHeld = 0;
     for (const m of held.values()) if (m.seq != null) maxHeld = Math.max(maxHeld, m.seq);
     if (page[0].seq > maxHeld + 1) {
       for (const [key, m] of held) {
         if (m.seq != null && m.seq < page[0].seq) {
-          held.delete(key);
-          s.byId.delete(m.id);
+          d.ownIn('msgs', id).delete(key);
+          d.own('byId').delete(m.id);
         }
       }
-      st.oldest = page[0].seq;
-      st.complete = page[0].seq === 1;
+      d.patchHist(id, { oldest: page[0].seq, complete: page[0].seq === 1 });
     }
   }
-  for (const m of page) ingest(s, { ...m, conversation: m.conversation || id }, asOf, fx);
-  if (!st.loaded) {
-    st.oldest = page.length ? page[0].seq : null;
-    st.complete = page.length < pageSize || (page.length > 0 && page[0].seq === 1);
+  for (const m of page) ingest(d, { ...m, conversation: m.conversation || id }, asOf);
+  const patch = { loaded: true };
+  if (!histState(d.s, id).loaded) {
+    patch.oldest = page.length ? page[0].seq : null;
+    patch.complete = page.length < pageSize || (page.length > 0 && page[0].seq === 1);
   }
-  st.loaded = true;
-  return fx;
+  d.patchHist(id, patch);
+  return d.done();
 }
 
 /** An older page of history (`before=<oldest seq>`). */
 export function mergeOlder(s, id, page, { asOf, pageSize }) {
-  const fx = [];
-  const st = histState(s, id);
-  for (const m of page) ingest(s, { ...m, conversation: m.conversation || id }, asOf, fx);
-  if (page.length) st.oldest = page[0].seq;
-  st.complete = page.length < pageSize || page[0].seq === 1;
-  return fx;
+  const d = new Draft(s);
+  for (const m of page) ingest(d, { ...m, conversation: m.conversation || id }, asOf);
+  const patch = { complete: page.length < pageSize || page[0].seq === 1 };
+  if (page.length) patch.oldest = page[0].seq;
+  d.patchHist(id, patch);
+  return d.done();
 }
 
 /**
@@ -482,17 +590,19 @@ export function timeline(s, id, list) {
 }
 
 /**
- * We saw an incoming message (it was on screen): true if that is news, to
- * be reported with `seen`. End-to-end, seen means its text was shown.
+ * We saw an incoming message (it was on screen): news when it had not been
+ * seen, reported with `seen` (effect). End-to-end, seen means its text was shown.
  */
 export function markSeen(s, msg) {
-  if (!msg || !msg.id || msg.deleted || msg.from === s.me || msg.seenBy.has(s.me)) return false;
-  if (msg.sealed && msg.e2eState !== 'ok') return false;
-  msg.seenBy.add(s.me);
-  msg.deliveredTo.add(s.me);
-  const conv = s.convs.get(msg.conversation);
-  if (conv) conv.unread = Math.max(0, (conv.unread || 0) - 1);
-  return true;
+  const d = new Draft(s);
+  const cur = msg && msg.id ? s.byId.get(msg.id) : null;
+  if (!cur || cur.deleted || cur.from === s.me || cur.seenBy.has(s.me)) return d.done();
+  if (cur.sealed && cur.e2eState !== 'ok') return d.done();
+  d.putMsg({ ...cur, seenBy: withItem(cur.seenBy, s.me), deliveredTo: withItem(cur.deliveredTo, s.me) });
+  const conv = s.convs.get(cur.conversation);
+  if (conv) d.patchConv(conv.id, { unread: Math.max(0, (conv.unread || 0) - 1) });
+  d.fx.push({ type: 'seen', id: cur.id }, RENDER);
+  return d.done();
 }
 
 // --- ticks -----------------------------------------------------------------------
@@ -532,36 +642,43 @@ export function statusDetail(s, msg) {
   return parts.join(' · ');
 }
 
-/** An `error` naming our message `cid`: it shows "Not sent" with why. True if it changed. */
+/** An `error` naming our message `cid`: it shows "Not sent" with why. */
 export function markFailed(s, cid, code, message) {
+  const d = new Draft(s);
   const msg = s.byCid.get(cid);
-  if (!msg || msg.state === 'stored') return false;
-  msg.state = 'failed';
-  msg.error = { code, message: errorText(code, message) };
-  return true;
+  if (!msg || msg.state === 'stored') return d.done();
+  d.putMsg({ ...msg, state: 'failed', error: { code, message: errorText(code, message) } });
+  d.fx.push(RENDER);
+  return d.done();
 }
 
 /**
  * Retry a failed message (same cid): pending again. A reply to a message
  * deleted meanwhile goes as a plain message; `sealed` when the chat is
- * end-to-end now. False if it had not failed.
+ * end-to-end now. Answers `msg`, the message retried (null if it had not failed).
  */
 export function retryMessage(s, msg, sealed) {
-  if (msg.state !== 'failed') return false;
-  msg.state = 'pending';
-  msg.error = null;
-  const original = msg.replyTo && s.byId.get(msg.replyTo);
-  if (original && original.deleted) msg.replyTo = null;
-  if (sealed) Object.assign(msg, { sealed: true, e2eState: 'ok' });
-  return true;
+  const d = new Draft(s);
+  const cur = s.byCid.get(msg.cid);
+  if (!cur || cur.state !== 'failed') return d.done({ msg: null });
+  const next = { ...cur, state: 'pending', error: null };
+  const original = next.replyTo && s.byId.get(next.replyTo);
+  if (original && original.deleted) next.replyTo = null;
+  if (sealed) Object.assign(next, { sealed: true, e2eState: 'ok' });
+  d.putMsg(next);
+  d.fx.push(RENDER);
+  return d.done({ msg: next });
 }
 
-/** Drop a failed message (Discard). False if it had not failed. */
+/** Drop a failed message (Discard); nothing else. */
 export function discardMessage(s, msg) {
-  if (msg.state !== 'failed') return false;
-  convMsgs(s, msg.conversation).delete(msg.key);
-  s.byCid.delete(msg.cid);
-  return true;
+  const d = new Draft(s);
+  const cur = s.byCid.get(msg.cid);
+  if (!cur || cur.state !== 'failed') return d.done();
+  d.dropMsg(cur);
+  d.own('byCid').delete(cur.cid);
+  d.fx.push(RENDER);
+  return d.done();
 }
 
 /**
@@ -577,4 +694,48 @@ export function actionsFor(s, msg, conv, now) {
     acts.push('delete');
   } else if (canManage(conv, s.me)) acts.push('delete');
   return acts;
+}
+
+// --- end-to-end ----------------------------------------------------------------------
+
+/** Conversation `id` is end-to-end (the server refused a plain message in it). */
+export function markE2E(s, id) {
+  const d = new Draft(s);
+  const conv = s.convs.get(id);
+  if (conv && !conv.e2e) d.patchConv(id, { e2e: true });
+  return d.done();
+}
+
+/** Our message `cid` goes end-to-end after all (it was refused as a plain one). */
+export function markSealed(s, cid) {
+  const d = new Draft(s);
+  const msg = s.byCid.get(cid);
+  if (msg) d.putMsg({ ...msg, sealed: true, e2eState: 'ok' });
+  return d.done();
+}
+
+/**
+ * Message `id`'s end-to-end content `input` is being read (protocol.js
+ * `readSealed`; `e2eInput` says which version): it is sealed, and without
+ * a text it shows "decrypting" until read.
+ */
+export function readingSealed(s, id, input) {
+  const d = new Draft(s);
+  const msg = s.byId.get(id);
+  if (msg) d.putMsg({ ...msg, sealed: true, e2eInput: input, e2eState: msg.body == null ? 'pending' : msg.e2eState });
+  return d.done();
+}
+
+/**
+ * What reading message `id` gave: its text {body, e2eState: 'ok'}, or why
+ * there is none {body: null, e2eState: 'failed', e2eError, e2eReason}.
+ */
+export function sealedOpened(s, id, shown) {
+  const d = new Draft(s);
+  const msg = s.byId.get(id);
+  if (msg) {
+    d.putMsg({ ...msg, ...shown });
+    d.fx.push(RENDER);
+  }
+  return d.done();
 }
