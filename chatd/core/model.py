@@ -118,7 +118,11 @@ class Appended:
     """What the store answers for one :class:`NewMessage`.
 
     ``duplicate`` is true when (sender, cid) was already stored: then ``id``,
-    ``seq``, ``ts`` and ``conversation`` are the first message's.
+    ``seq``, ``ts`` and ``conversation`` are the first message's, ``message``
+    is the first message as stored (what the retry carried is not used), and
+    ``recipients`` are those who still owe it (not yet delivered to them):
+    what routing it again must reach, since the call that stored it may have
+    stopped before it routed it.
     """
 
     id: str
@@ -128,11 +132,16 @@ class Appended:
     duplicate: bool
     #: Who the message is owed to, as the store decided in its transaction
     #: (a group's members at that moment, but the sender); None: as asked.
+    #: For a duplicate: who still owes it (not yet delivered to them).
     recipients: tuple[str, ...] | None = None
     #: Set when the store refused the message; nothing was stored:
     #: ``forbidden`` (the sender is no longer a member of the group) or
     #: ``e2e_required`` (a plain body in an end-to-end conversation).
     refused: str | None = None
+    #: A duplicate's first message as stored (its body, ``reply_to``, and
+    #: ``deleted`` once deleted for everyone), read with the duplicate
+    #: lookup; None for a message stored now, or refused.
+    message: StoredMessage | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,7 +101,13 @@ class Store(Protocol):
       when several processes append to the same conversation at once.
     * **Idempotent by (sender, cid).** Appending a (sender, cid) pair that is
       already stored stores nothing and answers the first message's id, seq,
-      ts and conversation with ``duplicate=True`` (also within one batch).
+      ts and conversation with ``duplicate=True`` (also within one batch),
+      with that message as stored (``Appended.message``: its body and
+      ``reply_to``, not the retry's) and, as ``recipients``, the members it
+      is still owed to (not yet delivered; none once it is deleted): the
+      call that stored it may have stopped before it routed it, and the
+      retry routes it again. Read by the duplicate lookup itself, so a new
+      message costs no extra read.
     * **Receipts are monotonic**: a (message, member) pair only moves
       NEW → DELIVERED → SEEN (:data:`chatd.core.delivery.RECEIPT_TRANSITIONS`);
       :meth:`mark` reports each move exactly once, however often or however

@@ -67,7 +67,10 @@ class MessagesMixin(EndToEndMixin):
         commit queue is full); ``sent`` and the routing follow from the
         commit's callback, ``sent`` first, so that it always precedes the
         receipts of the same message on the sender's connection. A failed
-        write answers an ``error`` with the ``cid``.
+        write answers an ``error`` with the ``cid``. A retry (a stored
+        (sender, cid)) is answered with the first ``sent`` and routes the
+        first message, as stored, again to the members who still owe it
+        (:attr:`Appended.message`): its first routing may never have happened.
         """
         if conn.user is None:
             raise Internal("send on a connection that is not authenticated")
@@ -119,21 +122,25 @@ class MessagesMixin(EndToEndMixin):
                 )
             )
             if done.duplicate:
-                # Stored (and routed) the first time; the store keeps it owed.
                 self.metrics.messages_duplicate.inc()
+                # The call that stored it may have stopped (a replica killed)
+                # before it routed it: route it again, as stored (the retry
+                # may carry other content, sealed under another id), to whom
+                # still owes it. Deleted for everyone since: nothing to route.
+                first = done.message
+                if first is not None and not first.deleted:
+                    self._route_message(first, done.recipients or (), conn)
                 return
             self.metrics.messages_stored.inc()
             if switches and conv.id in self._conversations:
                 self._conversations[conv.id] = replace(conv, e2e=True)
-            key, payload, env = queue_items.message_item(
+            self._route_message(
                 StoredMessage(
                     done.id, conv.id, done.seq, sender, done.ts, sealed, reply_to=reply_to
-                )
+                ),
+                to if done.recipients is None else done.recipients,
+                conn,
             )
-            owed_to = to if done.recipients is None else done.recipients
-            items = [Routed(r, key, payload, True, None, env) for r in owed_to]
-            items.append(Routed(sender, done.id, payload, False, conn.id, env))
-            self.broker.route_nowait(items)
 
         await self._write(
             [
@@ -144,6 +151,14 @@ class MessagesMixin(EndToEndMixin):
             conn,
             stored,
         )
+
+    def _route_message(self, m: StoredMessage, owed_to: Sequence[str], conn: Connection) -> None:
+        """Route a stored message: owed (queued until acked) to ``owed_to``,
+        and a copy, not owed, to its sender's other devices (not ``conn``)."""
+        key, payload, env = queue_items.message_item(m)
+        items = [Routed(r, key, payload, True, None, env) for r in owed_to]
+        items.append(Routed(m.sender, key, payload, False, conn.id, env))
+        self.broker.route_nowait(items)
 
     async def _message_in(self, id: str, conv: Conversation, user: str, cid: str) -> StoredMessage:
         """The stored message ``id`` of ``conv`` that ``user`` may read (not

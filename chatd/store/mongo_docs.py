@@ -304,6 +304,10 @@ def to_event(doc: dict[str, Any], body: Sealed | None = None) -> StoredEvent:
 
 
 def to_duplicate(doc: dict[str, Any]) -> Appended:
+    """A retry's answer from its first message's document, as the duplicate
+    lookup read it: that message as stored. Who still owes it is set at the
+    end of the append, after any placing
+    (:func:`chatd.store.mongo_plan.still_owed`)."""
     return Appended(
         doc["_id"],
         doc["conversation"],
@@ -311,4 +315,5 @@ def to_duplicate(doc: dict[str, Any]) -> Appended:
         doc["ts"],
         duplicate=True,
         refused=doc.get("refused"),
+        message=to_message(doc),
     )

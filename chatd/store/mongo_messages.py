@@ -15,13 +15,15 @@ repeats). The ``last_seq`` counter of a conversation is advanced with
 authority. In a group, the members are read with ``last_seq``, a
 non-member's message is refused (nothing stored) and the others are owed to
 those members; :func:`chatd.store.mongo_groups.count_in_group` then advances
-the counter and places again any message a membership change raced.
+the counter and places again any message a membership change raced. A
+retry (a stored (sender, cid)) answers the first message as stored and who
+still owes it (:func:`chatd.store.mongo_plan.still_owed`), read by the
+duplicate lookup itself: the service routes it again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, UpdateOne
@@ -39,18 +41,34 @@ from chatd.store.mongo_plan import (
     need,
     owed_query,
     plan_seqs,
+    repeated,
     screen,
+    still_owed,
     switched,
 )
 from chatd.store.mongo_schema import HISTORY_FIELDS, MSG_FIELDS, Collections
+
+#: What the duplicate lookup reads of a stored (sender, cid): the message to
+#: route again (a retry's first call may have stopped before routing it),
+#: who still owes it, and what placing it in its group needs. A new message
+#: matches nothing, so this costs the hot path no extra read.
+DUP_FIELDS = {
+    **MSG_FIELDS,
+    "refused": 1,
+    "mver": 1,
+    "recipients": 1,
+    "undelivered": 1,
+}
 
 
 def append(c: Collections, batch: list[NewMessage]) -> list[Appended]:
     results: list[Appended | None] = [None] * len(batch)
     first_of, unique = first_calls(batch)
 
-    # Stored already (a client's retry): answer the first message.
+    # Stored already (a client's retry): answer the first message, and who
+    # still owes it (``dups``: the documents as read).
     stored = stored_by_key(c, {(batch[i].sender, batch[i].cid) for i in unique})
+    dups: dict[int, dict[str, Any]] = {}
     pending: list[int] = []
     # Group messages to check against the changes made since: the
     # membership version each was planned with (a retry's included: its
@@ -60,6 +78,7 @@ def append(c: Collections, batch: list[NewMessage]) -> list[Appended]:
         doc = stored.get((batch[i].sender, batch[i].cid))
         if doc is not None:
             results[i] = to_duplicate(doc)
+            dups[i] = doc
             if "mver" in doc:
                 since[i] = doc["mver"]
         else:
@@ -127,13 +146,11 @@ def append(c: Collections, batch: list[NewMessage]) -> list[Appended]:
         # writer took it: plan again from the true highest seq.
         i = pending[failed]
         msg = batch[i]
-        dup = c.messages.find_one(
-            {"sender": msg.sender, "cid": msg.cid},
-            {"conversation": 1, "seq": 1, "ts": 1, "refused": 1, "mver": 1},
-        )
+        dup = c.messages.find_one({"sender": msg.sender, "cid": msg.cid}, DUP_FIELDS)
         rest = pending[failed + 1 :]
         if dup is not None:
             results[i] = to_duplicate(dup)
+            dups[i] = dup
             since.pop(i, None)
             if "mver" in dup:
                 since[i] = dup["mver"]
@@ -172,11 +189,14 @@ def append(c: Collections, batch: list[NewMessage]) -> list[Appended]:
             mine = {i: v for i, v in since.items() if batch[i].conversation == conv}
             count_in_group(c, conv, seq, ts, groups[conv], mine, batch, results)
 
+    for i, doc in dups.items():
+        results[i] = still_owed(need(results[i]), doc)
     out: list[Appended] = []
     for i, msg in enumerate(batch):
         res = results[i]
         if res is None:
-            res = replace(need(results[first_of[(msg.sender, msg.cid)]]), duplicate=True)
+            first = first_of[(msg.sender, msg.cid)]
+            res = repeated(need(results[first]), batch[first])
         out.append(res)
     return out
 
@@ -191,16 +211,7 @@ def stored_by_key(
     for sender, cid in sorted(keys):
         by_sender.setdefault(sender, []).append(cid)
     query = {"$or": [{"sender": s, "cid": {"$in": cids}} for s, cids in sorted(by_sender.items())]}
-    fields = {
-        "conversation": 1,
-        "seq": 1,
-        "ts": 1,
-        "sender": 1,
-        "cid": 1,
-        "refused": 1,
-        "mver": 1,
-    }
-    return {(d["sender"], d["cid"]): d for d in c.messages.find(query, fields)}
+    return {(d["sender"], d["cid"]): d for d in c.messages.find(query, DUP_FIELDS)}
 
 
 # -- reads -------------------------------------------------------------------------

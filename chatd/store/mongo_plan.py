@@ -3,10 +3,11 @@ a write's outcome means.
 
 Owns the planning the store's I/O loops run on: screening an append batch
 and assigning its seqs, resolving an ``insert_many`` error, advancing the
-counters, which members a message raced by a group change is owed to (and
-the ``$set`` that places it again), the compare-and-set that commits a
-membership change, judging an event against what was read, and the paging
-of owed queues. Receipts have theirs in :mod:`chatd.store.mongo_plan_receipts`.
+counters, a duplicate's answer (who still owes the first message), which
+members a message raced by a group change is owed to (and the ``$set``
+that places it again), the compare-and-set that commits a membership
+change, judging an event against what was read, and the paging of owed
+queues. Receipts have theirs in :mod:`chatd.store.mongo_plan_receipts`.
 Pure: no I/O and no pymongo (filters and updates are plain dicts the caller
 wraps), so each rule is tested table-driven (``tests/core/test_mongo_plan*.py``)
 and the loops in the ``mongo_*`` modules keep only the reads, the writes
@@ -33,6 +34,7 @@ from chatd.core.model import (
     NewEvent,
     NewMembership,
     NewMessage,
+    StoredMessage,
 )
 from chatd.core.names import GROUP_PREFIX
 from chatd.store.mongo_docs import admins_of, joined_of, receipt_doc, unacked
@@ -184,6 +186,40 @@ def switched(
         }
         - e2e_on
     )
+
+
+def still_owed(res: Appended, doc: Mapping[str, Any]) -> Appended:
+    """Duplicate ``res`` with who still owes its first message (``doc``, as
+    the duplicate lookup read it): of its recipients — as this call placed
+    them again (``res.recipients``), else as stored — those it has not been
+    delivered to yet; a member the placing added is owed it afresh
+    (:func:`reassignment`). Nobody once it was refused or deleted."""
+    if res.refused is not None or doc.get("deleted"):
+        return replace(res, recipients=())
+    stored = list(doc.get("recipients") or ())
+    undelivered = set(doc.get("undelivered") or ())
+    to = stored if res.recipients is None else res.recipients
+    return replace(res, recipients=tuple(m for m in to if m in undelivered or m not in stored))
+
+
+def repeated(first: Appended, msg: NewMessage) -> Appended:
+    """The answer to a repeat of (sender, cid) within one batch, whose first
+    copy ``msg`` was answered ``first``: that answer as a duplicate — with
+    the message as stored now and owed to all its recipients, when this call
+    stored it."""
+    if first.duplicate or first.refused is not None:
+        return replace(first, duplicate=True)
+    stored = StoredMessage(
+        first.id,
+        first.conversation,
+        first.seq,
+        msg.sender,
+        first.ts,
+        msg.body,
+        cid=msg.cid,
+        reply_to=msg.reply_to,
+    )
+    return replace(first, duplicate=True, message=stored)
 
 
 # -- groups ------------------------------------------------------------------------

@@ -30,16 +30,19 @@ from chatd.core.model import (
     Receipt,
     ReceiptKey,
     StoredEvent,
+    StoredMessage,
 )
 from chatd.core.names import GROUP_PREFIX
 from chatd.store.sqlite_rows import (
     ERASED,
     EVENT_COLS,
+    FULL_COLS,
     acks_by_status,
     erased,
     membership_detail,
     membership_event,
     to_event,
+    to_message,
 )
 from chatd.store.sqlite_schema import ACK_SET
 
@@ -85,12 +88,14 @@ def append_rows(db: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[App
     """Store messages inside the caller's transaction (see Store.append)."""
     out: list[Appended] = []
     for msg in batch:
+        # The idempotency lookup reads the whole message: a new one matches
+        # no row (no extra read), a retry gets what it must route again.
         row = db.execute(
-            "SELECT id, conversation, seq, ts FROM messages WHERE sender = ? AND cid = ?",
+            f"SELECT {FULL_COLS} FROM messages m WHERE m.sender = ? AND m.cid = ?",
             (msg.sender, msg.cid),
         ).fetchone()
         if row is not None:
-            out.append(Appended(row[0], row[1], row[2], row[3], duplicate=True))
+            out.append(duplicate(db, to_message(row)))
             continue
         recipients = msg.recipients
         if msg.conversation.startswith(GROUP_PREFIX):
@@ -149,6 +154,25 @@ def append_rows(db: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[App
         )
         out.append(Appended(msg.id, msg.conversation, seq, msg.ts, False, recipients))
     return out
+
+
+def duplicate(db: sqlite3.Connection, first: StoredMessage) -> Appended:
+    """A retry's answer: the first message as stored, and who still owes it
+    (its receipt rows not yet delivered; none once it is deleted)."""
+    owed = db.execute(
+        "SELECT username FROM receipts WHERE message_id = ? AND delivered_ts IS NULL"
+        " ORDER BY username",
+        (first.id,),
+    ).fetchall()
+    return Appended(
+        first.id,
+        first.conversation,
+        first.seq,
+        first.ts,
+        True,
+        tuple(r[0] for r in owed),
+        message=first,
+    )
 
 
 def mark_rows(db: sqlite3.Connection, batch: Sequence[Mark]) -> list[MarkResult]:

@@ -376,6 +376,9 @@ class MongoSpecific:
         after = new_message(dm.id, "alice", ("bob",), cid="next")
         dup, nxt = await mine.append([retry, after])
         assert dup.duplicate and (dup.id, dup.seq) == (first.id, 1)
+        # The winner's message and who still owes it, for routing again.
+        assert dup.message is not None and dup.message.body == first.body
+        assert dup.recipients == ("bob",)
         assert not nxt.duplicate and nxt.seq == 2
         assert [m.id for m in await mine.history(dm.id, None, 10)] == [first.id, after.id]
 
@@ -578,6 +581,9 @@ class MongoSpecific:
         assert [m.id for m in await other.owed_messages("bob", 10)] == [msg.id]
         [again] = await other.append([new_message(g.id, "carol", ("alice", "bob"), cid="c-1")])
         assert again.duplicate and again.id == msg.id and again.refused is None
+        # Owed, as placed: alice as before, dave afresh; not bob.
+        assert again.recipients == ("alice", "dave")
+        assert again.message is not None and again.message.body == msg.body
         assert await other.owed_messages("bob", 10) == []
         assert [m.id for m in await other.owed_messages("dave", 10)] == [msg.id]
         [summary] = await other.conversations_of("dave")

@@ -1,11 +1,12 @@
 """The MongoDB store's planning (chatd.store.mongo_plan), table-driven: seq
 assignment and the screening of an append batch, resolving an insert_many
-error, counters, group placement, membership commits, judging an event,
-owed-queue paging and the end-to-end decisions. No database: the I/O loops
+error, counters, a duplicate's answer, group placement, membership commits,
+judging an event, owed-queue paging and the end-to-end decisions. No database: the I/O loops
 that run these are covered by tests/contract/test_store_mongo.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from chatd.core.model import (
     NewMembership,
     NewMessage,
     Sealed,
+    StoredMessage,
 )
 from chatd.store.mongo_plan import (
     CHANGES_KEPT,
@@ -36,8 +38,10 @@ from chatd.store.mongo_plan import (
     placement,
     plan_seqs,
     reassignment,
+    repeated,
     same_device,
     screen,
+    still_owed,
     switched,
 )
 from tests.core.test_mongo_plan_receipts import receipt
@@ -186,6 +190,64 @@ def test_advances(results, expected):
 )
 def test_switched(batch, results, e2e_on, expected):
     assert switched(batch, results, e2e_on) == expected
+
+
+FIRST = StoredMessage("m1", "g:1", 4, "alice", 3, BODY, cid="c1")
+DUP = Appended("m1", "g:1", 4, 3, True, message=FIRST)
+#: bob has had the message delivered (and seen it), carol has not.
+OWED = {"recipients": ["bob", "carol"], "undelivered": ["carol"]}
+
+
+@pytest.mark.parametrize(
+    ("res", "doc", "owed"),
+    [
+        (DUP, OWED, ("carol",)),  # as stored: the undelivered
+        (DUP, {**OWED, "undelivered": ["bob", "carol"]}, ("bob", "carol")),
+        (DUP, {**OWED, "undelivered": []}, ()),
+        # Placed again by this call (bob removed, dave added): dave afresh.
+        (replace(DUP, recipients=("carol", "dave")), OWED, ("carol", "dave")),
+        (replace(DUP, recipients=("bob",)), OWED, ()),
+        # A deleted user: pulled from undelivered, still among recipients.
+        (DUP, {"recipients": ["bob", "carol"], "undelivered": []}, ()),
+        # Deleted for everyone, or refused (a tombstone): nobody.
+        (replace(DUP, recipients=("carol", "dave")), {**OWED, "deleted": True}, ()),
+        (replace(DUP, refused="forbidden"), {"recipients": [], "undelivered": []}, ()),
+        (DUP, {}, ()),  # an old document without the owed keys
+    ],
+)
+def test_still_owed(res, doc, owed):
+    assert still_owed(res, doc) == replace(res, recipients=owed)
+
+
+NEW = msg(1, "g:1", "alice", cid="c1", reply_to="m0")
+
+
+@pytest.mark.parametrize(
+    ("first", "expected"),
+    [
+        # Stored by this call: as stored now, owed to all its recipients.
+        (
+            Appended("m1", "g:1", 4, 1, False, ("bob",)),
+            Appended(
+                "m1",
+                "g:1",
+                4,
+                1,
+                True,
+                ("bob",),
+                message=StoredMessage("m1", "g:1", 4, "alice", 1, BODY, cid="c1", reply_to="m0"),
+            ),
+        ),
+        # Stored before: the first copy's answer, as it is.
+        (replace(DUP, recipients=("carol",)), replace(DUP, recipients=("carol",))),
+        (
+            Appended("m1", "g:1", 0, 1, False, refused="forbidden"),
+            Appended("m1", "g:1", 0, 1, True, refused="forbidden"),
+        ),
+    ],
+)
+def test_repeated(first, expected):
+    assert repeated(first, NEW) == expected
 
 
 def test_need():

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from chatd.core.e2e import stored_text
 from chatd.core.errors import BadRequest, Forbidden, NotFound
-from chatd.core.frames import Delete, Edit, React, Send, Typing
-from chatd.core.model import GroupAction
+from chatd.core.frames import Ack, Delete, Edit, React, Send, Typing
+from chatd.core.model import GroupAction, NewMessage
 from chatd.service import ChatService
 from harness.e2e_client import E2EDevice
 from tests.service.test_service import FakeConn
@@ -179,3 +180,61 @@ async def test_a_retry_gets_its_first_sent_whatever_changed_since(svc):
     assert again == [("x1", first["x1"]), ("p1", first["p1"])]
     assert ca.of("error") == []
     assert len(await svc.store.history(conv, None, 10)) == 2
+
+
+async def test_a_retry_routes_what_a_killed_replica_stored_but_never_routed(svc):
+    """A replica stored a message and was killed (kill -9) before its commit
+    callback routed it; the sender resends the same cid (on another
+    replica): bob, online, gets the message live as it was stored (its id,
+    seq, ts, body and reply_to, not the retry's), not at his next
+    reconnect; alice gets the first ``sent``."""
+    a1, a2, b = FakeConn("a1", "alice"), FakeConn("a2", "alice"), FakeConn("b1", "bob")
+    for conn in (a1, a2, b):
+        await svc.attach(conn)
+    await svc.send(a1, Send("c0", "first", to="bob"))
+    await svc.flush()
+    [m0] = b.of("message")
+    conv = m0["conversation"]
+    # What the killed replica committed: stored and owed, never routed.
+    mid = svc.ids.new()
+    body = svc.keyring.seal(stored_text(body="as stored"), mid, conv)
+    lost = NewMessage(mid, conv, "alice", "c1", 1234, body, ("bob",), reply_to=m0["id"])
+    [stored] = await svc.store.append([lost])
+    assert not stored.duplicate and len(b.of("message")) == 1
+    await svc.send(a1, Send("c1", "as retried", to="bob"))
+    await svc.flush()
+    [sent] = [f for f in a1.of("sent") if f["cid"] == "c1"]
+    assert (sent["id"], sent["seq"], sent["ts"]) == (mid, 2, 1234)
+    again = [(f["id"], f["seq"], f["ts"], f["body"], f.get("reply_to")) for f in b.of("message")]
+    assert again[1:] == [(mid, 2, 1234, "as stored", m0["id"])]
+    # Owed to bob (queued until he acks it), as a first routing does; a
+    # copy to alice's other device, none to the connection that sent it.
+    assert mid in [e.key for e in await svc.broker.queued("bob")]
+    assert [f["id"] for f in a2.of("message")] == [m0["id"], mid]
+    assert a1.of("message") == []
+    assert len(await svc.store.history(conv, None, 10)) == 2
+
+
+async def test_a_retry_routes_nothing_owed_to_who_acked_already(svc):
+    """The control: a retry after bob acked the message routes nothing owed
+    to bob; carol, who has not had it, gets it again."""
+    group = await svc.create_group("alice", ["bob", "carol"], "g")
+    a1, b, c = FakeConn("a1", "alice"), FakeConn("b1", "bob"), FakeConn("c1", "carol")
+    for conn in (a1, b, c):
+        await svc.attach(conn)
+    await svc.send(a1, Send("m1", "hello", conversation=group.id))
+    await svc.flush()
+    [m] = b.of("message")
+    await svc.ack(b, Ack(ids=(m["id"],)))
+    await svc.flush()
+    assert await svc.broker.queued("bob") == []
+    # Fresh connections: a session drops a key it offered already.
+    b2, c2 = FakeConn("b2", "bob"), FakeConn("c2", "carol")
+    await svc.attach(b2)
+    await svc.attach(c2)
+    await svc.send(a1, Send("m1", "hello?", conversation=group.id))
+    await svc.flush()
+    assert [f["id"] for f in a1.of("sent")] == [m["id"], m["id"]]
+    assert b2.of("message") == [] and await svc.broker.queued("bob") == []
+    assert [(f["id"], f["body"]) for f in c2.of("message")] == [(m["id"], "hello")]
+    assert [e.key for e in await svc.broker.queued("carol")] == [m["id"]]

@@ -1,5 +1,6 @@
-"""Messages: seq per conversation, idempotency by (sender, cid), bodies,
-history paging, replies.
+"""Messages: seq per conversation, idempotency by (sender, cid) (a retry
+answers the first message and who still owes it), bodies, history paging,
+replies.
 
 Part of :class:`chatd.testing.store_contract.StoreContract`.
 """
@@ -10,14 +11,15 @@ import pytest
 import trio
 
 from chatd.core.errors import NotFound
-from chatd.core.model import (
-    NewMessage,
-)
-from chatd.ports import Store
+from chatd.core.model import Appended, EventKind, Mark, NewMessage, Status
+from chatd.ports import Store, Writes
 from chatd.testing.store_contract.helpers import (
     ContractBase,
     _ids,
+    new_event,
     new_message,
+    one_event,
+    present,
     sealed,
     users,
 )
@@ -55,14 +57,60 @@ class MessagesContract(ContractBase):
     async def test_idempotent_within_one_batch(self, store: Store) -> None:
         await users(store, "alice", "bob")
         dm = await store.ensure_dm("alice", "bob", 1)
-        out = await store.append(
-            [
-                new_message(dm.id, "alice", ("bob",), cid="c"),
-                new_message(dm.id, "alice", ("bob",), cid="c"),
-            ]
-        )
+        batch = [
+            new_message(dm.id, "alice", ("bob",), cid="c"),
+            new_message(dm.id, "alice", ("bob",), cid="c"),
+        ]
+        out = await store.append(batch)
         assert [a.duplicate for a in out] == [False, True]
         assert out[0].id == out[1].id and out[0].seq == out[1].seq == 1
+        # The repeat answers the message the first copy stored, owed to all.
+        first = present(out[1].message)
+        assert (first.id, first.body) == (out[0].id, batch[0].body)
+        assert out[1].recipients == ("bob",)
+
+    async def test_a_duplicate_answers_the_first_message_and_who_still_owes_it(
+        self, store: Store
+    ) -> None:
+        """The call that stored a message may stop before routing it: its
+        retry gets the message as stored (never the retry's content) and the
+        recipients it has not been delivered to, to route it again."""
+        g, first = await self._trio(store)
+        msg = NewMessage(
+            _ids.new(), g, "alice", "a-2", 6, sealed("kept"), ("bob", "carol"), first.id
+        )
+        await store.append([msg])
+
+        async def retry() -> Appended:
+            other = NewMessage(_ids.new(), g, "alice", "a-2", 9, sealed("retry"), ("bob",))
+            [done] = (await store.write(Writes(appends=[other]))).appended
+            assert done.duplicate and done.refused is None
+            assert (done.id, done.conversation, done.seq, done.ts) == (msg.id, g, 2, 6)
+            stored = present(done.message)
+            assert (stored.id, stored.conversation, stored.seq, stored.sender) == (
+                msg.id,
+                g,
+                2,
+                "alice",
+            )
+            assert (stored.ts, stored.body, stored.reply_to) == (6, msg.body, first.id)
+            assert not stored.deleted
+            return done
+
+        assert sorted(present((await retry()).recipients)) == ["bob", "carol"]
+        await store.mark([Mark("bob", msg.id, Status.DELIVERED, 7)])
+        assert present((await retry()).recipients) == ("carol",)
+        # Seen implies delivered; seen by everyone, owed to no one.
+        await store.mark([Mark("carol", msg.id, Status.SEEN, 8)])
+        assert present((await retry()).recipients) == ()
+
+    async def test_a_duplicate_of_a_deleted_message_is_owed_to_nobody(self, store: Store) -> None:
+        g, first = await self._trio(store)
+        ev = new_event(g, EventKind.DELETED, first.id, "alice", ("bob", "carol"))
+        assert (await one_event(store, ev)).refused is None
+        [again] = await store.append([new_message(g, "alice", ("bob", "carol"), cid="a-1")])
+        assert again.duplicate and again.id == first.id and again.recipients == ()
+        assert present(again.message).deleted
 
     async def test_concurrent_appends_have_no_gaps(self, store: Store) -> None:
         await users(store, "alice", "bob")
