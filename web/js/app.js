@@ -11,10 +11,11 @@
 //   message-view.js  one message's elements
 //
 // This file holds the App itself: its elements, its reset, the UI wiring,
-// navigation, and the conversation helpers the panels (groups.js, e2e.js)
-// use. Replies, reactions, edits and deletions are applied with events.js;
-// the group info panel is groups.js, end-to-end (keys, epochs, checks, the
-// encryption panel) is e2e.js.
+// navigation, and the conversation helpers the panels (groups.js,
+// e2e-panel.js) use. Replies, reactions, edits and deletions are applied
+// with events.js; the group info panel is groups.js; end-to-end mode is
+// e2e.js, a front over e2e-store.js (the device in IndexedDB),
+// e2e-devices.js, e2e-trust.js, e2e-epochs.js, e2e-read.js and e2e-panel.js.
 
 import { api } from './api.js';
 import { errorText, errorTitle } from './errors.js';

@@ -1,5 +1,5 @@
 // What the chat's panels have in common: the group info panel (groups.js)
-// and the encryption panel (e2e.js) are each a modal <dialog> of the page
+// and the encryption panel (e2e-panel.js) are each a modal <dialog> of the page
 // about the open conversation, opened from the chat header. Opening one
 // focuses its close button; the button or Escape (the browser's) closes it;
 // while open it is redrawn from the app's state on every render, and closes
