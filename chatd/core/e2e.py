@@ -2,7 +2,10 @@
 
 The server never decrypts anything here. It checks shapes (the ``e2e``
 object of a ``send`` or ``edit``, epoch ids, sealed shares), decides whether
-an epoch's shares cover the devices they must (:func:`coverage`), and keeps
+an epoch's shares cover the devices they must (:func:`coverage`), whether an
+upload of shares may go into an epoch (:func:`judge_epoch_upload`, which
+both stores call), whether an edit's content fits its conversation's mode
+(:func:`edit_mismatch`, which both stores' event judgement calls), and keeps
 an end-to-end message apart from a plain body in what it stores
 (:func:`stored_text`, :func:`parse_stored`). The formats the clients use are
 in ``docs/e2e-crypto.md``. Plain functions; the service and stores call them.
@@ -31,6 +34,17 @@ SHARE_BYTES = 80
 MAX_SHARES_PER_PUT = 256
 #: Epochs one ``GET .../e2e/shares?epochs=`` may name.
 MAX_EPOCHS_PER_GET = 100
+
+#: The ``reason`` of a plain ``body`` refused in an end-to-end conversation
+#: (a ``bad_request``), and of an end-to-end ``edit`` refused in a plain one;
+#: with the message each is answered with. A store answers these as
+#: ``Appended.refused`` / ``EventResult.refused``.
+E2E_REQUIRED = "e2e_required"
+E2E_OFF = "e2e_off"
+REFUSED: dict[str, str] = {
+    E2E_REQUIRED: "this conversation is end-to-end: send 'e2e', not 'body'",
+    E2E_OFF: "this conversation is not end-to-end: edit with 'body'",
+}
 
 # What the server stores for an end-to-end message, sealed at rest like any
 # body: this mark, then the ``e2e`` object as JSON. A plain body that
@@ -155,3 +169,50 @@ def coverage(
     want = set(active) - {sender_device}
     have = set(recipients)
     return sorted(want - have), sorted(have - want)
+
+
+def edit_mismatch(*, sealed: bool, e2e: bool) -> str | None:
+    """Why an edit may not go into a conversation, judged against its mode
+    as stored: a plain edit in an end-to-end conversation is
+    :data:`E2E_REQUIRED`, an end-to-end (``sealed``) edit in a plain one
+    :data:`E2E_OFF` (only a ``send`` switches a conversation); None if the
+    edit fits."""
+    if e2e and not sealed:
+        return E2E_REQUIRED
+    if sealed and not e2e:
+        return E2E_OFF
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class EpochUpload:
+    """What uploading shares into an epoch does: ``outcome`` is ``created``
+    (a new epoch), ``added`` (shares added to the same device's epoch) or
+    ``conflict`` (nothing changes); ``new`` are the shares to store (those
+    the epoch does not hold yet; empty on a conflict)."""
+
+    outcome: str
+    new: dict[str, str]
+
+
+def judge_epoch_upload(
+    maker: tuple[str, str] | None,
+    have: Mapping[str, str],
+    user: str,
+    device: str,
+    shares: Mapping[str, str],
+) -> EpochUpload:
+    """May (``user``, ``device``) upload ``shares`` (recipient device ->
+    sealed key) into an epoch made by ``maker`` (user, device; None: no such
+    epoch yet) that holds the shares ``have``? The rules: an epoch belongs
+    to the one sending device that made it (another device, or another
+    user, is a conflict), and a share is written once (another share for a
+    recipient that has one is a conflict; the same one again is fine, so a
+    retried chunk is ``added``). Both stores call this inside their write
+    and do what it says."""
+    if maker is not None and tuple(maker) != (user, device):
+        return EpochUpload("conflict", {})
+    if any(have.get(d, s) != s for d, s in shares.items()):
+        return EpochUpload("conflict", {})
+    new = {d: s for d, s in shares.items() if d not in have}
+    return EpochUpload("created" if maker is None else "added", new)

@@ -11,6 +11,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from chatd.core.e2e import REFUSED, edit_mismatch
 from chatd.core.model import EventKind, GroupAction, NewEvent
 from chatd.core.names import MAX_GROUP_MEMBERS
 
@@ -58,11 +59,15 @@ class Target:
     ts: int
     deleted: bool
     seq: int = 1
+    #: Its conversation is end-to-end, as stored at that moment.
+    e2e: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    code: str  # a wire error code
+    #: A wire error code, or an end-to-end reason (``e2e_required``,
+    #: ``e2e_off``: a ``bad_request`` with that reason).
+    code: str
     reason: str
 
 
@@ -79,6 +84,7 @@ def judge(
     reactions_by_user: int = 0,
     reacted_already: bool = False,
     on: bool = True,
+    sealed: bool = False,
 ) -> Refusal | None:
     """May ``by`` apply this event to ``target`` now? None, or why not.
 
@@ -86,6 +92,10 @@ def judge(
       from before the actor joined the group (``visible_from``: the first
       seq the actor may read) is ``not_found`` (a deleted message takes no
       reactions or edits, and deleting it again changes nothing).
+    * An edit fits its conversation's mode (``target.e2e``): a plain one
+      in an end-to-end conversation is ``e2e_required``, an end-to-end
+      (``sealed``) one in a plain conversation ``e2e_off``
+      (:func:`chatd.core.e2e.edit_mismatch`).
     * Only the sender edits, within ``window_ms`` of sending.
     * The sender deletes; so does a ``moderator`` (a group's admin, an
       operator) for anybody's message.
@@ -100,6 +110,9 @@ def judge(
     ):
         return Refusal("not_found", "no such message")
     if kind is EventKind.EDITED:
+        mismatch = edit_mismatch(sealed=sealed, e2e=target.e2e)
+        if mismatch is not None:
+            return Refusal(mismatch, REFUSED[mismatch])
         if target.sender != by:
             return Refusal("forbidden", "only the sender may edit a message")
         if window_ms is not None and now - target.ts > window_ms:
@@ -143,6 +156,7 @@ def judge_event(
         reactions_by_user=reactions_by_user,
         reacted_already=reacted_already,
         on=ev.on,
+        sealed=ev.e2e,
     )
 
 

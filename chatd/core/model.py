@@ -236,6 +236,11 @@ class NewEvent:
     body: Sealed | None = None
     window_ms: int | None = None
     moderator: bool = False
+    #: An end-to-end edit (``body`` seals its ``e2e`` object). The store
+    #: judges an edit against its conversation's mode as stored: a plain
+    #: one in an end-to-end conversation is refused ``e2e_required``, an
+    #: end-to-end one in a plain conversation ``e2e_off``.
+    e2e: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +288,9 @@ class EventResult:
     """What the store did with one :class:`NewEvent`.
 
     ``refused`` is the error code (``not_found``, ``forbidden``,
-    ``bad_request``) of a refused event, which changed nothing; otherwise
+    ``bad_request``) of a refused event, or the end-to-end reason of a
+    refused edit (``e2e_required``, ``e2e_off``: a ``bad_request`` with that
+    reason), which changed nothing; otherwise
     ``event`` is the stored one (the first one when ``duplicate``).
     ``dropped`` lists the (user, queue key) entries a deletion made stale:
     the message and its events still owed to members, its receipts still
@@ -326,6 +333,16 @@ class Epoch:
     device: str
     recipients: tuple[str, ...]
     created_ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class EpochCheck:
+    """What an end-to-end send or edit is checked against, read at once:
+    the epoch it names (None if there is none) and the active devices of
+    the conversation's members, as the store holds them now."""
+
+    epoch: Epoch | None
+    active: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

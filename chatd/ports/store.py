@@ -14,6 +14,7 @@ from chatd.core.model import (
     ConversationSummary,
     Device,
     Epoch,
+    EpochCheck,
     EpochShare,
     EventResult,
     Mark,
@@ -119,7 +120,11 @@ class Store(Protocol):
     * **Events** (reactions, edits, deletions: :class:`NewEvent`) are judged
       by :func:`chatd.core.events.judge` inside the transaction that applies
       them, against the message as it is then; a refused event changes
-      nothing. An applied one gets the conversation's next ``eseq`` (1, 2,
+      nothing. That includes an edit's fit with its conversation's mode
+      (:attr:`NewEvent.e2e`), as for appends: a plain edit in an end-to-end
+      conversation is refused ``e2e_required``, an end-to-end edit in a
+      plain one ``e2e_off`` (the service's view of the mode is only a
+      hint). An applied one gets the conversation's next ``eseq`` (1, 2,
       3 …, no gaps, apart from message seq), is idempotent by (actor, cid)
       like a message, and is owed to each of its recipients until acked
       (:meth:`owed_events`). A deletion erases the body (and the bodies of
@@ -298,11 +303,19 @@ class Store(Protocol):
         commit: ``created`` (a new epoch), ``added`` (an epoch of the same
         device: shares added; a share already there with the same value is
         kept), ``conflict`` (the epoch is another device's, or a recipient
-        already has a different share). On ``conflict`` nothing changes."""
+        already has a different share). On ``conflict`` nothing changes. The
+        rule is :func:`chatd.core.e2e.judge_epoch_upload`, decided against
+        the epoch as stored in that commit."""
         ...
 
     async def get_epoch(self, conversation: str, epoch: str) -> Epoch | None:
         """The epoch with every device it has a share for."""
+        ...
+
+    async def epoch_check(self, conversation: str, epoch: str, users: Sequence[str]) -> EpochCheck:
+        """:meth:`get_epoch` and :meth:`active_devices` of ``users`` in one
+        read (one round trip): what an end-to-end send is checked against,
+        as stored now."""
         ...
 
     async def epoch_shares(

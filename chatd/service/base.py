@@ -21,6 +21,7 @@ import trio
 from chatd import crypto
 from chatd.auth import Passwords, Tokens
 from chatd.batching import Batcher
+from chatd.core import e2e as e2e_rules
 from chatd.core import frames
 from chatd.core.errors import BadRequest, ChatError, Forbidden, NotFound, Unavailable
 from chatd.core.ids import UlidFactory
@@ -68,6 +69,15 @@ REFUSALS: dict[str, type[ChatError]] = {
     "forbidden": Forbidden,
     "bad_request": BadRequest,
 }
+
+
+def refusal(code: str | None, message: str, cid: str | None = None) -> ChatError:
+    """The error a store's refusal ``code`` answers: an end-to-end reason
+    (``e2e_required``, ``e2e_off``) is a ``bad_request`` carrying it, any
+    other code its error (NotFound when unknown)."""
+    if code in e2e_rules.REFUSED:
+        return BadRequest(e2e_rules.REFUSED[code], cid=cid, reason=code)
+    return REFUSALS.get(code or "", NotFound)(message, cid=cid)
 
 
 def error_frame(exc: ChatError) -> Outbound:

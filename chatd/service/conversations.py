@@ -8,6 +8,7 @@ shares a conversation with.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from chatd import crypto, queue_items
@@ -38,10 +39,28 @@ class ConversationsMixin(ServiceBase):
             self._conversations.popitem(last=False)
         return conv
 
+    def _now_e2e(self, conv: Conversation) -> Conversation:
+        """``conv`` is end-to-end: a send switched it, the store refused a
+        plain body or edit in it, or it was made so. The one place the
+        service learns it: its cached copy, if any, says so from now on,
+        and the end-to-end copy is returned.
+
+        The cache is only a hint. The switch is one way, so a cached
+        end-to-end mode is never wrong; a cached plain one may be stale
+        (another replica switched the conversation), and then a plain send
+        or edit goes on to the store, which judges it against the mode in
+        its transaction and refuses it (``e2e_required``): a stale copy
+        never lets plain content into an end-to-end conversation."""
+        cached = self._conversations.get(conv.id)
+        if cached is not None and not cached.e2e:
+            self._conversations[conv.id] = replace(cached, e2e=True)
+        return conv if conv.e2e else replace(conv, e2e=True)
+
     async def _conversation(self, id: str) -> Conversation | None:
         """The conversation; one-to-one ones from the cache (their members
-        never change), groups from the store every time (theirs do, on any
-        replica)."""
+        never change; their mode only turns end-to-end, see
+        :meth:`_now_e2e`), groups from the store every time (theirs do, on
+        any replica)."""
         conv = self._conversations.get(id)
         if conv is None:
             conv = await self.store.get_conversation(id)
@@ -163,7 +182,7 @@ class ConversationsMixin(ServiceBase):
             creator=user,
             e2e=e2e,
         )
-        return conv
+        return self._now_e2e(conv) if e2e else conv
 
     async def change_group(
         self, user: str, id: str, action: GroupAction, users: object = (), title: object = None

@@ -24,9 +24,14 @@ from chatd.service.conversations import ConversationsMixin
 
 def e2e_required(cid: str | None) -> BadRequest:
     """The refusal of a plain ``body`` in an end-to-end conversation."""
-    return BadRequest(
-        "this conversation is end-to-end: send 'e2e', not 'body'", cid=cid, reason="e2e_required"
-    )
+    reason = e2e_rules.E2E_REQUIRED
+    return BadRequest(e2e_rules.REFUSED[reason], cid=cid, reason=reason)
+
+
+def e2e_off(cid: str | None) -> BadRequest:
+    """The refusal of an end-to-end ``edit`` in a plain conversation."""
+    reason = e2e_rules.E2E_OFF
+    return BadRequest(e2e_rules.REFUSED[reason], cid=cid, reason=reason)
 
 
 class EndToEndMixin(ConversationsMixin):
@@ -149,14 +154,17 @@ class EndToEndMixin(ConversationsMixin):
         it names the connection's own (active) device, and its epoch is that
         device's and has a share for every active device of every member but
         the sending one, and for no other (``e2e_stale`` with ``missing`` and
-        ``extra`` otherwise: the client rotates and sends again)."""
+        ``extra`` otherwise: the client rotates and sends again). One store
+        read (:meth:`~chatd.ports.Store.epoch_check`): the epoch and the
+        members' devices as they are now (devices change on any replica, so
+        neither is cached)."""
         device = conn.device
         if device is None or sealed["device"] != device:
             raise Forbidden(
                 "'e2e.device' must be this connection's device (name it in 'auth')", cid=cid
             )
-        epoch = await self.store.get_epoch(conv.id, sealed["epoch"])
-        active = await self.store.active_devices(conv.members)
+        check = await self.store.epoch_check(conv.id, sealed["epoch"], conv.members)
+        epoch, active = check.epoch, check.active
         if device not in active:
             raise Forbidden("this device was removed", cid=cid)
         if epoch is not None and (epoch.user, epoch.device) != (conn.user, device):

@@ -9,13 +9,12 @@ without waiting (:meth:`MessagesMixin.publish_event` does it for an event).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any, TypeVar
 
 from chatd import queue_items
 from chatd.core import frames
 from chatd.core.delivery import recipients, settled_rids, target_of
-from chatd.core.e2e import stored_text
+from chatd.core.e2e import E2E_REQUIRED, stored_text
 from chatd.core.envelope import TypingEnvelope, encode
 from chatd.core.errors import BadRequest, ChatError, Forbidden, Internal, NotFound
 from chatd.core.model import (
@@ -35,8 +34,8 @@ from chatd.core.names import parse_rid
 from chatd.core.session import Outbound
 from chatd.hub import Connection
 from chatd.ports import Routed
-from chatd.service.base import REFUSALS, EventAck, WriteRequest, WriteResult, error_frame, log
-from chatd.service.e2e import EndToEndMixin, e2e_required
+from chatd.service.base import EventAck, WriteRequest, WriteResult, error_frame, log, refusal
+from chatd.service.e2e import EndToEndMixin, e2e_off, e2e_required
 
 R = TypeVar("R", Appended, EventResult)
 
@@ -89,7 +88,6 @@ class MessagesMixin(EndToEndMixin):
         to = recipients(conv.members, sender)
         if frame.reply_to is not None:
             await self._message_in(frame.reply_to, conv, sender, frame.cid)
-        switches = frame.e2e is not None and not conv.e2e
         try:
             text = await self._content(
                 conn, conv, frame.body, frame.e2e, frame.cid, may_switch=True
@@ -105,12 +103,15 @@ class MessagesMixin(EndToEndMixin):
         sealed = self.keyring.seal(text, mid, conv.id)
         cid = frame.cid
         reply_to = frame.reply_to
+        sealed_send = frame.e2e is not None
 
         def stored(result: list[WriteResult] | ChatError) -> None:
             done = _one_result(result, conn, cid, Appended)
             if done is None:
                 return
-            if done.refused == "e2e_required":
+            if done.refused == E2E_REQUIRED:
+                # Switched on another replica since this one cached it.
+                self._now_e2e(conv)
                 conn.reply(error_frame(e2e_required(cid)))
                 return
             if done.refused is not None:
@@ -132,8 +133,8 @@ class MessagesMixin(EndToEndMixin):
                     self._route_message(first, done.recipients or (), conn)
                 return
             self.metrics.messages_stored.inc()
-            if switches and conv.id in self._conversations:
-                self._conversations[conv.id] = replace(conv, e2e=True)
+            if sealed_send:
+                self._now_e2e(conv)  # stored: the conversation is end-to-end
             self._route_message(
                 StoredMessage(
                     done.id, conv.id, done.seq, sender, done.ts, sealed, reply_to=reply_to
@@ -143,11 +144,7 @@ class MessagesMixin(EndToEndMixin):
             )
 
         await self._write(
-            [
-                NewMessage(
-                    mid, conv.id, sender, cid, ts, sealed, to, reply_to, frame.e2e is not None
-                )
-            ],
+            [NewMessage(mid, conv.id, sender, cid, ts, sealed, to, reply_to, sealed_send)],
             conn,
             stored,
         )
@@ -209,8 +206,9 @@ class MessagesMixin(EndToEndMixin):
                     on=frame.on,
                 )
             case frames.Edit():
-                sealed = self.keyring.seal(
-                    await self._edit_text(conn, conv, frame), frame.id, conv.id
+                conv = await self._edit_mode(conv, frame)
+                text = await self._content(
+                    conn, conv, frame.body, frame.e2e, frame.cid, may_switch=False
                 )
                 ev = NewEvent(
                     eid,
@@ -221,8 +219,9 @@ class MessagesMixin(EndToEndMixin):
                     frame.cid,
                     ts,
                     to,
-                    body=sealed,
+                    body=self.keyring.seal(text, frame.id, conv.id),
                     window_ms=self.edit_window_ms,
+                    e2e=frame.e2e is not None,
                 )
             case frames.Delete():
                 # A group's admins may delete others' messages: the store
@@ -234,18 +233,25 @@ class MessagesMixin(EndToEndMixin):
             done = _one_result(result, conn, cid, EventResult)
             if done is None:
                 return
+            if done.refused == E2E_REQUIRED:
+                # Switched on another replica since this one cached it.
+                self._now_e2e(conv)
             self.publish_event(done, to, cid=cid, conn=conn)
 
         await self._write([ev], conn, stored)
 
-    async def _edit_text(self, conn: Connection, conv: Conversation, frame: frames.Edit) -> str:
-        """What an edit stores: plain in a plain conversation, end-to-end
-        (checked like a send) in an end-to-end one."""
-        # A one-to-one conversation may have been cached before its switch
-        # (on any replica): the store knows.
-        if not conv.e2e:
-            conv = await self.store.get_conversation(conv.id) or conv
-        return await self._content(conn, conv, frame.body, frame.e2e, frame.cid, may_switch=False)
+    async def _edit_mode(self, conv: Conversation, frame: frames.Edit) -> Conversation:
+        """``conv`` with the mode an edit is checked against. The service's
+        copy answers, bar one case: an end-to-end edit in a one-to-one
+        conversation its cache holds as plain, which another replica may
+        have switched since; the store says (and an end-to-end answer is
+        learned, :meth:`_now_e2e`). A group was read just now. A plain edit
+        needs no read: a stale plain copy lets it reach the store, which
+        refuses it in an end-to-end conversation."""
+        if frame.e2e is None or conv.e2e or conv.id not in self._conversations:
+            return conv
+        fresh = await self.store.get_conversation(conv.id)
+        return self._now_e2e(conv) if fresh is not None and fresh.e2e else conv
 
     async def _content(
         self,
@@ -263,11 +269,7 @@ class MessagesMixin(EndToEndMixin):
         conversation (``e2e_required``)."""
         if e2e is not None:
             if not may_switch and not conv.e2e:
-                raise BadRequest(
-                    "this conversation is not end-to-end: edit with 'body'",
-                    cid=cid,
-                    reason="e2e_off",
-                )
+                raise e2e_off(cid)
             await self._check_e2e(conn, conv, e2e, cid)
             return stored_text(e2e=e2e)
         if conv.e2e:
@@ -286,7 +288,7 @@ class MessagesMixin(EndToEndMixin):
         route the event (to whom the store said, else ``to``), settle what a
         deletion made stale."""
         if done.refused is not None or done.event is None:
-            error = REFUSALS.get(done.refused or "", NotFound)(done.reason or "refused", cid=cid)
+            error = refusal(done.refused, done.reason or "refused", cid)
             if conn is not None:
                 conn.reply(error_frame(error))
             return

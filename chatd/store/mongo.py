@@ -59,6 +59,7 @@ from chatd.core.model import (
     ConversationSummary,
     Device,
     Epoch,
+    EpochCheck,
     EpochShare,
     EventResult,
     Mark,
@@ -294,6 +295,9 @@ class MongoStore:
 
     async def get_epoch(self, conversation: str, epoch: str) -> Epoch | None:
         return await self._run(mongo_e2e.get_epoch, self._c, conversation, epoch)
+
+    async def epoch_check(self, conversation: str, epoch: str, users: Sequence[str]) -> EpochCheck:
+        return await self._run(mongo_e2e.epoch_check, self._c, conversation, epoch, users)
 
     async def epoch_shares(
         self, conversation: str, epochs: Sequence[str], devices: Sequence[str]

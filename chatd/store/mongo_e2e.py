@@ -2,10 +2,13 @@
 
 Owns the device registry (``put_device``, ``remove_device``, ``devices``,
 ``active_devices``) and the epochs with their shares (``put_epoch``,
-``get_epoch``, ``epoch_shares``). Each function runs in the store's worker
-thread and takes the store's :class:`~chatd.store.mongo_schema.Collections`;
+``get_epoch``, ``epoch_check``, ``epoch_shares``). Each function runs in
+the store's worker thread and takes the store's
+:class:`~chatd.store.mongo_schema.Collections`;
 the decisions are :mod:`chatd.store.mongo_plan`'s (``same_device``,
-``free_slot``, ``new_shares``).
+``free_slot``, ``new_shares``: the upload rule of
+:func:`chatd.core.e2e.judge_epoch_upload`, which the SQLite store keeps
+too).
 
 **Devices** are claimed by one insert into ``devices`` that carries
 ``(user, device)`` and ``(user, slot)``, both under unique indexes: an id is
@@ -29,7 +32,7 @@ from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError
 
 from chatd.core.errors import Unavailable
-from chatd.core.model import Device, Epoch, EpochShare
+from chatd.core.model import Device, Epoch, EpochCheck, EpochShare
 from chatd.store.mongo_docs import to_device
 from chatd.store.mongo_plan import APPEND_CONFLICTS, free_slot, new_shares, same_device
 from chatd.store.mongo_schema import Collections
@@ -156,6 +159,12 @@ def get_epoch(c: Collections, conversation: str, epoch: str) -> Epoch | None:
         tuple(sorted(doc.get("shares") or {})),
         doc["created_ts"],
     )
+
+
+def epoch_check(c: Collections, conversation: str, epoch: str, users: Sequence[str]) -> EpochCheck:
+    """:func:`get_epoch` and :func:`active_devices` in one thread hop."""
+    active = tuple(active_devices(c, users)) if users else ()
+    return EpochCheck(get_epoch(c, conversation, epoch), active)
 
 
 def epoch_shares(

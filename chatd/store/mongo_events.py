@@ -72,14 +72,21 @@ def apply_event(c: Collections, ev: NewEvent) -> EventResult:
         if ev.conversation.startswith(GROUP_PREFIX):
             group = c.conversations.find_one(
                 {"_id": ev.conversation, "kind": "group"},
-                {"members": 1, "admins": 1, "joined": 1, "pending": 1},
+                {"members": 1, "admins": 1, "joined": 1, "pending": 1, "e2e": 1},
             )
             if group is not None and group.get("pending") is not None:
                 # A change committed, its event not stored yet: it goes first.
                 announce(c, group["pending"])
                 continue
+        e2e = False
+        if ev.kind is EventKind.EDITED and group is None:
+            # An edit must fit its conversation's mode (a group's was read
+            # with its members). The switch is a second write after the
+            # first end-to-end message (docs/mongo.md, Known limits).
+            conv = c.conversations.find_one({"_id": ev.conversation}, {"e2e": 1})
+            e2e = bool(conv is not None and conv.get("e2e"))
         doc = settled(c, ev.message_id, fields)
-        refusal, to = judge_event(ev, group, doc)
+        refusal, to = judge_event(ev, group, doc, e2e)
         if refusal is not None:
             return EventResult(None, refused=refusal.code, reason=refusal.reason)
         stored = event_doc(ev, eseq, to)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from chatd.core import events as event_rules
+from chatd.core.e2e import judge_epoch_upload
 from chatd.core.errors import Internal, Unavailable
 from chatd.core.events import MembershipPlan, Refusal, Target, manages
 from chatd.core.model import (
@@ -346,14 +347,16 @@ def membership_commit(
 
 
 def judge_event(
-    ev: NewEvent, group: dict[str, Any] | None, doc: dict[str, Any] | None
+    ev: NewEvent, group: dict[str, Any] | None, doc: dict[str, Any] | None, e2e: bool = False
 ) -> tuple[Refusal | None, Sequence[str]]:
     """Event ``ev`` judged (:func:`chatd.core.events.judge`) against its
     message as read with every event applied (``doc``, None if there is
     none) and, in a group, the group as it is now (``group``), and who it is
     owed to. In a group it is owed to the members, acted on by members only
     (an operator, ``ev.moderator``, from outside), on what they may read;
-    its admins moderate (every member, in a group without admins)."""
+    its admins moderate (every member, in a group without admins). An edit
+    must fit the conversation's mode as read: ``e2e`` (a group's is its
+    document's own ``e2e``)."""
     target = None
     mine, already = 0, False
     if doc is not None:
@@ -363,6 +366,7 @@ def judge_event(
             doc["ts"],
             bool(doc.get("deleted")),
             doc.get("seq", 1),
+            bool(group.get("e2e")) if group is not None else e2e,
         )
         own = [r["emoji"] for r in doc.get("reactions") or () if r["user"] == ev.by]
         mine, already = len(own), ev.emoji in own
@@ -409,14 +413,13 @@ def new_shares(
 ) -> dict[str, str] | None:
     """The ``shares`` (recipient device -> sealed key) epoch ``doc`` lacks, to
     add by a compare-and-set on their absence; None if adding them is a
-    conflict: the epoch is another device's, or it holds another share for
-    one of those recipients."""
-    if (doc["user"], doc["device"]) != (user, device):
-        return None
-    have = doc.get("shares") or {}
-    if any(have.get(d, s) != s for d, s in shares.items()):
-        return None
-    return {d: s for d, s in shares.items() if d not in have}
+    conflict (:func:`chatd.core.e2e.judge_epoch_upload`: the epoch is
+    another device's, or it holds another share for one of those
+    recipients)."""
+    upload = judge_epoch_upload(
+        (doc["user"], doc["device"]), doc.get("shares") or {}, user, device, shares
+    )
+    return None if upload.outcome == "conflict" else upload.new
 
 
 def same_device(found: dict[str, Any], keys: Mapping[str, Any]) -> bool:

@@ -63,6 +63,7 @@ from chatd.core.model import (
     ConversationSummary,
     Device,
     Epoch,
+    EpochCheck,
     EpochShare,
     EventResult,
     Mark,
@@ -322,6 +323,9 @@ class SqliteStore:
 
     async def get_epoch(self, conversation: str, epoch: str) -> Epoch | None:
         return await self._run(sqlite_reads.get_epoch, conversation, epoch)
+
+    async def epoch_check(self, conversation: str, epoch: str, users: Sequence[str]) -> EpochCheck:
+        return await self._run(sqlite_reads.epoch_check, conversation, epoch, users)
 
     async def epoch_shares(
         self, conversation: str, epochs: Sequence[str], devices: Sequence[str]

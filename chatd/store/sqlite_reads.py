@@ -18,6 +18,7 @@ from chatd.core.model import (
     ConversationSummary,
     Device,
     Epoch,
+    EpochCheck,
     EpochShare,
     Receipt,
     StoredEvent,
@@ -289,6 +290,14 @@ def get_epoch(db: sqlite3.Connection, conversation: str, epoch: str) -> Epoch | 
         (conversation, epoch),
     ).fetchall()
     return Epoch(conversation, epoch, row[0], row[1], tuple(r[0] for r in to), row[2])
+
+
+def epoch_check(
+    db: sqlite3.Connection, conversation: str, epoch: str, users: Sequence[str]
+) -> EpochCheck:
+    """:func:`get_epoch` and :func:`active_devices` in one thread hop."""
+    active = tuple(active_devices(db, users)) if users else ()
+    return EpochCheck(get_epoch(db, conversation, epoch), active)
 
 
 def epoch_shares(

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from chatd.core.e2e import judge_epoch_upload
 from chatd.core.events import MembershipPlan
 from chatd.core.model import (
     Conversation,
@@ -301,9 +302,6 @@ def epoch_upload(
     """Uploading an epoch's shares over its (username, device) row (None: a
     new epoch) and the shares it has (recipient -> share): ``conflict``
     (another maker, or another share for a device), ``created`` or
-    ``added``."""
-    if row is not None and tuple(row) != (user, device):
-        return "conflict"
-    if any(have.get(d, s) != s for d, s in shares.items()):
-        return "conflict"
-    return "created" if row is None else "added"
+    ``added``, as :func:`chatd.core.e2e.judge_epoch_upload` rules."""
+    maker = None if row is None else (row[0], row[1])
+    return judge_epoch_upload(maker, have, user, device, shares).outcome

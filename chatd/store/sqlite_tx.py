@@ -249,11 +249,19 @@ def event_rows(db: sqlite3.Connection, batch: Sequence[NewEvent]) -> list[EventR
         if row is not None:
             out.append(EventResult(to_event(row), duplicate=True))
             continue
+        # The message, and its conversation's mode as this transaction sees
+        # it (an edit must fit it; an append earlier in it may have switched).
         msg = db.execute(
-            "SELECT conversation, sender, ts, deleted, seq FROM messages WHERE id = ?",
+            "SELECT m.conversation, m.sender, m.ts, m.deleted, m.seq, coalesce(c.e2e, 0)"
+            " FROM messages m LEFT JOIN conversations c ON c.id = m.conversation"
+            " WHERE m.id = ?",
             (ev.message_id,),
         ).fetchone()
-        target = None if msg is None else Target(msg[0], msg[1], msg[2], bool(msg[3]), msg[4])
+        target = (
+            None
+            if msg is None
+            else Target(msg[0], msg[1], msg[2], bool(msg[3]), msg[4], bool(msg[5]))
+        )
         recipients = ev.recipients
         visible_from = 1
         moderator = ev.moderator

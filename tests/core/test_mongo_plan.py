@@ -550,6 +550,64 @@ def test_judge_event(ev, group, doc, refused, to):
         assert owed == sorted(m for m in (group or {}).get("members", ()) if m != ev.by)
 
 
+SEALED_GROUP = {**MEMBERS, "e2e": True}
+DM_TARGET = {**target(), "conversation": "d:a:b"}
+
+
+@pytest.mark.parametrize(
+    ("ev", "group", "doc", "e2e", "refused"),
+    [
+        # A group's mode is its document's own.
+        (
+            event(EventKind.EDITED, "alice", body=BODY),
+            SEALED_GROUP,
+            target(),
+            False,
+            "e2e_required",
+        ),
+        (
+            event(EventKind.EDITED, "alice", body=BODY, e2e=True),
+            SEALED_GROUP,
+            target(),
+            False,
+            None,
+        ),
+        (event(EventKind.EDITED, "alice", body=BODY, e2e=True), MEMBERS, target(), True, "e2e_off"),
+        # A direct conversation's is the caller's read (``e2e``).
+        (
+            event(EventKind.EDITED, "alice", "d:a:b", body=BODY),
+            None,
+            DM_TARGET,
+            True,
+            "e2e_required",
+        ),
+        (
+            event(EventKind.EDITED, "alice", "d:a:b", body=BODY, e2e=True),
+            None,
+            DM_TARGET,
+            True,
+            None,
+        ),
+        (
+            event(EventKind.EDITED, "alice", "d:a:b", body=BODY, e2e=True),
+            None,
+            DM_TARGET,
+            False,
+            "e2e_off",
+        ),
+        (event(EventKind.EDITED, "alice", "d:a:b", body=BODY), None, DM_TARGET, False, None),
+        # Only edits are judged against the mode.
+        (event(EventKind.REACTION, emoji="👍"), SEALED_GROUP, target(), False, None),
+        (event(EventKind.DELETED, "alice"), SEALED_GROUP, target(), False, None),
+        # An unknown message is not found, whatever the mode.
+        (event(EventKind.EDITED, "alice", body=BODY), SEALED_GROUP, None, False, "not_found"),
+    ],
+)
+def test_judge_event_holds_an_edit_to_the_mode(ev, group, doc, e2e, refused):
+    refusal, _ = judge_event(ev, group, doc, e2e)
+    assert (refusal.code if refusal else None) == refused
+
+
 @pytest.mark.parametrize(
     ("field", "order", "after", "expected"),
     [

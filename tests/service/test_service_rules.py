@@ -9,7 +9,8 @@ import pytest
 from chatd.core.e2e import stored_text
 from chatd.core.errors import BadRequest, Forbidden, NotFound
 from chatd.core.frames import Ack, Delete, Edit, React, Send, Typing
-from chatd.core.model import GroupAction, NewMessage
+from chatd.core.model import GroupAction, NewMessage, Sealed
+from chatd.ports import Store, Writes
 from chatd.service import ChatService
 from harness.e2e_client import E2EDevice
 from tests.service.test_service import FakeConn
@@ -83,6 +84,8 @@ async def test_a_plain_send_that_races_the_switch_is_refused_by_the_store(svc):
     await svc.flush()
     assert error_of(cb, "p1")["reason"] == "e2e_required"
     assert len(await svc.store.history(conv, None, 10)) == 1
+    # The refusal taught the service: its copy says end-to-end now.
+    assert svc._conversations[conv].e2e is True
 
 
 async def test_epoch_uploads_are_refused_for_strangers_and_foreign_devices(svc):
@@ -238,3 +241,159 @@ async def test_a_retry_routes_nothing_owed_to_who_acked_already(svc):
     assert b2.of("message") == [] and await svc.broker.queued("bob") == []
     assert [(f["id"], f["body"]) for f in c2.of("message")] == [(m["id"], "hello")]
     assert [e.key for e in await svc.broker.queued("carol")] == [m["id"]]
+
+
+# -- the end-to-end mode: the store decides, the service's copy is a hint ----------
+
+
+class Counting:
+    """A store whose calls, but ``write`` (the group commit), are recorded:
+    the reads a request makes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str):
+        real = getattr(self.store, name)
+
+        async def call(*args, **kwargs):
+            if name != "write":
+                self.calls.append(name)
+            return await real(*args, **kwargs)
+
+        return call
+
+
+class SwitchedFirst(Counting):
+    """Another replica switches the conversation to end-to-end (``switch``,
+    stored straight into the store) just before the next write with an
+    event commits: after every check the service made."""
+
+    def __init__(self, store: Store, switch: NewMessage) -> None:
+        super().__init__(store)
+        self.switch: NewMessage | None = switch
+
+    async def write(self, writes: Writes):
+        if writes.events and self.switch is not None:
+            [done] = await self.store.append([self.switch])
+            assert done.refused is None
+            self.switch = None
+        return await self.store.write(writes)
+
+
+async def _plain_dm_cached(svc: ChatService) -> tuple[FakeConn, str, str]:
+    """alice's plain message to bob, sent through ``svc`` (which caches the
+    one-to-one conversation, plain): her connection, the conversation, the
+    message id."""
+    a1 = FakeConn("a1", "alice")
+    await svc.send(a1, Send("m1", "plain first", to="bob"))
+    await svc.flush()
+    [sent] = a1.of("sent")
+    assert svc._conversations[sent["conversation"]].e2e is False
+    return a1, sent["conversation"], sent["id"]
+
+
+async def _switch_on(replica: ChatService, conv: str) -> tuple[E2EDevice, str]:
+    """alice switches ``conv`` to end-to-end on ``replica``: her device and
+    the end-to-end message's id."""
+    a = await device(replica, "alice")
+    await device(replica, "bob")
+    await epoch(replica, a, conv, ["alice", "bob"])
+    ra = DeviceConn("r1", "alice", a.device)
+    await replica.send(ra, Send("x1", None, conversation=conv, e2e=a.encrypt(conv, "sealed")))
+    await replica.flush()
+    [sent] = ra.of("sent")
+    return a, sent["id"]
+
+
+async def test_a_stale_copy_lets_no_plain_edit_into_an_e2e_conversation(svc, replica):
+    """Another replica switched the one-to-one conversation; this one's
+    copy still says plain. A plain edit costs no conversation read: it goes
+    to the store, which refuses it (``e2e_required``), changing nothing,
+    and the service learns the mode from that answer."""
+    a1, conv, mid = await _plain_dm_cached(svc)
+    await _switch_on(replica, conv)
+    svc.store = counting = Counting(svc.store)
+    await svc.act(a1, Edit("e1", mid, "sneaked in"))
+    await svc.flush()
+    assert error_of(a1, "e1")["reason"] == "e2e_required"
+    assert a1.of("applied") == []
+    assert counting.calls == ["get_messages"]  # the message; no conversation read
+    [stored] = await svc.store.get_messages([mid])
+    assert (svc._open(stored).body, stored.edits) == ("plain first", 0)
+    assert svc._conversations[conv].e2e is True
+    # From now on the service's own copy answers, before the store.
+    with pytest.raises(BadRequest) as again:
+        await svc.act(a1, Edit("e2", mid, "again"))
+    assert again.value.extra == {"reason": "e2e_required"}
+
+
+async def test_a_plain_edit_that_races_the_switch_is_refused_by_the_store(svc):
+    """The switch commits after every check the service made (its copy and
+    the store both said plain then), just before the edit's write: the
+    store judges the edit against the mode in its own transaction."""
+    a1, conv, mid = await _plain_dm_cached(svc)
+    seal = Sealed("k1", b"n" * 12, b"sealed elsewhere")
+    switch = NewMessage(svc.ids.new(), conv, "bob", "x-elsewhere", 9, seal, ("alice",), e2e=True)
+    svc.store = SwitchedFirst(svc.store, switch)
+    await svc.act(a1, Edit("e1", mid, "just in time?"))
+    await svc.flush()
+    assert error_of(a1, "e1")["reason"] == "e2e_required"
+    [stored] = await svc.store.get_messages([mid])
+    assert (svc._open(stored).body, stored.edits) == ("plain first", 0)
+    assert await svc.store.owed_events("bob", 10) == []
+    assert svc._conversations[conv].e2e is True
+
+
+async def test_an_e2e_edit_on_a_replica_whose_copy_is_plain(svc, replica):
+    """The other way round: the copy says plain, the edit is end-to-end.
+    The service asks the store (one read) rather than answer ``e2e_off``,
+    and learns the mode; the edit is applied."""
+    _, conv, _ = await _plain_dm_cached(svc)
+    a, x1 = await _switch_on(replica, conv)
+    ca = DeviceConn("a2", "alice", a.device)
+    await svc.act(ca, Edit("e1", x1, None, e2e=a.encrypt(conv, "sealed!", edit_of=x1)))
+    await svc.flush()
+    assert [f["cid"] for f in ca.of("applied")] == ["e1"] and ca.of("error") == []
+    assert svc._conversations[conv].e2e is True
+
+
+async def test_a_plain_edit_reads_no_conversation(svc):
+    """The service's copy knows the mode: a plain edit reads the message it
+    edits and nothing else (the store judges the mode as it applies it)."""
+    a1, _, mid = await _plain_dm_cached(svc)
+    svc.store = counting = Counting(svc.store)
+    await svc.act(a1, Edit("e1", mid, "plain second"))
+    await svc.flush()
+    assert [f["cid"] for f in a1.of("applied")] == ["e1"]
+    assert counting.calls == ["get_messages"]
+
+
+async def test_an_e2e_send_makes_one_store_read(svc):
+    """The epoch and the members' active devices come in one read, still
+    against the store as it is now: ``e2e_stale`` stays exact."""
+    conv = (await svc.open_dm("alice", "bob")).id
+    a, b = await device(svc, "alice"), await device(svc, "bob")
+    await epoch(svc, a, conv, ["alice", "bob"])
+    ca = DeviceConn("a1", "alice", a.device)
+    await svc.send(ca, Send("x1", None, conversation=conv, e2e=a.encrypt(conv, "first")))
+    await svc.flush()  # the one-to-one conversation is cached from here on
+    svc.store = counting = Counting(svc.store)
+    await svc.send(ca, Send("x2", None, conversation=conv, e2e=a.encrypt(conv, "second")))
+    await svc.flush()
+    assert counting.calls == ["epoch_check"]
+    assert [f["cid"] for f in ca.of("sent")] == ["x1", "x2"]
+    # bob swaps his device: the epoch misses the new one, shares the removed one.
+    b2 = await device(svc, "bob")
+    await svc.remove_device("bob", b.device)
+    counting.calls.clear()
+    with pytest.raises(BadRequest) as stale:
+        await svc.send(ca, Send("x3", None, conversation=conv, e2e=a.encrypt(conv, "third")))
+    assert stale.value.extra == {
+        "reason": "e2e_stale",
+        "missing": [b2.device],
+        "extra": [b.device],
+    }
+    # The check, then the refusal's look for a stored retry of the cid.
+    assert counting.calls == ["epoch_check", "sent_id"]

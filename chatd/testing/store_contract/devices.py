@@ -1,5 +1,6 @@
 """End-to-end: devices (registered once, bounded, tombstoned), epochs and
-their shares, and conversations switched to end-to-end.
+their shares (and the one read a send is checked against), conversations
+switched to end-to-end, and edits judged against the mode.
 
 Part of :class:`chatd.testing.store_contract.StoreContract`.
 """
@@ -8,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from chatd.core.model import (
-    Device,
-)
-from chatd.ports import Store
+from chatd.core.model import Device, EventKind, NewEvent
+from chatd.ports import Store, Writes
 from chatd.testing.store_contract.helpers import (
     ContractBase,
+    new_event,
     new_message,
+    one_event,
     present,
     users,
 )
@@ -154,3 +155,71 @@ class DevicesContract(ContractBase):
         assert got[0].refused == "e2e_required"
         ok = await store.append([replace(new_message("g:sealed", "alice", ("bob",)), e2e=True)])
         assert ok[0].refused is None and ok[0].seq == 1
+
+    async def test_an_epoch_check_reads_the_epoch_and_the_devices_at_once(
+        self, store: Store
+    ) -> None:
+        await users(store, "alice", "bob", "carol")
+        conv = await store.ensure_dm("alice", "bob", 1)
+        for user, device in [("alice", "a-phone-1"), ("bob", "b-phone-1"), ("bob", "b-old-001")]:
+            d = Device(user, device, "S" * 43, "D" * 43, "", "G" * 86, 1)
+            assert await store.put_device(d, 4) == "created"
+        await store.put_device(Device("carol", "c-phone-1", "S" * 43, "D" * 43, "", "G" * 86, 1), 4)
+        await store.remove_device("bob", "b-old-001", 3)
+        shares = {"b-phone-1": "s" * 107, "b-old-001": "t" * 107}
+        assert await store.put_epoch(conv.id, "epoch-0001", "alice", "a-phone-1", shares, 5) == (
+            "created"
+        )
+        check = await store.epoch_check(conv.id, "epoch-0001", ["alice", "bob"])
+        assert check.epoch == await store.get_epoch(conv.id, "epoch-0001")
+        assert present(check.epoch).recipients == ("b-old-001", "b-phone-1")
+        # The members' active devices (not a removed one, nobody else's).
+        assert check.active == ("a-phone-1", "b-phone-1")
+        none = await store.epoch_check(conv.id, "epoch-0002", ["alice", "bob"])
+        assert none.epoch is None and none.active == ("a-phone-1", "b-phone-1")
+        # What it reads is what is stored now: a device added since shows.
+        await store.put_device(Device("bob", "b-new-001", "S" * 43, "D" * 43, "", "G" * 86, 9), 4)
+        again = await store.epoch_check(conv.id, "epoch-0001", ["alice", "bob"])
+        assert again.active == ("a-phone-1", "b-new-001", "b-phone-1")
+
+    async def test_an_edit_must_fit_the_conversations_mode(self, store: Store) -> None:
+        """As for appends, the store judges an edit against the mode it
+        holds (the service's copy may be stale): a plain edit in an
+        end-to-end conversation is refused ``e2e_required``, an end-to-end
+        edit in a plain one ``e2e_off``; a refused edit changes nothing."""
+        await users(store, "alice", "bob")
+        conv = (await store.ensure_dm("alice", "bob", 1)).id
+        first = new_message(conv, "alice", ("bob",), ts=5)
+        await store.append([first])
+
+        def edit(message_id: str, e2e: bool) -> NewEvent:
+            return new_event(conv, EventKind.EDITED, message_id, "alice", ("bob",), e2e=e2e)
+
+        off = await one_event(store, edit(first.id, True))
+        assert (off.refused, off.event) == ("e2e_off", None)
+        assert (await one_event(store, edit(first.id, False))).refused is None  # the control
+        # The switch and a plain edit in one write: the edit comes after it.
+        switch = replace(new_message(conv, "alice", ("bob",), ts=6), e2e=True)
+        done = await store.write(Writes(appends=[switch], events=[edit(first.id, False)]))
+        assert done.appended[0].refused is None
+        assert done.events[0].refused == "e2e_required" and done.events[0].event is None
+        # Old plain messages and the end-to-end one alike, from now on.
+        for message in (first, switch):
+            assert (await one_event(store, edit(message.id, False))).refused == "e2e_required"
+            assert (await one_event(store, edit(message.id, True))).refused is None
+        # Two edits applied (eseq 1, 2, 3), no refused one stored or owed.
+        assert [e.eseq for e in await store.owed_events("bob", 10)] == [1, 2, 3]
+        got = {m.id: m.edits for m in await store.history(conv, None, 10)}
+        assert got == {first.id: 2, switch.id: 1}
+
+    async def test_an_edit_in_a_group_made_end_to_end(self, store: Store) -> None:
+        await users(store, "alice", "bob")
+        await store.create_group("g:sealed", "t", ["alice", "bob"], 1, creator="alice", e2e=True)
+        msg = replace(new_message("g:sealed", "alice", ("bob",), ts=5), e2e=True)
+        await store.append([msg])
+        plain = new_event("g:sealed", EventKind.EDITED, msg.id, "alice", ("bob",))
+        assert (await one_event(store, plain)).refused == "e2e_required"
+        sealed = replace(plain, id=plain.id + "x", cid="c-sealed", e2e=True)
+        assert (await one_event(store, sealed)).refused is None
+        [got] = await store.history("g:sealed", None, 10)
+        assert got.edits == 1

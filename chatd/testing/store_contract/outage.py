@@ -159,6 +159,7 @@ CALLS: dict[str, Call] = {
         w.dm, w.fresh("epoch-"), "alice", "phone-0001", {"b-dev-01": "s" * 107}, 5
     ),
     "get_epoch": lambda s, w: s.get_epoch(w.dm, "epoch-0001"),
+    "epoch_check": lambda s, w: s.epoch_check(w.dm, "epoch-0001", ["alice", "bob"]),
     "epoch_shares": lambda s, w: s.epoch_shares(w.dm, ["epoch-0001"], ["b-dev-01"]),
     "list_users": lambda s, w: s.list_users(None, 10),
     "set_disabled": lambda s, w: s.set_disabled("carol", True),

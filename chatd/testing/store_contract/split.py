@@ -29,6 +29,7 @@ class SplitStore:
             "active_devices",
             "sent_id",
             "get_epoch",
+            "epoch_check",
             "epoch_shares",
             "ping",
             "list_users",
