@@ -2,7 +2,9 @@
 
 It keeps every frame it receives, so a test can wait for one that matches
 and still look at what came before. ``expect`` fails with the frames seen
-so far, which makes a failing end-to-end test readable.
+so far, which makes a failing end-to-end test readable. That something did
+*not* come is asserted against a barrier (``quiet``, ``sync``), never by
+waiting a while: a frame that would come a little later is not missed.
 """
 
 from __future__ import annotations
@@ -153,13 +155,68 @@ class ChatClient:
             return self.closed
         raise ExpectTimeout(f"{self.name}: still open after {timeout}s; got {self.frames!r}")
 
-    async def quiet(self, type: str, seconds: float = 0.3, **fields: Any) -> None:
-        """Assert that no (unconsumed) frame of ``type`` arrives within ``seconds``."""
-        try:
-            frame = await self.expect(type, timeout=seconds, **fields)
-        except ExpectTimeout:
-            return
-        raise AssertionError(f"{self.name}: unexpected {type} frame {frame!r}")
+    async def sync(self, timeout: float = 5.0) -> Frame:
+        """A ``ping``/``pong`` round trip; returns the (consumed) pong.
+
+        The server handles a connection's frames in order and answers each
+        after the writes of the frames before it, so by the pong every frame
+        this client sent before the ping has been handled: its writes are
+        committed and what they route is routed. A node hands what it routes
+        to a connection of its own to that connection at once, so whatever
+        this connection's node routed to it before reading the ping has
+        arrived before the pong. Not covered: what another replica routes
+        (it is still on its way through Redis) and a backlog (the server
+        answers a ping while its backlog is still streaming); there, wait for
+        a later frame of the same path instead (``quiet(before=...)``).
+        """
+        start = len(self.frames)
+        await self.send_json({"type": "ping"})
+        with trio.move_on_after(timeout):
+            while True:
+                for i in range(start, len(self.frames)):
+                    if i not in self._consumed and self.frames[i].get("type") == "pong":
+                        self._consumed.add(i)
+                        return self.frames[i]
+                if self.closed is not None:
+                    break
+                await self._arrived.wait()
+        raise ExpectTimeout(
+            f"{self.name}: no pong within {timeout}s; closed={self.closed}; got {self.frames!r}"
+        )
+
+    async def quiet(
+        self,
+        type: str,
+        *,
+        before: Frame | None = None,
+        where: Callable[[Frame], bool] | None = None,
+        **fields: Any,
+    ) -> Frame:
+        """Assert that no unconsumed frame of ``type`` (matching ``fields`` and
+        ``where``) arrived before a barrier; returns the barrier.
+
+        The barrier is ``before``, a frame this client already has that came
+        the same way later (frames keep their order per connection, so its
+        arrival proves the absent one is not on its way), or else a
+        :meth:`sync` round trip made now (see there for what it covers).
+        Never a timeout: a frame that would have come a little later is not
+        missed, and a broken connection fails instead of passing.
+        """
+        barrier = before if before is not None else await self.sync()
+        end = next((i for i, f in enumerate(self.frames) if f is barrier), None)
+        if end is None:
+            raise ValueError(f"{self.name}: the barrier {barrier!r} is not a frame of this client")
+        unexpected = [
+            f
+            for i, f in enumerate(self.frames[:end])
+            if i not in self._consumed
+            and f.get("type") == type
+            and all(f.get(k) == v for k, v in fields.items())
+            and (where is None or where(f))
+        ]
+        if unexpected:
+            raise AssertionError(f"{self.name}: unexpected {type} frame(s) {unexpected!r}")
+        return barrier
 
 
 @asynccontextmanager

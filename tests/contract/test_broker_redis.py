@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import random
 import re
 import time
@@ -104,6 +105,34 @@ async def eventually(check: Callable[[], object], timeout: float = 5.0, step: fl
             await trio.sleep(step)
 
 
+async def beats(server: RedisServer, nodes: dict[str, RedisBroker], count: int = 2) -> None:
+    """Wait until each of ``nodes`` (name: its broker) has beaten ``count``
+    more times (its last beat in the index of incarnations changed). A node
+    beats, then buries the dead, then sleeps: after two beats every burial
+    round it was in has ended, and so has a whole one begun after the call."""
+
+    def last(name: str, broker: RedisBroker) -> object:
+        return server.command("ZSCORE", broker.incarnations_key(), broker.incarnation(name))
+
+    seen = {name: [last(name, broker)] for name, broker in nodes.items()}
+
+    def done() -> bool:
+        for name, broker in nodes.items():
+            score = last(name, broker)
+            if score != seen[name][-1]:
+                seen[name].append(score)
+        return all(len(scores) > count for scores in seen.values())
+
+    await eventually(done, timeout=FAST["heartbeat_interval"] * (count + 1) + 3, step=0.02)
+
+
+async def logged(caplog: pytest.LogCaptureFixture, text: str, times: int, since: int) -> None:
+    """Wait until ``text`` is in ``times`` log records after the first ``since``."""
+    await eventually(
+        lambda: sum(text in r.getMessage() for r in caplog.records[since:]) >= times, step=0.02
+    )
+
+
 async def expect_unavailable_fast(call: Callable[[], object], limit: float) -> float:
     start = trio.current_time()
     with pytest.raises(Unavailable):
@@ -150,9 +179,10 @@ async def test_one_survivor_announces_a_dead_nodes_users(make: Make, server: Red
     about its last beat), none for a user still online elsewhere; the dead
     node's bookkeeping is cleared."""
     gone: list[tuple[str, str, int]] = []
+    alive: dict[str, RedisBroker] = {}
     async with trio.open_nursery() as survivors:
         for name in ("n1", "n2", "n3"):
-            b = make()
+            b = alive[name] = make()
             await survivors.start(
                 partial(b.run, gone=lambda u, ts, n=name: gone.append((n, u, ts))),
                 name,
@@ -174,8 +204,8 @@ async def test_one_survivor_announces_a_dead_nodes_users(make: Make, server: Red
             nursery.cancel_scope.cancel()  # stops beating, detaches nothing
 
         await eventually(lambda: bool(gone), timeout=FAST["presence_ttl"] + 3)
-        # Every survivor has had several beats to claim it too.
-        await trio.sleep(FAST["heartbeat_interval"] * 5)
+        # Every survivor has had a whole burial round since, to claim it too.
+        await beats(server, alive)
         survivors.cancel_scope.cancel()
 
     assert [(u) for _, u, _ in gone] == ["alice"], gone
@@ -189,7 +219,7 @@ async def test_one_survivor_announces_a_dead_nodes_users(make: Make, server: Red
     assert server.command("ZSCORE", dying.incarnations_key(), inc) is None
 
 
-async def test_first_attach_ignores_a_dead_node(make: Make) -> None:
+async def test_first_attach_ignores_a_dead_node(make: Make, server: RedisServer) -> None:
     dying, other = make(), make()
     async with trio.open_nursery() as nursery:
         await start_node(nursery, dying, "n1")
@@ -197,7 +227,9 @@ async def test_first_attach_ignores_a_dead_node(make: Make) -> None:
         nursery.cancel_scope.cancel()
     # While n1's heartbeat lives, bob is still online there.
     assert await other.attach("bob", "n2", "c2") is False
-    await trio.sleep(FAST["presence_ttl"] + 0.3)
+    # Until it expires (presence_ttl after n1's last beat).
+    heartbeat = dying.heartbeat_key(dying.incarnation("n1"))
+    await eventually(lambda: server.command("EXISTS", heartbeat) == 0, FAST["presence_ttl"] + 1)
     assert await other.detach("bob", "n2", "c2", 500) is True
     assert await other.attach("bob", "n2", "c3") is True
     assert (await other.presence(["bob"]))["bob"].nodes == ("n2",)
@@ -227,14 +259,20 @@ async def test_flushall_heartbeat_reasserts_presence_and_resyncs(
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
 async def test_outage_unavailable_fast_run_survives_and_resyncs(
-    how: str, make: Make, server: RedisServer, nursery: trio.Nursery
+    how: str,
+    make: Make,
+    server: RedisServer,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="chatd.broker")
     n1 = await start_node(nursery, make(), "n1")
     b = n1.broker
     await b.attach("bob", "n1", "c1")
     await b.route([Routed("bob", "m0", "before", queued=True)])
     await n1.wait_for(1)
 
+    since = len(caplog.records)
     getattr(server, how)()
     limit = 0.5  # refused connections fail at once; well under op_timeout
     await expect_unavailable_fast(lambda: b.route([Routed("bob", "m1", "x", queued=True)]), limit)
@@ -244,7 +282,9 @@ async def test_outage_unavailable_fast_run_survives_and_resyncs(
     await expect_unavailable_fast(lambda: b.detach("dave", "n1", "c3", 1), limit)
     await expect_unavailable_fast(lambda: b.presence(["bob"]), limit)
     await expect_unavailable_fast(b.ping, limit)
-    await trio.sleep(0.5)  # run() keeps retrying meanwhile; it must not crash
+    # run() keeps retrying meanwhile; it must not crash, nor resync while
+    # Redis is away: it has lost its subscription and tried again twice.
+    await logged(caplog, "redis subscription lost; retrying", 3, since)
     assert n1.resyncs == 0
 
     server.start()  # same port, all data lost
@@ -292,16 +332,19 @@ async def test_a_hung_server_gives_unavailable_not_a_hang(
 async def test_work_sent_without_waiting_and_lost_resyncs(
     make: Make, server: RedisServer, nursery: trio.Nursery
 ) -> None:
-    """The command connection dies with a route in flight while the
-    subscription stays: the broker reconnects and the node resyncs."""
+    """The command connection dies with routes in flight while the
+    subscription stays: the broker reconnects and the node resyncs, once."""
     n1 = await start_node(nursery, make(), "n1")
     b = n1.broker
     await b.ping()
     server.command("CLIENT", "KILL", "TYPE", "normal")  # not the subscription
-    b.route_nowait([Routed("bob", "m1", "p1", queued=True)])
+    for i in range(3):
+        b.route_nowait([Routed("bob", f"m{i}", "p", queued=True)])
     await eventually(lambda: n1.resyncs == 1, timeout=3)
-    await b.ping()
-    await trio.sleep(0.3)
+    # The barrier: work sent without waiting after the recovery goes through,
+    # in order with a later call, on the new connection.
+    b.route_nowait([Routed("bob", "after", "p", queued=True)])
+    assert [o.key for o in await b.queued("bob")][-1] == "after"
     assert n1.resyncs == 1  # once per lost connection, not per call
 
 
@@ -323,7 +366,8 @@ async def test_nowait_while_redis_is_away_resyncs_once_back(
     assert [o.key for o in await b.queued("bob")] == ["after"]
 
 
-async def test_run_starts_only_once_redis_answers() -> None:
+async def test_run_starts_only_once_redis_answers(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="chatd.broker")
     server = RedisServer()  # not started yet
     try:
         async with (
@@ -337,7 +381,8 @@ async def test_run_starts_only_once_redis_answers() -> None:
                 started.set()
 
             nursery.start_soon(node)
-            await trio.sleep(0.5)
+            # It has tried twice (and failed) by now: not started.
+            await logged(caplog, "redis not reachable; retrying", 2, 0)
             assert not started.is_set()
             server.start()
             with trio.fail_after(3):

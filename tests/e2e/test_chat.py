@@ -1,7 +1,6 @@
 """End to end against a real `chatd serve`: the core flows of the wire contract."""
 
 import pytest
-import trio
 
 from harness.client import connect
 
@@ -58,16 +57,16 @@ async def test_offline_recipient_gets_backlog_in_order(server, api, names):
         assert [m["seq"] for m in got] == [1, 2, 3, 4, 5]
         assert [m["id"] for m in got] == [s["id"] for s in sent]
         await b.ack([m["id"] for m in got])
-        await trio.sleep(0.2)
+        await b.sync()  # the ack is written
     # Acked: the next connection is offered nothing — the first message it
-    # gets is one sent after it connected.
+    # gets is one sent after it connected (live frames wait for the backlog,
+    # so anything re-offered would have come before it).
     async with connect(server.ws_url, bob) as b, connect(server.ws_url, alice) as a:
         await b.auth(tb)
         await a.auth(ta)
-        await b.quiet("message", 0.5)
         cid = await a.send("fresh", to=bob)
         fresh = await a.expect("sent", cid=cid)
-        assert (await b.expect("message"))["id"] == fresh["id"]
+        await b.quiet("message", before=await b.expect("message", id=fresh["id"]))
 
 
 async def test_receipt_waits_for_offline_sender(server, api, names):
@@ -81,20 +80,20 @@ async def test_receipt_waits_for_offline_sender(server, api, names):
         await b.auth(tb)
         msg = await b.expect("message", id=sent["id"])
         await b.seen([msg["id"]])
-        await trio.sleep(0.2)
+        await b.sync()  # the mark is written
     async with connect(server.ws_url, alice) as a:
         await a.auth(ta)
         d = await a.expect("receipt", id=sent["id"], status="delivered")
         s = await a.expect("receipt", id=sent["id"], status="seen")
         await a.ack(receipts=[s["rid"]])  # seen supersedes delivered
-        await trio.sleep(0.2)
+        await a.sync()  # the ack is written
         assert d["by"] == s["by"] == bob
     async with connect(server.ws_url, alice) as a, connect(server.ws_url, bob) as b:
         await a.auth(ta)
-        await a.quiet("receipt", 0.5)
-        # Nothing acked came back: the first receipt is for a new message.
+        # Nothing acked came back: the first receipt is for a new message (a
+        # live one, so anything of the backlog would have come before it).
         cid = await a.send("and now?", to=bob)
         fresh = await a.expect("sent", cid=cid)
         await b.auth(tb)
         await b.ack([(await b.expect("message", id=fresh["id"]))["id"]])
-        assert (await a.expect("receipt"))["id"] == fresh["id"]
+        await a.quiet("receipt", before=await a.expect("receipt", id=fresh["id"]))

@@ -2,7 +2,6 @@
 history paging: against a real chatd process."""
 
 import pytest
-import trio
 
 from harness.client import connect
 
@@ -26,7 +25,9 @@ async def test_idempotent_resend(server, api, names):
         )
         msg = await b.expect("message", id=first["id"])
         assert msg["seq"] == 1
-        await b.quiet("message", 0.4)
+        # A later message on the same path: the resend delivered no second copy before it.
+        marker = await a.expect("sent", cid=await a.send("after", to=bob))
+        await b.quiet("message", before=await b.expect("message", id=marker["id"]))
     # Even from a new connection (a retry after reconnect).
     async with connect(server.ws_url, alice) as a:
         await a.auth(ta)
@@ -34,7 +35,7 @@ async def test_idempotent_resend(server, api, names):
         third = await a.expect("sent", cid="same-cid")
         assert third["id"] == first["id"]
     status, body = await api.call("GET", f"/api/conversations/{first['conversation']}/messages", ta)
-    assert len(body["messages"]) == 1
+    assert [m["id"] for m in body["messages"]] == [first["id"], marker["id"]]
 
 
 async def test_two_devices_of_one_user(server, api, names):
@@ -57,12 +58,17 @@ async def test_two_devices_of_one_user(server, api, names):
         # The sender's other device sees what was sent (never owed).
         echo = await a2.expect("message", id=sent["id"])
         assert echo["from"] == alice and echo["body"] == "to both of your devices"
-        await a1.quiet("message", 0.2)  # not echoed to the sending device
+        # Not echoed to the sending device. The control, and the barrier: what
+        # the other device sends next is echoed to it.
+        cid = await a2.send("from the laptop", to=bob)
+        other = await a2.expect("sent", cid=cid)
+        await a1.quiet("message", before=await a1.expect("message", id=other["id"]))
         # One device acks: delivered; both sender devices get the receipt.
-        await b2.ack([sent["id"]])
+        await b2.ack([sent["id"], other["id"]])
         await a1.expect("receipt", id=sent["id"], status="delivered")
         r = await a2.expect("receipt", id=sent["id"], status="delivered")
-        await a2.ack(receipts=[r["rid"]])
+        r2 = await a2.expect("receipt", id=other["id"], status="delivered")
+        await a2.ack(receipts=[r["rid"], r2["rid"]])
     # Acked by one device: not owed to bob any more, on any device; the
     # receipt acked by one of alice's devices is not owed to her either. The
     # first frames the new devices get are about a message sent afterwards.
@@ -72,13 +78,15 @@ async def test_two_devices_of_one_user(server, api, names):
     ):
         await b3.auth(tb)
         await a3.auth(ta)
-        await b3.quiet("message", 0.4)
-        await a3.quiet("receipt", 0.4)
+        # Live frames wait for a connection's backlog: anything re-offered
+        # would come before these live ones.
         cid = await a3.send("later", to=bob)
         later = await a3.expect("sent", cid=cid)
-        assert (await b3.expect("message"))["id"] == later["id"]
+        await b3.quiet("message", before=await b3.expect("message", id=later["id"]))
         await b3.ack([later["id"]])
-        assert (await a3.expect("receipt"))["id"] == later["id"]
+        await a3.quiet(
+            "receipt", before=await a3.expect("receipt", id=later["id"], status="delivered")
+        )
 
 
 async def test_unacked_message_is_offered_again(server, api, names):
@@ -123,13 +131,16 @@ async def test_group_of_three_with_per_member_receipts(server, api, names):
         await c.ack([sent["id"]])
         r = await a.expect("receipt", id=sent["id"], by=carol)
         assert r["status"] == "delivered"
-        await a.quiet("receipt", 0.3)
+        await a.quiet("receipt")  # no more receipts than those three
         # Members reply; typing reaches the others, not the typist.
         await c.send_json({"type": "typing", "conversation": gid})
         t1 = await a.expect("typing")
         t2 = await b.expect("typing")
         assert t1 == t2 == {"type": "typing", "conversation": gid, "from": carol}
-        await c.quiet("typing", 0.2)
+        # The control, and the barrier: alice's typing, sent after, reaches carol.
+        await a.send_json({"type": "typing", "conversation": gid})
+        t3 = await c.expect("typing", where=lambda f: f["from"] == alice)
+        await c.quiet("typing", before=t3)
     status, body = await api.call("GET", f"/api/conversations/{gid}/messages", tc)
     [m] = body["messages"]
     assert m["delivered_to"] == sorted([bob, carol]) and m["seen_by"] == [bob]
@@ -141,7 +152,7 @@ async def test_presence_and_last_seen(server, api, names):
     async with connect(server.ws_url, alice) as a:
         await a.auth(ta)
         cid = await a.send("hi", to=bob)  # makes them share a conversation
-        await a.expect("sent", cid=cid)
+        conv = (await a.expect("sent", cid=cid))["conversation"]
         status, info = await api.call("GET", f"/api/users/{bob}", ta)
         assert status == 200 and info == {"username": bob, "online": False, "last_seen": None}
         async with connect(server.ws_url, bob) as b:
@@ -152,12 +163,22 @@ async def test_presence_and_last_seen(server, api, names):
             assert info["online"] is True
             async with connect(server.ws_url, bob) as b2:
                 await b2.auth(tb)
-                await trio.sleep(0.2)
-            await a.quiet("presence", 0.3)  # a second device changes nothing
+                # A second device changes nothing. Its `ready` comes after its
+                # presence was settled (and announced, had it been the first):
+                # its typing, routed to alice after that, is the barrier.
+                await b2.send_json({"type": "typing", "conversation": conv})
+                typing = await a.expect("typing", where=lambda f: f["from"] == bob)
+                await a.quiet("presence", before=typing)
         p = await a.expect("presence", user=bob)
         assert p["online"] is False and isinstance(p["last_seen"], int)
         status, info = await api.call("GET", f"/api/users/{bob}", ta)
         assert info["online"] is False and info["last_seen"] == p["last_seen"]
+        # Nor did the second device's leaving: bob coming back is the barrier;
+        # alice heard exactly one offline before his next online.
+        async with connect(server.ws_url, bob) as b3:
+            await b3.auth(tb)
+            back = await a.expect("presence", user=bob, online=True)
+        await a.quiet("presence", before=back)
 
 
 async def test_history_pagination(server, api, names):

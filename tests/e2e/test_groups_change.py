@@ -69,12 +69,18 @@ async def test_a_removed_member_gets_nothing_more_on_either_replica(cluster, api
         await c.expect("message", id=after[1])
         await a.expect("message", id=after[0])
         await a.expect("typing", conversation=gid)
-        # bob's devices get none of it.
+        # bob's devices get none of it. The barrier, on both replicas: a
+        # one-to-one message from each sender, sent after, routed the same way.
+        markers = []
+        for sender in (c, a):
+            cid = await sender.send("to bob alone", to=bob)
+            markers.append((await sender.expect("sent", cid=cid))["id"])
         for device in (b1, b2):
-            await device.quiet("message", seconds=0.3)
-            assert not [
-                f for f in device.frames if f.get("conversation") == gid and f["type"] == "typing"
-            ]
+            for marker in markers:
+                got = await device.expect("message", id=marker)
+                await device.quiet("message", before=got, conversation=gid)
+                await device.quiet("typing", before=got, conversation=gid)
+            await device.ack(markers)
         # bob may neither send nor read any more.
         cid = await b1.send("still here?", conversation=gid)
         assert (await b1.expect("error", cid=cid))["code"] == "forbidden"
@@ -84,8 +90,12 @@ async def test_a_removed_member_gets_nothing_more_on_either_replica(cluster, api
     async with connect(cluster.ws_url, bob) as b:
         await b.auth(tb)
         await b.expect("message", id=before["id"])  # owed from before: still his
-        await b.send_json({"type": "ping"})
-        await b.expect("pong")
+        # A live message waits for the backlog: whatever it offers is in by then.
+        async with connect(cluster.ws_url, alice) as a:
+            await a.auth(ta)
+            cid = await a.send("live", to=bob)
+            live = (await a.expect("sent", cid=cid))["id"]
+        await b.expect("message", id=live)
         assert not [f for f in b.frames if f["type"] == "message" and f["id"] in after]
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 import trio
 
-from harness.client import Api, ExpectTimeout, connect
+from harness.client import Api, connect
 from harness.cluster import Cluster
 from harness.faults import run_with_fault
 from harness.nginx import requires_nginx
@@ -166,23 +166,29 @@ async def test_a_killed_replicas_users_go_offline_for_their_peers(tmp_path, name
     try:
         api = Api(c.nodes[0].http_url)
         alice, bob, carol = names("alice"), names("bob"), names("carol")
+        zed = names("zed")  # named to come after carol
         ta, tb, tc = await api.user(alice), await api.user(bob), await api.user(carol)
+        tz = await api.user(zed)
         async with (
             connect(c.nodes[0].ws_url, alice) as a,
             connect(c.nodes[1].ws_url, bob) as b,
             connect(c.nodes[1].ws_url, "carol@r2") as c2,
             connect(c.nodes[2].ws_url, "carol@r3") as c3,
+            connect(c.nodes[1].ws_url, zed) as z,
         ):
-            for conn, token in ((a, ta), (b, tb), (c2, tc), (c3, tc)):
+            for conn, token in ((a, ta), (b, tb), (c2, tc), (c3, tc), (z, tz)):
                 await conn.auth(token)
-            for peer in (bob, carol):  # one-to-one conversations: presence peers
+            for peer in (bob, carol, zed):  # one-to-one conversations: presence peers
                 await a.expect("sent", cid=await a.send("hi", to=peer))
             killed_at = time.time() * 1000
             c.kill(1)
             p = await a.expect("presence", lambda f: not f["online"], user=bob, timeout=30)
             assert killed_at - 4000 <= p["last_seen"] <= killed_at + 100, (p, killed_at)
-            with pytest.raises(ExpectTimeout):
-                await a.expect("presence", lambda f: not f["online"], user=carol, timeout=2)
+            # No offline for carol. The barrier: the survivor announces the
+            # dead node's users one after another in name order (bob, carol,
+            # zed), so zed's offline comes after where carol's would be.
+            gone = await a.expect("presence", lambda f: not f["online"], user=zed, timeout=10)
+            await a.quiet("presence", before=gone, where=lambda f: not f["online"], user=carol)
             status, info = await api.call("GET", f"/api/users/{bob}", ta)
             assert status == 200 and info["online"] is False
             status, info = await api.call("GET", f"/api/users/{carol}", ta)
@@ -200,7 +206,10 @@ async def test_flushall_mid_run(tmp_path, names):
         # Atomic with the flush: traffic goes on writing right after it.
         _, left = cluster.redis.transaction(("FLUSHALL",), ("KEYS", "chatd:*{u:*"))
         assert left == []  # every queue and presence entry gone
-        await trio.sleep(5)  # a heartbeat notices (every 3 s) and resyncs
+        # A heartbeat notices (every 3 s) and resyncs: as soon as every replica has.
+        with trio.move_on_after(10):
+            while not all("resync" in node.logs() for node in cluster.nodes):  # noqa: ASYNC110 - polls log files
+                await trio.sleep(0.2)
         for node in cluster.nodes:
             assert "resync" in node.logs(), "the replica did not notice the flush"
 

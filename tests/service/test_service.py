@@ -44,6 +44,31 @@ class FakeConn:
         return [f for f in self.frames if f["type"] == kind]
 
 
+async def resync_pass(svc, monkeypatch, users=None) -> list[str]:
+    """``svc.resync(users)``, then wait until the pass it starts has gone
+    through every user it re-offers to (the barrier for "nothing more was
+    offered"); the users of that pass."""
+    reoffer = svc.reoffer
+    passes: list[list[str]] = []
+    done = trio.Event()
+
+    async def recorded(pass_users):
+        try:
+            return await reoffer(pass_users)
+        finally:
+            passes.append(list(pass_users))
+            done.set()
+
+    monkeypatch.setattr(svc, "reoffer", recorded)
+    try:
+        svc.resync(users)
+        with trio.fail_after(5):
+            await done.wait()
+    finally:
+        monkeypatch.setattr(svc, "reoffer", reoffer)
+    return passes[0]
+
+
 async def collect_backlog(svc, user):
     got = []
 
@@ -105,7 +130,7 @@ async def test_stale_queue_entries_are_settled(svc):
     assert entry.key == msg.id
 
 
-async def test_resync_offers_what_live_delivery_missed(svc):
+async def test_resync_offers_what_live_delivery_missed(svc, monkeypatch):
     a, b = FakeConn("a1", "alice"), FakeConn("b1", "bob")
     await svc.send(a, Send("c1", "sent while bob's node was cut off", to="bob"))
     await svc.flush()
@@ -115,8 +140,9 @@ async def test_resync_offers_what_live_delivery_missed(svc):
     with trio.fail_after(5):
         await b.arrived.wait()
     assert b.of("message")[0]["body"] == "sent while bob's node was cut off"
-    svc.resync()  # offered once per connection, even if resync runs again
-    await trio.sleep(0.1)
+    # Offered once per connection, even if resync runs again (its pass over
+    # bob is done: that is when it would have come).
+    assert "bob" in await resync_pass(svc, monkeypatch)
     assert len(b.of("message")) == 1
 
 
@@ -149,11 +175,11 @@ async def test_resync_is_paced_and_can_name_its_users(svc, monkeypatch):
 
     monkeypatch.setattr(svc, "backlog", slow_backlog)
     svc.resync_concurrency = 3
-    svc.resync(names[:2])
+    assert await resync_pass(svc, monkeypatch, names[:2]) == names[:2]
     with trio.fail_after(5):
         for name in names[:2]:
             await conns[name].arrived.wait()
-    await trio.sleep(0.1)
+    # That pass is over: the others were not offered anything.
     assert all(conns[n].of("message") == [] for n in names[2:])
 
     svc.resync()

@@ -39,8 +39,45 @@ DESKTOP = {"width": 1100, "height": 760}
 PHONE = {"width": 390, "height": 780}
 
 
+#: In the page: nothing of its own under way (no render queued, no acks or
+#: ``seen`` waiting for their 30 ms batch).
+_IDLE = "() => !!window.chatd && !window.chatd.renderQueued && !window.chatd.flushTimer"
+#: In the page: a ``ping`` on its socket, resolved once the ``pong`` has been
+#: dispatched, that is after every frame that came before it.
+_PING = """() => new Promise((resolve, reject) => {
+    const conn = window.chatd && window.chatd.conn;
+    const ws = conn && conn.ready && conn.ws;
+    if (!ws) {
+        reject(new Error('the page is not connected'));
+        return;
+    }
+    const onMessage = (ev) => {
+        let frame = null;
+        try {
+            frame = JSON.parse(ev.data);
+        } catch {
+            return;
+        }
+        if (!frame || frame.type !== 'pong') return;
+        ws.removeEventListener('message', onMessage);
+        resolve();
+    };
+    ws.addEventListener('message', onMessage);
+    conn.send({ type: 'ping' });
+})"""
+
+
 def exact(text: str) -> re.Pattern[str]:
     return re.compile(f"^{re.escape(text)}$")
+
+
+def settle(*chats: ChatPage) -> None:
+    """:meth:`ChatPage.round_trip` of each, in order: after ``settle(bob,
+    alice)`` what bob's page did has been handled and alice's page shows
+    whatever it caused. The barrier before asserting that something did not
+    happen (instead of waiting a while)."""
+    for chat in chats:
+        chat.round_trip()
 
 
 class ChatPage:
@@ -75,6 +112,25 @@ class ChatPage:
 
     def tid(self, testid: str) -> Locator:
         return self.page.get_by_test_id(testid)
+
+    # -- barriers (to assert that something did not happen) ----------------------
+
+    def idle(self) -> None:
+        """Wait until the page has nothing of its own under way: no render
+        queued, no acks or ``seen`` waiting for their batch."""
+        self.page.wait_for_function(_IDLE)
+
+    def round_trip(self) -> None:
+        """Once the page is idle, a ``ping``/``pong`` on its socket, then idle
+        again. chatd handles a socket's frames in order and answers each after
+        the writes of the frames before it, and hands what it routes to a
+        socket of its own at once: by the end every frame the page sent
+        before has been handled, and every frame routed to it before has
+        arrived and been drawn. One server only: across replicas, wait for a
+        later frame that comes the same way instead."""
+        self.idle()
+        self.page.evaluate(_PING)
+        self.idle()
 
     # -- session ---------------------------------------------------------------
 

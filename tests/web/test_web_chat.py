@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from chatpage import PHONE, SKIP_REASON
+from chatpage import PHONE, SKIP_REASON, settle
 
 if SKIP_REASON:
     pytest.skip(SKIP_REASON, allow_module_level=True)
@@ -25,7 +25,7 @@ def test_two_users_ticks_offline_and_back(user):
     alice.send("call me when you are back")
     alice.expect_status("call me when you are back", "sent")
     expect(alice.tid("chat-subtitle")).to_have_text(re.compile(r"^last seen "))
-    alice.page.wait_for_timeout(300)
+    settle(alice)  # whatever her sends caused is on her screen by now
     alice.expect_status("are you there?", "sent")
 
     # bob comes back (a new tab: a new login) and finds both waiting, unread.
@@ -74,7 +74,7 @@ def test_seen_only_while_the_window_has_focus(user):
     alice.send("while you were away")
     expect(bob.message("while you were away")).to_be_visible()
     alice.expect_status("while you were away", "delivered")
-    bob.page.wait_for_timeout(500)
+    settle(bob, alice)  # a `seen` bob's page had sent would be on alice's screen
     alice.expect_status("while you were away", "delivered")
 
     bob.set_focus(True)
@@ -130,7 +130,7 @@ def test_group_of_three_with_a_phone(user):
 
     bob.open("Trio")
     expect(bob.message("hi both").get_by_test_id("message-from")).to_have_text(alice.name)
-    alice.page.wait_for_timeout(300)
+    settle(bob, alice)  # bob's `seen` has reached alice's page
     alice.expect_status("hi both", "delivered")  # carol has not looked yet
 
     # carol, on a phone: the list fills the screen; the chat replaces it.

@@ -10,7 +10,7 @@ import json
 import re
 
 import pytest
-from chatpage import SKIP_REASON
+from chatpage import SKIP_REASON, settle
 
 if SKIP_REASON:
     pytest.skip(SKIP_REASON, allow_module_level=True)
@@ -162,7 +162,7 @@ def test_reply_react_edit_delete_live_and_after_reload(user):
     expect(alice.tid("confirm-dialog")).to_be_visible()
     alice.tid("confirm-cancel").click()
     expect(alice.tid("confirm-dialog")).to_be_hidden()
-    alice.page.wait_for_timeout(300)
+    settle(alice, bob)  # a `delete` alice's page had sent would show on bob's
     expect(bob.message_by_id(mid).get_by_test_id("message-body")).to_have_text(EDITED)
     expect(bob.tid("message-deleted")).to_have_count(0)
 
@@ -338,8 +338,11 @@ def test_a_late_ack_of_a_deleted_message_is_no_error_to_show(user):
     toasts = bob.page.locator("[data-testid=toast][data-code=not_found]")
     refusal = {"type": "error", "code": "not_found", "message": "no such message for you"}
     log.inject({**refusal, "ids": [mid]})
-    bob.page.wait_for_timeout(2000)
-    expect(toasts).to_have_count(0)
-    # The control: a refused id that is not a deleted message is shown.
-    log.inject({**refusal, "ids": ["01M8FXZZZZ0000000000000000"]})
+    # The control, right behind it: a refused id that is not a deleted
+    # message is shown (told apart by its text). The page holds both for the
+    # same 1.5 s, in order: once the control's toast is up, the first one
+    # has had its turn.
+    control = "no such message for you (the control)"
+    log.inject({**refusal, "message": control, "ids": ["01M8FXZZZZ0000000000000000"]})
+    expect(toasts.and_(bob.page.locator(f'[data-text="{control}."]'))).to_be_visible()
     expect(toasts).to_have_count(1)

@@ -158,6 +158,7 @@ def test_group_changes_live_in_every_window(user):
     alice.send(SECRET)
     expect(carol.message(SECRET)).to_be_visible()  # the control: the others get it
     expect(dave.message(SECRET)).to_be_visible()
+    bob.round_trip()  # routed to bob with theirs, it would be on his screen by now
     expect(bob.message(SECRET)).to_have_count(0)
     expect(bob.conv(RENAMED).get_by_test_id("conv-preview")).to_have_text(
         f"{alice.name} removed you"

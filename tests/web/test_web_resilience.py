@@ -194,8 +194,8 @@ def test_unsent_messages_are_retried_once_after_reconnect(user):
         "async () => { await window.chatd.loadConversations();"
         " await window.chatd.loadLatest(window.chatd.openId, { refresh: true }); }"
     )
-    alice.page.evaluate(reload_lists)
-    alice.page.wait_for_timeout(200)
+    alice.page.evaluate(reload_lists)  # resolves once both are in the state
+    alice.idle()  # and drawn
     alice.expect_status("lost on the way", "pending")
     alice.expect_status("stored, answer lost", "pending")
     expect(alice.messages()).to_have_count(3)
@@ -204,7 +204,7 @@ def test_unsent_messages_are_retried_once_after_reconnect(user):
     alice.page.unroute("**/api/conversations**", strip_cids)
     alice.page.evaluate(reload_lists)
     alice.expect_status("stored, answer lost", "delivered")
-    alice.page.wait_for_timeout(200)
+    alice.idle()  # that history is drawn; the same render kept the other
     alice.expect_status("lost on the way", "pending")
     expect(alice.messages()).to_have_count(3)
 
@@ -381,7 +381,12 @@ def test_an_expired_token_is_refreshed_without_the_password(browser, short_token
         session = "JSON.parse(sessionStorage.getItem('chatd.session'))"
         before = alice.page.evaluate(session)
         assert before["refresh"]
-        alice.page.wait_for_timeout(12_000)  # past the 10 s token: 4001, then the refresh
+        # Past the 10 s token: 4001, then the refresh (as soon as it is done).
+        alice.page.wait_for_function(
+            f"t => {{ const s = {session}; return !!s && s.token !== t; }}",
+            arg=before["token"],
+            timeout=20_000,
+        )
         alice.expect_online()
         after = alice.page.evaluate(session)
         assert after["token"] != before["token"] and after["refresh"] != before["refresh"]
