@@ -42,7 +42,7 @@ from chatd.broker.keys import Keys
 from chatd.broker.link import REDIRECT_LIMIT, Link
 from chatd.broker.local import Local
 from chatd.broker.presence import PresenceTracker
-from chatd.broker.topology import TopologyError, key_slot, redirection
+from chatd.broker.topology import Attempts, TopologyError, key_slot, redirection
 from chatd.core.errors import Unavailable
 from chatd.ports import Deliver, Gone, Resync, Routed
 
@@ -94,7 +94,7 @@ class Subscriptions:
         self.nursery = nursery
         self.heartbeat_interval = heartbeat_interval
         self.conns: dict[resp.Address, resp.Connection] = {}
-        self._locks: dict[resp.Address, trio.Lock] = {}
+        self._attempts: dict[resp.Address, Attempts] = {}
         #: user -> the connection its channel is subscribed on (None: under way).
         self.channels: dict[str, resp.Connection | None] = {}
         #: Channels we unsubscribed from ourselves whose confirmation is due.
@@ -141,19 +141,19 @@ class Subscriptions:
         conn = self.conns.get(address)
         if conn is not None and conn.alive:
             return conn
-        async with self._locks.setdefault(address, trio.Lock()):
-            conn = self.conns.get(address)
-            if conn is not None and conn.alive:
-                return conn
-            try:
+        try:
+            async with self._attempts.setdefault(address, Attempts()).turn():
+                conn = self.conns.get(address)
+                if conn is not None and conn.alive:
+                    return conn
                 conn = await self.link.open("subscription", address, self.nursery)
-            except (resp.ConnectionLost, TopologyError) as exc:
-                topo.stale = True  # a failover may have moved the slot: look again
-                raise Unavailable(f"redis unavailable: {exc}") from None
-            conn.on_push = self._push
-            self.conns[address] = conn
-            self.nursery.start_soon(self._watch_connection, conn, address)
-            return conn
+                conn.on_push = self._push
+                self.conns[address] = conn
+                self.nursery.start_soon(self._watch_connection, conn, address)
+                return conn
+        except (resp.ConnectionLost, TopologyError) as exc:
+            topo.stale = True  # a failover may have moved the slot: look again
+            raise Unavailable(f"redis unavailable: {exc}") from None
 
     async def _watch_connection(self, conn: resp.Connection, address: resp.Address) -> None:
         await conn.done.wait()
@@ -167,6 +167,8 @@ class Subscriptions:
         """Subscribe the channels of ``users`` not subscribed yet, each on
         the server of its slot. Raises Unavailable (the users then wait in
         ``missing`` for :meth:`follow`)."""
+        if self.closed:
+            return  # this session ended: the next subscribes every local user, then resyncs
         todo = [u for u in dict.fromkeys(users) if u not in self.channels]
         if not todo:
             return

@@ -87,7 +87,7 @@ class Link:
         self.closed = False
         #: Where commands go (made on first use: it asks the server or the sentinels).
         self.topology: Topology | None = None
-        self._topology_lock = trio.Lock()
+        self._topology_attempts = topology.Attempts()
         #: SPUBLISH/SSUBSCRIBE (Redis >= 7.0) for live delivery; PUBLISH/SUBSCRIBE
         #: where the server has no sharded pub/sub (or this is False).
         self.sharded_allowed = True
@@ -115,8 +115,8 @@ class Link:
         topo = self.topology
         if topo is not None and not topo.stale:
             return topo
-        async with self._topology_lock:
-            try:
+        try:
+            async with self._topology_attempts.turn():
                 if self.topology is None:
                     if self.closed:
                         raise Unavailable("the redis broker is closed")
@@ -128,9 +128,9 @@ class Link:
                     )
                 elif self.topology.stale:
                     await self.topology.discover()
-            except (TopologyError, resp.ConnectionLost, trio.TooSlowError) as exc:
-                raise Unavailable(f"redis unavailable: {exc}") from None
-            return self.topology
+                return self.topology
+        except (TopologyError, resp.ConnectionLost, trio.TooSlowError) as exc:
+            raise Unavailable(f"redis unavailable: {exc}") from None
 
     async def connection_for(self, topo: Topology, slot: int) -> resp.Connection:
         try:
@@ -166,7 +166,12 @@ class Link:
             reply_timeout=self.op_timeout,
             name=f"{what}-{self.token}",
         )
-        await nursery.start(conn.run)
+        try:
+            await nursery.start(conn.run)
+        except RuntimeError as exc:  # the nursery closed meanwhile (a session that ended)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await conn.stream.aclose()
+            raise resp.ConnectionLost(f"no nursery for the connection: {exc}") from None
         hello: list[resp.Command] = []
         if address.password is not None:
             user = [address.username] if address.username else []

@@ -29,7 +29,9 @@ implementations, one per mode:
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -51,6 +53,32 @@ class Mode(StrEnum):
 
 class TopologyError(Exception):
     """Redis cannot be reached, or does not look as the mode says."""
+
+
+class Attempts:
+    """One attempt at a time at something that may fail (opening a
+    connection, finding the servers). A caller that waited while an attempt
+    failed fails with it at once (resp.ConnectionLost) rather than making
+    an attempt of its own: during an outage, many callers wait for one
+    attempt, not for one each in turn."""
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+        self._failed_at = -math.inf
+        self._failure = ""
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        asked = trio.current_time()
+        async with self._lock:
+            if self._failed_at > asked:
+                raise resp.ConnectionLost(self._failure)
+            try:
+                yield
+            except Exception as exc:
+                self._failed_at = trio.current_time()
+                self._failure = str(exc) or type(exc).__name__
+                raise
 
 
 @dataclass(frozen=True)
@@ -108,7 +136,7 @@ class Topology:
     def __init__(self, opener: Opener) -> None:
         self._open = opener
         self._conns: dict[resp.Address, resp.Connection] = {}
-        self._locks: dict[resp.Address, trio.Lock] = {}
+        self._attempts: dict[resp.Address, Attempts] = {}
 
     # -- where a slot lives (subclasses) -----------------------------------------------
 
@@ -153,8 +181,7 @@ class Topology:
         conn = self._conns.get(address)
         if conn is not None and conn.alive:
             return conn
-        lock = self._locks.setdefault(address, trio.Lock())
-        async with lock:
+        async with self._attempts.setdefault(address, Attempts()).turn():
             conn = self._conns.get(address)
             if conn is not None and conn.alive:
                 return conn
