@@ -156,8 +156,7 @@ export class App {
       onChange: (ev) => {
         this.scheduleRender();
         if (ev.type === 'trust') this.resumeSealed(); // verified or dismissed: paused sends go
-        const msg = ev.type === 'replayed' && this.byId.get(ev.id);
-        if (msg && msg.sealed) this.showOpened(msg.id, ev.verdict); // an earlier copy came to light
+        if (ev.type === 'replayed') this.replayFound(ev.id, ev.verdict); // an earlier copy came to light
       },
     });
     this.deviceFixAt = 0;

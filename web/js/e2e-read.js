@@ -75,7 +75,10 @@ export function sharesFor(shares, mine) {
  * newest first. e2e-crypto.js's ReplayGuard keeps the first message *seen*
  * with a (device, epoch, iv); here the first one *sent* (lowest seq) is the
  * original and every other a replay, whatever the order they are read in.
- * A triple is tied to one conversation (its signature covers it).
+ * A triple is tied to one conversation (its signature covers it). A copy
+ * read before its original is taken back (`takeBack`); so that it was never
+ * shown, the page shows a text only once every earlier message of its
+ * device that it holds was read (state.js releaseSealed).
  */
 export class OrderedReplayGuard {
   constructor() {

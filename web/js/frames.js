@@ -6,7 +6,7 @@
 // effects; the state given is never changed.
 
 import { applyDelete, applyEdit, applyMembers, applyReaction } from './events.js';
-import { Draft, REFRESH, RENDER, ensureConv, ingest, settle, withItem } from './state.js';
+import { Draft, REFRESH, RENDER, ensureConv, ingest, releaseSealed, settle, withItem } from './state.js';
 
 /** How long someone's `typing` shows. */
 export const TYPING_SHOW_MS = 6000;
@@ -174,6 +174,7 @@ export function applyEvent(s, type, f, now) {
   if (!changed) return d.done();
   next.touched = now;
   d.putMsg(next);
+  if (type === 'deleted') releaseSealed(d, msg.conversation); // it is read no more: later ones need not wait
   d.fx.push(RENDER);
   return d.done();
 }
@@ -228,6 +229,7 @@ export function applyMembersEvent(s, f, now) {
 function leave(d, id, why = 'You are no longer a member') {
   if (!d.s.convs.has(id)) return;
   d.patchConv(id, { left: true, leftNote: why });
+  releaseSealed(d, id); // no more history comes: what is held is all there is to judge against
   if (d.s.typing.has(id)) d.own('typing').delete(id);
   d.fx.push({ type: 'left', conversation: id }, RENDER);
 }

@@ -442,10 +442,11 @@ export const protocolMethods = {
 
   /**
    * Decrypt the `e2e` object of message `id` (or, with `editOf`, an edit's)
-   * into its body. Until it is done the message shows "decrypting", and when
-   * it fails a placeholder saying why (`e2eError`), never text. `ts` is when
-   * the content was made (for "sent before this device was added"). `again`:
-   * read it even if this version was tried already (it could not be, for now).
+   * into its body. Until it is done (and judged: `showOpened`) the message
+   * shows "decrypting", and when it fails a placeholder saying why
+   * (`e2eError`), never text. `ts` is when the content was made (for "sent
+   * before this device was added"). `again`: read it even if this version
+   * was tried already (it could not be, for now).
    */
   readSealed(id, e2e, { editOf = null, ts, again = false } = {}) {
     const msg = this.byId.get(id);
@@ -471,13 +472,27 @@ export const protocolMethods = {
         }, DECRYPT_RETRY_MS);
         return;
       }
-      this.showOpened(id, r);
-      this.reportSeen(); // shown now: it may be seen
+      this.showOpened(id, r); // drawn (and so maybe seen) once the replay guard can judge it
     });
   },
 
-  /** Message `id` shows what reading it gave (`r`: its text, or why there is none). */
+  /**
+   * Message `id` shows what reading it gave (`r`: its text, or why there is
+   * none). A text waits until every earlier message of its device held here
+   * was read (state.js releaseSealed): only then is it drawn, and seen.
+   */
   showOpened(id, r) {
     this.update(sealedOpened, id, opened(r));
+  },
+
+  /**
+   * Message `id`, read before, turned out to be a replay of an earlier one
+   * (e2e-read.js `takeBack`): it says so now, and a `seen` of it that is
+   * still waiting for its batch does not go.
+   */
+  replayFound(id, verdict) {
+    this.seenQueue.delete(id);
+    const msg = this.byId.get(id);
+    if (msg && msg.sealed) this.showOpened(id, verdict);
   },
 };

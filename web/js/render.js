@@ -7,7 +7,10 @@
 //
 // Seen: an IntersectionObserver on the message list says what is on screen;
 // reportSeen() marks it seen (state.js markSeen) while the tab is visible and
-// focused; its effect queues the `seen` frame.
+// focused, when that changes and after each drawing of the chat; its effect
+// queues the `seen` frame. An end-to-end message is seen only once its text
+// was drawn, and it is drawn only once the replay guard can judge it
+// (state.js releaseSealed).
 //
 // `renderMethods` are mixed into App by app.js (`this` is the App).
 
@@ -23,6 +26,7 @@ import {
   isDm,
   lastMessage,
   markSeen,
+  previewText,
   sortedConvs,
   sortedMessages,
   timeline,
@@ -115,8 +119,8 @@ export const renderMethods = {
     for (const id of [...this.convEls.keys()]) if (!this.convs.has(id)) this.convEls.delete(id);
   },
 
-  /** The preview line of a conversation: why it is read-only, typing, or its last message. */
-  convPreview(conv, last, typing) {
+  /** The preview line of a conversation: why it is read-only, typing, or its last message (`text`: state.js previewText). */
+  convPreview(conv, last, text, typing) {
     const dm = isDm(conv.id);
     if (conv.left) return h('em', { class: 'conv-left' }, conv.leftNote || 'You are no longer a member');
     if (typing.length) return h('span', { class: 'typing' }, dm ? 'typing…' : `${typing.join(', ')} typing…`);
@@ -127,15 +131,16 @@ export const renderMethods = {
       !own && !dm ? h('span', { class: 'preview-from' }, `${last.from}: `) : null,
       last.deleted
         ? h('em', null, 'message deleted')
-        : last.body == null
+        : text == null
           ? h('em', null, this.sealedText(last) || 'message unavailable')
-          : last.body.replace(/\s+/g, ' '),
+          : text.replace(/\s+/g, ' '),
     ];
   },
 
   fillConv(button, conv) {
     const title = this.title(conv);
     const last = lastMessage(this.state, conv.id);
+    const text = previewText(this.state, last);
     const typing = typingNames(this.state, conv.id, Date.now());
     const dm = isDm(conv.id);
     const peer = dm ? dmPeer(conv.id, this.me) : null;
@@ -145,7 +150,7 @@ export const renderMethods = {
     const sig = JSON.stringify([
       title,
       e2e,
-      last && [last.key, last.body, last.deleted, last.ts, last.from === this.me && this.status(last), last.e2eError],
+      last && [last.key, text, last.deleted, last.ts, last.from === this.me && this.status(last), last.e2eError],
       typing,
       online,
       conv.unread,
@@ -156,7 +161,7 @@ export const renderMethods = {
     ]);
     if (button.dataset.sig === sig) return;
     button.dataset.sig = sig;
-    const preview = this.convPreview(conv, last, typing);
+    const preview = this.convPreview(conv, last, text, typing);
     button.classList.toggle('active', conv.id === this.openId);
     if (conv.id === this.openId) button.setAttribute('aria-current', 'true');
     else button.removeAttribute('aria-current');
@@ -209,6 +214,9 @@ export const renderMethods = {
     el.readonly.hidden = !conv.left;
     if (this.compose) this.renderCompose(); // the quoted message may have changed
     this.renderMessages(conv);
+    // A message already on screen may have just got its text (an end-to-end
+    // one, once judged): seen now, not before it was drawn.
+    this.reportSeen();
   },
 
   /** The chat's header: name, avatar, and typing / presence / members. */

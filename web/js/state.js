@@ -262,6 +262,7 @@ export function histState(s, id) {
 export function setHistory(s, id, patch) {
   const d = new Draft(s);
   d.patchHist(id, patch);
+  releaseSealed(d, id);
   return d.done();
 }
 
@@ -418,6 +419,7 @@ export function ingest(d, m, asOf) {
         replyTo: m.reply_to || null,
         editedTs: m.edited_ts || null,
         state: 'stored',
+        ...(m.e2e ? { sealed: true, e2eState: 'pending' } : {}), // read by an effect, below
       }
     : { ...msg };
   let changed = fresh;
@@ -441,6 +443,10 @@ export function ingest(d, m, asOf) {
     } else if (m.e2e && (m.edited_ts || 0) >= (next.editedTs || 0)) {
       // An edited message carries its latest edit: {t: "edit", id}.
       if (next.editedTs !== editedTs) change({ editedTs });
+      // A version not read yet: later messages of its device wait for it (releaseSealed).
+      if (!next.e2eInput || sealedKey(next.e2eInput.e2e) !== sealedKey(m.e2e)) {
+        if (next.e2eRead !== null) change({ e2eRead: null, e2eWaiting: false, e2eDevice: deviceOf(m.e2e) });
+      }
       const editOf = m.edited_ts ? m.id : null;
       d.fx.push({ type: 'readSealed', id: m.id, e2e: m.e2e, editOf, ts: m.edited_ts || m.ts });
     }
@@ -515,6 +521,7 @@ export function mergeLatest(s, id, page, { refresh = false, asOf, pageSize }) {
     patch.complete = page.length < pageSize || (page.length > 0 && page[0].seq === 1);
   }
   d.patchHist(id, patch);
+  releaseSealed(d, id);
   return d.done();
 }
 
@@ -525,6 +532,7 @@ export function mergeOlder(s, id, page, { asOf, pageSize }) {
   const patch = { complete: page.length < pageSize || page[0].seq === 1 };
   if (page.length) patch.oldest = page[0].seq;
   d.patchHist(id, patch);
+  releaseSealed(d, id);
   return d.done();
 }
 
@@ -717,25 +725,117 @@ export function markSealed(s, cid) {
 /**
  * Message `id`'s end-to-end content `input` is being read (protocol.js
  * `readSealed`; `e2eInput` says which version): it is sealed, and without
- * a text it shows "decrypting" until read.
+ * a text it shows "decrypting" until read and judged (releaseSealed).
  */
 export function readingSealed(s, id, input) {
   const d = new Draft(s);
   const msg = s.byId.get(id);
-  if (msg) d.putMsg({ ...msg, sealed: true, e2eInput: input, e2eState: msg.body == null ? 'pending' : msg.e2eState });
+  if (msg) {
+    d.putMsg({
+      ...msg,
+      sealed: true,
+      e2eInput: input,
+      e2eRead: null,
+      e2eWaiting: false,
+      e2eDevice: deviceOf(input.e2e),
+      e2eState: msg.body == null ? 'pending' : msg.e2eState,
+    });
+  }
   return d.done();
 }
 
 /**
  * What reading message `id` gave: its text {body, e2eState: 'ok'}, or why
- * there is none {body: null, e2eState: 'failed', e2eError, e2eReason}.
+ * there is none {body: null, e2eState: 'failed', e2eError, e2eReason}. Why
+ * there is none shows at once; the text once the replay guard can judge it
+ * (releaseSealed).
  */
 export function sealedOpened(s, id, shown) {
   const d = new Draft(s);
   const msg = s.byId.get(id);
   if (msg) {
-    d.putMsg({ ...msg, ...shown });
+    d.putMsg({ ...msg, e2eRead: shown, e2eWaiting: true });
+    releaseSealed(d, msg.conversation);
     d.fx.push(RENDER);
   }
   return d.done();
+}
+
+// --- replays: a text is shown once the guard can judge it ------------------------------
+//
+// The page reads a conversation out of order (the list's last message first,
+// then history pages newest first), and the replay guard (e2e-read.js
+// OrderedReplayGuard) calls the message sent first (lowest seq) with a
+// (device, epoch, iv) the original, whatever order they are read in. A later
+// copy read before its original would be taken back once the original is
+// read: after its text was shown, and maybe after its `seen` went out. So a
+// sealed message's text waits (the verdict in `e2eRead`, `e2eWaiting`) until
+//
+//   - the history before it is here: its history is loaded down to it (or
+//     none can come: we are no longer a member); and
+//   - every earlier message of its conversation from the same device that is
+//     held here has been read (none is due: `e2eRead === null`);
+//
+// and only then becomes its `body` (e2eState 'ok'): shown, and seen
+// (markSeen). Why a message cannot be shown needs no judging: it shows at
+// once. A copy whose original is on a page not loaded yet cannot be judged
+// by anyone here; loading that page takes it back (docs/e2e.md "Replays").
+
+/** The fields of an `e2e` object a read is cached by (e2e-read.js cacheKey: same text, same read). */
+function sealedKey(e2e) {
+  const e = e2e || {};
+  return `${e.device} ${e.epoch} ${e.iv} ${e.sig}`;
+}
+
+/** The sending device an `e2e` object names (only compared, never trusted). */
+function deviceOf(e2e) {
+  return String((e2e && e2e.device) || '');
+}
+
+/** Is the history before `msg` here? Or will none come (we left: it is judged against what is held)? */
+function pastHeld(s, msg) {
+  if (s.convs.get(msg.conversation)?.left) return true;
+  const h = histState(s, msg.conversation);
+  return h.loaded && (h.complete || msg.seq == null || (h.oldest != null && msg.seq >= h.oldest));
+}
+
+/** Is an earlier message of `msg`'s conversation from its device held here and not read yet? */
+function earlierDue(s, msg) {
+  for (const m of convMsgs(s, msg.conversation).values()) {
+    if (m.e2eRead === null && !m.deleted && m.e2eDevice === msg.e2eDevice && bySeq(m, msg) < 0) return true;
+  }
+  return false;
+}
+
+/**
+ * Step: the sealed messages of conversation `id` whose verdict waits show it
+ * now if they can: a reason at once, a text once judged (above).
+ */
+export function releaseSealed(d, id) {
+  const held = [...convMsgs(d.s, id).values()];
+  if (!held.some((m) => m.e2eWaiting)) return;
+  const due = new Set(); // devices with an earlier message not read yet
+  for (const m of held.sort(bySeq)) {
+    if (m.e2eWaiting && !m.deleted) {
+      const judged = !due.has(m.e2eDevice) && pastHeld(d.s, m);
+      if (m.e2eRead.body == null || judged) d.putMsg({ ...m, ...m.e2eRead, e2eWaiting: false });
+    }
+    if (m.e2eRead === null && !m.deleted) due.add(m.e2eDevice);
+  }
+}
+
+/**
+ * The text the list's preview shows for `msg` (a conversation's last
+ * message), or null. A text read but not judged yet (its chat's history is
+ * not loaded) when its history is not on its way either and no earlier
+ * message of its device held here is still being read: judged against what
+ * the page holds, which is all the list can do. Else its `body`.
+ */
+export function previewText(s, msg) {
+  if (!msg) return null;
+  if (msg.e2eWaiting && msg.e2eRead.body != null && !msg.deleted) {
+    const h = histState(s, msg.conversation);
+    if (!(h.loading && !h.loaded) && !earlierDue(s, msg)) return msg.e2eRead.body;
+  }
+  return msg.body;
 }

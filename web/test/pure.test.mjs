@@ -420,9 +420,9 @@ const READS = [
   'TICK_LABELS', 'RENDER', 'REFRESH', 'TYPING_SHOW_MS', 'isDm', 'dmId', 'dmPeer', 'bySeq', 'withItem',
   'newState', 'convMsgs', 'histState', 'title', 'others', 'dmPeerOf', 'sortedConvs', 'activity',
   'unreadTotal', 'shadowed', 'sortedMessages', 'lastMessage', 'maxSeq', 'firstUnread', 'timeline',
-  'recipients', 'status', 'statusDetail', 'actionsFor', 'typingNames',
+  'recipients', 'status', 'statusDetail', 'actionsFor', 'typingNames', 'previewText',
 ];
-const STEPS = ['Draft', 'ensureConv', 'ingest', 'settle'];
+const STEPS = ['Draft', 'ensureConv', 'ingest', 'settle', 'releaseSealed'];
 
 test('every export of state.js and frames.js is an update tested here, a step or a read', () => {
   const tested = new Set(Object.keys(UPDATES).map((name) => name.split(' ')[0]));
@@ -439,6 +439,7 @@ test('reads change nothing, not even for a conversation not held (a frozen state
     state.lastMessage(s, id);
     state.maxSeq(s, id);
     state.shadowed(s, id);
+    state.previewText(s, state.lastMessage(s, id));
     state.timeline(s, id, state.sortedMessages(s, id));
     assert.equal(state.convMsgs(s, id).size, id === 'g:unknown' ? 0 : convMsgs(s, id).size);
     assert.equal(state.histState(s, id).loaded, id !== 'g:unknown');

@@ -12,6 +12,7 @@ import {
   applyMembersEvent,
   expireTyping,
   firstTime,
+  leaveConv,
   receiveEvent,
   receiveMessage,
   receivePresence,
@@ -36,9 +37,11 @@ import {
   mergeLatest,
   mergeOlder,
   newState,
+  previewText,
   provisionalDm,
   readingSealed,
   sealedOpened,
+  setHistory,
   sortedMessages,
   status,
   statusDetail,
@@ -307,6 +310,10 @@ test('an end-to-end message is seen only once its text was shown', () => {
   t.do(sealedOpened, 'm1', { body: null, e2eState: 'failed', e2eError: 'no key', e2eReason: 'key' });
   assert.deepEqual(t.do(markSeen, t.s.byId.get('m1')).fx, []);
   t.do(sealedOpened, 'm1', { body: 'hello', e2eState: 'ok', e2eError: null, e2eReason: null });
+  // Read, but its history is not here: nothing tells whether an earlier copy exists.
+  assert.deepEqual(t.do(markSeen, t.s.byId.get('m1')).fx, []);
+  t.do(setHistory, DM, { loaded: true, complete: true });
+  assert.equal(t.s.byId.get('m1').body, 'hello');
   assert.equal(t.do(markSeen, t.s.byId.get('m1')).fx[0].type, 'seen');
 });
 
@@ -354,6 +361,110 @@ test('an end-to-end message has no body until decrypted (an effect)', () => {
   assert.equal(t.s.convs.get(DM).e2e, true);
   const read = fx.find((e) => e.type === 'readSealed');
   assert.deepEqual([read.id, read.e2e], ['m1', { v: 1 }]);
+});
+
+// --- end-to-end: a text waits until the replay guard can judge it ------------------------
+
+/** An `e2e` object of device `device` (its contents are e2e-read.js's to check). */
+const sealed = (device, iv) => ({ v: 1, device, epoch: 'epoch-0001', iv, ct: 'ct', sig: `sig-${iv}` });
+/** A message of bob's sealed by `device`, as history gives it. */
+const sealedFrame = (seq, device = 'bob-phone', iv = `iv${seq}`) =>
+  frame(seq, { body: undefined, e2e: sealed(device, iv) });
+/** What reading it gave: its text, or why there is none. */
+const text = (body) => ({ body, e2eState: 'ok', e2eError: null, e2eReason: null });
+const why = (reason) => ({ body: null, e2eState: 'failed', e2eError: `couldn't decrypt: ${reason}`, e2eReason: reason });
+/** The page reads message `id`, sealed by `device` (protocol.js readSealed, before it decrypts). */
+const reading = (t, id, device = 'bob-phone') => {
+  const m = t.s.byId.get(id);
+  const e2e = sealed(device, `iv${m.seq}`);
+  t.do(readingSealed, id, { id, conversation: m.conversation, from: m.from, seq: m.seq, ts: m.ts, e2e });
+};
+
+test('an end-to-end text waits for every earlier message of its device held here, then is shown and seen', () => {
+  const t = alice();
+  t.do(mergeLatest, DM, [sealedFrame(3), sealedFrame(4, 'bob-tablet'), sealedFrame(5)], { asOf: T0, pageSize: 50 });
+  assert.deepEqual(['m3', 'm4', 'm5'].map((id) => t.s.byId.get(id).e2eRead), [null, null, null], 'all due');
+  reading(t, 'm3');
+  reading(t, 'm4', 'bob-tablet');
+  reading(t, 'm5');
+  // m5 is read first: m3, from the same device, could be its original.
+  t.do(sealedOpened, 'm5', text('five'));
+  assert.deepEqual([t.s.byId.get('m5').body, t.s.byId.get('m5').e2eState], [null, 'pending']);
+  assert.deepEqual(t.do(markSeen, t.s.byId.get('m5')).fx, []);
+  // Another device's message waits for nothing of bob-phone's.
+  t.do(sealedOpened, 'm4', text('four'));
+  assert.equal(t.s.byId.get('m4').body, 'four');
+  // m3 is read: m5 can be judged now (had it been a replay, the guard would have said so first).
+  t.do(sealedOpened, 'm3', text('three'));
+  assert.deepEqual(ids(t.s).map((id) => t.s.byId.get(id).body), ['three', 'four', 'five']);
+  assert.equal(t.do(markSeen, t.s.byId.get('m5')).fx[0].type, 'seen');
+  // Why a message cannot be shown needs no judging: it shows at once.
+  t.do(receiveMessage, { ...sealedFrame(6), type: 'message' }, T0);
+  t.do(receiveMessage, { ...sealedFrame(7), type: 'message' }, T0);
+  reading(t, 'm6');
+  reading(t, 'm7');
+  t.do(sealedOpened, 'm7', why('replayed'));
+  assert.equal(t.s.byId.get('m7').e2eError, "couldn't decrypt: replayed");
+  // A message deleted while it is read is waited for no longer.
+  t.do(receiveMessage, { ...sealedFrame(8), type: 'message' }, T0);
+  reading(t, 'm8');
+  t.do(sealedOpened, 'm8', text('eight'));
+  assert.equal(t.s.byId.get('m8').body, null);
+  t.do(applyEvent, 'deleted', { id: 'm6', by: 'bob', ts: T0 }, T0);
+  assert.equal(t.s.byId.get('m8').body, 'eight');
+});
+
+test('an end-to-end text waits for its history; the same version again is not read again', () => {
+  const t = alice();
+  const list = [{ id: DM, kind: 'dm', members: ['alice', 'bob'], last_seq: 5, unread: 1, last_message: sealedFrame(5) }];
+  t.do(mergeConversations, list, T0);
+  reading(t, 'm5');
+  t.do(sealedOpened, 'm5', text('five'));
+  assert.equal(t.s.byId.get('m5').body, null, 'nothing tells yet whether an earlier copy exists');
+  t.do(setHistory, DM, { loading: true });
+  const { fx } = t.do(mergeLatest, DM, [sealedFrame(3), sealedFrame(5)], { asOf: T0, pageSize: 50 });
+  assert.deepEqual(fx.map((e) => e.id), ['m3', 'm5']); // both read (m5's read answers from its cache)
+  assert.equal(t.s.byId.get('m5').e2eRead.body, 'five', 'the same version keeps its result');
+  assert.equal(t.s.byId.get('m5').body, null, 'm3 is due');
+  reading(t, 'm3');
+  t.do(sealedOpened, 'm3', text('three'));
+  assert.equal(t.s.byId.get('m5').body, 'five');
+  // A new version (an edit in history) is due again until read; the old text stays meanwhile.
+  t.do(mergeLatest, DM, [{ ...sealedFrame(3, 'bob-phone', 'iv3-edit'), edited_ts: T0 + 9 }], {
+    asOf: T0 + 10,
+    pageSize: 50,
+  });
+  assert.deepEqual([t.s.byId.get('m3').e2eRead, t.s.byId.get('m3').body], [null, 'three']);
+});
+
+test("the list's preview: a text read but not judged, only while its chat's history is not loaded nor coming", () => {
+  const t = alice();
+  const list = [{ id: DM, kind: 'dm', members: ['alice', 'bob'], last_seq: 5, unread: 1, last_message: sealedFrame(5) }];
+  t.do(mergeConversations, list, T0);
+  assert.equal(previewText(t.s, lastMessage(t.s, DM)), null, 'not read yet');
+  reading(t, 'm5');
+  t.do(sealedOpened, 'm5', text('five'));
+  // Judged against what the page holds, which is all the list can do.
+  assert.equal(previewText(t.s, lastMessage(t.s, DM)), 'five');
+  t.do(setHistory, DM, { loading: true }); // the chat opens: its history is on its way
+  assert.equal(previewText(t.s, lastMessage(t.s, DM)), null);
+  t.do(mergeLatest, DM, [sealedFrame(3), sealedFrame(5)], { asOf: T0, pageSize: 50 });
+  t.do(setHistory, DM, { loading: false });
+  assert.equal(previewText(t.s, lastMessage(t.s, DM)), null, 'm3 could be its original');
+  reading(t, 'm3');
+  t.do(sealedOpened, 'm3', text('three'));
+  assert.equal(previewText(t.s, lastMessage(t.s, DM)), 'five');
+  assert.equal(previewText(t.s, t.s.byId.get('m3')), 'three');
+});
+
+test('a chat we are no longer in judges the texts it holds: no more history comes', () => {
+  const t = alice();
+  t.do(receiveMessage, { ...sealedFrame(5), conversation: GROUP, type: 'message' }, T0);
+  reading(t, 'm5');
+  t.do(sealedOpened, 'm5', text('five'));
+  assert.equal(t.s.byId.get('m5').body, null);
+  t.do(leaveConv, GROUP, 'You were removed');
+  assert.equal(t.s.byId.get('m5').body, 'five');
 });
 
 // --- events ----------------------------------------------------------------------------
