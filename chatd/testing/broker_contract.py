@@ -37,6 +37,7 @@ class Node:
         self.got: list[Routed] = []
         self.resyncs = 0
         self._arrived = trio.Event()
+        self._barriers = 0
 
     def deliver(self, item: Routed) -> None:
         self.got.append(item)
@@ -52,9 +53,25 @@ class Node:
                 await self._arrived.wait()
         return self.got
 
-    async def settle_down(self, seconds: float = 0.2) -> None:
-        """Give in-flight deliveries time to arrive (for asserting absence)."""
-        await trio.sleep(seconds)
+    async def barrier(self, via: Node) -> None:
+        """Route a marker from ``via`` (another node) to this one through the
+        backend and wait for it. The backend hands a node its items in the
+        order they were routed, so whatever was routed before the marker
+        has arrived once it has: an absence asserted after it means
+        something (a sleep would only mean "not yet"). The marker goes to
+        a user of its own and is taken out of :attr:`got`."""
+        if via is self:
+            raise ValueError("a barrier must come through the backend, from another node")
+        probe = f"barrier-{self.name}"
+        if not self._barriers:
+            await self.broker.attach(probe, self.name, "barrier")
+        self._barriers += 1
+        key = f"barrier-{self._barriers}"
+        await via.broker.route([Routed(probe, key, "", queued=False)])
+        with trio.fail_after(5):
+            while not any(i.user == probe and i.key == key for i in self.got):
+                await self._arrived.wait()
+        self.got = [i for i in self.got if i.user != probe]
 
 
 async def start_node(nursery: trio.Nursery, broker: Broker, name: str) -> Node:
@@ -94,7 +111,7 @@ class BrokerContract:
         assert [(i.key, i.payload, i.queued) for i in n1.got] == [("m1", "p1", True)]
         [got] = await n2.wait_for(1)
         assert (got.key, got.payload, got.queued) == ("m1", "p1", True)
-        await n1.settle_down()
+        await n1.barrier(n2)
         assert len(n1.got) == 1  # not a second time through the backend
 
     async def test_owed_items_wait_until_settled(self, brokers: Make) -> None:
@@ -167,7 +184,7 @@ class BrokerContract:
             True,
             "c9",
         )
-        await n2.settle_down()
+        await n2.barrier(n1)
         assert n2.got == []
         # Delivered live and still owed until settled.
         assert [o.key for o in await n2.broker.queued("bob")] == ["m1"]
@@ -180,13 +197,15 @@ class BrokerContract:
         await n1.broker.route([Routed("bob", "m1", "x", queued=False)])
         await n1.wait_for(1)
         await n2.wait_for(1)
-        await n1.settle_down()
+        await n1.barrier(n2)
+        await n2.barrier(n1)
         assert len(n1.got) == len(n2.got) == 1
 
     async def test_offline_user_is_only_queued(self, brokers: Make, nursery) -> None:
         n1 = await start_node(nursery, brokers(), "n1")
         await n1.broker.route([Routed("bob", "m1", "x", queued=True)])
-        await n1.settle_down()
+        n2 = await start_node(nursery, brokers(), "n2")
+        await n1.barrier(n2)
         assert n1.got == []
         assert [o.key for o in await n1.broker.queued("bob")] == ["m1"]
         # Once bob connects, the next item is delivered, and only that one:
@@ -333,7 +352,8 @@ class BrokerContract:
             ("m1", "p1"),
             ("m3", "p3"),
         ]
-        await n1.settle_down()
+        n2 = await start_node(nursery, brokers(), "n2")
+        await n1.barrier(n2)
         assert [g.key for g in n1.got] == ["m2"]  # nothing enqueued went out live
         assert await n1.broker.enqueue("bob", []) == 0
 
