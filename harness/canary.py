@@ -83,8 +83,9 @@ class Scanner:
                 case EventEnvelope(event=ev) if ev.body is not None:
                     self.found.add(where, self._open(ev.body, ev.message_id, ev.conversation))
 
-    def sqlite_store(self, db_path: Path) -> None:
-        """Every message body of a SQLite store, opened; and the raw files."""
+    def sqlite_bodies(self, db_path: Path) -> dict[str, str]:
+        """Every message body of a SQLite store, opened with the keyring, by
+        message id (a message deleted for everyone has no body left)."""
         db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
         try:
             rows = db.execute(
@@ -92,10 +93,15 @@ class Scanner:
             ).fetchall()
         finally:
             db.close()
-        for mid, conv, kid, nonce, ct in rows:
-            self.found.add(
-                "store (opened)", self._open(Sealed(kid, bytes(nonce), bytes(ct)), mid, conv)
-            )
+        return {
+            mid: self._open(Sealed(kid, bytes(nonce), bytes(ct)), mid, conv)
+            for mid, conv, kid, nonce, ct in rows
+        }
+
+    def sqlite_store(self, db_path: Path) -> None:
+        """Every message body of a SQLite store, opened; and the raw files."""
+        for text in self.sqlite_bodies(db_path).values():
+            self.found.add("store (opened)", text)
         for path in sorted(db_path.parent.glob(db_path.name + "*")):
             self.found.add("store (raw files)", path.read_bytes())
 

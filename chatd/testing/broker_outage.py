@@ -222,6 +222,19 @@ def _limit(down: Down) -> float:
     return max(2 * down.within, down.within + 1.0)
 
 
+async def _twice_in_outage(down: Down, call: Callable[[str], None]) -> None:
+    """``call(when)`` as the backend goes away and again once the outage is
+    met (connections lost), then the backend comes back."""
+    await switch(down.outage.begin)
+    try:
+        call("as the backend went away")
+        await trio.sleep(down.noticed_within)
+        call("with the backend known to be away")
+        await trio.sleep(down.noticed_within)
+    finally:
+        await switch(down.outage.end)
+
+
 class BrokerOutageContract:
     @pytest.fixture
     async def down(self) -> Down:  # pragma: no cover - provided by subclasses
@@ -309,15 +322,8 @@ class BrokerOutageContract:
                 elif keys[-1] not in [i.key for i in node.got]:  # no await since the call
                     problems.append(f"route_nowait {when} did not reach this node at once")
 
-            await switch(down.outage.begin)
-            try:
-                resyncs = node.resyncs
-                route_now("as the backend went away")
-                await trio.sleep(down.noticed_within)  # the outage is met: connections lost
-                route_now("with the backend known to be away")
-                await trio.sleep(down.noticed_within)
-            finally:
-                await switch(down.outage.end)
+            resyncs = node.resyncs
+            await _twice_in_outage(down, route_now)
 
             async def kept_or_resynced() -> bool:
                 return node.resyncs > resyncs or all([await owes(b, "bob", k) for k in keys])
@@ -345,14 +351,7 @@ class BrokerOutageContract:
                 if isinstance(got, BaseException) or took > down.within:
                     problems.append(f"settle_nowait {when} {describe(got)} after {took:.2f} s")
 
-            await switch(down.outage.begin)
-            try:
-                settle_now("as the backend went away")
-                await trio.sleep(down.noticed_within)  # the outage is met: connections lost
-                settle_now("with the backend known to be away")
-                await trio.sleep(down.noticed_within)
-            finally:
-                await switch(down.outage.end)
+            await _twice_in_outage(down, settle_now)
             problem = "; ".join(problems) or await _works(down, b, w, "ping")
             if problem is None:
                 later = w.fresh("k")

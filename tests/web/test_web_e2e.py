@@ -16,7 +16,6 @@ import json
 import os
 import re
 import secrets
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,9 +28,8 @@ if SKIP_REASON:
 import trio
 from playwright.sync_api import WebSocketRoute, expect
 
-from chatd.core.model import Sealed
-from chatd.crypto import load_key_file
 from harness import e2e_crypto as py
+from harness.canary import Scanner
 from harness.client import Api, connect
 from harness.e2e_keys import KeyedDevice
 
@@ -665,17 +663,7 @@ def test_the_server_stores_no_plaintext_of_an_end_to_end_message(user, web_serve
     # Open every stored body with the server's own keyring: the plain canary
     # is there (the positive control), the end-to-end ones are not: only
     # their sealed `e2e` objects.
-    ring = load_key_file(data_dir / "keys.json")
-    db = sqlite3.connect(f"file:{data_dir / 'chatd.sqlite3'}?mode=ro", uri=True)
-    try:
-        rows = db.execute(
-            # A message deleted for everyone (another test's, on this shared
-            # server) has no body left to open.
-            "SELECT id, conversation, key_id, nonce, ciphertext FROM messages WHERE deleted = 0"
-        ).fetchall()
-    finally:
-        db.close()
-    opened = {id: ring.open(Sealed(kid, nonce, ct), id, conv) for id, conv, kid, nonce, ct in rows}
+    opened = Scanner.from_key_file(data_dir / "keys.json").sqlite_bodies(data_dir / "chatd.sqlite3")
     assert any(plain in text for text in opened.values())
     for text in opened.values():
         assert secret not in text and edited not in text
