@@ -157,7 +157,7 @@ async def bench(opts: argparse.Namespace) -> dict[str, Any]:
                     await inner.create_user(User(user, "x", now))
                 # Each user is owed --owed messages from the next user.
                 senders = [Conn(f"s-{u}", u) for u in users]
-                for k in range(opts.queued):
+                for k in range(opts.owed):
                     for i, sender in enumerate(senders):
                         await svc.send(sender, Send(f"c{k}-{i}", "hi", to=users[i - 1]))
                         if i % 500 == 0:
@@ -169,7 +169,7 @@ async def bench(opts: argparse.Namespace) -> dict[str, Any]:
                     await svc.attach(conn)
                 setup = time.perf_counter() - t
                 print(f"set-up: {len(users)} users attached, {setup:.1f} s", file=sys.stderr)
-                expected = opts.queued
+                expected = opts.owed
                 for concurrency in opts.concurrency:
                     svc.resync_concurrency = concurrency
                     tally.waiting, tally.done = len(conns), trio.Event()
@@ -209,7 +209,7 @@ async def bench(opts: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "loadavg_at_start": os.getloadavg(),
         },
-        "owed_per_user": opts.queued,
+        "owed_per_user": opts.owed,
         "results": results,
     }
 
