@@ -370,10 +370,10 @@ async def requeue(store: Store, broker: Broker, name: str) -> dict[str, int]:
     before = await broker.purge(user.username)
     messages = receipts = 0
     async for page in queue_items.message_pages(store, user.username, PAGE):
-        entries = [QueueEntry(*queue_items.message_entry(m)) for m in page]
+        entries = [QueueEntry(*queue_items.message_item(m)[:2]) for m in page]
         messages += await broker.enqueue(user.username, entries)
     async for got in queue_items.receipt_pages(store, user.username, PAGE):
-        entries = [QueueEntry(*queue_items.receipt_entry(r)) for r in got]
+        entries = [QueueEntry(*queue_items.receipt_item(r)[:2]) for r in got]
         receipts += await broker.enqueue(user.username, entries)
     return {"purged": before, "messages": messages, "receipts": receipts}
 

@@ -56,18 +56,6 @@ def by_user(entries: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     return out
 
 
-def message_entry(m: StoredMessage) -> tuple[str, str]:
-    """(queue key, broker payload) of an owed message."""
-    key, payload, _ = message_item(m)
-    return key, payload
-
-
-def receipt_entry(r: Receipt) -> tuple[str, str]:
-    """(queue key, broker payload) of an owed receipt."""
-    key, payload, _ = receipt_item(r)
-    return key, payload
-
-
 async def message_pages(store: Store, user: str, page: int) -> AsyncIterator[list[StoredMessage]]:
     """Every message owed to ``user``, by conversation and seq, ``page`` at a time."""
     after: tuple[str, int] | None = None

@@ -15,7 +15,7 @@ from chatd import queue_items
 from chatd.core import frames
 from chatd.core.delivery import recipients, settled_rids, target_of
 from chatd.core.e2e import E2E_REQUIRED, stored_text
-from chatd.core.envelope import TypingEnvelope, encode
+from chatd.core.envelope import Envelope, TypingEnvelope, encode
 from chatd.core.errors import BadRequest, ChatError, Forbidden, Internal, NotFound
 from chatd.core.model import (
     Appended,
@@ -26,7 +26,6 @@ from chatd.core.model import (
     MarkResult,
     NewEvent,
     NewMessage,
-    Receipt,
     Status,
     StoredMessage,
 )
@@ -152,9 +151,21 @@ class MessagesMixin(EndToEndMixin):
     def _route_message(self, m: StoredMessage, owed_to: Sequence[str], conn: Connection) -> None:
         """Route a stored message: owed (queued until acked) to ``owed_to``,
         and a copy, not owed, to its sender's other devices (not ``conn``)."""
-        key, payload, env = queue_items.message_item(m)
+        self._route_owed(queue_items.message_item(m), owed_to, m.sender, conn.id)
+
+    def _route_owed(
+        self,
+        item: tuple[str, str, Envelope],
+        owed_to: Sequence[str],
+        author: str,
+        exclude: str | None,
+    ) -> None:
+        """Route a stored message or event (``item``: its queue key, payload
+        and envelope): owed to ``owed_to``, and a copy, not owed, to its
+        author's other devices (not the connection ``exclude``)."""
+        key, payload, env = item
         items = [Routed(r, key, payload, True, None, env) for r in owed_to]
-        items.append(Routed(m.sender, key, payload, False, conn.id, env))
+        items.append(Routed(author, key, payload, False, exclude, env))
         self.broker.route_nowait(items)
 
     async def _message_in(self, id: str, conv: Conversation, user: str, cid: str) -> StoredMessage:
@@ -311,11 +322,8 @@ class MessagesMixin(EndToEndMixin):
                 "message deleted for everyone",
                 extra={"id": e.message_id, "conversation": e.conversation, "by": e.by},
             )
-        key, payload, env = queue_items.event_item(e)
         owed_to = to if done.recipients is None else done.recipients
-        items = [Routed(r, key, payload, True, None, env) for r in owed_to]
-        items.append(Routed(e.by, key, payload, False, conn.id if conn else None, env))
-        self.broker.route_nowait(items)
+        self._route_owed(queue_items.event_item(e), owed_to, e.by, conn.id if conn else None)
         for user, keys in queue_items.by_user(done.dropped).items():
             self.broker.settle_nowait(user, keys)
 
@@ -374,10 +382,7 @@ class MessagesMixin(EndToEndMixin):
                 for t in r.transitions:
                     if t.status is Status.DELIVERED:
                         delivered.append(t.message_id)
-                    receipt = Receipt(
-                        t.message_id, t.conversation, t.sender, t.member, t.status, t.ts
-                    )
-                    key, payload, env = queue_items.receipt_item(receipt)
+                    key, payload, env = queue_items.receipt_item(t)
                     routed.append(Routed(t.sender, key, payload, True, None, env))
             if routed:
                 self.broker.route_nowait(routed)
